@@ -1,0 +1,237 @@
+"""Reading slides: both backends, plain images, lazy dask arrays, and bad input."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from wsi_norm import (
+    LevelError,
+    SlideOpenError,
+    SlideReadError,
+    UnsupportedFormatError,
+    WsiNormError,
+    open_slide,
+)
+
+CMU_SIZE = (2220, 2967)
+
+
+def test_svs_facts_openslide(sample_svs: Path) -> None:
+    slide = open_slide(sample_svs)
+    assert slide.backend == "openslide"
+    assert slide.dimensions == CMU_SIZE
+    assert slide.level_count == 1
+    assert slide.level_downsamples == (1.0,)
+    assert slide.mpp == pytest.approx((0.499, 0.499))
+    assert slide.vendor == "aperio"
+    assert slide.tile_size(0) == (240, 240)
+    assert slide.properties["aperio.AppMag"] == "20"
+
+
+def test_svs_facts_tiffslide(sample_svs: Path) -> None:
+    slide = open_slide(sample_svs, backend="tiffslide")
+    assert slide.backend == "tiffslide"
+    assert slide.dimensions == CMU_SIZE
+    assert slide.mpp == pytest.approx((0.499, 0.499))
+    assert slide.vendor == "aperio"
+    assert slide.tile_size(0) == (240, 240)
+
+
+@pytest.mark.parametrize("region", [(0, 0, 2220, 2967), (117, 931, 613, 287), (2000, 2900, 220, 67)])
+def test_backends_agree_pixel_for_pixel(sample_svs: Path, region: tuple[int, int, int, int]) -> None:
+    x, y, w, h = region
+    a = open_slide(sample_svs, backend="openslide").read_region(0, x=x, y=y, width=w, height=h)
+    b = open_slide(sample_svs, backend="tiffslide").read_region(0, x=x, y=y, width=w, height=h)
+    assert a.shape == b.shape == (h, w, 3)
+    assert a.dtype == b.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+
+
+def test_backends_agree_on_generated_pyramid(tmp_path: Path) -> None:
+    from wsi_norm.synthetic import generate_slide
+
+    path = tmp_path / "gen.tiff"
+    generate_slide(path, width=3000, height=2200, seed=3, tile_px=256, mpp=0.5)
+    a = open_slide(path, backend="openslide")
+    b = open_slide(path, backend="tiffslide")
+    assert a.level_count == b.level_count > 1
+    assert a.level_dimensions == b.level_dimensions
+    assert a.mpp == pytest.approx((0.5, 0.5))
+    assert b.mpp == pytest.approx((0.5, 0.5))
+    for level in range(a.level_count):
+        w, h = a.level_dimensions[level]
+        np.testing.assert_array_equal(
+            a.read_region(level, x=0, y=0, width=w, height=h),
+            b.read_region(level, x=0, y=0, width=w, height=h),
+        )
+
+
+def test_to_dask_chunks_align_with_tiles(sample_svs: Path) -> None:
+    slide = open_slide(sample_svs)
+    arr = slide.to_dask(0)
+    assert arr.shape == (2967, 2220, 3)
+    assert arr.dtype == np.uint8
+    assert arr.chunksize == (960, 960, 3)  # 4 x 240-px tiles, the multiple closest to 1024
+    assert all(c % 240 == 0 for c in arr.chunks[0][:-1])
+    assert slide.to_dask(0, chunk_px=500).chunksize == (480, 480, 3)
+    np.testing.assert_array_equal(
+        arr[1000:1300, 500:900].compute(), slide.read_region(0, x=500, y=1000, width=400, height=300)
+    )
+
+
+def test_to_dask_reads_only_computed_chunks(sample_svs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slide = open_slide(sample_svs)
+    calls: list[tuple[int, int, int, int]] = []
+    original = slide.read_region
+
+    def counting(level: int = 0, *, x: int, y: int, width: int, height: int) -> np.ndarray:
+        calls.append((x, y, width, height))
+        return original(level, x=x, y=y, width=width, height=height)
+
+    monkeypatch.setattr(slide, "read_region", counting)
+    arr = slide.to_dask(0)
+    assert calls == []
+    arr.blocks[1, 2].compute(scheduler="sync")
+    assert calls == [(1920, 960, 300, 960)]
+
+
+def test_slide_pickles_by_path(sample_svs: Path) -> None:
+    slide = open_slide(sample_svs, backend="tiffslide")
+    clone = pickle.loads(pickle.dumps(slide))
+    assert clone.backend == "tiffslide"
+    assert len(pickle.dumps(slide)) < 1000
+    np.testing.assert_array_equal(
+        clone.read_region(0, x=10, y=10, width=20, height=20),
+        slide.read_region(0, x=10, y=10, width=20, height=20),
+    )
+
+
+def test_identity_hashes_header(sample_svs: Path, tmp_path: Path) -> None:
+    ident = open_slide(sample_svs).identity()
+    assert ident["name"] == "CMU-1-Small-Region.svs"
+    assert ident["size_bytes"] == sample_svs.stat().st_size
+    assert len(ident["header_sha256"]) == 64
+    copy = tmp_path / "copy.svs"
+    shutil.copy(sample_svs, copy)
+    assert open_slide(copy).identity()["header_sha256"] == ident["header_sha256"]
+
+
+def test_plain_images_open_as_one_level_slides(shared_data: Path, tmp_path: Path) -> None:
+    png = shared_data / "he" / "torchstain-source.png"
+    slide = open_slide(png)
+    assert slide.backend == "image"
+    assert slide.level_count == 1
+    assert slide.mpp is None
+    rgba = np.asarray(Image.open(png))
+    assert rgba.shape[2] == 4  # the file has alpha; it is dropped
+    rgb = slide.to_dask(0).compute()
+    np.testing.assert_array_equal(rgb, rgba[..., :3])
+    assert open_slide(png, mpp=0.25).mpp == (0.25, 0.25)
+
+    jpeg = tmp_path / "patch.jpg"
+    Image.fromarray(rgb).save(jpeg, quality=95)
+    assert open_slide(jpeg).dimensions == (rgb.shape[1], rgb.shape[0])
+
+    flat = tmp_path / "untiled.tif"
+    tifffile.imwrite(flat, rgb)
+    np.testing.assert_array_equal(open_slide(flat).to_dask(0).compute(), rgb)
+
+
+def test_non_ascii_file_name(sample_svs: Path, tmp_path: Path) -> None:
+    path = tmp_path / "Gewebe-Präparat-組織.svs"
+    shutil.copy(sample_svs, path)
+    assert open_slide(path).dimensions == CMU_SIZE
+
+
+# ------------------------------------------------------------------ bad input
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SlideOpenError, match=r"nope\.svs: no such file"):
+        open_slide(tmp_path / "nope.svs")
+
+
+def test_garbage_with_slide_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.svs"
+    path.write_bytes(np.random.default_rng(0).bytes(20_000))
+    with pytest.raises(UnsupportedFormatError, match=r"garbage\.svs: not a slide or image"):
+        open_slide(path)
+    with pytest.raises(WsiNormError, match=r"garbage\.svs"):
+        open_slide(path, backend="openslide")
+
+
+@pytest.mark.parametrize("keep", [900_000, 1_700_000])
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide", None])
+def test_truncated_svs(sample_svs: Path, tmp_path: Path, keep: int, backend: str | None) -> None:
+    path = tmp_path / "truncated.svs"
+    path.write_bytes(sample_svs.read_bytes()[:keep])
+    with pytest.raises(SlideOpenError, match=r"truncated\.svs: .*truncated"):
+        open_slide(path, backend=backend)  # type: ignore[arg-type]
+
+
+def test_truncated_tiles_of_tiled_tiff(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, rgb, tile=(256, 256), compression="jpeg")
+    path = tmp_path / "cut.tif"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    with pytest.raises(SlideOpenError, match=r"cut\.tif: truncated: \d+ of 16 tiles"):
+        open_slide(path)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_corrupt_tile_data_fails_on_read(tmp_path: Path, backend: str) -> None:
+    rgb = np.random.default_rng(2).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    path = tmp_path / "corrupt.tif"
+    tifffile.imwrite(path, rgb, tile=(256, 256), compression="jpeg")
+    with tifffile.TiffFile(path) as tif:
+        offset = int(tif.pages[0].dataoffsets[5])
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 64] = b"\xff" * 64  # destroy the JPEG header of tile 5
+    path.write_bytes(bytes(data))
+    slide = open_slide(path, backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(SlideReadError, match=r"corrupt\.tif: cannot read level 0 region"):
+        slide.to_dask(0, chunk_px=256).compute(scheduler="sync")
+
+
+def test_sixteen_bit_and_gray_images_are_refused(tmp_path: Path) -> None:
+    rgb16 = tmp_path / "deep.tif"
+    tifffile.imwrite(rgb16, np.zeros((64, 64, 3), np.uint16))
+    with pytest.raises(UnsupportedFormatError, match=r"deep\.tif: uint16 pixels"):
+        open_slide(rgb16)
+    tiled16 = tmp_path / "deep_tiled.tif"
+    tifffile.imwrite(tiled16, np.zeros((512, 512, 3), np.uint16), tile=(256, 256))
+    with pytest.raises(UnsupportedFormatError, match=r"deep_tiled\.tif: uint16 pixels"):
+        open_slide(tiled16, backend="tiffslide")
+    png16 = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((32, 32), np.uint16)).save(png16)
+    with pytest.raises(UnsupportedFormatError, match=r"deep\.png: image mode .*16-bit"):
+        open_slide(png16)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(gray)
+    with pytest.raises(UnsupportedFormatError, match=r"gray\.png: image mode 'L' \(not RGB\)"):
+        open_slide(gray)
+
+
+def test_level_that_does_not_exist(sample_svs: Path) -> None:
+    slide = open_slide(sample_svs)
+    with pytest.raises(LevelError, match=r"CMU-1-Small-Region\.svs: level 3 requested, slide has 1"):
+        slide.to_dask(3)
+    with pytest.raises(LevelError, match="level -1 requested"):
+        slide.read_region(-1, x=0, y=0, width=1, height=1)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wsi_norm.cli import main
+
+    path = tmp_path / "garbage.svs"
+    path.write_bytes(b"not a slide at all" * 100)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("wsi-norm: error: ") and "garbage.svs" in err[0]

@@ -1,0 +1,37 @@
+"""wsi-norm: slide-wide stain normalization of whole-slide images at archive scale."""
+
+from __future__ import annotations
+
+from wsi_norm.errors import (
+    FitError,
+    LevelError,
+    ManifestError,
+    OutputError,
+    OutputExistsError,
+    SlideOpenError,
+    SlideReadError,
+    TemplateError,
+    UnsupportedFormatError,
+    WeightsError,
+    WsiNormError,
+)
+from wsi_norm.slide import Slide, open_slide
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "Slide",
+    "open_slide",
+    "WsiNormError",
+    "SlideOpenError",
+    "UnsupportedFormatError",
+    "SlideReadError",
+    "LevelError",
+    "FitError",
+    "TemplateError",
+    "OutputExistsError",
+    "OutputError",
+    "WeightsError",
+    "ManifestError",
+]

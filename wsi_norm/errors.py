@@ -1,0 +1,67 @@
+"""Exception types raised by wsi-norm.
+
+Every error the library raises on bad input derives from :class:`WsiNormError`,
+so callers (the CLI, the Prefect flows) can catch one type, print one line and
+move on to the next slide.  Each subclass also derives from the builtin that a
+caller would expect, so ``except OSError`` still catches an unreadable file.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WsiNormError",
+    "SlideOpenError",
+    "UnsupportedFormatError",
+    "SlideReadError",
+    "LevelError",
+    "FitError",
+    "TemplateError",
+    "OutputExistsError",
+    "OutputError",
+    "WeightsError",
+    "ManifestError",
+]
+
+
+class WsiNormError(Exception):
+    """Base class of every error wsi-norm raises on purpose."""
+
+
+class SlideOpenError(WsiNormError, OSError):
+    """A slide or image file is missing or cannot be opened."""
+
+
+class UnsupportedFormatError(SlideOpenError):
+    """The file opens, but holds something wsi-norm does not handle (16-bit, not RGB, ...)."""
+
+
+class SlideReadError(WsiNormError, OSError):
+    """Pixels could not be read from an open slide (truncated file, corrupt tile)."""
+
+
+class LevelError(WsiNormError, IndexError):
+    """A pyramid level that the slide does not have was requested."""
+
+
+class FitError(WsiNormError, ValueError):
+    """Stain statistics could not be fitted (too little tissue, a degenerate stain matrix)."""
+
+
+class TemplateError(WsiNormError, ValueError):
+    """A template document is malformed, of another method or of an unknown schema version."""
+
+
+class OutputExistsError(WsiNormError, FileExistsError):
+    """The output path exists and ``overwrite`` was not given."""
+
+
+class OutputError(WsiNormError, OSError):
+    """Output could not be written (not writable, disk full, interrupted)."""
+
+
+class WeightsError(WsiNormError, ValueError):
+    """A model weights file is not a usable checkpoint."""
+
+
+class ManifestError(WsiNormError, ValueError):
+    """A data manifest is invalid."""

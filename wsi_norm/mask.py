@@ -1,0 +1,246 @@
+"""The gray > 200 background rule, per pixel and as a coarse per-chunk tissue mask.
+
+A pixel is **background** (glass) when its grayscale value exceeds 200, the grayscale value
+being MATLAB ``rgb2gray`` of 8-bit RGB: ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B``
+rounded to the nearest integer. Every other pixel is tissue. The test is done in exact
+integer arithmetic: ``round(luma) > 200``  <=>  ``299 R + 587 G + 114 B >= 200500``.
+
+A slide is too large to test pixel by pixel just to find where the tissue is, so a **coarse
+mask** is computed first on a low-resolution level (a thumbnail-sized one; for single-level
+slides a strided thumbnail read chunk by chunk) and dilated by one coarse pixel so thin tissue
+is not lost to averaging. It decides which level-0 chunks hold tissue; the per-pixel rule
+decides inside them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from wsi_norm.slide import Slide
+
+__all__ = [
+    "BACKGROUND_GRAY",
+    "gray",
+    "is_background",
+    "tissue_mask",
+    "CoarseMask",
+    "coarse_mask",
+    "tissue_fraction",
+]
+
+log = logging.getLogger(__name__)
+
+BACKGROUND_GRAY = 200
+"""A pixel whose rounded ITU-R 601 grayscale value exceeds this is glass."""
+
+_LUMA_WEIGHTS = np.array([299, 587, 114], dtype=np.int32)
+_BACKGROUND_THRESHOLD = (BACKGROUND_GRAY * 1000) + 500  # round(luma) > 200 <=> 1000*luma >= 200500
+COARSE_MAX_PX = 2048
+
+
+def _check_rgb(rgb: NDArray[np.uint8]) -> None:
+    if rgb.dtype != np.uint8:
+        raise TypeError(f"expected uint8 RGB, got dtype {rgb.dtype}")
+    if rgb.shape[-1] != 3:
+        raise ValueError(f"expected (..., 3) RGB, got shape {rgb.shape}")
+
+
+def gray(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Grayscale as MATLAB ``rgb2gray``: rounded ITU-R 601 luma.
+
+    Parameters
+    ----------
+    rgb : (..., 3) uint8
+
+    Returns
+    -------
+    (...) uint8
+    """
+    _check_rgb(rgb)
+    weighted = rgb.astype(np.int32) @ _LUMA_WEIGHTS
+    return ((weighted + 500) // 1000).astype(np.uint8)
+
+
+def is_background(rgb: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """True where a pixel is glass (grayscale > 200).
+
+    Parameters
+    ----------
+    rgb : (..., 3) uint8
+
+    Returns
+    -------
+    (...) bool
+    """
+    _check_rgb(rgb)
+    return (rgb.astype(np.int32) @ _LUMA_WEIGHTS) >= _BACKGROUND_THRESHOLD
+
+
+def tissue_mask(rgb: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """True where a pixel is tissue (grayscale <= 200); the complement of :func:`is_background`."""
+    return ~is_background(rgb)
+
+
+def _dilate(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Binary dilation with a 3x3 square (one pixel in every direction)."""
+    padded = np.pad(mask, 1)
+    out = np.zeros_like(mask)
+    h, w = mask.shape
+    for dy in range(3):
+        for dx in range(3):
+            out |= padded[dy : dy + h, dx : dx + w]
+    return out
+
+
+@dataclass(frozen=True)
+class CoarseMask:
+    """Tissue mask of a low-resolution view of a slide.
+
+    Attributes
+    ----------
+    mask : (h, w) bool
+        True where the coarse pixel (or a neighbour) is tissue.
+    level : int
+        Slide level the mask was computed from.
+    downsample : (float, float)
+        Level-0 pixels per mask pixel, ``(x, y)``.
+    """
+
+    mask: NDArray[np.bool_]
+    level: int
+    downsample: tuple[float, float]
+
+    @property
+    def fraction(self) -> float:
+        """Share of coarse pixels marked tissue (after dilation, so an upper estimate)."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def chunk_has_tissue(
+        self, shape0: tuple[int, int], chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    ) -> NDArray[np.bool_]:
+        """Which chunks of a level-0 array touch tissue.
+
+        Parameters
+        ----------
+        shape0 : (rows, cols)
+            Level-0 shape.
+        chunks : (row_chunks, col_chunks)
+            Dask-style chunk sizes along rows and columns.
+
+        Returns
+        -------
+        (n_row_chunks, n_col_chunks) bool
+        """
+        dx, dy = self.downsample
+        h, w = self.mask.shape
+        row_edges = np.concatenate([[0], np.cumsum(chunks[0])])
+        col_edges = np.concatenate([[0], np.cumsum(chunks[1])])
+        out = np.zeros((len(chunks[0]), len(chunks[1])), dtype=bool)
+        for i in range(len(chunks[0])):
+            r0 = min(h - 1, int(row_edges[i] / dy))
+            r1 = max(r0 + 1, min(h, int(np.ceil(row_edges[i + 1] / dy))))
+            for j in range(len(chunks[1])):
+                c0 = min(w - 1, int(col_edges[j] / dx))
+                c1 = max(c0 + 1, min(w, int(np.ceil(col_edges[j + 1] / dx))))
+                out[i, j] = bool(self.mask[r0:r1, c0:c1].any())
+        return out
+
+
+def coarse_mask(slide: Slide, *, max_px: int = COARSE_MAX_PX) -> CoarseMask:
+    """Coarse tissue mask from a low-resolution view of the slide.
+
+    Parameters
+    ----------
+    slide : Slide
+    max_px : int
+        Larger side of the view the mask is computed on (about; the lowest level at least
+        this large is used, reduced further if needed).
+
+    Returns
+    -------
+    CoarseMask
+    """
+    thumb = slide.thumbnail(max_px)
+    w0, h0 = slide.dimensions
+    th, tw = thumb.shape[:2]
+    mask = _dilate(tissue_mask(thumb))
+    level = slide.best_level_for(max_px)
+    log.debug("coarse mask of %s: %dx%d from level %d", slide.path, tw, th, level)
+    return CoarseMask(mask=mask, level=level, downsample=(w0 / tw, h0 / th))
+
+
+def _count_tissue(block: NDArray[np.uint8]) -> NDArray[np.int64]:
+    return np.array([[int(tissue_mask(block).sum())]], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class TissueStats:
+    """Result of :func:`tissue_fraction`.
+
+    Attributes
+    ----------
+    fraction : float
+        Tissue pixels / all pixels of level 0.
+    tissue_px : int
+        Tissue pixel count (per-pixel rule inside tissue chunks).
+    total_px : int
+        All pixels of level 0.
+    chunks_read : int
+        Chunks the coarse mask selected (and that were read).
+    chunks_total : int
+    """
+
+    fraction: float
+    tissue_px: int
+    total_px: int
+    chunks_read: int
+    chunks_total: int
+
+
+def tissue_fraction(
+    slide: Slide, *, chunk_px: int = 1024, coarse: CoarseMask | None = None
+) -> TissueStats:
+    """Share of level-0 pixels that are tissue, reading only the chunks that hold tissue.
+
+    The work runs through dask (the active distributed client if there is one); memory
+    stays bounded by a few chunks in flight.
+
+    Parameters
+    ----------
+    slide : Slide
+    chunk_px : int
+        Chunk size for the level-0 read.
+    coarse : CoarseMask, optional
+        A precomputed coarse mask.
+
+    Returns
+    -------
+    TissueStats
+    """
+    import dask
+    import dask.array as da
+
+    coarse = coarse or coarse_mask(slide)
+    arr = slide.to_dask(0, chunk_px=chunk_px)
+    rows, cols = arr.chunks[0], arr.chunks[1]
+    selected = coarse.chunk_has_tissue(arr.shape[:2], (rows, cols))
+    blocks = arr.blocks
+    counts = [
+        da.map_blocks(_count_tissue, blocks[i, j], dtype=np.int64, chunks=(1, 1), drop_axis=2)
+        for i, j in zip(*np.nonzero(selected), strict=True)
+    ]
+    total_tissue = int(sum(int(c.sum()) for c in dask.compute(*counts))) if counts else 0
+    total_px = int(arr.shape[0]) * int(arr.shape[1])
+    return TissueStats(
+        fraction=total_tissue / total_px if total_px else 0.0,
+        tissue_px=total_tissue,
+        total_px=total_px,
+        chunks_read=len(counts),
+        chunks_total=len(rows) * len(cols),
+    )
