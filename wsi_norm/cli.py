@@ -126,6 +126,156 @@ def _cmd_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- fit / normalize
+def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["alpha=1", "beta=0.15"]`` -> ``{"alpha": 1.0, "beta": 0.15}`` (JSON values, else str)."""
+    params: dict[str, Any] = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"--param expects NAME=VALUE, got {item!r}")
+        try:
+            params[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name.strip()] = value
+    return params
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a line per 10 % when stderr is not a terminal)."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        import time
+
+        self._label = label
+        self._enabled = enabled
+        self._tty = sys.stderr.isatty()
+        self._start = time.perf_counter()
+        self._last_decile = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        if not self._enabled or total <= 0:
+            return
+        elapsed = time.perf_counter() - self._start
+        if self._tty:
+            filled = int(30 * done / total)
+            bar = "#" * filled + "." * (30 - filled)
+            end = "\n" if done >= total else ""
+            print(f"\r{self._label} [{bar}] {done}/{total} chunks {elapsed:6.1f} s", end=end,
+                  file=sys.stderr, flush=True)
+            return
+        decile = int(10 * done / total)
+        if decile != self._last_decile:
+            self._last_decile = decile
+            print(f"{self._label}: {done}/{total} chunks ({elapsed:.1f} s)", file=sys.stderr,
+                  flush=True)
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    from wsi_norm.errors import OutputExistsError
+
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from wsi_norm.cluster import dask_client
+    from wsi_norm.pipeline import fit_template
+    from wsi_norm.template import save_template
+
+    out = Path(args.output)
+    _check_output(out, args.overwrite)
+    if args.dry_run:
+        print(f"would fit {args.method} on {len(args.slides)} slide(s) and write {out}")
+        return 0
+    with dask_client(args.scheduler):
+        template = fit_template(
+            args.slides,
+            method=args.method,
+            params=_parse_params(args.param),
+            n_pixels=args.n_pixels,
+            seed=args.seed,
+            backend=args.backend,
+        )
+    save_template(template, out)
+    print(f"{out}: {args.method} template from {len(args.slides)} slide(s), "
+          f"{template.n_pixels} tissue pixels, seed {args.seed}")
+    stats = template.stats.to_dict()
+    if "stain_matrix" in stats:
+        for name, row, conc in zip(("hematoxylin", "eosin"), stats["stain_matrix"],
+                                   stats.get("max_concentrations", [None, None]), strict=True):
+            print(f"  {name:<12} OD ({row[0]:.4f}, {row[1]:.4f}, {row[2]:.4f})  max conc {conc:.3f}")
+    return 0
+
+
+def _cmd_normalize(args: argparse.Namespace) -> int:
+    from wsi_norm.cluster import dask_client
+    from wsi_norm.pipeline import normalize_slide
+
+    out = Path(args.output)
+    _check_output(out, args.overwrite)
+    needs_target = args.method not in ("none", "stainnet")
+    if needs_target and not (args.target or args.reference):
+        raise argparse.ArgumentTypeError(f"--method {args.method} needs --target or --reference")
+    if args.method == "stainnet" and not args.weights:
+        raise argparse.ArgumentTypeError("--method stainnet needs --weights FILE")
+    if args.dry_run:
+        print(f"would normalize {args.slide} with {args.method} on {args.device} into {out}")
+        return 0
+    with dask_client(args.scheduler):
+        result = normalize_slide(
+            args.slide,
+            out,
+            method=args.method,
+            target=args.target,
+            reference=args.reference,
+            params=_parse_params(args.param),
+            weights=args.weights,
+            device=args.device,
+            chunk_px=args.tile_size,
+            n_pixels=args.n_pixels,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            progress=_Progress(f"normalize {Path(args.slide).name}", enabled=not args.quiet),
+            tile_px=args.out_tile,
+            quality=args.quality,
+            compression=args.compression,
+            zarr_format=args.zarr_format,
+            backend=args.backend,
+        )
+    t = result.timings
+    print(f"{result.out}: {result.shape[1]}x{result.shape[0]} px, {args.method}, "
+          f"fit {t['fit_s']:.1f} s, write {t['write_s']:.1f} s")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+
+    out = Path(args.output)
+    _check_output(out, args.overwrite)
+    if args.stains not in SITE_STAINS:
+        raise argparse.ArgumentTypeError(
+            f"--stains must be one of {', '.join(SITE_STAINS)}, got {args.stains!r}")
+    truth = generate_slide(
+        out,
+        width=args.width,
+        height=args.height,
+        stain_matrix=SITE_STAINS[args.stains],
+        seed=args.seed,
+        tile_px=args.tile_px,
+        mpp=args.mpp,
+        quality=args.quality,
+        compression=args.compression,
+        tissue_fraction=args.tissue_fraction,
+    )
+    print(f"{out}: {args.width}x{args.height} px Beer-Lambert slide, stains {args.stains}, "
+          f"seed {args.seed}, texture from {truth.texture_source}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``wsi-norm`` (exposed for documentation and tests)."""
@@ -154,6 +304,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slide_options(p)
     p.set_defaults(func=_cmd_mask)
 
+    from wsi_norm.sampling import DEFAULT_N_PIXELS
+
+    p = sub.add_parser("fit", help="fit a template (target statistics) from one or more slides")
+    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("--method", required=True, choices=("macenko", "vahadane", "reinhard", "histmatch"))
+    p.add_argument("-o", "--output", required=True, help="template JSON to write")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="method parameter, e.g. io=240 alpha=1 beta=0.15 lambda_=0.1 (repeatable)")
+    p.add_argument("--n-pixels", type=int, default=DEFAULT_N_PIXELS,
+                   help="tissue pixels sampled per slide")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
+    _add_slide_options(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("normalize", help="normalize a slide into a pyramidal OME-Zarr or TIFF")
+    p.add_argument("slide")
+    p.add_argument("--method", required=True,
+                   choices=("macenko", "vahadane", "reinhard", "histmatch", "stainnet", "none"))
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--target", help="template JSON (from `wsi-norm fit`)")
+    group.add_argument("--reference", help="reference slide or image to fit the target from")
+    p.add_argument("-o", "--output", required=True, help="OUT.ome.zarr or OUT.tiff")
+    p.add_argument("--weights", help="StainNet weights (.pth or .safetensors)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="method parameter")
+    p.add_argument("--tile-size", type=int, default=1024,
+                   help="processing chunk side in pixels (rounded to whole source tiles)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    p.add_argument("--n-pixels", type=int, default=DEFAULT_N_PIXELS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-tile", type=int, default=256, choices=(256, 512), help="TIFF tile side")
+    p.add_argument("--quality", type=int, default=90, help="TIFF JPEG quality")
+    p.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg",
+                   help="TIFF tile compression (deflate is lossless)")
+    p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
+                   help="3: OME-NGFF 0.5 on zarr v3; 2: NGFF 0.4 on zarr v2 for older viewers")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_slide_options(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_normalize)
+
+    p = sub.add_parser("generate", help="generate a Beer-Lambert test slide (pyramidal TIFF)")
+    p.add_argument("output")
+    p.add_argument("--width", type=int, default=16384)
+    p.add_argument("--height", type=int, default=16384)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stains", default="site-a", help="stain preset (site-a, site-b, site-c)")
+    p.add_argument("--tissue-fraction", type=float, default=0.4)
+    p.add_argument("--tile-px", type=int, default=512)
+    p.add_argument("--mpp", type=float, default=0.25)
+    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_generate)
+
     return parser
 
 
@@ -170,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args) or 0)
-    except WsiNormError as exc:
+    except (WsiNormError, argparse.ArgumentTypeError) as exc:
         if args.verbose:
             raise
         print(f"wsi-norm: error: {exc}", file=sys.stderr)

@@ -1,0 +1,546 @@
+"""One slide end to end: fit slide-wide, compile the colour map, apply per chunk, write.
+
+This is the layer the CLI and the Prefect flows call. The math lives in :mod:`wsi_norm.stain`
+and :mod:`wsi_norm.colormap`, reading in :mod:`wsi_norm.slide`, writing in
+:mod:`wsi_norm.writers`; here they are put in order:
+
+1. :func:`fit_slide`: sample tissue pixels over the whole slide (seeded) and fit the method's
+   statistics once (never per tile).
+2. :func:`fit_template`: the same for a reference slide or a cohort, aggregated robustly into a
+   versioned :class:`~wsi_norm.template.Template`.
+3. :func:`normalize_slide`: compile the per-pixel colour map from source and target
+   statistics, map it over the slide's chunks through dask, and stream the result into a
+   pyramidal OME-Zarr or TIFF, recording everything that decided the result.
+
+Because the map is a pure function of each pixel's RGB value, the output cannot depend on the
+chunk size or chunk borders: there are no seams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_norm.errors import OutputExistsError, TemplateError
+from wsi_norm.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
+from wsi_norm.slide import Backend, Slide, open_slide
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from wsi_norm.template import Template
+
+__all__ = [
+    "SlideFit",
+    "NormalizeResult",
+    "fit_slide",
+    "fit_template",
+    "normalize_slide",
+    "request_fingerprint",
+    "output_is_current",
+    "STAT_METHODS",
+    "ALL_METHODS",
+]
+
+log = logging.getLogger(__name__)
+
+STAT_METHODS = ("macenko", "vahadane", "reinhard", "histmatch")
+ALL_METHODS = (*STAT_METHODS, "stainnet", "none")
+Device = Literal["cpu", "cuda", "auto"]
+PathLike = str | Path
+
+
+def _as_slide(source: PathLike | Slide, backend: Backend | None) -> Slide:
+    return source if isinstance(source, Slide) else open_slide(source, backend=backend)
+
+
+def _params_dict(params: Any) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if isinstance(params, Mapping):
+        return dict(params)
+    return dict(params.to_dict())
+
+
+@dataclass(frozen=True)
+class SlideFit:
+    """Statistics of one slide, fitted slide-wide.
+
+    Attributes
+    ----------
+    method : str
+    stats : object
+        The method's frozen statistics dataclass (``to_dict()``).
+    identity : dict
+        Source identity (name, size, header SHA-256).
+    n_pixels : int
+        Tissue pixels the fit used.
+    seed : int
+    tissue_fraction : float
+        Coarse-mask tissue share (an upper estimate).
+    params : dict
+    timings : dict
+        Seconds spent sampling and fitting.
+    """
+
+    method: str
+    stats: Any
+    identity: dict[str, Any]
+    n_pixels: int
+    seed: int
+    tissue_fraction: float
+    params: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (used in provenance)."""
+        return {
+            "method": self.method,
+            "stats": self.stats.to_dict(),
+            "identity": self.identity,
+            "n_pixels": self.n_pixels,
+            "seed": self.seed,
+            "tissue_fraction": self.tissue_fraction,
+            "params": self.params,
+        }
+
+
+def fit_slide(
+    source: PathLike | Slide,
+    *,
+    method: str,
+    params: Any = None,
+    n_pixels: int = DEFAULT_N_PIXELS,
+    seed: int = 0,
+    backend: Backend | None = None,
+) -> SlideFit:
+    """Fit a method's statistics from tissue sampled over the whole slide.
+
+    Parameters
+    ----------
+    source : path or Slide
+    method : {"macenko", "vahadane", "reinhard", "histmatch"}
+    params : method parameters (dataclass or mapping), optional
+    n_pixels : int
+        Tissue pixels to sample.
+    seed : int
+        Seeds the sampling (and stochastic solvers): the same call gives the same numbers.
+    backend : str, optional
+        Slide reader.
+
+    Returns
+    -------
+    SlideFit
+
+    Raises
+    ------
+    FitError
+        No or too little tissue, or a degenerate fit.
+    """
+    from wsi_norm.stain import fit_stats, resolve_params
+
+    if method not in STAT_METHODS:
+        raise ValueError(f"cannot fit method {method!r}; choose one of {', '.join(STAT_METHODS)}")
+    slide = _as_slide(source, backend)
+    resolved = resolve_params(method, params)
+    start = time.perf_counter()
+    sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed)
+    sampled = time.perf_counter()
+    stats = fit_stats(method, sample.pixels, resolved, path=str(slide.path), seed=seed)
+    done = time.perf_counter()
+    log.info("%s: fitted %s on %d pixels", slide.path, method, len(sample.pixels))
+    return SlideFit(
+        method=method,
+        stats=stats,
+        identity=slide.identity(),
+        n_pixels=int(len(sample.pixels)),
+        seed=seed,
+        tissue_fraction=sample.coarse_fraction,
+        params=_params_dict(resolved),
+        timings={"sample_s": sampled - start, "fit_s": done - sampled},
+    )
+
+
+def fit_template(
+    sources: Sequence[PathLike | Slide],
+    *,
+    method: str,
+    params: Any = None,
+    n_pixels: int = DEFAULT_N_PIXELS,
+    seed: int = 0,
+    backend: Backend | None = None,
+) -> Template:
+    """Fit a target template from one reference slide or a cohort.
+
+    Each slide is fitted slide-wide; several are aggregated by :func:`wsi_norm.stain.aggregate_stats`
+    (robust medians, see there).
+
+    Returns
+    -------
+    Template
+    """
+    from wsi_norm import __version__
+    from wsi_norm.stain import aggregate_stats, resolve_params
+    from wsi_norm.template import Template
+
+    if not sources:
+        raise ValueError("fit_template needs at least one slide")
+    fits = [
+        fit_slide(s, method=method, params=params, n_pixels=n_pixels, seed=seed, backend=backend)
+        for s in sources
+    ]
+    stats = fits[0].stats if len(fits) == 1 else aggregate_stats(method, [f.stats for f in fits])
+    return Template(
+        method=method,
+        stats=stats,
+        params=_params_dict(resolve_params(method, params)),
+        slides=[f.identity for f in fits],
+        n_pixels=sum(f.n_pixels for f in fits),
+        seed=seed,
+        wsi_norm_version=__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        aggregation=None if len(fits) == 1 else "median",
+    )
+
+
+@dataclass(frozen=True)
+class NormalizeResult:
+    """What :func:`normalize_slide` did.
+
+    Attributes
+    ----------
+    out : Path
+        The finished output.
+    source_fit : SlideFit or None
+        Source statistics (None for ``none`` and ``stainnet``).
+    target : Template or None
+    provenance : dict
+        What was recorded in the output.
+    timings : dict
+        Seconds per step (``fit_s``, ``write_s``, ``total_s``).
+    shape : (rows, cols)
+        Level-0 size.
+    """
+
+    out: Path
+    source_fit: SlideFit | None
+    target: Template | None
+    provenance: dict[str, Any]
+    timings: dict[str, float]
+    shape: tuple[int, int]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def request_fingerprint(
+    identity: Mapping[str, Any],
+    *,
+    method: str,
+    params: Mapping[str, Any],
+    target: Mapping[str, Any] | None,
+    weights_sha256: str | None = None,
+) -> str:
+    """SHA-256 of what decides an output: source identity, method, parameters and target.
+
+    The source is identified by size and header hash (not its name or folder), the target by
+    its method, parameters and statistics (not its creation time).
+    """
+    key = {
+        "source": {k: identity.get(k) for k in ("size_bytes", "header_sha256")},
+        "method": method,
+        "params": dict(params),
+        "target": None
+        if target is None
+        else {k: target.get(k) for k in ("method", "params", "stats", "schema_version")},
+        "weights": weights_sha256,
+    }
+    return hashlib.sha256(_canonical(key).encode()).hexdigest()
+
+
+def output_is_current(
+    out: PathLike,
+    *,
+    source: PathLike | Slide,
+    method: str,
+    params: Any = None,
+    target: Template | None = None,
+    weights: PathLike | None = None,
+    backend: Backend | None = None,
+) -> bool:
+    """True when ``out`` is a finished output that records the same request.
+
+    A missing, partial or foreign output is not current.
+    """
+    from wsi_norm.stain import resolve_params
+    from wsi_norm.writers import read_provenance
+
+    out = Path(out)
+    if not out.exists():
+        return False
+    try:
+        record = read_provenance(out)
+    except (OSError, ValueError, KeyError) as exc:
+        log.info("%s: no readable provenance (%s); treating as stale", out, exc)
+        return False
+    slide = _as_slide(source, backend)
+    resolved = {} if method in ("none", "stainnet") else _params_dict(resolve_params(method, params))
+    expected = request_fingerprint(
+        slide.identity(),
+        method=method,
+        params=resolved,
+        target=None if target is None else target.to_dict(),
+        weights_sha256=_file_sha256(Path(weights)) if weights else None,
+    )
+    return bool(record.get("fingerprint") == expected)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve_device(device: Device) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def _apply_block_torch(block: NDArray[np.uint8], cmap: Any, device: str) -> NDArray[np.uint8]:
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(block)).to(device, non_blocking=True)
+    return np.asarray(cmap.apply_torch(tensor).cpu().numpy())
+
+
+def _apply_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
+    return np.asarray(cmap.apply(block))
+
+
+def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu") -> da.Array:
+    """Map a colour map over every chunk of an ``(H, W, 3) uint8`` dask array (lazy).
+
+    On ``cuda`` each chunk is moved to the GPU as uint8, mapped there, and moved back;
+    the tasks ask for the ``GPU`` worker resource when the cluster declares one.
+    """
+    import dask
+
+    if device == "cpu":
+        return array.map_blocks(_apply_block, cmap, dtype=np.uint8)
+    gpu = dask.annotate(resources={"GPU": 1}) if _cluster_has_gpu() else contextlib.nullcontext()
+    with gpu:
+        return array.map_blocks(_apply_block_torch, cmap, device, dtype=np.uint8)
+
+
+def _cluster_has_gpu() -> bool:
+    try:
+        from distributed import get_client
+    except ImportError:
+        return False
+    try:
+        client = get_client()
+    except ValueError:
+        return False
+    from wsi_norm.cluster import has_gpu_workers
+
+    return has_gpu_workers(client)
+
+
+def _load_target(
+    method: str,
+    target: Template | PathLike | None,
+    reference: PathLike | Slide | None,
+    *,
+    params: Any,
+    n_pixels: int,
+    seed: int,
+    backend: Backend | None,
+) -> Template:
+    from wsi_norm.template import Template, load_template
+
+    if target is not None and reference is not None:
+        raise ValueError("give either a target template or a reference slide, not both")
+    if isinstance(target, Template):
+        if target.method != method:
+            raise TemplateError(f"template is for method {target.method!r}, not {method!r}")
+        return target
+    if target is not None:
+        return load_template(target, method=method)
+    if reference is not None:
+        return fit_template([reference], method=method, params=params, n_pixels=n_pixels,
+                            seed=seed, backend=backend)
+    raise ValueError(f"method {method!r} needs a target template or a reference slide")
+
+
+def normalize_slide(
+    source: PathLike | Slide,
+    out: PathLike,
+    *,
+    method: str,
+    target: Template | PathLike | None = None,
+    reference: PathLike | Slide | None = None,
+    params: Any = None,
+    weights: PathLike | None = None,
+    device: Device = "cpu",
+    chunk_px: int = 1024,
+    n_pixels: int = DEFAULT_N_PIXELS,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    fmt: str | None = None,
+    tile_px: int = 256,
+    quality: int = 90,
+    compression: str = "jpeg",
+    zarr_format: int = 3,
+    backend: Backend | None = None,
+    source_fit: SlideFit | None = None,
+) -> NormalizeResult:
+    """Normalize a slide and write it as a pyramidal OME-Zarr or TIFF.
+
+    Parameters
+    ----------
+    source : path or Slide
+    out : path
+        ``*.ome.zarr`` / ``*.zarr`` or ``*.tif`` / ``*.tiff`` (or pass ``fmt``). Written as
+        ``out.partial`` and renamed when complete.
+    method : {"macenko", "vahadane", "reinhard", "histmatch", "stainnet", "none"}
+        ``none`` copies the slide through the same read and write path (the baseline).
+    target : Template or path, optional
+        Target statistics (a template JSON from ``wsi-norm fit``).
+    reference : path or Slide, optional
+        A reference slide or image to fit the target from instead.
+    params : optional
+        Method parameters (dataclass or mapping); defaults per method.
+    weights : path, optional
+        StainNet weights (``.pth`` or ``.safetensors``).
+    device : {"cpu", "cuda", "auto"}
+    chunk_px : int
+        Level-0 chunk side (rounded to whole source tiles). Does not change the output.
+    n_pixels, seed : int
+        Slide-wide sampling for the fits.
+    overwrite : bool
+        Replace an existing ``out``.
+    progress : callable ``(done_chunks, total_chunks)``, optional
+    fmt, tile_px, quality, compression, zarr_format
+        Writer options (see :func:`wsi_norm.writers.write_pyramid`).
+    backend : str, optional
+        Slide reader.
+    source_fit : SlideFit, optional
+        Reuse a fit already made (the flows fit in their own task).
+
+    Returns
+    -------
+    NormalizeResult
+
+    Raises
+    ------
+    OutputExistsError
+        ``out`` exists and ``overwrite`` is False (checked before any work).
+    SlideOpenError, SlideReadError, FitError, TemplateError, WeightsError, OutputError
+    """
+    from wsi_norm import __version__
+    from wsi_norm.writers import write_pyramid
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
+    dev = _resolve_device(device)
+    slide = _as_slide(source, backend)
+    identity = slide.identity()
+
+    template: Template | None = None
+    fit: SlideFit | None = None
+    weights_sha: str | None = None
+    resolved: dict[str, Any] = {}
+    if method == "none":
+        from wsi_norm.colormap import IdentityMap
+
+        cmap: Any = IdentityMap()
+    elif method == "stainnet":
+        from wsi_norm.stain.stainnet import load_stainnet_map
+
+        if weights is None:
+            raise ValueError("method 'stainnet' needs weights (--weights FILE)")
+        cmap = load_stainnet_map(weights)
+        weights_sha = _file_sha256(Path(weights))
+    else:
+        from wsi_norm.stain import compile_colormap, resolve_params
+
+        resolved = _params_dict(resolve_params(method, params))
+        template = _load_target(method, target, reference, params=params, n_pixels=n_pixels,
+                                seed=seed, backend=backend)
+        fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=n_pixels,
+                                      seed=seed)
+        cmap = compile_colormap(method, fit.stats, template.stats, resolve_params(method, params))
+    t_fit = time.perf_counter()
+
+    level0 = slide.to_dask(0, chunk_px=chunk_px)
+    normalized = apply_colormap(level0, cmap, device=dev)
+    provenance: dict[str, Any] = {
+        "tool": "wsi-norm",
+        "wsi_norm_version": __version__,
+        "fingerprint": request_fingerprint(
+            identity,
+            method=method,
+            params=resolved,
+            target=None if template is None else template.to_dict(),
+            weights_sha256=weights_sha,
+        ),
+        "method": method,
+        "params": resolved,
+        "source": {**identity, "backend": slide.backend, "vendor": slide.vendor,
+                   "dimensions": list(slide.dimensions),
+                   "mpp": list(slide.mpp) if slide.mpp else None},
+        "source_fit": None if fit is None else fit.to_dict(),
+        "target": None if template is None else template.to_dict(),
+        "weights": None if weights is None else {"path": str(weights), "sha256": weights_sha},
+        "device": dev,
+        "chunk_px": list(level0.chunksize[:2]),
+        "background_rule": "pixels with gray > 200 (rounded ITU-R 601 luma) pass through unchanged",
+    }
+    written = write_pyramid(
+        normalized,
+        out,
+        mpp=slide.mpp,
+        provenance=provenance,
+        fmt=fmt,  # type: ignore[arg-type]
+        overwrite=overwrite,
+        tile_px=tile_px,
+        quality=quality,
+        compression=compression,
+        zarr_format=zarr_format,
+        progress=progress,
+    )
+    t_end = time.perf_counter()
+    timings = {"fit_s": t_fit - t0, "write_s": t_end - t_fit, "total_s": t_end - t0}
+    log.info("%s -> %s (%s) in %.1f s", slide.path, written, method, timings["total_s"])
+    return NormalizeResult(
+        out=written,
+        source_fit=fit,
+        target=template,
+        provenance=provenance,
+        timings=timings,
+        shape=(int(level0.shape[0]), int(level0.shape[1])),
+    )
