@@ -1,0 +1,157 @@
+"""One slide end to end: fit slide-wide, normalize through dask, write, and the CLI over it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_norm import FitError, OutputExistsError, TemplateError, open_slide
+from wsi_norm.cli import main
+from wsi_norm.mask import is_background
+from wsi_norm.metrics import psnr, ssim
+from wsi_norm.pipeline import fit_template, normalize_slide, output_is_current
+from wsi_norm.template import load_template, save_template
+from wsi_norm.writers import read_level, read_provenance
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A registered pair: the same generated tissue rendered with two stain sets (JPEG q90)."""
+    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+
+    folder = tmp_path_factory.mktemp("pair")
+    a, b = folder / "site-a.tiff", folder / "site-b.tiff"
+    generate_slide(a, width=2048, height=1536, seed=5, stain_matrix=SITE_STAINS["site-a"], tile_px=256)
+    generate_slide(b, width=2048, height=1536, seed=5, stain_matrix=SITE_STAINS["site-b"], tile_px=256)
+    return a, b
+
+
+def test_none_copies_level0_exactly(sample_svs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy.ome.zarr"
+    result = normalize_slide(sample_svs, out, method="none")
+    assert result.out == out
+    source = open_slide(sample_svs).read_region(0, x=0, y=0, width=2220, height=2967)
+    np.testing.assert_array_equal(read_level(out, 0), source)
+    record = read_provenance(out)
+    assert record["method"] == "none"
+    assert record["source"]["header_sha256"] == open_slide(sample_svs).identity()["header_sha256"]
+    assert record["written"]["mpp"] == pytest.approx([0.499, 0.499])
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane", "reinhard", "histmatch"])
+def test_no_seams_tile_size_does_not_change_output(
+    sample_svs: Path, shared_data: Path, tmp_path: Path, method: str
+) -> None:
+    template = fit_template([shared_data / "he" / "torchstain-target.png"], method=method,
+                            n_pixels=100_000)
+    outs = []
+    for tile in (256, 1024):
+        out = tmp_path / f"{method}-{tile}.ome.zarr"
+        result = normalize_slide(sample_svs, out, method=method, target=template, chunk_px=tile,
+                                 n_pixels=100_000)
+        assert result.provenance["chunk_px"] == ([240, 240] if tile == 256 else [960, 960])
+        outs.append(read_level(out, 0))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    source = open_slide(sample_svs).read_region(0, x=0, y=0, width=2220, height=2967)
+    tissue = ~is_background(source)
+    assert np.abs(outs[0][tissue].astype(int) - source[tissue]).mean() > 1  # it did change colour
+    np.testing.assert_array_equal(outs[0][~tissue], source[~tissue])  # glass passes through
+
+
+def test_registered_pair_through_the_pipeline(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = pair
+    template = fit_template([b], method="macenko", n_pixels=200_000)
+    out = tmp_path / "a-to-b.ome.zarr"
+    normalize_slide(a, out, method="macenko", target=template, n_pixels=200_000)
+    got = read_level(out, 0)
+    want = open_slide(b).read_region(0, x=0, y=0, width=2048, height=1536)
+    before = open_slide(a).read_region(0, x=0, y=0, width=2048, height=1536)
+    tissue = ~is_background(want)
+    p_after, s_after = psnr(got, want, mask=tissue), ssim(got, want, mask=tissue)
+    p_before, s_before = psnr(before, want, mask=tissue), ssim(before, want, mask=tissue)
+    print(f"registered pair: before PSNR {p_before:.1f} dB SSIM {s_before:.3f}; "
+          f"after PSNR {p_after:.1f} dB SSIM {s_after:.3f}")
+    assert p_after >= 30 and s_after >= 0.95
+    assert p_after > p_before
+
+
+def test_output_is_current_tracks_the_request(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = pair
+    template = fit_template([b], method="reinhard", n_pixels=50_000)
+    out = tmp_path / "a.tiff"
+    normalize_slide(a, out, method="reinhard", target=template, n_pixels=50_000)
+    assert output_is_current(out, source=a, method="reinhard", target=template)
+    other = fit_template([a], method="reinhard", n_pixels=50_000)
+    assert not output_is_current(out, source=a, method="reinhard", target=other)
+    assert not output_is_current(out, source=b, method="reinhard", target=template)
+    assert not output_is_current(tmp_path / "missing.tiff", source=a, method="reinhard",
+                                 target=template)
+
+
+def test_refuses_existing_output_before_work(sample_svs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exists.tiff"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match=r"exists\.tiff: exists"):
+        normalize_slide(sample_svs, out, method="none")
+    assert out.read_bytes() == b"precious"
+
+
+def test_glass_only_slide_is_a_fit_error(tmp_path: Path, shared_data: Path) -> None:
+    glass = tmp_path / "glass.png"
+    Image.fromarray(np.full((512, 512, 3), 238, np.uint8)).save(glass)
+    with pytest.raises(FitError, match=r"glass\.png: no tissue found"):
+        normalize_slide(glass, tmp_path / "out.ome.zarr", method="macenko",
+                        reference=shared_data / "he" / "torchstain-target.png")
+    assert not (tmp_path / "out.ome.zarr").exists()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_template_of_another_method_is_refused(shared_data: Path, tmp_path: Path) -> None:
+    template = fit_template([shared_data / "he" / "torchstain-target.png"], method="reinhard")
+    path = tmp_path / "reinhard.json"
+    save_template(template, path)
+    with pytest.raises(TemplateError, match="reinhard"):
+        normalize_slide(shared_data / "he" / "torchstain-source.png", tmp_path / "o.ome.zarr",
+                        method="macenko", target=path)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_fit_then_normalize(shared_data: Path, sample_svs: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    template = tmp_path / "target.json"
+    assert main(["fit", str(shared_data / "he" / "torchstain-target.png"), "--method", "macenko",
+                 "-o", str(template), "--n-pixels", "50000"]) == 0
+    doc = json.loads(template.read_text())
+    assert doc["method"] == "macenko"
+    assert np.allclose(np.linalg.norm(doc["stain_matrix"], axis=1), 1.0)
+    assert len(doc["max_concentrations"]) == 2
+    again = tmp_path / "again.json"
+    assert main(["fit", str(shared_data / "he" / "torchstain-target.png"), "--method", "macenko",
+                 "-o", str(again), "--n-pixels", "50000"]) == 0
+    assert json.loads(again.read_text())["stain_matrix"] == doc["stain_matrix"]  # seeded
+
+    out = tmp_path / "cmu.tiff"
+    assert main(["normalize", str(sample_svs), "--method", "macenko", "--target", str(template),
+                 "-o", str(out), "-q"]) == 0
+    import openslide
+
+    with openslide.OpenSlide(str(out)) as osr:
+        assert osr.dimensions == (2220, 2967)
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.499)
+    capsys.readouterr()
+    assert main(["normalize", str(sample_svs), "--method", "macenko", "--target", str(template),
+                 "-o", str(out), "-q"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert load_template(template, method="macenko").method == "macenko"
+
+
+def test_cli_missing_target_is_one_line(sample_svs: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["normalize", str(sample_svs), "--method", "vahadane", "-o",
+                 str(tmp_path / "x.tiff")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wsi-norm: error: --method vahadane needs --target or --reference"]
