@@ -79,6 +79,19 @@ def test_registered_pair_through_the_pipeline(pair: tuple[Path, Path], tmp_path:
     assert p_after > p_before
 
 
+def test_slide_wide_macenko_recovers_the_true_stains(pair: tuple[Path, Path]) -> None:
+    """Beer-Lambert slides with known stains, JPEG q90 4:2:0 tiles (site-b's eosin has red OD 0.07)."""
+    from wsi_norm.pipeline import fit_slide
+    from wsi_norm.stain.base import stain_angles_deg
+    from wsi_norm.synthetic import SITE_STAINS
+
+    for path, site in zip(pair, ("site-a", "site-b"), strict=True):
+        fit = fit_slide(path, method="macenko", n_pixels=200_000)
+        h, e = stain_angles_deg(fit.stats.stain_matrix, SITE_STAINS[site])
+        print(f"macenko {site}: H {h:.2f} deg, E {e:.2f} deg off the truth")
+        assert h < 2.0 and e < 2.0, (site, h, e)
+
+
 def test_output_is_current_tracks_the_request(pair: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = pair
     template = fit_template([b], method="reinhard", n_pixels=50_000)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_norm import color
+
 if TYPE_CHECKING:
     from wsi_norm.slide import Slide
 
@@ -36,11 +38,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKGROUND_GRAY = 200
+BACKGROUND_GRAY = color.BACKGROUND_LUMA
 """A pixel whose rounded ITU-R 601 grayscale value exceeds this is glass."""
 
 _LUMA_WEIGHTS = np.array([299, 587, 114], dtype=np.int32)
-_BACKGROUND_THRESHOLD = (BACKGROUND_GRAY * 1000) + 500  # round(luma) > 200 <=> 1000*luma >= 200500
 COARSE_MAX_PX = 2048
 
 
@@ -68,7 +69,8 @@ def gray(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
 
 
 def is_background(rgb: NDArray[np.uint8]) -> NDArray[np.bool_]:
-    """True where a pixel is glass (grayscale > 200).
+    """True where a pixel is glass (grayscale > 200); :func:`wsi_norm.color.is_background`
+    after checking the input.
 
     Parameters
     ----------
@@ -79,7 +81,7 @@ def is_background(rgb: NDArray[np.uint8]) -> NDArray[np.bool_]:
     (...) bool
     """
     _check_rgb(rgb)
-    return (rgb.astype(np.int32) @ _LUMA_WEIGHTS) >= _BACKGROUND_THRESHOLD
+    return np.asarray(color.is_background(rgb))
 
 
 def tissue_mask(rgb: NDArray[np.uint8]) -> NDArray[np.bool_]:

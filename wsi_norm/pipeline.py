@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.errors import OutputExistsError, TemplateError
+from wsi_norm.errors import FitError, OutputExistsError, TemplateError
 from wsi_norm.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
 from wsi_norm.slide import Backend, Slide, open_slide
 
@@ -66,11 +66,38 @@ def _as_slide(source: PathLike | Slide, backend: Backend | None) -> Slide:
 
 
 def _params_dict(params: Any) -> dict[str, Any]:
+    """Parameters as recorded: every field except where the work ran (``device``)."""
     if params is None:
         return {}
-    if isinstance(params, Mapping):
-        return dict(params)
-    return dict(params.to_dict())
+    d = dict(params) if isinstance(params, Mapping) else dict(params.to_dict())
+    d.pop("device", None)
+    return d
+
+
+def resolve_params(params: Any, *, seed: int | None = None, device: str | None = None) -> Any:
+    """A :class:`~wsi_norm.stain.base.StainParams` from a mapping (unknown names raise),
+    a StainParams, or None (the defaults); ``seed``/``device`` override when given."""
+    import dataclasses
+
+    from wsi_norm.stain.base import StainParams
+
+    if params is None:
+        resolved = StainParams()
+    elif isinstance(params, StainParams):
+        resolved = params
+    elif isinstance(params, Mapping):
+        try:
+            resolved = StainParams.from_dict({**StainParams().to_dict(), **dict(params)})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"method parameters: {exc}") from exc
+    else:
+        raise TypeError(f"params must be a mapping or StainParams, got {type(params).__name__}")
+    changes: dict[str, Any] = {}
+    if seed is not None:
+        changes["seed"] = seed
+    if device is not None:
+        changes["device"] = device
+    return dataclasses.replace(resolved, **changes) if changes else resolved
 
 
 @dataclass(frozen=True)
@@ -148,16 +175,19 @@ def fit_slide(
     FitError
         No or too little tissue, or a degenerate fit.
     """
-    from wsi_norm.stain import fit_stats, resolve_params
+    from wsi_norm.stain import fit_stats
 
     if method not in STAT_METHODS:
         raise ValueError(f"cannot fit method {method!r}; choose one of {', '.join(STAT_METHODS)}")
     slide = _as_slide(source, backend)
-    resolved = resolve_params(method, params)
+    resolved = resolve_params(params, seed=seed)
     start = time.perf_counter()
     sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed)
     sampled = time.perf_counter()
-    stats = fit_stats(method, sample.pixels, resolved, path=str(slide.path), seed=seed)
+    try:
+        stats = fit_stats(method, sample.pixels, resolved)
+    except FitError as exc:
+        raise FitError(f"{slide.path}: {method} fit failed: {exc}") from exc
     done = time.perf_counter()
     log.info("%s: fitted %s on %d pixels", slide.path, method, len(sample.pixels))
     return SlideFit(
@@ -191,7 +221,7 @@ def fit_template(
     Template
     """
     from wsi_norm import __version__
-    from wsi_norm.stain import aggregate_stats, resolve_params
+    from wsi_norm.stain import aggregate_stats
     from wsi_norm.template import Template
 
     if not sources:
@@ -204,7 +234,7 @@ def fit_template(
     return Template(
         method=method,
         stats=stats,
-        params=_params_dict(resolve_params(method, params)),
+        params=resolve_params(params, seed=seed),
         slides=[f.identity for f in fits],
         n_pixels=sum(f.n_pixels for f in fits),
         seed=seed,
@@ -256,7 +286,7 @@ def request_fingerprint(
     """SHA-256 of what decides an output: source identity, method, parameters and target.
 
     The source is identified by size and header hash (not its name or folder), the target by
-    its method, parameters and statistics (not its creation time).
+    its whole document except creation time and tool version.
     """
     key = {
         "source": {k: identity.get(k) for k in ("size_bytes", "header_sha256")},
@@ -264,7 +294,7 @@ def request_fingerprint(
         "params": dict(params),
         "target": None
         if target is None
-        else {k: target.get(k) for k in ("method", "params", "stats", "schema_version")},
+        else {k: v for k, v in target.items() if k not in ("created", "wsi_norm_version")},
         "weights": weights_sha256,
     }
     return hashlib.sha256(_canonical(key).encode()).hexdigest()
@@ -278,13 +308,13 @@ def output_is_current(
     params: Any = None,
     target: Template | None = None,
     weights: PathLike | None = None,
+    seed: int = 0,
     backend: Backend | None = None,
 ) -> bool:
     """True when ``out`` is a finished output that records the same request.
 
     A missing, partial or foreign output is not current.
     """
-    from wsi_norm.stain import resolve_params
     from wsi_norm.writers import read_provenance
 
     out = Path(out)
@@ -296,7 +326,7 @@ def output_is_current(
         log.info("%s: no readable provenance (%s); treating as stale", out, exc)
         return False
     slide = _as_slide(source, backend)
-    resolved = {} if method in ("none", "stainnet") else _params_dict(resolve_params(method, params))
+    resolved = {} if method in ("none", "stainnet") else _params_dict(resolve_params(params, seed=seed))
     expected = request_fingerprint(
         slide.identity(),
         method=method,
@@ -486,14 +516,18 @@ def normalize_slide(
         cmap = load_stainnet_map(weights)
         weights_sha = _file_sha256(Path(weights))
     else:
-        from wsi_norm.stain import compile_colormap, resolve_params
+        from wsi_norm.stain import compile_colormap
 
-        resolved = _params_dict(resolve_params(method, params))
+        stain_params = resolve_params(params, seed=seed)
+        resolved = _params_dict(stain_params)
         template = _load_target(method, target, reference, params=params, n_pixels=n_pixels,
                                 seed=seed, backend=backend)
         fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=n_pixels,
                                       seed=seed)
-        cmap = compile_colormap(method, fit.stats, template.stats, resolve_params(method, params))
+        try:
+            cmap = compile_colormap(method, fit.stats, template.stats, stain_params)
+        except FitError as exc:
+            raise FitError(f"{slide.path}: cannot map to the target: {exc}") from exc
     t_fit = time.perf_counter()
 
     level0 = slide.to_dask(0, chunk_px=chunk_px)

@@ -371,24 +371,46 @@ def _choose_backend(path: Path) -> Backend:
     )
 
 
-# One open handle per (backend, path, process): reopening per chunk would dominate small reads.
-_HANDLES: dict[tuple[str, str, Any], _Reader] = {}
-_HANDLES_LOCK = threading.Lock()
+# One open handle per (backend, file, process), shared by every Slide of that file and counted:
+# reopening per chunk would dominate small reads, and closing a handle another thread is
+# reading from crashes OpenSlide. The key includes size and mtime, so a replaced file reopens.
+_HandleKey = tuple[str, str, Any, int, int]
+_HANDLES: dict[_HandleKey, tuple[_Reader, int]] = {}
+_HANDLES_LOCK = threading.RLock()  # re-entrant: __del__ may run during a GC inside the lock
 
 
-def _open_reader(path: Path, backend: Backend, mpp: float | tuple[float, float] | None) -> _Reader:
-    key = (backend, str(path), mpp)
+def _handle_key(path: Path, backend: Backend, mpp: tuple[float, float] | None) -> _HandleKey:
+    stat = path.stat()
+    return (backend, str(path), mpp, stat.st_size, stat.st_mtime_ns)
+
+
+def _acquire_reader(key: _HandleKey, path: Path, backend: Backend) -> _Reader:
     with _HANDLES_LOCK:
-        reader = _HANDLES.get(key)
-        if reader is None:
+        entry = _HANDLES.get(key)
+        if entry is None:
+            reader: _Reader
             if backend == "openslide":
                 reader = _OpenSlideReader(path)
             elif backend == "tiffslide":
                 reader = _TiffSlideReader(path)
             else:
-                reader = _ImageReader(path, mpp)
-            _HANDLES[key] = reader
-        return reader
+                reader = _ImageReader(path, None)
+            entry = (reader, 0)
+        _HANDLES[key] = (entry[0], entry[1] + 1)
+        return entry[0]
+
+
+def _release_reader(key: _HandleKey) -> None:
+    with _HANDLES_LOCK:
+        entry = _HANDLES.get(key)
+        if entry is None:
+            return
+        reader, users = entry
+        if users > 1:
+            _HANDLES[key] = (reader, users - 1)
+            return
+        del _HANDLES[key]
+    reader.close()
 
 
 def _normalise_mpp(mpp: float | tuple[float, float] | None) -> tuple[float, float] | None:
@@ -444,7 +466,9 @@ class Slide:
         self.path = path
         self.backend: Backend = backend
         self._mpp_override = _normalise_mpp(mpp)
-        self._reader = _open_reader(path, backend, self._mpp_override)
+        self._key = _handle_key(path, backend, self._mpp_override)
+        self._reader = _acquire_reader(self._key, path, backend)
+        self._closed = False
 
     # -- pickling: path and options only; the handle is reopened in the receiving process
     def __getstate__(self) -> dict[str, Any]:
@@ -464,12 +488,17 @@ class Slide:
         self.close()
 
     def close(self) -> None:
-        """Forget the cached handle (the file is closed once no Slide uses it)."""
-        key = (self.backend, str(self.path), self._mpp_override)
-        with _HANDLES_LOCK:
-            reader = _HANDLES.pop(key, None)
-        if reader is not None:
-            reader.close()
+        """Release this Slide's use of the shared handle; the file is closed when no Slide
+        of this process uses it any more. Idempotent."""
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            _release_reader(self._key)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: modules may be gone
+            return
 
     # -- facts
     @property

@@ -1,0 +1,220 @@
+"""Helpers shared by the flows: generated cohorts, output thumbnails, colour statistics.
+
+Plain functions (no Prefect state) so they can be tested and reused directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_norm.manifest import Manifest
+
+__all__ = [
+    "ColourStats",
+    "SlideOutcome",
+    "colour_stats",
+    "generate_missing",
+    "read_flow_run_artifacts",
+    "read_output_thumbnail",
+    "scheduler_address",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideOutcome:
+    """What happened to one slide in a flow run (one row of the summary artifact)."""
+
+    site: str
+    slide: str
+    outcome: str  # "normalized" | "skipped (current)" | "failed"
+    reason: str = ""
+    outputs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outputs"] = ", ".join(self.outputs)
+        d["seconds"] = round(self.seconds, 2)
+        return d
+
+
+def scheduler_address(scheduler: str | None) -> str | None:
+    """The dask scheduler to join: ``scheduler``, else ``WSI_NORM_SCHEDULER``, else None (local)."""
+    return scheduler or os.environ.get("WSI_NORM_SCHEDULER") or None
+
+
+def generate_missing(manifest: Manifest) -> list[Path]:
+    """Render every generated slide of ``manifest`` whose file does not exist yet.
+
+    Returns
+    -------
+    list of Path
+        The slides rendered by this call (empty when all existed).
+    """
+    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+
+    made: list[Path] = []
+    for gen in manifest.generated:
+        if gen.path.exists():
+            continue
+        spec = gen.spec
+        gen.path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("generating %s (%d x %d, stain %s)", gen.path, spec.width, spec.height, spec.stain)
+        generate_slide(
+            gen.path,
+            width=spec.width,
+            height=spec.height,
+            stain_matrix=SITE_STAINS[spec.stain],
+            seed=spec.seed,
+            tile_px=spec.tile_px,
+            mpp=spec.mpp,
+            tissue_fraction=spec.tissue_fraction,
+            quality=spec.quality,
+            compression=spec.compression,
+            conc_scale=spec.conc_scale,
+        )
+        made.append(gen.path)
+    return made
+
+
+def read_output_thumbnail(out: str | os.PathLike[str], *, min_px: int = 512) -> NDArray[np.uint8]:
+    """The smallest pyramid level of a finished output whose longest side is >= ``min_px``.
+
+    Returns
+    -------
+    (rows, cols, 3) uint8
+    """
+    from wsi_norm.writers import read_level, read_provenance
+
+    out = Path(out)
+    levels = read_provenance(out)["written"]["levels"]
+    chosen = 0
+    for index, (rows, cols) in enumerate(levels):
+        if max(rows, cols) >= min_px:
+            chosen = index
+    return read_level(out, chosen)
+
+
+@dataclass(frozen=True)
+class ColourStats:
+    """Colour statistics of one slide or cohort, from tissue pixels.
+
+    Attributes
+    ----------
+    stain_matrix : (2, 3) list of float or None
+        Unit OD vectors (hematoxylin, eosin) fitted with the flow's method, when it has them.
+    lab_mean : (3,) list of float
+        CIE Lab mean (L in 0..100) of tissue pixels.
+    conc_p99 : (2,) list of float or None
+        99th percentile of hematoxylin and eosin concentration.
+    n_pixels : int
+    """
+
+    stain_matrix: list[list[float]] | None
+    lab_mean: list[float]
+    conc_p99: list[float] | None
+    n_pixels: int
+
+
+def colour_stats(pixels: NDArray[np.uint8], *, params: dict[str, Any] | None = None) -> ColourStats:
+    """Colour statistics of tissue pixels ``(N, 3) uint8`` (background removed by the caller or here).
+
+    The stain vectors come from a Macenko fit (``wsi_norm.stain.macenko``) whatever the
+    normalization method: they are a measurement here, not a normalizer.
+    """
+    from wsi_norm.color import rgb_to_lab
+    from wsi_norm.stain.base import StainParams, tissue_pixels
+    from wsi_norm.stain.macenko import fit_macenko
+
+    tissue = tissue_pixels(np.ascontiguousarray(pixels.reshape(-1, 3)))
+    lab = np.asarray(rgb_to_lab(tissue), dtype=np.float64)
+    stats = fit_macenko(tissue, StainParams.from_dict(params) if params else None)
+    conc = np.asarray(stats.max_conc, dtype=np.float64)
+    return ColourStats(
+        stain_matrix=np.asarray(stats.stain_matrix, dtype=np.float64).tolist(),
+        lab_mean=lab.reshape(-1, 3).mean(axis=0).tolist(),
+        conc_p99=conc.tolist(),
+        n_pixels=int(tissue.shape[0]),
+    )
+
+
+async def read_flow_run_artifacts(client: Any, flow_run_id: UUID | str) -> list[Any]:
+    """All artifacts of one flow run (its tasks' included), sorted by key.
+
+    Uses ``POST /artifacts/filter`` directly: with prefect 3.8.8 and fastapi 0.154 here,
+    ``PrefectClient.read_artifacts`` sends ``limit``/``sort`` as null (rejected, 422) and
+    empty flow/task-run filters that drop artifacts without a task run.
+    """
+    from prefect.client.schemas.objects import Artifact
+    from pydantic import TypeAdapter
+
+    response = await client.request(
+        "POST",
+        "/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "sort": "KEY_ASC", "limit": 200},
+    )
+    return TypeAdapter(list[Artifact]).validate_python(response.json())
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON for artifact descriptions and logs."""
+    return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+def seq_str(values: Sequence[float], digits: int = 3) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"
+
+
+def _template_inputs(manifest: Manifest, slides: Sequence[Path]) -> dict[str, Any]:
+    from wsi_norm.slide import open_slide
+
+    identities = []
+    for path in slides:
+        with open_slide(path) as slide:
+            identities.append(slide.identity())
+    m = manifest.model
+    return {"method": m.method, "params": m.params, "n_pixels": m.fit.n_pixels, "seed": m.fit.seed, "sources": identities}
+
+
+def resolve_template(manifest: Manifest, name: str) -> Any:
+    """The template ``name`` of ``manifest``: read from its JSON, or fitted slide-wide.
+
+    A fitted template is cached as ``<output_root>/templates/<name>.json`` beside
+    ``<name>.inputs.json`` (method, params, sampling and the identities of its slides);
+    it is reused while those inputs are unchanged, so a repeated run fits nothing.
+    """
+    from wsi_norm.pipeline import fit_template
+    from wsi_norm.template import load_template, save_template
+
+    spec = manifest.templates[name]
+    if spec.path is not None:
+        return load_template(spec.path)
+    cache = manifest.output_root / "templates" / f"{name}.json"
+    sidecar = cache.with_name(f"{name}.inputs.json")
+    inputs = json.loads(dumps(_template_inputs(manifest, spec.slides)))
+    if cache.is_file() and sidecar.is_file():
+        try:
+            if json.loads(sidecar.read_text(encoding="utf-8")) == inputs:
+                log.info("template %s: reusing %s", name, cache)
+                return load_template(cache)
+        except ValueError:
+            log.warning("template %s: unreadable cache %s, fitting again", name, sidecar)
+    m = manifest.model
+    template = fit_template(list(spec.slides), method=m.method, params=m.params, n_pixels=m.fit.n_pixels, seed=m.fit.seed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_template(template, cache)
+    sidecar.write_text(dumps(inputs), encoding="utf-8")
+    log.info("template %s: fitted from %d slide(s), saved %s", name, len(spec.slides), cache)
+    return template

@@ -1,0 +1,259 @@
+"""Prefect flow ``normalize-archive``: normalize every slide of a manifest that is not current.
+
+One run: validate the manifest (nothing starts on an invalid one), render missing generated
+slides, prepare the target template (fitted once and cached under
+``<output_root>/templates/``), then per slide ``fit -> normalize+write -> QC`` as task runs,
+``concurrency`` slides at a time.  A slide whose outputs already record the same source
+identity, method, parameters and template is skipped, so a second run does no work.  A
+slide that fails (unreadable, no tissue) is marked Failed with its reason; the others go
+on, and the flow run ends Failed.  A summary table artifact lists every slide.
+
+Array work runs on one shared dask ``distributed`` client (``--scheduler`` /
+``WSI_NORM_SCHEDULER``, else a local in-process cluster); Prefect threads only track slides.
+
+Run::
+
+    python -m flows.normalize_archive --manifest data_manifest.yaml [--scheduler tcp://host:8786]
+    python -m flows.normalize_archive --serve        # long-running deployment for a Prefect server
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Completed, Failed, State
+
+from flows._artifacts import artifact_key, markdown_table
+from flows._common import SlideOutcome, generate_missing, resolve_template, scheduler_address
+from flows._qc import publish_slide_qc
+from wsi_norm.errors import ManifestError, OutputError, WsiNormError
+from wsi_norm.manifest import Manifest, SlideEntry, load_manifest
+
+__all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
+
+FLOW_NAME = "normalize-archive"
+SUMMARY_KEY = "normalize-archive-summary"
+
+
+def _retry_unless_permanent(task: Any, task_run: Any, state: State) -> bool:
+    """Retry I/O failures, not errors that will recur (a corrupt slide, no tissue, bad input)."""
+    try:
+        state.result()
+    except WsiNormError as exc:
+        return isinstance(exc, OSError) and not exc.__class__.__name__.endswith(("OpenError", "FormatError"))
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001 - any other exception is a bug: do not retry it
+        return False
+    return False
+
+
+@task(name="load-manifest", cache_policy=NO_CACHE)
+def load_manifest_task(path: str) -> Manifest:
+    """Validate the manifest (before any work) and resolve its slides."""
+    return load_manifest(path)
+
+
+@task(name="generate-slides", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_retry_unless_permanent)
+def generate_slides_task(manifest: Manifest) -> list[str]:
+    """Render the manifest's generated slides that are missing (I/O)."""
+    made = generate_missing(manifest)
+    get_run_logger().info("generated %d slide(s)", len(made))
+    return [str(p) for p in made]
+
+
+@task(name="prepare-target", cache_policy=NO_CACHE)
+def prepare_target(manifest: Manifest, name: str | None) -> Any:
+    """The target :class:`~wsi_norm.template.Template` of ``name`` (None: the method's default)."""
+    if name is None:
+        return None
+    return resolve_template(manifest, name)
+
+
+@task(name="fit-slide", cache_policy=NO_CACHE)
+def fit_task(source: str, method: str, params: dict[str, Any], n_pixels: int, seed: int) -> Any:
+    """Slide-wide fit of the source statistics (``wsi_norm.pipeline.fit_slide``)."""
+    from wsi_norm.pipeline import fit_slide
+
+    return fit_slide(source, method=method, params=params, n_pixels=n_pixels, seed=seed)
+
+
+@task(name="normalize-slide", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_permanent)
+def normalize_task(entry: SlideEntry, fmt: str, manifest: Manifest, target: Any, source_fit: Any) -> Any:
+    """Normalize one slide and write one output format (``wsi_norm.pipeline.normalize_slide``; I/O, retried)."""
+    from flows._artifacts import ProgressArtifact
+    from wsi_norm.pipeline import normalize_slide
+
+    out = entry.outputs[fmt]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # the manifest's output layout
+    except OSError as exc:
+        raise OutputError(f"{out.parent}: cannot create the output folder: {exc}") from exc
+    progress = ProgressArtifact(
+        artifact_key("progress", entry.site, entry.name, fmt), description=f"tiles of {entry.source.name} -> {out.name}"
+    )
+    result = normalize_slide(
+        entry.source,
+        out,
+        method=manifest.method,
+        target=target,
+        params=manifest.params,
+        weights=manifest.weights,
+        overwrite=True,  # only reached when the output is missing or stale
+        progress=progress,
+        fmt=fmt,
+        source_fit=source_fit,
+        n_pixels=manifest.model.fit.n_pixels,
+        seed=manifest.model.fit.seed,
+    )
+    get_run_logger().info("%s: wrote %s (%d progress updates)", entry.source.name, out, progress.updates)
+    return result
+
+
+@task(name="qc-slide", cache_policy=NO_CACHE)
+def qc_task(entry: SlideEntry, manifest: Manifest, target: Any, results: list[Any], seconds: float) -> dict[str, Any]:
+    """QC metrics and artifacts of one normalized slide."""
+    return publish_slide_qc(entry, manifest=manifest, target=target, results=results, seconds=seconds)
+
+
+def _is_current(entry: SlideEntry, manifest: Manifest, target: Any) -> bool:
+    from wsi_norm.pipeline import output_is_current
+
+    return all(
+        output_is_current(
+            out,
+            source=entry.source,
+            method=manifest.method,
+            params=manifest.params,
+            target=target,
+            weights=manifest.weights,
+            seed=manifest.model.fit.seed,
+        )
+        for out in entry.outputs.values()
+    )
+
+
+@task(name="process-slide", cache_policy=NO_CACHE)
+def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOutcome:
+    """Skip a current slide, or run fit -> normalize -> QC as nested task runs."""
+    logger = get_run_logger()
+    outputs = [str(p) for p in entry.outputs.values()]
+    if _is_current(entry, manifest, target):
+        logger.info("%s: outputs are current, skipped", entry.source.name)
+        return SlideOutcome(entry.site, entry.source.name, "skipped (current)", outputs=outputs)
+    start = time.perf_counter()
+    m = manifest.model
+    source_fit = fit_task(str(entry.source), manifest.method, manifest.params, m.fit.n_pixels, m.fit.seed)
+    normalize = normalize_task.with_options(retries=m.retries, retry_delay_seconds=m.retry_delay_s)
+    results = [normalize(entry, fmt, manifest, target, source_fit) for fmt in entry.outputs]
+    seconds = time.perf_counter() - start
+    qc_task(entry, manifest, target, results, seconds)
+    return SlideOutcome(entry.site, entry.source.name, "normalized", outputs=outputs, seconds=seconds)
+
+
+@flow(name=FLOW_NAME, log_prints=False)
+def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | None = None) -> Any:
+    """Normalize every slide of ``manifest`` that is not current.
+
+    Parameters
+    ----------
+    manifest : str
+        Path of the data manifest (see :mod:`wsi_norm.manifest`).
+    scheduler : str, optional
+        Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else a local cluster.
+
+    Returns
+    -------
+    list of dict, or a Failed state
+        One summary row per slide; the run ends Failed when any slide failed.
+    """
+    from wsi_norm.cluster import dask_client
+
+    logger = get_run_logger()
+    m = load_manifest_task(manifest)
+    if m.model.target is None and m.method not in ("none", "stainnet"):
+        raise ManifestError(
+            f"{m.path}: method {m.method!r} needs a target: declare a template and name it in 'target'"
+        )
+    if m.generated:
+        generate_slides_task.with_options(retries=m.model.retries, retry_delay_seconds=m.model.retry_delay_s)(m)
+    outcomes: list[SlideOutcome] = []
+    with dask_client(scheduler_address(scheduler)):
+        target = prepare_target(m, m.model.target)
+        pending = list(m.slides)
+        running: dict[PrefectFuture[Any], SlideEntry] = {}
+        while pending or running:
+            while pending and len(running) < m.model.concurrency:
+                entry = pending.pop(0)
+                task_tags = [f"site:{entry.site}", f"method:{m.method}"]
+                future = process_slide.with_options(tags=task_tags).submit(entry, m, target)
+                running[future] = entry
+            done = next(as_completed(list(running)))
+            entry = running.pop(done)
+            try:
+                outcomes.append(done.result())
+            except Exception as exc:  # noqa: BLE001 - a failed slide is reported, the others go on
+                reason = f"{type(exc).__name__}: {exc}"
+                logger.error("%s: failed: %s", entry.source, reason)
+                outcomes.append(SlideOutcome(entry.site, entry.source.name, "failed", reason=reason))
+    order = {(s.site, s.source.name): i for i, s in enumerate(m.slides)}
+    outcomes.sort(key=lambda o: order[(o.site, o.slide)])
+    rows = [o.row() for o in outcomes]
+    n_failed = sum(o.outcome == "failed" for o in outcomes)
+    create_table_artifact(rows, key=SUMMARY_KEY, description=f"{len(rows)} slides, {n_failed} failed ({m.path})")
+    create_markdown_artifact(
+        f"# normalize-archive\n\nmanifest `{m.path}`, method `{m.method}`, outputs under `{m.output_root}`\n\n"
+        + markdown_table(rows),
+        key=SUMMARY_KEY + "-md",
+    )
+    if n_failed:
+        return Failed(message=f"{n_failed} of {len(rows)} slides failed", data=rows)
+    return Completed(message=f"{len(rows)} slides done", data=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run once, or ``--serve`` as a deployment of a Prefect server."""
+    parser = argparse.ArgumentParser(prog="python -m flows.normalize_archive", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", default="data_manifest.yaml")
+    parser.add_argument("--scheduler", default=None, help="dask scheduler address (default: WSI_NORM_SCHEDULER or local)")
+    parser.add_argument("--serve", nargs="?", const="local", default=None, metavar="NAME",
+                        help="serve as deployment NAME (needs PREFECT_API_URL) instead of running once")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.serve:
+        normalize_archive.serve(name=args.serve, parameters={"manifest": args.manifest, "scheduler": args.scheduler})
+        return 0
+    try:
+        m = load_manifest(args.manifest)
+    except WsiNormError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with tags(f"method:{m.method}", *(f"site:{s}" for s in m.sites)):
+        state = normalize_archive(manifest=args.manifest, scheduler=args.scheduler, return_state=True)
+    rows = state.result(raise_on_failure=False)
+    if isinstance(rows, list):
+        for row in rows:
+            print(f"{row['outcome']:>18}  {row['site']}/{row['slide']}  {row['outputs'] or row['reason']}")
+    print(f"outputs:   {m.output_root}")
+    print(f"QC images and metrics: Prefect artifacts {SUMMARY_KEY!r} and 'qc-<site>-<slide>' "
+          f"({'Prefect UI' if _has_server() else 'local ephemeral API: set PREFECT_API_URL to keep them'})")
+    print(f"state:     {state.name}: {state.message}")
+    return 0 if state.is_completed() else 1
+
+
+def _has_server() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

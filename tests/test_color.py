@@ -1,0 +1,48 @@
+"""Colour transforms: OD round trip, Lab vs scikit-image, luma and background rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from skimage.color import lab2rgb, rgb2lab
+
+from wsi_norm.color import is_background, lab_to_rgb, luma, od_to_rgb, rgb_to_lab, rgb_to_od
+
+
+@given(arrays(np.uint8, st.tuples(st.integers(1, 50), st.just(3))), st.floats(200.0, 255.0))
+def test_od_round_trip(rgb, io_):
+    back = od_to_rgb(rgb_to_od(rgb, io=io_), io=io_)
+    assert np.array_equal(np.rint(back).astype(np.uint8), rgb)
+
+
+def test_od_values_and_torch_twin():
+    rgb = np.array([[239, 0, 120]], dtype=np.uint8)
+    od = rgb_to_od(rgb)
+    np.testing.assert_allclose(od, [[0.0, np.log(240.0), np.log(240 / 121)]], atol=1e-12)
+    od_t = rgb_to_od(torch.from_numpy(rgb), io=240.0)
+    assert od_t.dtype == torch.float32
+    np.testing.assert_allclose(od_t.numpy(), od, atol=1e-6)
+
+
+def test_lab_matches_skimage():
+    rng = np.random.default_rng(0)
+    rgb = rng.random((500, 3))
+    np.testing.assert_allclose(rgb_to_lab(rgb), rgb2lab(rgb[None])[0], atol=1e-8)
+    lab = rgb2lab(rgb[None])[0]
+    np.testing.assert_allclose(lab_to_rgb(lab), lab2rgb(lab[None])[0], atol=1e-6)
+    np.testing.assert_allclose(lab_to_rgb(torch.from_numpy(lab)).numpy(), rgb, atol=1e-6)
+
+
+def test_luma_and_background_boundary():
+    assert luma(np.array([100, 200, 50], dtype=np.uint8)) == 0.299 * 100 + 0.587 * 200 + 0.114 * 50
+    grey200 = np.array([[200, 200, 200], [201, 201, 201]], dtype=np.uint8)
+    assert is_background(grey200).tolist() == [False, True]
+    assert is_background(torch.from_numpy(grey200)).tolist() == [False, True]
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (10000, 3), dtype=np.uint8)
+    # MATLAB rgb2gray rounds the luma of uint8 input: glass is round(luma) > 200
+    assert np.array_equal(is_background(rgb), np.floor(luma(rgb) + 0.5 + 1e-9) > 200)
+    assert np.array_equal(is_background(torch.from_numpy(rgb)).numpy(), is_background(rgb))

@@ -1,0 +1,144 @@
+"""ColorMap: LUT == numpy reference, torch within 1 level, background rule, per-pixel, pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from test_stain_macenko import load_he
+
+from wsi_norm.color import is_background
+from wsi_norm.errors import FitError
+from wsi_norm.stain import METHODS, StainParams, compile_colormap, fit_stats
+from wsi_norm.stain.macenko import MacenkoStats
+
+FAST = StainParams(max_fit_pixels=5000)
+
+
+@pytest.fixture(scope="module")
+def maps():
+    src = load_he("source").reshape(-1, 3)
+    tgt = load_he("target").reshape(-1, 3)
+    out = {m: compile_colormap(m, fit_stats(m, src, FAST), fit_stats(m, tgt, FAST)) for m in METHODS}
+    out["none"] = compile_colormap("none")
+    return out
+
+
+@pytest.fixture(scope="module")
+def probe():
+    rng = np.random.default_rng(0)
+    real = load_he("source")[:128, :128]
+    rand = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    extremes = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 0, 255]] * 32], dtype=np.uint8)
+    return np.concatenate([real, rand, extremes], axis=0)
+
+
+@pytest.mark.parametrize("method", METHODS + ("none",))
+def test_lut_is_bit_identical_to_numpy(maps, probe, method):
+    cmap = maps[method]
+    assert np.array_equal(cmap.apply(probe), cmap.evaluate_numpy(probe))
+    # a slice of the whole table, against direct evaluation of the same colours
+    lut = cmap.lut()
+    r = 97
+    block = np.stack(np.meshgrid([r], np.arange(256), np.arange(256), indexing="ij"), -1).reshape(-1, 3).astype(np.uint8)
+    assert np.array_equal(lut[r].reshape(-1, 3), cmap.evaluate_numpy(block))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_agrees_with_numpy(maps, probe, method):
+    cmap = maps[method]
+    ref = cmap.evaluate_numpy(probe).astype(int)
+    f32 = cmap.apply_torch(torch.from_numpy(probe)).numpy().astype(int)
+    f64 = cmap.apply_torch(torch.from_numpy(probe), dtype=torch.float64).numpy().astype(int)
+    lut = cmap.apply_torch(torch.from_numpy(probe), use_lut=True).numpy().astype(int)
+    assert np.abs(f32 - ref).max() <= 1
+    assert np.abs(f64 - ref).max() <= 1
+    assert (f64 != ref).mean() < 1e-3
+    assert np.array_equal(lut, ref)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_background_passes_through_and_tissue_changes(maps, probe, method):
+    out = maps[method].apply(probe)
+    bg = is_background(probe)
+    assert np.array_equal(out[bg], probe[bg])
+    assert np.any(out[~bg] != probe[~bg])
+    assert out.dtype == np.uint8 and out.shape == probe.shape
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_black_maps_to_finite_not_all_black(maps, method):
+    black = np.zeros((4, 4, 3), np.uint8)
+    out = maps[method].evaluate_numpy(black)
+    assert out.dtype == np.uint8
+    tile = maps[method].apply(load_he("source"))
+    assert tile.reshape(-1, 3).max(axis=0).min() > 100  # not an all-black result
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_whole_tile_equals_subtiles(maps, method):
+    img = load_he("source")[:300, :301]
+    cmap = maps[method]
+    whole = cmap.apply(img)
+    parts = np.concatenate(
+        [np.concatenate([cmap.apply(img[y:y + 128, x:x + 97]) for x in range(0, 301, 97)], axis=1)
+         for y in range(0, 300, 128)], axis=0)
+    assert np.array_equal(whole, parts)
+
+
+def test_pickle_is_small_before_lut_and_equal_after(maps, probe):
+    cmap = maps["macenko"]
+    cmap.lut()
+    blob = pickle.dumps(cmap)
+    assert len(blob) < 2000
+    clone = pickle.loads(blob)
+    assert clone._lut is None
+    assert np.array_equal(clone.apply(probe), cmap.apply(probe))
+
+
+def test_singular_stain_matrix_raises():
+    good = MacenkoStats(stain_matrix=[[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]], max_conc=[1.0, 1.0])
+    v = np.array([0.6, 0.7, 0.3]) / np.linalg.norm([0.6, 0.7, 0.3])
+    w = np.array([0.6, 0.7, 0.31]) / np.linalg.norm([0.6, 0.7, 0.31])
+    singular = MacenkoStats(stain_matrix=np.stack([v, w]), max_conc=[1.0, 1.0])
+    with pytest.raises(FitError, match="only 0.[0-9]+ deg apart"):
+        compile_colormap("macenko", singular, good)
+    with pytest.raises(FitError, match="deg apart"):
+        compile_colormap("macenko", good, singular)
+
+
+def test_wrong_stats_type_and_method():
+    good = MacenkoStats(stain_matrix=[[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]], max_conc=[1.0, 1.0])
+    with pytest.raises(TypeError, match="expected ReinhardStats"):
+        compile_colormap("reinhard", good, good)
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        compile_colormap("foo", good, good)
+
+
+_M = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
+_M = _M / np.linalg.norm(_M, axis=1, keepdims=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9), st.just(3))))
+def test_dtype_and_shape_preserved(rgb):
+    cmap = compile_colormap("macenko", MacenkoStats(stain_matrix=_M, max_conc=[1.5, 1.0]),
+                            MacenkoStats(stain_matrix=_M, max_conc=[1.0, 0.8]))
+    out = cmap.evaluate_numpy(rgb)
+    assert out.dtype == np.uint8 and out.shape == rgb.shape
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.float64, (50, 2), elements=st.floats(0.0, 2.0)))
+def test_self_map_is_identity_on_stain_plane(conc):
+    from wsi_norm.color import od_to_rgb
+
+    rgb = np.clip(np.rint(od_to_rgb(conc @ _M)), 0, 255).astype(np.uint8)
+    stats = MacenkoStats(stain_matrix=_M, max_conc=[1.5, 1.0])
+    out = compile_colormap("macenko", stats, stats).evaluate_numpy(rgb)
+    assert np.abs(out.astype(int) - rgb).max() <= 2

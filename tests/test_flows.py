@@ -1,0 +1,202 @@
+"""The Prefect flows on generated slides, against Prefect's local test API.
+
+One test API (``prefect_test_harness``, its own PREFECT_HOME) serves the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield home
+
+
+def _task_runs(flow_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+                limit=200,
+            )
+
+    return asyncio.run(read())
+
+
+def _artifacts(flow_run_id: Any) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+
+    from flows._common import read_flow_run_artifacts
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await read_flow_run_artifacts(client, flow_run_id)
+
+    return {a.key: a for a in asyncio.run(read()) if a.key}
+
+
+ARCHIVE = """
+version: 1
+output_root: out
+method: macenko
+formats: [ome-zarr]
+fit: {n_pixels: 40000}
+generate:
+  - {path: gen/a-1.tiff, stain: site-a, width: 2048, height: 2048, seed: 1, tile_px: 512}
+  - {path: gen/b-1.tiff, stain: site-b, width: 2048, height: 2048, seed: 2, tile_px: 512}
+sites:
+  site-a: {slides: ['gen/a-*.tiff']}
+  site-b: {slides: ['gen/b-*.tiff', broken/bad.svs]}
+templates:
+  ref: {site: site-a}
+target: ref
+concurrency: 2
+retries: 1
+retry_delay_s: 0
+"""
+
+
+def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect_api: Path, tmp_path: Path) -> None:
+    from flows.normalize_archive import SUMMARY_KEY, normalize_archive
+
+    (tmp_path / "broken").mkdir()
+    rng = np.random.default_rng(0)
+    (tmp_path / "broken" / "bad.svs").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(textwrap.dedent(ARCHIVE), encoding="utf-8")
+
+    state = normalize_archive(manifest=str(manifest), return_state=True)
+    assert state.is_failed() and state.message == "1 of 3 slides failed"
+    rows = {r["slide"]: r for r in state.result(raise_on_failure=False)}
+    assert [rows[s]["outcome"] for s in ("a-1.tiff", "b-1.tiff", "bad.svs")] == ["normalized", "normalized", "failed"]
+    assert "bad.svs" in rows["bad.svs"]["reason"] and "Error" in rows["bad.svs"]["reason"]
+    outs = [tmp_path / "out" / "site-a" / "a-1.ome.zarr", tmp_path / "out" / "site-b" / "b-1.ome.zarr"]
+    assert all(o.is_dir() for o in outs) and not (tmp_path / "out" / "site-b" / "bad.ome.zarr").exists()
+
+    run_id = state.state_details.flow_run_id
+    artifacts = _artifacts(run_id)
+    summary = artifacts[SUMMARY_KEY]
+    assert summary.type == "table"
+    assert {"a-1.tiff", "b-1.tiff", "bad.svs"} <= {r["slide"] for r in yaml.safe_load(summary.data)}
+    for key in ("qc-site-a-a-1", "qc-site-b-b-1"):
+        assert artifacts[key].type == "markdown" and "ssim_source" in artifacts[key].data
+        assert artifacts[key + "-thumbs"].type == "image"
+        assert artifacts[key + "-thumbs"].data.startswith("data:image/png;base64,")
+        assert len(artifacts[key + "-thumbs"].data) < 60_000  # tens of kB
+        assert artifacts[key + "-metrics"].type == "table"
+    assert artifacts["progress-site-a-a-1-ome-zarr"].type == "progress"
+    assert float(artifacts["progress-site-a-a-1-ome-zarr"].data) == 100.0
+    names = [t.name for t in _task_runs(run_id)]
+    assert sum(n.startswith("normalize-slide") for n in names) == 2
+    assert sum(n.startswith("process-slide") for n in names) == 3
+    mtimes = [o.stat().st_mtime_ns for o in outs]
+
+    # Second run: the two finished slides are current, the broken one fails again.
+    again = normalize_archive(manifest=str(manifest), return_state=True)
+    rows2 = {r["slide"]: r["outcome"] for r in again.result(raise_on_failure=False)}
+    assert rows2 == {"a-1.tiff": "skipped (current)", "b-1.tiff": "skipped (current)", "bad.svs": "failed"}
+    names2 = [t.name for t in _task_runs(again.state_details.flow_run_id)]
+    assert not any(n.startswith(("normalize-slide", "qc-slide")) for n in names2)
+    assert sum(n.startswith("fit-slide") for n in names2) == 1  # only the broken slide is tried again
+    assert [o.stat().st_mtime_ns for o in outs] == mtimes
+
+
+def test_invalid_manifest_stops_the_flow_before_any_work(prefect_api: Path, tmp_path: Path) -> None:
+    from flows.normalize_archive import normalize_archive
+    from wsi_norm.errors import ManifestError
+
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(textwrap.dedent(ARCHIVE).replace("concurrency: 2", "concurrency: 2\nwokers: 3"), encoding="utf-8")
+    state = normalize_archive(manifest=str(manifest), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ManifestError, match=r"data_manifest\.yaml:17: wokers: unknown key"):
+        state.result()
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "out").exists()
+
+
+HARMONIZE = """
+version: 1
+output_root: out
+method: macenko
+formats: [ome-zarr]
+fit: {n_pixels: 60000}
+generate:
+  # the same tissue (seed) stained three ways, so colour distances measure stain, not content
+  - {path: gen/a.tiff, stain: site-a, width: 2048, height: 2048, seed: 5, tile_px: 512}
+  - {path: gen/b.tiff, stain: site-b, width: 2048, height: 2048, seed: 5, tile_px: 512}
+  - {path: gen/c.tiff, stain: site-c, width: 2048, height: 2048, seed: 5, tile_px: 512}
+sites:
+  site-a: {slides: [gen/a.tiff]}
+  site-b: {slides: [gen/b.tiff]}
+  site-c: {slides: [gen/c.tiff]}
+"""
+
+
+def test_harmonize_sites_brings_every_site_to_the_target(prefect_api: Path, tmp_path: Path) -> None:
+    from flows.harmonize_sites import TABLE_KEY, harmonize_sites
+    from wsi_norm.stain.base import stain_angles_deg
+    from wsi_norm.synthetic import SITE_STAINS
+
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(textwrap.dedent(HARMONIZE), encoding="utf-8")
+    state = harmonize_sites(manifest=str(manifest), target="site-a", return_state=True)
+    assert state.is_completed(), state.message
+    rows = {r["site"]: r for r in state.result()}
+    for site in ("site-b", "site-c"):
+        truth_h, truth_e = stain_angles_deg(SITE_STAINS[site], SITE_STAINS["site-a"])
+        r = rows[site]
+        # before: the sites differ from the target by the generated rotations
+        assert r["h_angle_before_deg"] == pytest.approx(truth_h, abs=2.0), r
+        assert r["e_angle_before_deg"] == pytest.approx(truth_e, abs=2.0), r
+        # after: within 2 degrees and 2 Lab units of the target
+        assert r["h_angle_after_deg"] < 2.0 and r["e_angle_after_deg"] < 2.0, r
+        assert r["lab_dist_after"] < 2.0, r
+        assert r["lab_dist_after"] < r["lab_dist_before"], r
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert artifacts[TABLE_KEY].type == "table"
+    assert artifacts["harmonize-sites-plot"].data.startswith("data:image/png;base64,")
+
+
+def test_png_data_uri_stays_small_and_keys_are_valid() -> None:
+    from flows._artifacts import artifact_key, png_data_uri
+
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (600, 900, 3), dtype=np.uint8)  # worst case for PNG
+    uri = png_data_uri(noise, max_px=512, max_bytes=30_000)
+    assert uri.startswith("data:image/png;base64,") and len(uri) < 30_000 * 4 / 3 + 100
+    assert artifact_key("QC", "Site_A", "CMU-1 Small.svs") == "qc-site-a-cmu-1-small-svs"
+
+
+def test_deploy_files_parse() -> None:
+    compose = yaml.safe_load((REPO_ROOT / "deploy" / "compose.yaml").read_text(encoding="utf-8"))
+    assert {"prefect-server", "prefect-worker", "dask-scheduler", "dask-worker"} <= set(compose["services"])
+    deployments = yaml.safe_load((REPO_ROOT / "deploy" / "prefect.yaml").read_text(encoding="utf-8"))["deployments"]
+    by_name = {d["name"]: d for d in deployments}
+    assert by_name["nightly"]["entrypoint"] == "flows/normalize_archive.py:normalize_archive"
+    assert by_name["nightly"]["schedules"][0]["cron"] == "0 2 * * *"
+    assert by_name["on-demand"]["entrypoint"] == "flows/harmonize_sites.py:harmonize_sites"
+    assert by_name["on-demand"]["schedules"] == []
+    for d in deployments:
+        module, func = d["entrypoint"].split(":")
+        assert f"def {func}(" in (REPO_ROOT / module).read_text(encoding="utf-8")

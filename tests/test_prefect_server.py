@@ -1,0 +1,200 @@
+"""End to end: a real Prefect server, the archive flow served as a deployment, and the UI in Chromium.
+
+The test starts ``prefect server start`` on a free port of 127.0.0.1 with its own
+PREFECT_HOME, serves ``normalize-archive`` from a subprocess (``python -m
+flows.normalize_archive --serve``), triggers a run through the API client, reads its state,
+task runs and artifacts back, then opens ``/runs/flow-run/<id>`` in headless Chromium
+(Playwright driving Debian's ``/usr/bin/chromium``) and saves a screenshot under
+``tests/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS_DIR = REPO_ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process started here in its own session (and its children), by its group id."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} not up after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A Prefect server on a free 127.0.0.1 port with its own PREFECT_HOME; yields its environment."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api,
+        PREFECT_UI_API_URL=api,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    log = home / "server.log"
+    prefect_bin = str(Path(sys.executable).with_name("prefect"))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        _wait_http(f"{api}/health", timeout_s=120, proc=proc, log=log)
+        yield env
+    finally:
+        _stop(proc)
+
+
+async def _run_deployment(env: dict[str, str], name: str, timeout_s: float) -> tuple[Any, list[Any], list[Any]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows._common import read_flow_run_artifacts
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        async with get_client() as client:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    deployment = await client.read_deployment_by_name(name)
+                    break
+                except ObjectNotFound:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            flow_run = await client.create_flow_run_from_deployment(deployment.id)
+            while True:
+                flow_run = await client.read_flow_run(flow_run.id)
+                if flow_run.state is not None and flow_run.state.is_final():
+                    break
+                assert time.monotonic() < deadline, f"flow run still {flow_run.state}"
+                await asyncio.sleep(1.0)
+            # Task-run states arrive through events; wait until all are final.
+            while True:
+                task_runs = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+                    sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200,
+                )
+                if all(t.state_type is not None and t.state_type.value in ("COMPLETED", "FAILED") for t in task_runs):
+                    break
+                assert time.monotonic() < deadline, [(t.name, t.state_type) for t in task_runs]
+                await asyncio.sleep(0.5)
+            artifacts = await read_flow_run_artifacts(client, flow_run.id)
+            return flow_run, task_runs, artifacts
+
+
+def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_server: dict[str, str], tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium (never `playwright install`)")
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(textwrap.dedent("""
+        version: 1
+        output_root: out
+        method: macenko
+        formats: [tiff]
+        fit: {n_pixels: 20000}
+        generate:
+          - {path: gen/s-1.tiff, stain: site-b, width: 1536, height: 1536, seed: 3, tile_px: 512}
+        sites:
+          site-b: {slides: [gen/s-1.tiff]}
+        concurrency: 1
+    """).lstrip(), encoding="utf-8")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.normalize_archive", "--manifest", str(manifest), "--serve", "e2e"],
+            cwd=REPO_ROOT, env=prefect_server, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        flow_run, task_runs, artifacts = asyncio.run(_run_deployment(prefect_server, "normalize-archive/e2e", 240))
+    finally:
+        _stop(serve)
+    assert flow_run.state.is_completed(), log.read_text()[-4000:]
+    assert (tmp_path / "out" / "site-b" / "s-1.tiff").is_file()
+    names = sorted(t.name.rsplit("-", 1)[0] for t in task_runs)
+    for expected in ("fit-slide", "normalize-slide", "qc-slide", "process-slide", "load-manifest", "generate-slides"):
+        assert expected in names, names
+    keys = {a.key: a for a in artifacts}
+    assert keys["normalize-archive-summary"].type == "table"
+    assert keys["qc-site-b-s-1-thumbs"].data.startswith("data:image/png;base64,")
+
+    from playwright.sync_api import sync_playwright
+
+    ui = prefect_server["PREFECT_API_URL"].removesuffix("/api")
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS_DIR / "prefect-ui-flow-run.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
+            page.get_by_text("Completed").first.wait_for(timeout=60_000)
+            header = page.inner_text("body")
+            assert flow_run.name in header and "normalize-archive" in header and "e2e" in header
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("normalize-archive-summary").first.wait_for(timeout=60_000)
+            text = page.inner_text("body")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert "Can't connect" not in text
+    for key in ("normalize-archive-summary", "qc-site-b-s-1", "qc-site-b-s-1-thumbs"):
+        assert key in text, key
+    assert shot.stat().st_size > 20_000
+    shutil.copy(log, ARTIFACTS_DIR / "serve.log")

@@ -1,0 +1,103 @@
+"""Vahadane sparse-NMF fit against known stain vectors and against scikit-learn's solver."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from test_stain_macenko import STAIN_SETS, conc_maps, jpeg90, render, tissue  # noqa: F401
+
+from wsi_norm.color import is_background, rgb_to_od
+from wsi_norm.errors import FitError
+from wsi_norm.metrics import psnr, ssim, stain_matrix_angles_deg
+from wsi_norm.stain import StainParams, compile_colormap
+from wsi_norm.stain.base import order_stains
+from wsi_norm.stain.vahadane import fit_vahadane, sparse_code
+
+N_REF = 3000  # pixels given to both solvers in the comparison (scikit-learn is slow)
+
+
+def _reference_dictionary(od: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.decomposition import DictionaryLearning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings
+        dl = DictionaryLearning(
+            n_components=2, alpha=0.1, positive_dict=True, positive_code=True, fit_algorithm="cd",
+            transform_algorithm="lasso_cd", random_state=seed, max_iter=200,
+        ).fit(od)
+    return order_stains(dl.components_)
+
+
+@pytest.mark.parametrize("stain_set", ["ruifrok", "e10_blue"])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_vahadane_close_to_truth_or_to_reference(conc_maps, stain_set, compressed):
+    truth = STAIN_SETS[stain_set]
+    img = render(conc_maps["source"], truth)
+    if compressed:
+        img = jpeg90(img)
+    px = tissue(img)
+    od = rgb_to_od(px)
+    keep = np.flatnonzero(np.linalg.norm(od, axis=1) >= 0.15)
+    rng = np.random.default_rng(0)
+    sub = keep[rng.choice(len(keep), N_REF, replace=False)]
+    ours = stain_matrix_angles_deg(
+        fit_vahadane(px[sub], StainParams(max_fit_pixels=N_REF, min_pixels=100)).stain_matrix, truth
+    )
+    ref = stain_matrix_angles_deg(_reference_dictionary(od[sub], 0), truth)
+    report = f"{stain_set} jpeg={compressed}: ours H,E={ours.round(2)} sklearn={ref.round(2)}"
+    print(report)
+    assert np.all((ours <= 2.0) | (ours <= ref + 0.5)), report
+
+
+def test_sparse_code_is_optimal():
+    gen = torch.Generator().manual_seed(1)
+    od = torch.rand(2000, 3, generator=gen, dtype=torch.float64) * 2
+    d = torch.tensor(STAIN_SETS["ruifrok"], dtype=torch.float64)
+    conc = sparse_code(od, d, 0.1)
+    assert bool((conc >= 0).all())
+
+    def obj(c):
+        return 0.5 * ((od - c @ d) ** 2).sum(1) + 0.1 * c.sum(1)
+
+    base = obj(conc)
+    for delta in ([1e-3, 0], [-1e-3, 0], [0, 1e-3], [0, -1e-3]):
+        moved = torch.clamp(conc + torch.tensor(delta, dtype=torch.float64), min=0)
+        assert bool((obj(moved) >= base - 1e-12).all())
+
+
+def test_vahadane_is_deterministic(conc_maps):
+    px = tissue(render(conc_maps["target"], STAIN_SETS["e10_red"]))
+    p = StainParams(seed=3, max_fit_pixels=5000)
+    a, b = fit_vahadane(px, p), fit_vahadane(px, p)
+    assert np.array_equal(a.stain_matrix, b.stain_matrix) and np.array_equal(a.max_conc, b.max_conc)
+
+
+def test_vahadane_registered_pair(conc_maps):
+    conc = conc_maps["source"]
+    src_img = render(conc, STAIN_SETS["ruifrok"])
+    tgt_img = render(conc, STAIN_SETS["e10_red"])
+    p = StainParams(max_fit_pixels=5000)
+    cmap = compile_colormap("vahadane", fit_vahadane(tissue(src_img), p), fit_vahadane(tissue(tgt_img), p))
+    out = cmap.apply(src_img)
+    mask = ~is_background(tgt_img)
+    before = psnr(src_img, tgt_img, mask=mask), ssim(src_img, tgt_img, mask=mask)
+    after = psnr(out, tgt_img, mask=mask), ssim(out, tgt_img, mask=mask)
+    print(f"vahadane registered pair: before PSNR/SSIM={before}, after={after}")
+    assert after[0] >= 30.0 and after[1] >= 0.95, (before, after)
+
+
+def test_vahadane_no_tissue():
+    with pytest.raises(FitError, match="vahadane: only 0 tissue pixels"):
+        fit_vahadane(np.full((3000, 3), 250, dtype=np.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vahadane_on_gpu_matches_cpu(conc_maps):
+    px = tissue(render(conc_maps["source"], STAIN_SETS["ruifrok"]))
+    cpu = fit_vahadane(px, StainParams(max_fit_pixels=5000))
+    gpu = fit_vahadane(px, StainParams(max_fit_pixels=5000, device="cuda"))
+    assert np.all(stain_matrix_angles_deg(cpu.stain_matrix, gpu.stain_matrix) < 0.01)

@@ -1,0 +1,88 @@
+"""Template JSON: round trips and TemplateError cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsi_norm.errors import TemplateError
+from wsi_norm.stain import METHODS, StainParams, fit_stats, stats_from_dict
+from wsi_norm.stain.base import order_stains
+from wsi_norm.stain.macenko import MacenkoStats
+from wsi_norm.template import SCHEMA_VERSION, Template, load_template, save_template
+
+
+def _pixels():
+    rng = np.random.default_rng(0)
+    return rng.integers(40, 200, (3000, 3), dtype=np.uint8)
+
+
+def _macenko_template():
+    stats = MacenkoStats(stain_matrix=order_stains(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])), max_conc=[1.9, 1.1])
+    return Template("macenko", stats, slides=[{"path": "a.svs"}], n_pixels=3000, seed=1)
+
+
+def test_macenko_template_round_trip_and_schema(tmp_path):
+    t = _macenko_template()
+    path = tmp_path / "t.json"
+    save_template(t, path)
+    doc = json.loads(path.read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["method"] == "macenko"
+    assert np.array(doc["stain_matrix"]).shape == (2, 3) and len(doc["max_concentrations"]) == 2
+    assert load_template(path, method="macenko") == t
+
+
+@pytest.mark.parametrize("method", ["reinhard", "histmatch"])
+def test_other_methods_round_trip(tmp_path, method):
+    stats = fit_stats(method, _pixels())
+    t = Template(method, stats, params=StainParams(alpha=2.0))
+    save_template(t, tmp_path / "t.json")
+    back = load_template(tmp_path / "t.json")
+    assert back.stats == stats and back.params.alpha == 2.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0.01, 1.0), min_size=6, max_size=6), st.floats(0.1, 5), st.floats(0.1, 5))
+def test_stats_dict_round_trip(vals, h, e):
+    m = np.array(vals).reshape(2, 3)
+    m = m / np.linalg.norm(m, axis=1, keepdims=True)
+    stats = MacenkoStats(stain_matrix=m, max_conc=[h, e])
+    back = stats_from_dict("macenko", json.loads(json.dumps(stats.to_dict())))
+    assert back == stats
+
+
+def _write(tmp_path, doc):
+    p = tmp_path / "bad.json"
+    p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return p
+
+
+def test_errors_name_the_file(tmp_path):
+    good = _macenko_template().to_dict()
+    cases = [
+        ("{not json", "not valid JSON"),
+        ({k: v for k, v in good.items() if k != "schema_version"}, "missing 'schema_version'"),
+        ({**good, "schema_version": 99}, "unsupported schema_version 99"),
+        ({**good, "method": "magic"}, "unknown method 'magic'"),
+        ({k: v for k, v in good.items() if k != "max_concentrations"}, "lacks field 'max_concentrations'"),
+        ({**good, "stain_matrix": [[1, 0, 0]]}, r"shape \(2, 3\)"),
+        ([1, 2], "must be a JSON object"),
+    ]
+    for doc, msg in cases:
+        p = _write(tmp_path, doc)
+        with pytest.raises(TemplateError, match=msg) as info:
+            load_template(p)
+        assert str(p) in str(info.value)
+    p = _write(tmp_path, good)
+    with pytest.raises(TemplateError, match="for method 'macenko', but 'reinhard' was requested"):
+        load_template(p, method="reinhard")
+    with pytest.raises(TemplateError, match="cannot read"):
+        load_template(tmp_path / "missing.json")
+
+
+def test_all_methods_known():
+    assert METHODS == ("macenko", "vahadane", "reinhard", "histmatch")

@@ -1,0 +1,183 @@
+"""Pyramidal BigTIFF writer: OpenSlide / tiffslide / tifffile open it, pixels, MPP, provenance."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+
+from wsi_norm.pyramid import reference_pyramid
+from wsi_norm.writers import read_level, read_provenance, write_pyramid
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SLIDE = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
+MPP = (0.499, 0.5)  # x and y differ on purpose, to catch a swap
+PROVENANCE = {"method": "none", "source": {"name": "CMU-1-Small-Region.svs", "sha256": "ab" * 32}}
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+@pytest.fixture(scope="module")
+def slide_pixels() -> np.ndarray:
+    tiffslide = pytest.importorskip("tiffslide")
+    with tiffslide.TiffSlide(SLIDE) as slide:
+        return slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+
+
+@pytest.fixture(scope="module")
+def slide_tiff(tmp_path_factory: pytest.TempPathFactory, slide_pixels: np.ndarray) -> Path:
+    out = tmp_path_factory.mktemp("tiff") / "cmu.tif"
+    return write_pyramid(
+        da.from_array(slide_pixels, chunks=(960, 960, 3)), out, mpp=MPP, provenance=PROVENANCE
+    )
+
+
+_COUNTS: dict[str, Counter[tuple[int, int]]] = {}
+_LOCK = threading.Lock()
+
+
+def _count_chunk(block: np.ndarray, block_info: dict | None = None, *, tag: str) -> np.ndarray:
+    loc = block_info[0]["chunk-location"]  # type: ignore[index]
+    with _LOCK:
+        _COUNTS[tag][(loc[0], loc[1])] += 1
+    return block.copy()
+
+
+def test_openslide_opens_every_level_with_mpp(slide_tiff: Path, slide_pixels: np.ndarray) -> None:
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(slide_tiff) as slide:
+        assert slide.properties["openslide.vendor"] == "generic-tiff"
+        assert slide.level_count == 3
+        assert slide.level_dimensions == ((2220, 2967), (1110, 1484), (555, 742))
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.499, rel=1e-6)
+        assert float(slide.properties["openslide.mpp-y"]) == pytest.approx(0.5, rel=1e-6)
+        assert slide.level_downsamples == pytest.approx((1.0, 2.0, 4.0), rel=2e-3)
+        level0 = np.asarray(slide.read_region((0, 0), 0, slide.dimensions))[..., :3]
+        assert json.loads(slide.properties["tiff.ImageDescription"])["wsi_norm"]["method"] == "none"
+    psnr = _psnr(level0, slide_pixels)
+    assert psnr >= 40.0, f"level-0 PSNR {psnr:.2f} dB"
+
+
+def test_every_level_close_to_reference(slide_tiff: Path, slide_pixels: np.ndarray) -> None:
+    openslide = pytest.importorskip("openslide")
+    tiffslide = pytest.importorskip("tiffslide")
+    reference = reference_pyramid(slide_pixels)
+    with openslide.OpenSlide(slide_tiff) as o_slide, tiffslide.TiffSlide(slide_tiff) as t_slide:
+        assert t_slide.level_dimensions == o_slide.level_dimensions
+        assert t_slide.properties["tiffslide.mpp-x"] == pytest.approx(0.499, rel=1e-6)
+        for level, expected in enumerate(reference):
+            mine = read_level(slide_tiff, level)
+            assert mine.shape == expected.shape
+            size = o_slide.level_dimensions[level]
+            via_openslide = np.asarray(o_slide.read_region((0, 0), level, size))[..., :3]
+            via_tiffslide = t_slide.read_region((0, 0), level, size, as_array=True)
+            np.testing.assert_array_equal(via_openslide, mine)
+            np.testing.assert_array_equal(via_tiffslide, mine)
+            # Level 0 of a real H&E slide: >= 40 dB at q90; halved levels carry more
+            # detail per pixel and lose more to JPEG (measured ~35.5 dB).
+            assert _psnr(mine, expected) >= (40.0 if level == 0 else 34.0)
+
+
+def test_tiff_structure(slide_tiff: Path) -> None:
+    with tifffile.TiffFile(slide_tiff) as tif:
+        assert tif.is_bigtiff
+        assert len(tif.series) == 1 and len(tif.series[0].levels) == 3
+        pages = tif.pages
+        assert len(pages) == 3  # levels in the main IFD chain, no SubIFDs
+        for k, page in enumerate(pages):
+            assert isinstance(page, tifffile.TiffPage)
+            assert page.is_tiled and (page.tilelength, page.tilewidth) == (256, 256)
+            assert page.compression == tifffile.COMPRESSION.JPEG
+            assert page.subfiletype == (1 if k else 0)
+            assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+            x_res = page.tags["XResolution"].value
+            assert x_res[0] / x_res[1] == pytest.approx(1e4 / (0.499 * 2**k), rel=1e-6)
+            assert page.tags["YCbCrSubSampling"].value == (1, 1)  # no chroma subsampling at q90
+        assert not pages.first.description.startswith("Aperio")
+
+
+def test_provenance_round_trip(slide_tiff: Path) -> None:
+    record = read_provenance(slide_tiff)
+    assert record["source"] == PROVENANCE["source"]
+    written = record["written"]
+    assert written["format"] == "tiff" and written["options"]["quality"] == 90
+    assert written["mpp"] == [0.499, 0.5]
+    assert written["software"]["tifffile"] == tifffile.__version__
+
+
+def test_deflate_uneven_chunks_exact_one_pass(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, (4300, 1100, 3), dtype=np.uint8)
+    tag = "tiff-deflate"
+    _COUNTS[tag] = Counter()
+    array = da.from_array(image, chunks=(650, 400, 3)).map_blocks(
+        _count_chunk, dtype=np.uint8, tag=tag
+    )
+    out = write_pyramid(
+        array, tmp_path / "syn.tiff", mpp=None, provenance={}, compression="deflate", tile_px=512
+    )
+    assert set(_COUNTS[tag].values()) == {1} and len(_COUNTS[tag]) == 7 * 3
+    reference = reference_pyramid(image)
+    assert len(reference) == 4
+    for level, expected in enumerate(reference):
+        np.testing.assert_array_equal(read_level(out, level), expected)
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages.first.tilewidth == 512
+        assert tif.pages.first.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert (
+            "XResolution" not in tif.pages.first.tags
+            or tif.pages.first.tags["ResolutionUnit"].value == 1
+        )
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(out) as slide:
+        assert "openslide.mpp-x" not in slide.properties
+        assert slide.level_count == 4
+        region = np.asarray(slide.read_region((300, 2000), 1, (200, 150)))[..., :3]
+        np.testing.assert_array_equal(region, reference[1][1000:1150, 150:350])
+    assert read_provenance(out)["written"]["mpp"] is None
+
+
+def test_lower_quality_is_smaller_and_subsampled(tmp_path: Path, slide_pixels: np.ndarray) -> None:
+    crop = slide_pixels[:1024, :1024]
+    q90 = write_pyramid(crop, tmp_path / "q90.tif", mpp=MPP, provenance={})
+    q60 = write_pyramid(crop, tmp_path / "q60.tif", mpp=MPP, provenance={}, quality=60)
+    assert q60.stat().st_size < 0.6 * q90.stat().st_size
+    with tifffile.TiffFile(q60) as tif:
+        assert tif.pages.first.tags["YCbCrSubSampling"].value == (2, 2)
+    assert 30.0 <= _psnr(read_level(q60, 0), crop) < _psnr(read_level(q90, 0), crop)
+
+
+def test_non_ascii_provenance_is_escaped(tmp_path: Path) -> None:
+    out = write_pyramid(
+        np.full((300, 200, 3), 240, np.uint8),
+        tmp_path / "ü.tif",
+        mpp=MPP,
+        provenance={"name": "Gewebe-µ-ü.svs"},
+    )
+    assert read_provenance(out)["name"] == "Gewebe-µ-ü.svs"
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages.first.description.isascii()
+
+
+def test_rejects_bad_options(tmp_path: Path) -> None:
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="compression"):
+        write_pyramid(image, tmp_path / "a.tif", mpp=None, provenance={}, compression="lzw")
+    with pytest.raises(ValueError, match="quality"):
+        write_pyramid(image, tmp_path / "a.tif", mpp=None, provenance={}, quality=0)
+    with pytest.raises(ValueError, match="suffix"):
+        write_pyramid(image, tmp_path / "a.png", mpp=None, provenance={})
+    with pytest.raises(ValueError, match="mpp"):
+        write_pyramid(image, tmp_path / "a.tif", mpp=(0.0, 0.5), provenance={})
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        write_pyramid(image, tmp_path / "a.tif", mpp=None, provenance={"x": object()})
+    assert not list(tmp_path.iterdir())

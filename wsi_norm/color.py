@@ -1,0 +1,259 @@
+"""Colour-space transforms of 8-bit RGB: optical density, CIE Lab and luma.
+
+Every transform here is written once, against the small subset of operations
+that numpy arrays and torch tensors share (elementwise arithmetic, ``exp``,
+``log``, ``where``, ``clip``, ``stack``), so the same function serves the
+numpy reference path and the torch (CPU or GPU) path.  Linear maps are spelled
+out as sums of products with Python float coefficients instead of ``@``: an
+elementwise expression evaluates identically whatever the array's length,
+which keeps the exact 256^3 lookup table of :mod:`wsi_norm.colormap`
+bit-identical to direct evaluation.
+
+Conventions
+-----------
+* Optical density (Beer-Lambert), with the background intensity ``io``::
+
+      od = -log((rgb + 1) / io),     rgb = io * exp(-od) - 1
+
+  The ``+ 1`` keeps pure black finite (``od = log(io)``); the inverse subtracts
+  it again, so ``rgb -> od -> rgb`` is exact up to float rounding.  Pixels
+  brighter than ``io - 1`` have a (small) negative optical density; it is not
+  clipped, so the round trip holds for every 8-bit value.
+* CIE Lab: sRGB primaries, D65 2-degree white point (0.95047, 1.0, 1.08883),
+  the same constants as :func:`skimage.color.rgb2lab`.  RGB floats are in
+  [0, 1], ``L`` in [0, 100].
+* Luma: ITU-R BT.601, ``0.299 R + 0.587 G + 0.114 B`` (MATLAB ``rgb2gray``).
+  A pixel is *background* (glass) when its grayscale value -- the luma rounded
+  to an integer, as ``rgb2gray`` returns for uint8 -- is above 200, i.e. when
+  the luma is at least 200.5; the test is done in exact integer arithmetic
+  (``299 R + 587 G + 114 B >= 200500``) so numpy, torch and the numba kernels
+  agree on every pixel. :mod:`wsi_norm.mask` uses the same rule.
+
+All functions are pure and thread-safe.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "BACKGROUND_LUMA",
+    "BACKGROUND_WEIGHTED_MIN",
+    "DEFAULT_IO",
+    "array_namespace",
+    "is_background",
+    "lab_to_rgb",
+    "luma",
+    "od_to_rgb",
+    "rgb_to_lab",
+    "rgb_to_od",
+]
+
+#: Background intensity of Macenko's optical density (Macenko et al. 2009 use 240).
+DEFAULT_IO = 240.0
+#: Grayscale value (rounded luma) above which a pixel is glass; see :func:`is_background`.
+BACKGROUND_LUMA = 200
+#: ``299 R + 587 G + 114 B >= BACKGROUND_WEIGHTED_MIN`` <=> ``round(luma) > BACKGROUND_LUMA``.
+BACKGROUND_WEIGHTED_MIN = BACKGROUND_LUMA * 1000 + 500
+
+# sRGB (D65) -> XYZ, the matrix of skimage.color.colorconv.xyz_from_rgb.
+_XYZ_FROM_RGB = (
+    (0.412453, 0.357580, 0.180423),
+    (0.212671, 0.715160, 0.072169),
+    (0.019334, 0.119193, 0.950227),
+)
+_RGB_FROM_XYZ = tuple(tuple(float(v) for v in row) for row in np.linalg.inv(np.array(_XYZ_FROM_RGB)))
+_WHITE_D65 = (0.95047, 1.0, 1.08883)
+
+
+def array_namespace(x: Any) -> ModuleType:
+    """Return the module (``numpy`` or ``torch``) whose functions handle ``x``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray or torch.Tensor
+
+    Returns
+    -------
+    module
+        ``torch`` for a tensor, ``numpy`` otherwise.  torch is never imported
+        here: a tensor can only exist if torch was imported by the caller.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return torch
+    return np
+
+
+def _linear3(c0: Any, c1: Any, c2: Any, matrix: Any) -> list[Any]:
+    """Apply a 3x3 matrix (rows = outputs) to three channel arrays, elementwise."""
+    return [
+        c0 * float(row[0]) + c1 * float(row[1]) + c2 * float(row[2]) for row in matrix
+    ]
+
+
+def rgb_to_od(rgb: Any, *, io: float = DEFAULT_IO) -> Any:
+    """Optical density of RGB intensities, ``-log((rgb + 1) / io)``.
+
+    Parameters
+    ----------
+    rgb : (..., 3) array or tensor, uint8 or float, intensities in [0, 255]
+        Integer input is converted to float64 (numpy) or float32 (torch).
+    io : float, keyword-only
+        Background (incident light) intensity, default 240.
+
+    Returns
+    -------
+    od : (..., 3) float, optical density (unitless); >= 0 for ``rgb < io``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rgb_to_od(np.array([239, 0, 120], dtype=np.uint8)).round(3)
+    array([ 0.   ,  5.48 ,  0.685])
+    """
+    xp = array_namespace(rgb)
+    x = _as_float(rgb)
+    return -xp.log((x + 1.0) / float(io))
+
+
+def od_to_rgb(od: Any, *, io: float = DEFAULT_IO) -> Any:
+    """RGB intensities of optical density, ``io * exp(-od) - 1`` (inverse of :func:`rgb_to_od`).
+
+    Parameters
+    ----------
+    od : (..., 3) float array or tensor, optical density
+    io : float, keyword-only
+        Background intensity, default 240.
+
+    Returns
+    -------
+    rgb : (..., 3) float, intensities (not rounded, not clipped)
+    """
+    xp = array_namespace(od)
+    return float(io) * xp.exp(-od) - 1.0
+
+
+def _as_float(x: Any) -> Any:
+    xp = array_namespace(x)
+    if xp is np:
+        arr = np.asarray(x)
+        return arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+    return x if x.is_floating_point() else x.to(xp.float32)
+
+
+def rgb_to_lab(rgb: Any) -> Any:
+    """CIE Lab (D65) of sRGB floats in [0, 1]; agrees with :func:`skimage.color.rgb2lab`.
+
+    Parameters
+    ----------
+    rgb : (..., 3) float array or tensor in [0, 1], or uint8 in [0, 255]
+        Integer input is scaled by 1/255 (as scikit-image's ``img_as_float``).
+
+    Returns
+    -------
+    lab : (..., 3) float; L in [0, 100], a and b roughly in [-128, 127]
+    """
+    xp = array_namespace(rgb)
+    is_int = (np.asarray(rgb).dtype.kind in "ui") if xp is np else not rgb.is_floating_point()
+    rgb = _as_float(rgb) / 255.0 if is_int else _as_float(rgb)
+    return xp.stack(_lab_from_channels(xp, rgb[..., 0], rgb[..., 1], rgb[..., 2]), -1)
+
+
+def lab_to_rgb(lab: Any) -> Any:
+    """sRGB floats in [0, 1] of CIE Lab (D65); agrees with :func:`skimage.color.lab2rgb`.
+
+    Parameters
+    ----------
+    lab : (..., 3) float array or tensor
+
+    Returns
+    -------
+    rgb : (..., 3) float in [0, 1]; out-of-gamut colours are clipped
+    """
+    xp = array_namespace(lab)
+    lab = _as_float(lab)
+    return xp.stack(_channels_from_lab(xp, lab[..., 0], lab[..., 1], lab[..., 2]), -1)
+
+
+def _lab_from_channels(xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+    """Planar sRGB [0, 1] -> planar Lab (three same-shape arrays in, three out)."""
+    lin = [
+        xp.where(c > 0.04045, ((xp.clip(c, 0.04045, None) + 0.055) / 1.055) ** 2.4, c / 12.92)
+        for c in (r, g, b)
+    ]
+    xyz = _linear3(*lin, _XYZ_FROM_RGB)
+    f = [
+        xp.where(t > 0.008856, xp.clip(t, 0.008856, None) ** (1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
+        for t in (xyz[0] / _WHITE_D65[0], xyz[1] / _WHITE_D65[1], xyz[2] / _WHITE_D65[2])
+    ]
+    return [116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])]
+
+
+def _channels_from_lab(xp: ModuleType, lightness: Any, a: Any, b: Any) -> list[Any]:
+    """Planar Lab -> planar sRGB in [0, 1] (clipped)."""
+    fy = (lightness + 16.0) / 116.0
+    fx = a / 500.0 + fy
+    fz = xp.clip(fy - b / 200.0, 0.0, None)
+    xyz = [
+        w * xp.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787)
+        for f, w in zip((fx, fy, fz), _WHITE_D65)
+    ]
+    lin = _linear3(*xyz, _RGB_FROM_XYZ)
+    return [
+        xp.clip(
+            xp.where(c > 0.0031308, 1.055 * xp.clip(c, 0.0031308, None) ** (1.0 / 2.4) - 0.055, 12.92 * c),
+            0.0,
+            1.0,
+        )
+        for c in lin
+    ]
+
+
+def luma(rgb: Any) -> Any:
+    """ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (MATLAB ``rgb2gray`` before rounding).
+
+    Parameters
+    ----------
+    rgb : (..., 3) array or tensor, intensities in [0, 255]
+
+    Returns
+    -------
+    gray : (...) float64 (numpy) or float32 (torch), in [0, 255]
+    """
+    x = _as_float(rgb)
+    return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+
+
+def is_background(rgb: Any) -> Any:
+    """Background (glass) test: rounded luma above 200, evaluated exactly in integers.
+
+    Parameters
+    ----------
+    rgb : (..., 3) uint8 array or tensor
+
+    Returns
+    -------
+    mask : (...) bool, True where ``299 R + 587 G + 114 B >= 200500``
+    """
+    xp = array_namespace(rgb)
+    if xp is np:
+        x = np.asarray(rgb).astype(np.int32)
+    else:
+        x = rgb.to(xp.int32)
+    return (x[..., 0] * 299 + x[..., 1] * 587 + x[..., 2] * 114) >= BACKGROUND_WEIGHTED_MIN
+
+
+def _check_rgb_uint8(rgb: NDArray[Any], name: str = "rgb") -> NDArray[np.uint8]:
+    """Validate an (..., 3) uint8 numpy array (shared by the stain fitters)."""
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"{name} must be uint8, got {arr.dtype}")
+    if arr.ndim < 1 or arr.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (..., 3), got {arr.shape}")
+    return arr

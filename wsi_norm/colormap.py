@@ -1,0 +1,363 @@
+"""The fitted per-pixel colour map: direct evaluation (numpy, torch) and an exact 256^3 LUT.
+
+Once source and target statistics are fixed, every method maps one RGB value
+to one RGB value, whatever the pixel's neighbours.  A :class:`ColorMap` is
+that function.
+
+Evaluation paths
+----------------
+``evaluate_numpy(rgb)``
+    The reference: float64 math in numpy, rounded half-to-even, clipped to
+    [0, 255].
+``apply(rgb)`` / ``cmap(rgb)``
+    The fast CPU path: a gather from the 256^3 x 3 uint8 table (48 MiB) that
+    :meth:`ColorMap.lut` builds once, in blocks of 65 536 colours, by calling
+    ``evaluate_numpy``: the gather is bit-identical to direct evaluation.  The
+    gather is a numba loop compiled with ``nogil=True``, so dask threads run it
+    in parallel.
+``apply_torch(t)``
+    The same function evaluated directly in torch on the tensor's device
+    (float32 by default; ``use_lut=True`` gathers from the table moved to
+    the device instead).  In float32 a value that lies within ~1e-4 of a
+    rounding boundary can round the other way, so it agrees with the numpy
+    reference within 1 grey level; in float64 on CPU it agrees up to
+    the last-ulp differences of ``exp``/``log``/``pow`` (also within 1 level).
+
+Background rule
+---------------
+A pixel whose ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` is above 200
+(glass) passes through unchanged; every other pixel is mapped.  The test is
+exact integer arithmetic (:func:`wsi_norm.color.is_background`), and since it
+depends on the pixel's own value only, the map stays a pure per-pixel
+function (no seams).  Every input, including pure black and pure white, maps to
+a finite value: optical densities are clipped before ``exp``.
+
+Thread safety and pickling
+--------------------------
+Maps are immutable.  The LUT is built lazily under a lock, so concurrent
+``apply`` calls build it once.  Pickling drops the LUT (a map pickles in a few
+hundred bytes; each dask worker builds its own table on first use).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_norm.color import _channels_from_lab, _lab_from_channels, is_background
+from wsi_norm.errors import FitError
+
+__all__ = ["ColorMap", "HistogramMap", "IdentityMap", "ReinhardMap", "StainMatrixMap"]
+
+_LUT_BLOCK_BITS = 16  # colours per LUT block: 2**16 (one value of R)
+# Mapped optical density is clipped to this range before exp: far beyond 8-bit output either way.
+_OD_MIN, _OD_MAX = -5.0, 30.0
+
+_GATHER: Any = None
+
+
+def _gather_kernel() -> Any:
+    """Compile (once, lazily) the numba gather ``out[i] = lut[r, g, b]``."""
+    global _GATHER
+    if _GATHER is None:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def gather(pixels: Any, lut: Any, out: Any) -> None:  # pragma: no cover - compiled
+            for i in range(pixels.shape[0]):
+                r = pixels[i, 0]
+                g = pixels[i, 1]
+                b = pixels[i, 2]
+                out[i, 0] = lut[r, g, b, 0]
+                out[i, 1] = lut[r, g, b, 1]
+                out[i, 2] = lut[r, g, b, 2]
+
+        _GATHER = gather
+    return _GATHER
+
+
+def _check_uint8_rgb(rgb: Any) -> NDArray[np.uint8]:
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"rgb must be uint8, got {arr.dtype}")
+    if arr.ndim < 1 or arr.shape[-1] != 3:
+        raise ValueError(f"rgb must have shape (..., 3), got {arr.shape}")
+    return arr
+
+
+class ColorMap:
+    """A per-pixel map of 8-bit RGB, with numpy, LUT and torch evaluation.
+
+    Subclasses implement :meth:`_map_channels`; everything else is shared.
+    """
+
+    method: ClassVar[str] = "base"
+
+    def __init__(self) -> None:
+        self._lut: NDArray[np.uint8] | None = None
+        self._torch_luts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # -- the math, once, for numpy arrays and torch tensors -----------------
+    def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+        """Map planar float channels (values 0..255) to planar float channels (unrounded)."""
+        raise NotImplementedError
+
+    # -- numpy reference ----------------------------------------------------
+    def evaluate_numpy(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Evaluate the map directly in float64 numpy (the exact reference).
+
+        Parameters
+        ----------
+        rgb : (..., 3) uint8
+
+        Returns
+        -------
+        out : (..., 3) uint8, same shape; background pixels (luma > 200) unchanged
+        """
+        arr = _check_uint8_rgb(rgb)
+        flat = arr.reshape(-1, 3)
+        planar = np.ascontiguousarray(flat.T, dtype=np.float64)  # (3, N), contiguous channels
+        mapped = self._map_channels(np, planar[0], planar[1], planar[2])
+        out = np.empty_like(flat)
+        for c in range(3):
+            out[:, c] = np.clip(np.rint(mapped[c]), 0.0, 255.0).astype(np.uint8)
+        bg = is_background(flat)
+        out[bg] = flat[bg]
+        return out.reshape(arr.shape)
+
+    # -- LUT -----------------------------------------------------------------
+    def lut(self) -> NDArray[np.uint8]:
+        """The exact lookup table ``lut[r, g, b] == evaluate_numpy([r, g, b])``.
+
+        Returns
+        -------
+        lut : (256, 256, 256, 3) uint8, read-only, 48 MiB; built on first call
+            in 256 blocks of 65 536 colours (about 5 MiB of temporaries), then
+            cached.
+        """
+        if self._lut is None:
+            with self._lock:
+                if self._lut is None:
+                    self._lut = self._build_lut()
+        return self._lut
+
+    def _build_lut(self) -> NDArray[np.uint8]:
+        lut = np.empty((256, 256, 256, 3), dtype=np.uint8)
+        gb = np.indices((256, 256), dtype=np.uint8).reshape(2, -1).T  # (65536, 2): g, b
+        block = np.empty((1 << _LUT_BLOCK_BITS, 3), dtype=np.uint8)
+        block[:, 1:] = gb
+        for r in range(256):
+            block[:, 0] = r
+            lut[r] = self.evaluate_numpy(block).reshape(256, 256, 3)
+        lut.flags.writeable = False
+        return lut
+
+    def apply(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Map a tile by LUT gather (fast CPU path, releases the GIL).
+
+        Parameters
+        ----------
+        rgb : (..., 3) uint8, e.g. (H, W, 3)
+
+        Returns
+        -------
+        out : (..., 3) uint8, a new array, bit-identical to :meth:`evaluate_numpy`
+        """
+        arr = _check_uint8_rgb(rgb)
+        flat = np.ascontiguousarray(arr).reshape(-1, 3)
+        out = np.empty_like(flat)
+        _gather_kernel()(flat, self.lut(), out)
+        return out.reshape(arr.shape)
+
+    __call__ = apply
+
+    # -- torch ---------------------------------------------------------------
+    def apply_torch(self, t: Any, *, use_lut: bool = False, dtype: Any = None) -> Any:
+        """Map a torch tensor on its own device.
+
+        Parameters
+        ----------
+        t : (..., 3) torch.uint8 tensor, any device
+        use_lut : bool, keyword-only
+            Gather from the LUT copied to the device (exact) instead of
+            evaluating directly.
+        dtype : torch float dtype, keyword-only
+            Precision of direct evaluation; default ``torch.float32``.
+
+        Returns
+        -------
+        out : (..., 3) torch.uint8 tensor on ``t.device``; within 1 grey level of
+            :meth:`evaluate_numpy` (exact with ``use_lut=True``)
+        """
+        import torch
+
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+            raise TypeError(f"t must be a torch.uint8 tensor, got {type(t).__name__} {getattr(t, 'dtype', '')}")
+        if t.ndim < 1 or t.shape[-1] != 3:
+            raise ValueError(f"t must have shape (..., 3), got {tuple(t.shape)}")
+        flat = t.reshape(-1, 3)
+        if use_lut:
+            key = str(t.device)
+            table = self._torch_luts.get(key)
+            if table is None:
+                table = torch.from_numpy(self.lut().reshape(-1, 3).copy()).to(t.device)
+                self._torch_luts[key] = table
+            idx = flat.to(torch.int64)
+            return table[(idx[:, 0] << 16) | (idx[:, 1] << 8) | idx[:, 2]].reshape(t.shape)
+        planar = flat.T.to(dtype or torch.float32)
+        mapped = self._map_channels(torch, planar[0], planar[1], planar[2])
+        out = torch.stack([torch.clamp(torch.round(m), 0.0, 255.0) for m in mapped], dim=1).to(torch.uint8)
+        out = torch.where(is_background(flat)[:, None], flat, out)
+        return out.reshape(t.shape)
+
+    # -- pickling --------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_lut"] = None
+        state["_torch_luts"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class IdentityMap(ColorMap):
+    """The identity (``--method none``): the benchmark baseline."""
+
+    method: ClassVar[str] = "none"
+
+    def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+        return [r, g, b]
+
+    def apply(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Return a copy of ``rgb`` (no table needed)."""
+        return _check_uint8_rgb(rgb).copy()
+
+    __call__ = apply
+
+
+class StainMatrixMap(ColorMap):
+    """Macenko / Vahadane map: unmix with the source stains, rescale, remix with the target's.
+
+    ``od = -log((rgb + 1) / io)``; ``conc = od @ pinv(M_src)``;
+    ``conc *= max_conc_tgt / max_conc_src``; ``rgb' = io * exp(-conc @ M_tgt) - 1``.
+    The three steps are folded into one 3x3 matrix (``od' = od @ A``).
+    ``- 1`` inverts the ``+ 1`` of the optical density, so a map from a slide's
+    statistics to themselves is the identity on pixels that lie in the stain
+    plane.
+
+    Parameters
+    ----------
+    source_matrix, target_matrix : (2, 3) float, unit OD rows (H, E)
+    source_max_conc, target_max_conc : (2,) float, > 0
+    io : float, keyword-only; background intensity (240)
+    min_stain_angle_deg : float, keyword-only
+        A source or target matrix whose rows are closer than this is singular.
+
+    Raises
+    ------
+    FitError
+        A singular stain matrix (nearly parallel rows) or non-positive maximum
+        concentrations; the map would otherwise produce black or NaN.
+    """
+
+    method: ClassVar[str] = "stain_matrix"
+
+    def __init__(
+        self,
+        source_matrix: NDArray[np.float64],
+        source_max_conc: NDArray[np.float64],
+        target_matrix: NDArray[np.float64],
+        target_max_conc: NDArray[np.float64],
+        *,
+        io: float = 240.0,
+        min_stain_angle_deg: float = 5.0,
+    ) -> None:
+        super().__init__()
+        from wsi_norm.stain.base import check_stain_matrix
+
+        src = np.asarray(source_matrix, dtype=np.float64)
+        tgt = np.asarray(target_matrix, dtype=np.float64)
+        src_c = np.asarray(source_max_conc, dtype=np.float64)
+        tgt_c = np.asarray(target_max_conc, dtype=np.float64)
+        if src.shape != (2, 3) or tgt.shape != (2, 3) or src_c.shape != (2,) or tgt_c.shape != (2,):
+            raise ValueError("stain matrices must be (2, 3) and max concentrations (2,)")
+        check_stain_matrix(src, min_angle_deg=min_stain_angle_deg, what="colour map source")
+        check_stain_matrix(tgt, min_angle_deg=min_stain_angle_deg, what="colour map target")
+        if not (np.all(src_c > 0) and np.all(tgt_c > 0) and np.all(np.isfinite(src_c)) and np.all(np.isfinite(tgt_c))):
+            raise FitError(f"colour map: max concentrations must be finite and > 0, got {src_c} and {tgt_c}")
+        self.io = float(io)
+        self.matrix = np.linalg.pinv(src) @ np.diag(tgt_c / src_c) @ tgt  # (3, 3): od' = od @ matrix
+        if not np.all(np.isfinite(self.matrix)):
+            raise FitError("colour map: the stain map is not finite (singular source stain matrix)")
+
+    def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+        io = self.io
+        od = [-xp.log((c + 1.0) / io) for c in (r, g, b)]
+        m = self.matrix
+        out = []
+        for j in range(3):
+            od_j = od[0] * float(m[0, j]) + od[1] * float(m[1, j]) + od[2] * float(m[2, j])
+            out.append(io * xp.exp(-xp.clip(od_j, _OD_MIN, _OD_MAX)) - 1.0)
+        return out
+
+
+class ReinhardMap(ColorMap):
+    """Reinhard map: Lab ``(x - mean_src) / std_src * std_tgt + mean_tgt``, back to sRGB.
+
+    Parameters
+    ----------
+    source_mean, source_std, target_mean, target_std : (3,) float, Lab statistics (std > 0)
+    """
+
+    method: ClassVar[str] = "reinhard"
+
+    def __init__(
+        self,
+        source_mean: NDArray[np.float64],
+        source_std: NDArray[np.float64],
+        target_mean: NDArray[np.float64],
+        target_std: NDArray[np.float64],
+    ) -> None:
+        super().__init__()
+        sm, ss, tm, ts = (np.asarray(v, dtype=np.float64) for v in (source_mean, source_std, target_mean, target_std))
+        if np.any(ss <= 0) or np.any(ts <= 0):
+            raise FitError(f"colour map: Lab standard deviations must be > 0, got {ss} and {ts}")
+        self.scale = ts / ss
+        self.offset = tm - sm * self.scale
+
+    def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+        lab = _lab_from_channels(xp, r / 255.0, g / 255.0, b / 255.0)
+        lab = [lab[c] * float(self.scale[c]) + float(self.offset[c]) for c in range(3)]
+        return [c * 255.0 for c in _channels_from_lab(xp, lab[0], lab[1], lab[2])]
+
+
+class HistogramMap(ColorMap):
+    """Histogram matching: one 256-entry table per channel.
+
+    Parameters
+    ----------
+    tables : (3, 256) uint8; ``out[..., c] = tables[c][rgb[..., c]]``
+    """
+
+    method: ClassVar[str] = "histmatch"
+
+    def __init__(self, tables: NDArray[np.uint8]) -> None:
+        super().__init__()
+        t = np.asarray(tables)
+        if t.shape != (3, 256) or t.dtype != np.uint8:
+            raise ValueError(f"tables must be (3, 256) uint8, got {t.shape} {t.dtype}")
+        self.tables = t.copy()
+
+    def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+        if xp is np:
+            return [self.tables[c][ch.astype(np.intp)].astype(np.float64) for c, ch in enumerate((r, g, b))]
+        tables = xp.as_tensor(self.tables, device=r.device).to(r.dtype)
+        return [tables[c][ch.to(xp.int64)] for c, ch in enumerate((r, g, b))]

@@ -1,0 +1,605 @@
+"""Read and validate a ``data_manifest.yaml`` describing an archive to normalize.
+
+A manifest says which slides belong to which site, where outputs go, which
+method (and parameters) normalizes them, which template they are normalized
+to, and optionally which synthetic slides to generate first.  It is validated
+completely before any work starts; every error names the manifest file, the
+line and the key, e.g.::
+
+    data_manifest.yaml:12: sites.site-a.slides[1]: no file matches 'x/*.svs'
+
+Schema, version 1
+-----------------
+``version``
+    Always ``1``.
+``roots``
+    Optional allow-list of extra data directories, ``name: directory``
+    (relative to the manifest's directory, or absolute).  Every path in the
+    manifest is written relative to the manifest's directory and, after
+    resolving ``..`` and symlinks, must lie inside the manifest's directory or
+    inside one declared root.  Outputs (``output_root``, generated slides,
+    saved templates) must lie inside the manifest's directory itself: roots
+    are read-only data.
+``output_root``
+    Directory of outputs: ``<output_root>/<site>/<slide stem>.ome.zarr`` or
+    ``.tiff`` per format.
+``method``, ``params``
+    A stain method name (``wsi_norm.stain.METHODS``, ``"stainnet"`` or
+    ``"none"``) and its parameters (a mapping, passed through).
+``weights``
+    StainNet weights file (only for ``method: stainnet``).
+``formats``
+    Non-empty list of ``ome-zarr`` and/or ``tiff``.
+``fit``
+    ``n_pixels`` (tissue pixels sampled slide-wide) and ``seed``.
+``templates``, ``target``
+    Named templates.  Each is exactly one of ``site: NAME`` (fitted from all
+    slides of that site), ``slides: [paths or globs]`` (fitted from those) or
+    ``path: template.json`` (read).  ``target`` names the template every slide
+    is normalized to; without it the method's built-in reference is used.
+``generate``
+    Optional list of synthetic slides to render when missing: ``path``,
+    ``stain`` (a preset of ``wsi_norm.synthetic.SITE_STAINS``), ``width``,
+    ``height``, ``seed``, ``tile_px``, ``mpp``, ``tissue_fraction``, ``quality``,
+    ``compression`` (``jpeg`` or ``deflate``), ``conc_scale``.  Slide
+    globs may match these paths before they exist.
+``sites``
+    ``name: {slides: [paths or globs], description: ...}``; at least one site.
+``concurrency``, ``retries``, ``retry_delay_s``
+    Slides processed in parallel, and retries of I/O steps.
+
+Notes
+-----
+The YAML is read with ``yaml.safe_load`` semantics; keys are located by
+composing the document with :class:`yaml.SafeLoader` so schema errors found by
+pydantic can be mapped back to the line of the offending key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from wsi_norm.errors import ManifestError
+
+__all__ = [
+    "FORMAT_SUFFIXES",
+    "MANIFEST_VERSION",
+    "FitSpec",
+    "GeneratedSlide",
+    "GeneratedSlideSpec",
+    "Manifest",
+    "ManifestModel",
+    "ResolvedTemplate",
+    "SiteSpec",
+    "SlideEntry",
+    "TemplateSpec",
+    "known_methods",
+    "load_manifest",
+    "parse_manifest",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+"""The only schema version this module reads."""
+
+FORMAT_SUFFIXES: dict[str, str] = {"ome-zarr": ".ome.zarr", "tiff": ".tiff"}
+"""Output file suffix per output format."""
+
+OutputFormatName = Literal["ome-zarr", "tiff"]
+
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".svs", ".tiff", ".tif", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GeneratedSlideSpec(_Strict):
+    """One synthetic slide to render with ``wsi_norm.synthetic.generate_slide``."""
+
+    path: str = Field(min_length=1)
+    stain: str = Field(min_length=1, description="preset name in wsi_norm.synthetic.SITE_STAINS")
+    width: int = Field(default=4096, gt=0, le=200_000)
+    height: int = Field(default=4096, gt=0, le=200_000)
+    seed: int = Field(default=0, ge=0)
+    tile_px: int = Field(default=512, gt=0)
+    mpp: float = Field(default=0.5, gt=0)
+    tissue_fraction: float = Field(default=0.5, gt=0, le=1)
+    quality: int = Field(default=90, ge=1, le=100)
+    compression: Literal["jpeg", "deflate"] = "jpeg"
+    conc_scale: tuple[float, float] = (1.0, 1.0)
+
+
+class SiteSpec(_Strict):
+    """A site (scanner, lab): its slides as paths or globs."""
+
+    slides: list[str] = Field(min_length=1)
+    description: str | None = None
+
+
+class TemplateSpec(_Strict):
+    """A target template: fitted from a site or from slides, or read from a JSON file."""
+
+    site: str | None = None
+    slides: list[str] | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TemplateSpec:
+        given = [k for k in ("site", "slides", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of site, slides, path (got {', '.join(given) or 'none'})")
+        return self
+
+
+class FitSpec(_Strict):
+    """Slide-wide fitting options."""
+
+    n_pixels: int = Field(default=200_000, gt=0)
+    seed: int = 0
+
+
+class ManifestModel(_Strict):
+    """The raw document, as written (schema version 1)."""
+
+    version: Literal[1]
+    roots: dict[str, str] = Field(default_factory=dict)
+    output_root: str = Field(min_length=1)
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    formats: list[OutputFormatName] = Field(default_factory=lambda: list[OutputFormatName](["ome-zarr"]), min_length=1)
+    fit: FitSpec = Field(default_factory=FitSpec)
+    templates: dict[str, TemplateSpec] = Field(default_factory=dict)
+    target: str | None = None
+    generate: list[GeneratedSlideSpec] = Field(default_factory=list)
+    sites: dict[str, SiteSpec] = Field(min_length=1)
+    concurrency: int = Field(default=2, ge=1, le=256)
+    retries: int = Field(default=1, ge=0, le=20)
+    retry_delay_s: float = Field(default=2.0, ge=0)
+
+
+# --------------------------------------------------------------------------- resolved form
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    """One slide to normalize, with absolute paths.
+
+    Attributes
+    ----------
+    site : str
+    source : Path
+        Resolved source slide path (may not exist yet if it is generated).
+    outputs : dict[str, Path]
+        Output path per format (``"ome-zarr"``, ``"tiff"``).
+    generated : bool
+        Whether the manifest's ``generate`` section renders this slide.
+    line : int
+        Manifest line of the slide pattern that selected it.
+    """
+
+    site: str
+    source: Path
+    outputs: dict[str, Path]
+    generated: bool
+    line: int
+
+    @property
+    def name(self) -> str:
+        """Slide file name without its slide suffix (``a-001`` for ``a-001.ome.tiff``)."""
+        return _stem(self.source)
+
+
+@dataclass(frozen=True)
+class GeneratedSlide:
+    """A synthetic slide to render, with its resolved path."""
+
+    path: Path
+    spec: GeneratedSlideSpec
+
+
+@dataclass(frozen=True)
+class ResolvedTemplate:
+    """A named template: which slides to fit it from, or which JSON to read."""
+
+    name: str
+    slides: tuple[Path, ...] = ()
+    site: str | None = None
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest with every path resolved.
+
+    Attributes
+    ----------
+    path : Path
+        The manifest file.
+    base_dir : Path
+        Its directory (resolved); relative paths are relative to it.
+    model : ManifestModel
+        The document as written.
+    roots : dict[str, Path]
+        Allowed data roots (resolved), including ``"."`` for ``base_dir``.
+    output_root : Path
+    slides : tuple[SlideEntry, ...]
+        Every slide of every site, in manifest order.
+    generated : tuple[GeneratedSlide, ...]
+    templates : dict[str, ResolvedTemplate]
+    weights : Path | None
+    """
+
+    path: Path
+    base_dir: Path
+    model: ManifestModel
+    roots: dict[str, Path]
+    output_root: Path
+    slides: tuple[SlideEntry, ...]
+    generated: tuple[GeneratedSlide, ...]
+    templates: dict[str, ResolvedTemplate]
+    weights: Path | None
+    lines: dict[tuple[str | int, ...], int] = field(repr=False, default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.model.method
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model.params)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(self.model.sites)
+
+    def site_slides(self, site: str) -> tuple[SlideEntry, ...]:
+        """The slides of one site, in manifest order."""
+        return tuple(s for s in self.slides if s.site == site)
+
+    def error(self, loc: tuple[str | int, ...], message: str) -> ManifestError:
+        """A :class:`ManifestError` naming this manifest, the line of ``loc`` and ``loc``."""
+        return ManifestError(_format(self.path, self.lines, loc, message))
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def known_methods() -> frozenset[str]:
+    """Method names a manifest may use: ``wsi_norm.stain.METHODS`` plus ``stainnet`` and ``none``."""
+    from wsi_norm.stain import METHODS  # local: keeps this module importable without the numeric stack
+
+    return frozenset(METHODS) | {"stainnet", "none"}
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read, validate and resolve a manifest file.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The YAML file.  Its directory is the base of every relative path.
+
+    Returns
+    -------
+    Manifest
+
+    Raises
+    ------
+    ManifestError
+        The file is missing or unreadable, is not valid YAML, breaks the
+        schema, or names paths that escape the allowed roots, do not exist,
+        or collide.  The message starts ``<file>:<line>: <key>:``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
+    return parse_manifest(text, path=path)
+
+
+def parse_manifest(text: str, *, path: str | os.PathLike[str]) -> Manifest:
+    """Validate manifest ``text`` as if read from ``path`` (whose directory is the base).
+
+    See :func:`load_manifest`.
+    """
+    path = Path(path)
+    lines = _key_lines(text, path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # pragma: no cover - _key_lines already parsed it
+        raise ManifestError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{path}:1: the manifest must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        model = ManifestModel.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        raise ManifestError(_format(path, lines, loc, _pydantic_message(first, raw))) from exc
+    return _resolve(model, path=path, lines=lines)
+
+
+# --------------------------------------------------------------------------- line numbers
+
+
+def _key_lines(text: str, path: Path) -> dict[tuple[str | int, ...], int]:
+    """Map every key path (``("sites", "a", "slides", 1)``) to its 1-based line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise ManifestError(f"{path}:{line}: invalid YAML: {exc.problem or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: invalid YAML: {exc}") from exc
+    lines: dict[tuple[str | int, ...], int] = {}
+    if node is not None:
+        _walk(node, (), lines, path)
+    return lines
+
+
+def _walk(node: yaml.Node, prefix: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int], path: Path) -> None:
+    lines.setdefault(prefix, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ManifestError(f"{path}:{line}: {_dotted(prefix + (key,))}: duplicate key")
+            seen.add(key)
+            lines[prefix + (key,)] = line
+            _walk(value_node, prefix + (key,), lines, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[prefix + (index,)] = item.start_mark.line + 1
+            _walk(item, prefix + (index,), lines, path)
+
+
+def _dotted(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<document>"
+
+
+def _line_of(lines: Mapping[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return 1
+
+
+def _format(path: Path, lines: Mapping[tuple[str | int, ...], int], loc: tuple[str | int, ...], message: str) -> str:
+    return f"{path}:{_line_of(lines, loc)}: {_dotted(loc)}: {message}"
+
+
+def _pydantic_message(error: Mapping[str, Any], raw: Any) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(error.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], (dict, list)):
+        shown = repr(error["input"])
+        if len(shown) <= 60:
+            msg += f" (got {shown})"
+    return msg
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    lower = name.lower()
+    for suffix in _SLIDE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+class _Resolver:
+    def __init__(self, model: ManifestModel, path: Path, lines: dict[tuple[str | int, ...], int]) -> None:
+        self.model = model
+        self.path = path
+        self.lines = lines
+        self.base_dir = path.resolve().parent
+        self.roots: dict[str, Path] = {".": self.base_dir}
+        for name, root in model.roots.items():
+            if not re.match(_NAME_RE, name):
+                raise self.error(("roots", name), "root names use letters, digits, '-', '_', '.'")
+            resolved = (self.base_dir / root).resolve()
+            if not resolved.is_dir():
+                raise self.error(("roots", name), f"root directory {root!r} does not exist")
+            self.roots[name] = resolved
+
+    def error(self, loc: tuple[str | int, ...], message: str) -> ManifestError:
+        return ManifestError(_format(self.path, self.lines, loc, message))
+
+    def allowed(self, resolved: Path, *, output: bool) -> bool:
+        if output:
+            return _inside(resolved, self.base_dir)
+        return any(_inside(resolved, root) for root in self.roots.values())
+
+    def check(self, loc: tuple[str | int, ...], written: str, resolved: Path, *, output: bool) -> None:
+        if self.allowed(resolved, output=output):
+            return
+        where = "the manifest's directory" if output else "the manifest's directory or a declared root"
+        via = " (through a symlink)" if ".." not in Path(written).parts else ""
+        raise self.error(loc, f"path {written!r} escapes {where}{via}: resolves to {resolved}")
+
+    def path_of(self, loc: tuple[str | int, ...], written: str, *, output: bool) -> Path:
+        lexical = Path(os.path.normpath(self.base_dir / written))
+        # Check the lexical path first, so '..' escapes are named as such even when missing.
+        if not self.allowed(lexical, output=output) and not self.allowed(lexical.resolve(), output=output):
+            raise self.error(loc, f"path {written!r} escapes the allowed roots: resolves to {lexical}")
+        resolved = lexical.resolve()
+        self.check(loc, written, resolved, output=output)
+        return resolved
+
+
+def _has_magic(pattern: str) -> bool:
+    return glob.has_magic(pattern)
+
+
+def _glob_match(path: Path, pattern: Path) -> bool:
+    """Whether absolute ``path`` matches absolute glob ``pattern`` (``*`` stays within one folder)."""
+    if "**" in pattern.parts:
+        return fnmatch.fnmatchcase(str(path), str(pattern))
+    return len(path.parts) == len(pattern.parts) and path.match(str(pattern))
+
+
+def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, ...], int]) -> Manifest:
+    r = _Resolver(model, path, lines)
+
+    methods = known_methods()
+    if model.method not in methods:
+        raise r.error(("method",), f"unknown method {model.method!r}; known: {', '.join(sorted(methods))}")
+    weights: Path | None = None
+    if model.weights is not None:
+        weights = r.path_of(("weights",), model.weights, output=False)
+        if not weights.is_file():
+            raise r.error(("weights",), f"weights file {model.weights!r} does not exist")
+    elif model.method == "stainnet":
+        raise r.error(("method",), "method 'stainnet' needs a 'weights' file")
+
+    output_root = r.path_of(("output_root",), model.output_root, output=True)
+
+    # Generated slides: outputs of the generate step, inside the manifest's directory.
+    generated: list[GeneratedSlide] = []
+    generated_paths: dict[Path, int] = {}
+    presets = _stain_presets()
+    for index, spec in enumerate(model.generate):
+        loc: tuple[str | int, ...] = ("generate", index, "path")
+        gpath = r.path_of(loc, spec.path, output=True)
+        if gpath in generated_paths:
+            raise r.error(loc, f"duplicate generated slide path {spec.path!r}")
+        if _inside(gpath, output_root):
+            raise r.error(loc, f"generated slide {spec.path!r} lies inside output_root")
+        if presets is not None and spec.stain not in presets:
+            raise r.error(("generate", index, "stain"), f"unknown stain preset {spec.stain!r}; known: {', '.join(sorted(presets))}")
+        generated_paths[gpath] = index
+        generated.append(GeneratedSlide(path=gpath, spec=spec))
+
+    def expand(loc: tuple[str | int, ...], pattern: str) -> list[tuple[Path, bool]]:
+        if _has_magic(pattern):
+            lexical_dir = Path(os.path.normpath(r.base_dir / pattern)).parent
+            if not any(_inside(lexical_dir, root) or _inside(root, lexical_dir) for root in r.roots.values()):
+                raise r.error(loc, f"pattern {pattern!r} escapes the allowed roots")
+            found = {Path(p).absolute() for p in glob.glob(str(r.base_dir / pattern), recursive=True)}
+            full = os.path.normpath(r.base_dir / pattern)
+            for gpath in generated_paths:
+                if _glob_match(gpath, Path(full)):
+                    found.add(gpath)
+            matches = []
+            for match in sorted(found):
+                resolved = Path(os.path.normpath(match)).resolve()
+                r.check(loc, os.path.relpath(match, r.base_dir), resolved, output=False)
+                if resolved.is_dir():
+                    continue
+                matches.append((resolved, resolved in generated_paths))
+            if not matches:
+                raise r.error(loc, f"no file matches {pattern!r}")
+            return matches
+        resolved = r.path_of(loc, pattern, output=False)
+        if resolved in generated_paths:
+            return [(resolved, True)]
+        if not resolved.exists():
+            raise r.error(loc, f"no file matches {pattern!r}")
+        if resolved.is_dir() and not resolved.name.lower().endswith(".mrxs"):
+            raise r.error(loc, f"{pattern!r} is a directory, not a slide")
+        return [(resolved, False)]
+
+    slides: list[SlideEntry] = []
+    outputs_seen: dict[Path, str] = {}
+    for site, site_spec in model.sites.items():
+        if not re.match(_NAME_RE, site):
+            raise r.error(("sites", site), "site names use letters, digits, '-', '_', '.'")
+        seen_here: set[Path] = set()
+        for index, pattern in enumerate(site_spec.slides):
+            loc = ("sites", site, "slides", index)
+            for source, is_generated in expand(loc, pattern):
+                if source in seen_here:
+                    continue  # a slide matched by two patterns of one site is one slide
+                seen_here.add(source)
+                outputs: dict[str, Path] = {fmt: output_root / site / (_stem(source) + FORMAT_SUFFIXES[fmt]) for fmt in model.formats}
+                for out in outputs.values():
+                    if out in outputs_seen:
+                        raise r.error(loc, f"duplicate output path {out} (also written for {outputs_seen[out]})")
+                    outputs_seen[out] = str(source)
+                slides.append(SlideEntry(site=site, source=source, outputs=outputs, generated=is_generated, line=_line_of(lines, loc)))
+
+    templates: dict[str, ResolvedTemplate] = {}
+    for name, tspec in model.templates.items():
+        if tspec.site is not None:
+            if tspec.site not in model.sites:
+                raise r.error(("templates", name, "site"), f"unknown site {tspec.site!r}")
+            tslides = tuple(s.source for s in slides if s.site == tspec.site)
+            templates[name] = ResolvedTemplate(name=name, slides=tslides, site=tspec.site)
+        elif tspec.slides is not None:
+            found: list[Path] = []
+            for index, pattern in enumerate(tspec.slides):
+                found.extend(p for p, _ in expand(("templates", name, "slides", index), pattern) if p not in found)
+            templates[name] = ResolvedTemplate(name=name, slides=tuple(found))
+        else:
+            assert tspec.path is not None
+            tpath = r.path_of(("templates", name, "path"), tspec.path, output=False)
+            if not tpath.is_file():
+                raise r.error(("templates", name, "path"), f"template file {tspec.path!r} does not exist")
+            templates[name] = ResolvedTemplate(name=name, path=tpath)
+    if model.target is not None and model.target not in templates:
+        raise r.error(("target",), f"unknown template {model.target!r}; declared: {', '.join(templates) or 'none'}")
+    if model.target is not None and model.method in ("none", "stainnet"):
+        raise r.error(("target",), f"method {model.method!r} takes no target template")
+
+    logger.debug("manifest %s: %d slides in %d sites", path, len(slides), len(model.sites))
+    return Manifest(
+        path=path,
+        base_dir=r.base_dir,
+        model=model,
+        roots=r.roots,
+        output_root=output_root,
+        slides=tuple(slides),
+        generated=tuple(generated),
+        templates=templates,
+        weights=weights,
+        lines=lines,
+    )
+
+
+def _stain_presets() -> frozenset[str] | None:
+    """Names of ``wsi_norm.synthetic.SITE_STAINS``, or None when the generator is not installed."""
+    try:
+        from wsi_norm.synthetic import SITE_STAINS
+    except ImportError:
+        return None
+    return frozenset(SITE_STAINS)

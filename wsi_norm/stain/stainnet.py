@@ -1,0 +1,925 @@
+"""StainNet: a per-pixel colour-mapping network, its weights files and its colour map.
+
+StainNet (Kang et al. 2021) is a fully 1x1-convolutional network::
+
+    Conv1x1(3 -> 32) . ReLU . Conv1x1(32 -> 32) . ReLU . Conv1x1(32 -> 3)      (1,283 parameters)
+
+applied to RGB scaled to [-1, 1]; its output is scaled back, clamped to [0, 1], multiplied by
+255 and truncated to uint8.  Every output pixel is a function of the input pixel alone, so the
+network is one more per-pixel colour map (like a fitted Macenko map) and compiles to an exact
+256^3 lookup table.
+
+What this module holds
+----------------------
+* :class:`StainNetWeights`: the six weight arrays (numpy, float32) and a
+  :class:`StainNetMetadata` record; pure data, picklable, no torch needed.
+* :func:`load_stainnet` / :func:`save_stainnet`: published PyTorch checkpoints (``.pth``) and
+  wsi-norm's own ``.safetensors`` files with their metadata in the safetensors header.
+* :class:`StainNetMap`: the colour map, a :class:`wsi_norm.colormap.ColorMap` (numpy, numba
+  and torch evaluation, 256^3 LUT); :func:`load_stainnet_map` loads one from a file.
+* ``StainNet``: the :class:`torch.nn.Module` (attribute ``rgb_trans``, so published state dicts
+  load with ``strict=True``).  torch takes seconds to import, so the class is created on first
+  access (``from wsi_norm.stain.stainnet import StainNet`` works as usual and imports torch).
+
+Evaluation paths and how exactly they agree
+-------------------------------------------
+* ``evaluate_numpy`` / ``forward_numpy``: the reference, numpy float32 matrix products.
+* ``apply`` (CPU): a compiled per-pixel loop (numba, releases the GIL) or a gather from the
+  256^3 LUT.  The LUT is built by the very same loop, so the two are **bit-identical**.  The loop
+  differs from the numpy reference only in float32 summation order, i.e. by ~1e-6 before the
+  final truncation, which moves a handful of pixels per million by **one** grey level.
+* ``apply_torch``: on CUDA the default is the gather from the same (CPU-built) LUT, so GPU and
+  CPU workers produce bit-identical slides; ``use_lut=False`` evaluates with torch matrix
+  products on the tensor's device (within one grey level of the others).
+
+Background
+----------
+The project treats glass (rounded ITU-R 601 luma > 200, see :func:`wsi_norm.color.is_background`) as
+untouched.  The published StainNet models map glass like any other colour (the paper had no such
+rule); ``StainNetMap(keep_background=True)`` (the default) passes glass through unchanged, and
+``keep_background=False`` reproduces the published behaviour on every pixel.
+
+Thread safety: :class:`StainNetMap` may be shared by threads (dask workers); the LUT is built
+once under a lock.  Loading and saving touch only the named file.
+
+References
+----------
+Kang H, Luo D, Feng W, et al. "StainNet: A Fast and Robust Stain Normalization Network."
+Frontiers in Medicine 8 (2021): 746307. doi:10.3389/fmed.2021.746307
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import threading
+import zipfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, is_background
+from wsi_norm.colormap import ColorMap
+from wsi_norm.colormap import _gather_kernel as _colormap_gather_kernel
+from wsi_norm.errors import OutputError, OutputExistsError, WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "HIDDEN_CHANNELS",
+    "N_PARAMETERS",
+    "StainNet",
+    "StainNetMap",
+    "StainNetMetadata",
+    "StainNetWeights",
+    "load_stainnet",
+    "load_stainnet_map",
+    "save_stainnet",
+]
+
+HIDDEN_CHANNELS = 32
+"""Width of the two hidden layers of the published StainNet models."""
+
+N_PARAMETERS = (
+    3 * HIDDEN_CHANNELS
+    + HIDDEN_CHANNELS
+    + HIDDEN_CHANNELS**2
+    + HIDDEN_CHANNELS
+    + HIDDEN_CHANNELS * 3
+    + 3
+)
+"""1,283: the parameter count of StainNet."""
+
+FORMAT_NAME = "wsi-norm-stainnet"
+FORMAT_VERSION = "1"
+
+# state-dict key -> (attribute of StainNetWeights, shape in the checkpoint)
+_STATE_KEYS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "rgb_trans.0.weight": ("conv0_weight", (HIDDEN_CHANNELS, 3, 1, 1)),
+    "rgb_trans.0.bias": ("conv0_bias", (HIDDEN_CHANNELS,)),
+    "rgb_trans.2.weight": ("conv1_weight", (HIDDEN_CHANNELS, HIDDEN_CHANNELS, 1, 1)),
+    "rgb_trans.2.bias": ("conv1_bias", (HIDDEN_CHANNELS,)),
+    "rgb_trans.4.weight": ("conv2_weight", (3, HIDDEN_CHANNELS, 1, 1)),
+    "rgb_trans.4.bias": ("conv2_bias", (3,)),
+}
+
+# Background rule of wsi_norm.color.is_background in the numba kernel: 299 R + 587 G + 114 B >= this.
+_BACKGROUND_SUM = BACKGROUND_WEIGHTED_MIN
+_LUT_SIZE = 256**3
+_LUT_BYTES = _LUT_SIZE * 3
+_TORCH_CHUNK_PX = 1 << 22
+
+Method = Literal["auto", "direct", "lut"]
+
+StainNet: Any  # the torch module class, created on first access by __getattr__ (imports torch)
+
+
+# --------------------------------------------------------------------------- metadata, weights
+
+
+@dataclass(frozen=True)
+class StainNetMetadata:
+    """What is known about how a StainNet model was made (stored with its weights).
+
+    Parameters
+    ----------
+    teacher : str
+        Colour map that produced the training targets (e.g. ``"macenko"``), or how the targets
+        were obtained (``"registered pairs"``); empty when unknown.
+    target_template : str
+        Summary of the target appearance (template name, file hash or its JSON); empty if unknown.
+    training_data : str
+        Description of the training pixels (slides, counts, sampling seed).
+    epochs : int
+        Training epochs (0: unknown, e.g. a published checkpoint).
+    final_loss : float or None
+        Training L1 loss of the last epoch, in the network's output units ([-1, 1] scale;
+        multiply by 127.5 for grey levels); None if unknown.
+    val_loss : float or None
+        Held-out L1 loss of the last epoch, same units; None if unknown.
+    seed : int or None
+        Seed of the training run.
+    optimizer : str
+        Optimizer and schedule, e.g. ``"adam lr=0.01 cosine"``.
+    wsi_norm_version : str
+        Version of wsi-norm that trained or converted the model.
+    """
+
+    teacher: str = ""
+    target_template: str = ""
+    training_data: str = ""
+    epochs: int = 0
+    final_loss: float | None = None
+    val_loss: float | None = None
+    seed: int | None = None
+    optimizer: str = ""
+    wsi_norm_version: str = ""
+
+    def to_header(self) -> dict[str, str]:
+        """Safetensors header metadata: every field as a string (``None`` as ``""``)."""
+        out = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "" if value is None else str(value)
+        return out
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, str]) -> StainNetMetadata:
+        """Inverse of :meth:`to_header`; unknown keys are ignored, bad values: ``ValueError``."""
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in header:
+                continue
+            text = header[f.name]
+            if f.name == "epochs":
+                kwargs[f.name] = int(text)
+            elif f.name in ("final_loss", "val_loss"):
+                kwargs[f.name] = float(text) if text else None
+            elif f.name == "seed":
+                kwargs[f.name] = int(text) if text else None
+            else:
+                kwargs[f.name] = text
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of all fields."""
+        return dataclasses.asdict(self)
+
+
+def _as_weight(value: Any, name: str, shape: tuple[int, ...]) -> NDArray[np.float32]:
+    arr = np.array(value, dtype=np.float32, copy=True)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} holds non-finite values")
+    arr.flags.writeable = False
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class StainNetWeights:
+    """The 1,283 parameters of a StainNet model, as float32 numpy arrays, and its metadata.
+
+    Parameters
+    ----------
+    conv0_weight : (32, 3) float32
+        First 1x1 convolution (output channel, input channel = R, G, B).
+    conv0_bias : (32,) float32
+    conv1_weight : (32, 32) float32
+    conv1_bias : (32,) float32
+    conv2_weight : (3, 32) float32
+    conv2_bias : (3,) float32
+    metadata : StainNetMetadata
+
+    Notes
+    -----
+    Arrays are copied, made read-only and checked for shape and finiteness (``ValueError``).
+    The network acts on ``x = (rgb / 255 - 0.5) * 2`` and returns ``y``; the colour is
+    ``trunc(clip(y * 0.5 + 0.5, 0, 1) * 255)``.
+    """
+
+    conv0_weight: NDArray[np.float32]
+    conv0_bias: NDArray[np.float32]
+    conv1_weight: NDArray[np.float32]
+    conv1_bias: NDArray[np.float32]
+    conv2_weight: NDArray[np.float32]
+    conv2_bias: NDArray[np.float32]
+    metadata: StainNetMetadata = field(default_factory=StainNetMetadata)
+
+    def __post_init__(self) -> None:
+        for name, shape in _STATE_KEYS.values():
+            flat_shape = shape[:2] if len(shape) == 4 else shape
+            object.__setattr__(self, name, _as_weight(getattr(self, name), name, flat_shape))
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, Any], *, metadata: StainNetMetadata | None = None
+    ) -> StainNetWeights:
+        """Weights from a PyTorch-style state dict (``rgb_trans.{0,2,4}.{weight,bias}``).
+
+        Parameters
+        ----------
+        state : mapping of str to array-like (numpy arrays or CPU tensors)
+            Exactly the six keys of the published models; conv weights (out, in, 1, 1) or
+            (out, in).  A ``module.`` prefix (``DataParallel``) is accepted.
+        metadata : StainNetMetadata, keyword-only
+
+        Raises
+        ------
+        ValueError
+            A key is missing or unexpected, or an array has the wrong shape (the message says
+            which key and which shape).
+        """
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        missing = [k for k in _STATE_KEYS if k not in state]
+        unexpected = [k for k in state if k not in _STATE_KEYS]
+        if missing or unexpected:
+            raise ValueError(
+                f"not a StainNet (3-32-32-3) state dict: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, (name, shape) in _STATE_KEYS.items():
+            arr = _to_numpy(state[key])
+            if arr.shape != shape and not (len(shape) == 4 and arr.shape == shape[:2]):
+                raise ValueError(
+                    f"key {key!r} has shape {tuple(arr.shape)}, expected {shape} "
+                    f"(StainNet with {HIDDEN_CHANNELS} hidden channels)"
+                )
+            kwargs[name] = arr.reshape(shape[:2]) if len(shape) == 4 else arr
+        return cls(**kwargs, metadata=metadata or StainNetMetadata())
+
+    def to_state_dict(self) -> dict[str, NDArray[np.float32]]:
+        """State dict in the published layout: conv weights (out, in, 1, 1), contiguous float32."""
+        return {
+            key: np.ascontiguousarray(getattr(self, name).reshape(shape))
+            for key, (name, shape) in _STATE_KEYS.items()
+        }
+
+    def to_module(self) -> torch.nn.Module:
+        """A :class:`StainNet` torch module (CPU, float32) holding copies of these weights."""
+        import torch
+
+        module = cast("torch.nn.Module", _stainnet_class()())
+        state = {k: torch.from_numpy(v.copy()) for k, v in self.to_state_dict().items()}
+        module.load_state_dict(state, strict=True)
+        return module
+
+    @classmethod
+    def from_module(
+        cls, module: torch.nn.Module, *, metadata: StainNetMetadata | None = None
+    ) -> StainNetWeights:
+        """Weights copied from a :class:`StainNet` module (any device)."""
+        return cls.from_state_dict(module.state_dict(), metadata=metadata)
+
+    def replace_metadata(self, metadata: StainNetMetadata) -> StainNetWeights:
+        """The same weights with other metadata."""
+        return dataclasses.replace(self, metadata=metadata)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StainNetWeights):
+            return NotImplemented
+        return self.metadata == other.metadata and all(
+            np.array_equal(getattr(self, name), getattr(other, name))
+            for name, _ in _STATE_KEYS.values()
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _to_numpy(value: Any) -> NDArray[np.float32]:
+    """A tensor or array-like as a float32 numpy array (a tensor is detached and moved to CPU)."""
+    if hasattr(value, "detach"):
+        value = value.detach().to("cpu").float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- torch module
+
+
+def _stainnet_class() -> type:
+    """Create (once) the torch ``StainNet`` module class; imports torch."""
+    cls = globals().get("_StainNetClass")
+    if cls is not None:
+        return cls  # type: ignore[no-any-return]
+    import torch
+    from torch import nn
+
+    class StainNet(nn.Module):
+        """StainNet (Kang et al. 2021): Conv1x1(3->32), ReLU, Conv1x1(32->32), ReLU, Conv1x1(32->3).
+
+        ``forward`` takes ``(N, 3, H, W)`` float in [-1, 1] (``(rgb / 255 - 0.5) * 2``) and
+        returns ``(N, 3, H, W)`` float, the colour being ``y * 0.5 + 0.5`` clamped to [0, 1].
+        ``forward_pixels`` does the same on ``(P, 3)`` channels-last pixels with matrix
+        products (identical maths, faster than 1x1 convolutions on channels-last data).
+        """
+
+        def __init__(self, hidden_channels: int = HIDDEN_CHANNELS) -> None:
+            super().__init__()
+            self.rgb_trans = nn.Sequential(
+                nn.Conv2d(3, hidden_channels, kernel_size=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(hidden_channels, hidden_channels, kernel_size=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(hidden_channels, 3, kernel_size=1),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rgb_trans(x)  # type: ignore[no-any-return]
+
+        def forward_pixels(self, x: torch.Tensor) -> torch.Tensor:
+            """(P, 3) float in [-1, 1] -> (P, 3) float, the network output before rescaling."""
+            linear = torch.nn.functional.linear
+            conv0, conv1, conv2 = (cast(nn.Conv2d, self.rgb_trans[i]) for i in (0, 2, 4))
+            h = linear(x, conv0.weight.flatten(1), conv0.bias).relu()
+            h = linear(h, conv1.weight.flatten(1), conv1.bias).relu()
+            return linear(h, conv2.weight.flatten(1), conv2.bias)
+
+    StainNet.__module__ = __name__
+    StainNet.__qualname__ = "StainNet"
+    globals()["_StainNetClass"] = StainNet
+    globals()["StainNet"] = StainNet
+    return StainNet
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StainNet":
+        return _stainnet_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_stainnet(path: str | os.PathLike[str]) -> StainNetWeights:
+    """Read StainNet weights from a ``.pth``/``.pt`` checkpoint or a ``.safetensors`` file.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.pth`` / ``.pt``: a plain PyTorch state dict such as the published checkpoints
+        (``torch.load(weights_only=True, map_location="cpu")``: a pickle that would build
+        arbitrary objects or run code is refused, never executed).  ``.safetensors``: a file
+        written by :func:`save_stainnet`, with its metadata in the header.
+
+    Returns
+    -------
+    StainNetWeights
+        For a ``.pth`` file the metadata says only where the weights came from.
+
+    Raises
+    ------
+    WeightsError
+        The file is missing, of an unknown suffix, not a checkpoint (garbage, an image, a
+        pickle holding code), or a checkpoint of another architecture (the message names the
+        key and shape).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    suffix = path.suffix.lower()
+    if suffix in (".pth", ".pt"):
+        state = _read_torch_state(path)
+        metadata = StainNetMetadata(training_data=f"PyTorch checkpoint {path.name}")
+    elif suffix == ".safetensors":
+        state, metadata = _read_safetensors(path)
+    else:
+        raise WeightsError(
+            f"{path}: unknown weights suffix {suffix!r}; expected .pth, .pt or .safetensors"
+        )
+    try:
+        return StainNetWeights.from_state_dict(state, metadata=metadata)
+    except ValueError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
+
+
+def _read_torch_state(path: Path) -> Mapping[str, Any]:
+    import torch
+
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        OSError,
+    ) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"{path}: not a PyTorch checkpoint that torch.load(weights_only=True) accepts ({first})"
+        ) from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    return obj
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, NDArray[Any]], StainNetMetadata]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            header = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if header.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise WeightsError(
+            f"{path}: safetensors header says format {header['format']!r}, expected {FORMAT_NAME!r}"
+        )
+    try:
+        metadata = StainNetMetadata.from_header(header)
+    except ValueError as exc:
+        raise WeightsError(f"{path}: bad metadata in the safetensors header: {exc}") from exc
+    return state, metadata
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("wsi-norm")
+    except PackageNotFoundError:
+        from wsi_norm import __version__
+
+        return str(__version__)
+
+
+def save_stainnet(
+    model: StainNetWeights | torch.nn.Module,
+    path: str | os.PathLike[str],
+    metadata: StainNetMetadata | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write StainNet weights and metadata to a ``.safetensors`` file.
+
+    The tensors use the published state-dict keys and shapes (so the file also loads into the
+    authors' code via ``safetensors.torch.load_file``); every metadata field is a string in the
+    safetensors header (readable with any safetensors tool).  The file is written to
+    ``<path>.partial`` and renamed, so a reader never sees half a file.
+
+    Parameters
+    ----------
+    model : StainNetWeights or StainNet module
+    path : path-like, must end in ``.safetensors``
+    metadata : StainNetMetadata, optional
+        Defaults to ``model.metadata`` (weights) or an empty record (module).  An empty
+        ``wsi_norm_version`` is filled in.
+    overwrite : bool, keyword-only
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+        The written file.
+
+    Raises
+    ------
+    WeightsError
+        ``path`` does not end in ``.safetensors``.
+    OutputExistsError
+        The file exists and ``overwrite`` is false.
+    OutputError
+        The file could not be written.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise WeightsError(
+            f"{path}: StainNet weights are saved as .safetensors, got suffix {path.suffix!r}"
+        )
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: exists (pass overwrite=True to replace it)")
+    weights = model if isinstance(model, StainNetWeights) else StainNetWeights.from_module(model)
+    meta = metadata if metadata is not None else weights.metadata
+    if not meta.wsi_norm_version:
+        meta = dataclasses.replace(meta, wsi_norm_version=_package_version())
+    partial = path.with_name(path.name + ".partial")
+    try:
+        save_file(weights.to_state_dict(), str(partial), metadata=meta.to_header())
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"{path}: could not write StainNet weights: {exc}") from exc
+    return path
+
+
+# --------------------------------------------------------------------------- compiled kernels
+
+
+@njit(nogil=True, cache=True)
+def _forward_kernel(rgb, w0t, b0, w1t, b1, w2t, b2, background_sum, out):  # type: ignore[no-untyped-def]
+    """Per-pixel StainNet forward pass: rgb (P, 3) uint8 -> out (P, 3) uint8, in place.
+
+    Every pixel goes through the same float32 operations in the same order, whatever ``P``,
+    so the 256^3 LUT built with it is bit-identical to it.  ``background_sum < 0`` maps all.
+    """
+    n = rgb.shape[0]
+    hidden = b0.shape[0]
+    h1 = np.empty(hidden, np.float32)
+    h2 = np.empty(hidden, np.float32)
+    scale = np.float32(2.0 / 255.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    zero = np.float32(0.0)
+    full = np.float32(255.0)
+    for p in range(n):
+        r = rgb[p, 0]
+        g = rgb[p, 1]
+        b = rgb[p, 2]
+        if (
+            background_sum >= 0
+            and 299 * np.int32(r) + 587 * np.int32(g) + 114 * np.int32(b) >= background_sum
+        ):
+            out[p, 0] = r
+            out[p, 1] = g
+            out[p, 2] = b
+            continue
+        x0 = np.float32(r) * scale - one
+        x1 = np.float32(g) * scale - one
+        x2 = np.float32(b) * scale - one
+        for j in range(hidden):
+            v = b0[j] + w0t[0, j] * x0 + w0t[1, j] * x1 + w0t[2, j] * x2
+            h1[j] = max(zero, v)
+            h2[j] = b1[j]
+        for k in range(hidden):
+            hk = h1[k]
+            for j in range(hidden):
+                h2[j] += w1t[k, j] * hk
+        for c in range(3):
+            acc = b2[c]
+            for k in range(hidden):
+                v = h2[k]
+                if v > zero:
+                    acc += w2t[k, c] * v
+            y = acc * half + half
+            y = min(max(y, zero), one)
+            out[p, c] = np.uint8(y * full)
+    return out
+
+
+# --------------------------------------------------------------------------- colour map
+
+
+def _check_rgb(rgb: Any) -> NDArray[np.uint8]:
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"rgb must be uint8, got {arr.dtype}")
+    if arr.ndim < 1 or arr.shape[-1] != 3:
+        raise ValueError(f"rgb must have shape (..., 3), got {arr.shape}")
+    return arr
+
+
+class StainNetMap(ColorMap):
+    """StainNet as a per-pixel :class:`~wsi_norm.colormap.ColorMap` (numpy, numba, torch, LUT).
+
+    Parameters
+    ----------
+    weights : StainNetWeights
+    keep_background : bool, keyword-only
+        Pass glass (rounded luma > 200, :func:`wsi_norm.color.is_background`) through unchanged
+        (default, the project-wide rule).  ``False`` maps every pixel, as the published models do.
+    cpu_method : {"auto", "direct", "lut"}, keyword-only
+        How :meth:`apply` evaluates.  ``"direct"``: the compiled per-pixel loop (3-8 MP/s per
+        core; nothing to build).  ``"lut"``: gather from the 256^3 table (about 360 MP/s per
+        core on H&E colours; building it costs about as much as 16.7 MP of direct evaluation,
+        3-9 s).  ``"auto"`` (default): direct until ``lut_after_px`` pixels have been mapped,
+        then build the LUT and gather; both give bit-identical output, so the switch is
+        invisible.
+    lut_after_px : int, keyword-only
+        Pixels mapped directly before ``"auto"`` builds the LUT (default 256^3: the LUT is
+        built once it would have paid for itself, so the total cost is at most twice the
+        cheaper of the two strategies).
+
+    Notes
+    -----
+    Differences from the closed-form maps of :mod:`wsi_norm.colormap`: StainNet's colour is
+    *truncated* (the authors' ``uint8`` cast), not rounded, and the exact LUT is built by the
+    compiled per-pixel loop rather than by :meth:`evaluate_numpy`: BLAS matrix products are
+    not bit-reproducible across block sizes, the loop is.  So :meth:`apply` (direct or LUT) and
+    the CUDA LUT gather are bit-identical to each other, and :meth:`evaluate_numpy` and torch
+    direct evaluation agree with them within one grey level (a few pixels per million).
+
+    Picklable: the pickle holds the weights and options only (a few KB); the LUT and device
+    copies are rebuilt where needed.  Thread-safe.
+    """
+
+    method: ClassVar[str] = "stainnet"
+
+    def __init__(
+        self,
+        weights: StainNetWeights,
+        *,
+        keep_background: bool = True,
+        cpu_method: Method = "auto",
+        lut_after_px: int = _LUT_SIZE,
+    ) -> None:
+        if not isinstance(weights, StainNetWeights):
+            raise TypeError(f"weights must be StainNetWeights, got {type(weights).__name__}")
+        if cpu_method not in ("auto", "direct", "lut"):
+            raise ValueError(f"cpu_method must be 'auto', 'direct' or 'lut', got {cpu_method!r}")
+        if lut_after_px < 0:
+            raise ValueError(f"lut_after_px must be >= 0, got {lut_after_px}")
+        super().__init__()
+        self.weights = weights
+        self.keep_background = bool(keep_background)
+        self.cpu_method: Method = cpu_method
+        self.lut_after_px = int(lut_after_px)
+        self._init_caches()
+
+    def _init_caches(self) -> None:
+        w = self.weights
+        self._kernel_args = (
+            np.ascontiguousarray(w.conv0_weight.T),
+            w.conv0_bias,
+            np.ascontiguousarray(w.conv1_weight.T),
+            w.conv1_bias,
+            np.ascontiguousarray(w.conv2_weight.T),
+            w.conv2_bias,
+            np.int64(_BACKGROUND_SUM if self.keep_background else -1),
+        )
+        self._lock = threading.Lock()
+        self._lut = None
+        self._torch_luts = {}
+        self._torch_params: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._mapped_px = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights,
+            "keep_background": self.keep_background,
+            "cpu_method": self.cpu_method,
+            "lut_after_px": self.lut_after_px,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.weights = state["weights"]
+        self.keep_background = state["keep_background"]
+        self.cpu_method = state["cpu_method"]
+        self.lut_after_px = state["lut_after_px"]
+        self._init_caches()
+
+    def __repr__(self) -> str:
+        return (
+            f"StainNetMap(keep_background={self.keep_background}, cpu_method={self.cpu_method!r}, "
+            f"lut={'built' if self._lut is not None else 'not built'})"
+        )
+
+    # ----------------------------------------------------------------- numpy reference
+
+    def forward_numpy(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Reference forward pass in plain numpy float32, before the final truncation.
+
+        Parameters
+        ----------
+        rgb : (..., 3) uint8
+
+        Returns
+        -------
+        (..., 3) float32 in [0, 255]
+            ``clip(y * 0.5 + 0.5, 0, 1) * 255`` of the network output ``y``; background pixels
+            (if kept) hold their input value.
+        """
+        arr = _check_rgb(rgb)
+        w = self.weights
+        flat = arr.reshape(-1, 3)
+        x = flat.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+        h = np.maximum(x @ w.conv0_weight.T + w.conv0_bias, np.float32(0.0))
+        h = np.maximum(h @ w.conv1_weight.T + w.conv1_bias, np.float32(0.0))
+        y = h @ w.conv2_weight.T + w.conv2_bias
+        unit = np.clip(y * np.float32(0.5) + np.float32(0.5), np.float32(0.0), np.float32(1.0))
+        out = np.asarray(unit * np.float32(255.0), dtype=np.float32)
+        if self.keep_background:
+            background = is_background(flat)
+            out[background] = flat[background]
+        return out.reshape(arr.shape)
+
+    def evaluate_numpy(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """The numpy reference colour: :meth:`forward_numpy` truncated to uint8.
+
+        Parameters
+        ----------
+        rgb : (..., 3) uint8
+
+        Returns
+        -------
+        (..., 3) uint8
+            Equal to :meth:`apply` up to one grey level on a few pixels per million (float32
+            summation order; see the class notes).
+        """
+        return self.forward_numpy(rgb).astype(np.uint8)
+
+    # ----------------------------------------------------------------- CPU fast path
+
+    def apply(self, rgb: NDArray[np.uint8], *, method: Method | None = None) -> NDArray[np.uint8]:
+        """Map colours on the CPU (releases the GIL; safe to call from many threads).
+
+        Parameters
+        ----------
+        rgb : (..., 3) uint8
+        method : {"auto", "direct", "lut"}, optional, keyword-only
+            Overrides ``cpu_method`` for this call.
+
+        Returns
+        -------
+        (..., 3) uint8, a new array
+        """
+        arr = _check_rgb(rgb)
+        flat = np.ascontiguousarray(arr.reshape(-1, 3))
+        out = np.empty_like(flat)
+        how = method or self.cpu_method
+        if how not in ("auto", "direct", "lut"):
+            raise ValueError(f"method must be 'auto', 'direct' or 'lut', got {how!r}")
+        if how == "auto":
+            with self._lock:
+                self._mapped_px += flat.shape[0]
+                due = self._mapped_px >= self.lut_after_px
+            how = "lut" if (self._lut is not None or due) else "direct"
+        if how == "lut":
+            _colormap_gather_kernel()(flat, self.lut(), out)
+        else:
+            _forward_kernel(flat, *self._kernel_args, out)
+        return out.reshape(arr.shape)
+
+    def __call__(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Same as :meth:`apply`."""
+        return self.apply(rgb)
+
+    def lut(self) -> NDArray[np.uint8]:
+        """The exact 256^3 lookup table, built on first call (48 MiB; 3-9 s on 2 busy cores).
+
+        Returns
+        -------
+        (256, 256, 256, 3) uint8, read-only
+            ``lut[r, g, b]`` is the mapped colour of ``(r, g, b)``, computed by the same compiled
+            loop as ``apply(method="direct")`` (bit-identical), background rule included.
+        """
+        return super().lut()
+
+    def _build_lut(self) -> NDArray[np.uint8]:
+        lut = np.empty((256, 256 * 256, 3), dtype=np.uint8)
+        green, blue = np.meshgrid(
+            np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij"
+        )
+
+        def slab(red: int) -> None:
+            block = np.empty((256 * 256, 3), dtype=np.uint8)
+            block[:, 0] = red
+            block[:, 1] = green.ravel()
+            block[:, 2] = blue.ravel()
+            _forward_kernel(block, *self._kernel_args, lut[red])
+
+        # the kernel releases the GIL: slabs run in parallel
+        workers = max(1, min(8, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stainnet-lut") as pool:
+            list(pool.map(slab, range(256)))
+        cube = lut.reshape(256, 256, 256, 3)
+        cube.flags.writeable = False
+        return cube
+
+    # ----------------------------------------------------------------- torch
+
+    def apply_torch(
+        self, t: torch.Tensor, *, use_lut: bool | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Map a uint8 tensor on its own device (CPU or GPU).
+
+        Parameters
+        ----------
+        t : (..., 3) torch.uint8 tensor, channels last, any device
+            Move tiles to the GPU as uint8 (3 bytes per pixel); conversion to float happens on
+            the device.
+        use_lut : bool or None, keyword-only
+            ``True``: gather from the CPU-built LUT copied to the device once (48 MiB),
+            bit-identical to :meth:`apply`.  ``False``: matrix products on the device (the 1x1
+            convolutions on ``(P, 3)`` pixels), in chunks of 4 MP, within one grey level of
+            :meth:`apply`.  ``None`` (default): the LUT on CUDA (identical output on CPU and GPU
+            workers); on CPU the tensor is handed to :meth:`apply` (no copy).
+        dtype : torch float dtype, keyword-only
+            Precision of direct evaluation, default ``torch.float32``.
+
+        Returns
+        -------
+        (..., 3) torch.uint8 tensor on ``t.device``
+        """
+        import torch
+
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+            raise TypeError(
+                f"t must be a torch.uint8 tensor, got {type(t).__name__} {getattr(t, 'dtype', '')}"
+            )
+        if t.ndim < 1 or t.shape[-1] != 3:
+            raise ValueError(f"t must have shape (..., 3), got {tuple(t.shape)}")
+        if use_lut is None:
+            if t.device.type == "cpu":
+                return torch.from_numpy(self.apply(t.contiguous().numpy()))
+            use_lut = True
+        flat = t.reshape(-1, 3)
+        if use_lut:
+            table = self._device_lut(t.device)
+            idx = flat.to(torch.int64)
+            return table[(idx[:, 0] << 16) | (idx[:, 1] << 8) | idx[:, 2]].reshape(t.shape)
+        params = self._device_params(t.device, dtype or torch.float32)
+        out = torch.empty_like(flat)
+        with torch.inference_mode():
+            for start in range(0, flat.shape[0], _TORCH_CHUNK_PX):
+                chunk = flat[start : start + _TORCH_CHUNK_PX]
+                out[start : start + _TORCH_CHUNK_PX] = _torch_forward(
+                    chunk, params, self.keep_background
+                )
+        return out.reshape(t.shape)
+
+    def _device_params(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        import torch
+
+        key = (str(device), str(dtype))
+        with self._lock:
+            if key not in self._torch_params:
+                w = self.weights
+                arrays = [w.conv0_weight.T, w.conv0_bias, w.conv1_weight.T, w.conv1_bias]
+                arrays += [w.conv2_weight.T, w.conv2_bias]
+                self._torch_params[key] = tuple(
+                    torch.from_numpy(np.array(a, order="C")).to(device=device, dtype=dtype)
+                    for a in arrays
+                )
+            return self._torch_params[key]
+
+    def _device_lut(self, device: torch.device) -> torch.Tensor:
+        import torch
+
+        key = str(device)
+        lut = self.lut()
+        with self._lock:
+            if key not in self._torch_luts:
+                self._torch_luts[key] = torch.from_numpy(lut.reshape(_LUT_SIZE, 3).copy()).to(
+                    device
+                )
+            return self._torch_luts[key]  # type: ignore[no-any-return]
+
+
+def _torch_forward(
+    flat: torch.Tensor, params: tuple[torch.Tensor, ...], keep_background: bool
+) -> torch.Tensor:
+    """(P, 3) uint8 tensor -> (P, 3) uint8 tensor on the same device (matrix products)."""
+    import torch
+
+    w0t, b0, w1t, b1, w2t, b2 = params
+    x = flat.to(w0t.dtype) * (2.0 / 255.0) - 1.0
+    h = torch.addmm(b0, x, w0t).relu_()
+    h = torch.addmm(b1, h, w1t).relu_()
+    y = torch.addmm(b2, h, w2t)
+    out = (y.mul_(0.5).add_(0.5).clamp_(0.0, 1.0) * 255.0).to(torch.uint8)
+    if keep_background:
+        out = torch.where(is_background(flat).unsqueeze(1), flat, out)
+    return out
+
+
+def load_stainnet_map(
+    path: str | os.PathLike[str], *, keep_background: bool = True, cpu_method: Method = "auto"
+) -> StainNetMap:
+    """Load weights (:func:`load_stainnet`) and wrap them in a :class:`StainNetMap`.
+
+    Parameters
+    ----------
+    path : path-like, ``.pth``, ``.pt`` or ``.safetensors``
+    keep_background, cpu_method : see :class:`StainNetMap`
+
+    Raises
+    ------
+    WeightsError
+        See :func:`load_stainnet`.
+    """
+    return StainNetMap(load_stainnet(path), keep_background=keep_background, cpu_method=cpu_method)
