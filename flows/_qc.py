@@ -33,10 +33,11 @@ def _gray(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
 
 
 def ssim_source(source: NDArray[np.uint8], normalized: NDArray[np.uint8]) -> float:
-    """SSIM between ``(H, W, 3) uint8`` images on ITU-R 601 grayscale (data range 255)."""
-    from skimage.metrics import structural_similarity
+    """SSIM between ``(H, W, 3) uint8`` images on ITU-R 601 grayscale (data range 255),
+    with :func:`wsi_norm.metrics.ssim` (Gaussian window, as scikit-image's)."""
+    from wsi_norm.metrics import ssim
 
-    return float(structural_similarity(_gray(source), _gray(normalized), data_range=255.0))
+    return float(ssim(_gray(source), _gray(normalized), data_range=255.0))
 
 
 def _resize(rgb: NDArray[np.uint8], shape: tuple[int, int]) -> NDArray[np.uint8]:
@@ -146,4 +147,28 @@ def publish_slide_qc(
         f"![stain vectors]({plot})",
     ]
     create_markdown_artifact("\n".join(lines), key=key, description=f"QC summary of {entry.source.name}")
+    metrics["qc_dir"] = str(_write_qc_files(manifest, entry, pair=pair, plot=plot, metrics=metrics,
+                                            summary=lines[:-4]))
     return metrics
+
+
+def _write_qc_files(
+    manifest: Manifest, entry: SlideEntry, *, pair: NDArray[np.uint8], plot: str,
+    metrics: dict[str, Any], summary: list[str],
+) -> Any:
+    """The same QC on disk, for runs without a Prefect UI: ``<output_root>/qc/<site>/<slide>/``."""
+    import base64
+    import json
+
+    from PIL import Image
+
+    qc_dir = manifest.output_root / "qc" / entry.site / entry.source.stem
+    qc_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pair).save(qc_dir / "before_after.png")
+    (qc_dir / "stain_vectors.png").write_bytes(base64.b64decode(plot.split(",", 1)[1]))
+    (qc_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    (qc_dir / "summary.md").write_text(
+        "\n".join([*summary, "", "![before | after](before_after.png)", "",
+                   "![stain vectors](stain_vectors.png)", ""])
+    )
+    return qc_dir

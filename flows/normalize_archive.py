@@ -242,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(rows, list):
         for row in rows:
             print(f"{row['outcome']:>18}  {row['site']}/{row['slide']}  {row['outputs'] or row['reason']}")
-    print(f"outputs:   {m.output_root}")
-    print(f"QC images and metrics: Prefect artifacts {SUMMARY_KEY!r} and 'qc-<site>-<slide>' "
-          f"({'Prefect UI' if _has_server() else 'local ephemeral API: set PREFECT_API_URL to keep them'})")
+    print(f"outputs:   {m.output_root}/<site>/")
+    print(f"QC images and metrics: {m.output_root / 'qc'}/<site>/<slide>/ (before_after.png, "
+          "stain_vectors.png, metrics.json, summary.md)")
+    print(f"Prefect artifacts: {SUMMARY_KEY!r} and 'qc-<site>-<slide>*' "
+          f"({'in the Prefect UI' if _has_server() else 'in the local Prefect database; `prefect server start` shows them'})")
     print(f"state:     {state.name}: {state.message}")
     return 0 if state.is_completed() else 1
 

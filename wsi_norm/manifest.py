@@ -36,7 +36,8 @@ Schema, version 1
     Named templates.  Each is exactly one of ``site: NAME`` (fitted from all
     slides of that site), ``slides: [paths or globs]`` (fitted from those) or
     ``path: template.json`` (read).  ``target`` names the template every slide
-    is normalized to; without it the method's built-in reference is used.
+    is normalized to; ``normalize-archive`` requires it for every method but
+    ``none`` and ``stainnet`` (``harmonize-sites`` may be given it instead).
 ``generate``
     Optional list of synthetic slides to render when missing: ``path``,
     ``stain`` (a preset of ``wsi_norm.synthetic.SITE_STAINS``), ``width``,
