@@ -153,6 +153,9 @@ def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_s
           - {path: gen/s-1.tiff, stain: site-b, width: 1536, height: 1536, seed: 3, tile_px: 512}
         sites:
           site-b: {slides: [gen/s-1.tiff]}
+        templates:
+          ref: {site: site-b}
+        target: ref
         concurrency: 1
     """).lstrip(), encoding="utf-8")
     log = tmp_path / "serve.log"
@@ -185,6 +188,8 @@ def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_s
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
             page.get_by_text("Completed").first.wait_for(timeout=60_000)
+            page.get_by_text(flow_run.name).first.wait_for(timeout=60_000)
+            page.get_by_text("normalize-archive").first.wait_for(timeout=60_000)
             header = page.inner_text("body")
             assert flow_run.name in header and "normalize-archive" in header and "e2e" in header
             page.get_by_text("Artifacts", exact=True).first.click()

@@ -276,6 +276,49 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- stainnet train
+def _cmd_stainnet_train(args: argparse.Namespace) -> int:
+    import math
+
+    from wsi_norm.cluster import dask_client
+    from wsi_norm.stain.stainnet import save_stainnet
+    from wsi_norm.stainnet_teacher import distill_stainnet
+    from wsi_norm.stainnet_train import EpochRecord
+
+    out = Path(args.output)
+    _check_output(out, args.overwrite)
+    if out.suffix != ".safetensors":
+        raise argparse.ArgumentTypeError(f"{out}: the model file must end in .safetensors")
+    if args.dry_run:
+        print(f"would distill {args.teacher} from {len(args.slides)} slide(s) to {args.target} into {out}")
+        return 0
+
+    def progress(record: EpochRecord) -> None:
+        held = "n/a" if math.isnan(record.val_loss) else f"{record.val_loss:.5f} ({record.val_loss * 127.5:.2f} grey)"
+        print(f"epoch {record.epoch}/{args.epochs}: train L1 {record.train_loss:.5f}, held-out L1 {held}, "
+              f"{record.seconds:.1f} s", file=sys.stderr, flush=True)
+
+    with dask_client(args.scheduler):
+        result = distill_stainnet(
+            args.slides,
+            teacher=args.teacher,
+            target=args.target,
+            n_pixels_per_slide=args.n_pixels,
+            seed=args.seed,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            device=args.device,
+            backend=args.backend,
+            progress=None if args.quiet else progress,
+        )
+    save_stainnet(result.model, out, overwrite=args.overwrite)
+    held = "n/a" if math.isnan(result.val_loss) else f"{result.val_loss * 127.5:.2f}"
+    print(f"{out}: StainNet distilled from {args.teacher} on {len(args.slides)} slide(s), "
+          f"{args.epochs} epochs, train L1 {result.history[-1].train_loss * 127.5:.2f} grey levels, "
+          f"held-out L1 {held} grey levels")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``wsi-norm`` (exposed for documentation and tests)."""
@@ -362,6 +405,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_generate)
+
+    # ---- stainnet (wsi_norm.stainnet_teacher) -------------------------- begin
+    p = sub.add_parser("stainnet", help="StainNet models: train one from a slide-wide teacher")
+    stainnet_sub = p.add_subparsers(dest="stainnet_command", required=True)
+    p = stainnet_sub.add_parser(
+        "train", help="distill StainNet from a Macenko/Vahadane teacher over source slides")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="source slides (>= 3: one is held out)")
+    p.add_argument("--teacher", required=True, choices=("macenko", "vahadane"))
+    p.add_argument("--target", required=True, help="template JSON of the teacher's method")
+    p.add_argument("-o", "--output", required=True, help="model .safetensors to write")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4096, help="distinct colour pairs per step")
+    p.add_argument("--n-pixels", type=int, default=200_000, help="tissue pixels sampled per slide")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
+    p.add_argument("--backend", choices=("openslide", "tiffslide", "image"), default=None,
+                   help="slide reader (default: chosen per file)")
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_stainnet_train)
+    # ---- stainnet ------------------------------------------------------ end
 
     return parser
 

@@ -122,14 +122,14 @@ def ssim(a: Any, b: Any, *, mask: Any = None, data_range: float = 255.0) -> floa
 def stain_angle_deg(v1: Any, v2: Any) -> float:
     """Angle in degrees between two stain vectors (sign-insensitive, in [0, 90]).
 
+    Computed as ``atan2(|a x b|, |a . b|)``, accurate also for nearly parallel vectors
+    (where ``arccos`` of the cosine loses half the digits).
+
     Parameters
     ----------
     v1, v2 : (3,) float, OD directions of any length
     """
-    a = np.asarray(v1, dtype=np.float64).ravel()
-    b = np.asarray(v2, dtype=np.float64).ravel()
-    cos = abs(float(a @ b)) / (float(np.linalg.norm(a)) * float(np.linalg.norm(b)))
-    return float(np.degrees(np.arccos(min(cos, 1.0))))
+    return float(stain_matrix_angles_deg(np.reshape(v1, (1, 3)), np.reshape(v2, (1, 3)))[0])
 
 
 def stain_matrix_angles_deg(m1: Any, m2: Any) -> NDArray[np.float64]:
@@ -138,4 +138,6 @@ def stain_matrix_angles_deg(m1: Any, m2: Any) -> NDArray[np.float64]:
     b = np.asarray(m2, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 3:
         raise ValueError(f"stain matrices must both be (K, 3), got {a.shape} and {b.shape}")
-    return np.array([stain_angle_deg(x, y) for x, y in zip(a, b)])
+    cross = np.linalg.norm(np.cross(a, b), axis=-1)
+    dot = np.abs(np.sum(a * b, axis=-1))
+    return np.degrees(np.arctan2(cross, dot))

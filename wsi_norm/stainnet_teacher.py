@@ -142,7 +142,7 @@ def _resolve_target(target: Template | PathLike, teacher: str) -> Template:
                 f"fit a {teacher} template (wsi-norm fit --method {teacher})"
             )
         return target
-    return load_template(target, method=teacher)
+    return load_template(os.fspath(target), method=teacher)
 
 
 def target_summary(template: Template) -> str:

@@ -171,11 +171,11 @@ def order_stains(vectors: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def stain_angles_deg(m1: NDArray[np.floating[Any]], m2: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
-    """Row-wise angles in degrees between two (K, 3) stain matrices (sign-insensitive)."""
-    a = np.asarray(m1, dtype=np.float64)
-    b = np.asarray(m2, dtype=np.float64)
-    cos = np.abs(np.sum(a * b, axis=-1)) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    return np.degrees(np.arccos(np.clip(cos, 0.0, 1.0)))
+    """Row-wise angles in degrees between two (K, 3) stain matrices (sign-insensitive);
+    :func:`wsi_norm.metrics.stain_matrix_angles_deg`."""
+    from wsi_norm.metrics import stain_matrix_angles_deg
+
+    return stain_matrix_angles_deg(m1, m2)
 
 
 def check_stain_matrix(stain_matrix: NDArray[np.float64], *, min_angle_deg: float, what: str) -> None:

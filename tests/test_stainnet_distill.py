@@ -1,0 +1,306 @@
+"""StainNet distilled from slide-wide teachers: library, CLI and the ``train-stainnet`` flow.
+
+Generated Beer-Lambert slides: the same seed rendered with two stain presets is the same
+tissue, i.e. a registered pair whose site-a rendering is the ground truth of normalizing the
+site-b rendering to site-a.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from wsi_norm.color import is_background
+from wsi_norm.metrics import psnr, ssim
+from wsi_norm.slide import open_slide
+
+SIDE_PX = 1536
+N_PIXELS = 200_000
+
+
+def _generate(folder: Path, site: str, seed: int) -> Path:
+    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+
+    path = folder / f"{site}-{seed}.tiff"
+    if not path.exists():
+        generate_slide(path, width=SIDE_PX, height=SIDE_PX, stain_matrix=SITE_STAINS[site], seed=seed, tile_px=512)
+    return path
+
+
+def _full(path: Path) -> np.ndarray:
+    with open_slide(path) as slide:
+        return slide.read_region(0, x=0, y=0, width=SIDE_PX, height=SIDE_PX)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Site-b sources (seeds 1-3), a held-out site-b slide (seed 4) with its site-a truth, and a
+    site-a Macenko template fitted from the site-a renderings of seeds 1-3."""
+    from wsi_norm.pipeline import fit_template
+    from wsi_norm.template import save_template
+
+    folder = tmp_path_factory.mktemp("distill")
+    sources = [_generate(folder, "site-b", s) for s in (1, 2, 3)]
+    references = [_generate(folder, "site-a", s) for s in (1, 2, 3)]
+    template = fit_template(references, method="macenko", n_pixels=N_PIXELS)
+    template_path = folder / "site-a.macenko.json"
+    save_template(template, template_path)
+    return {
+        "folder": folder,
+        "sources": sources,
+        "template": template,
+        "template_path": template_path,
+        "heldout": _generate(folder, "site-b", 4),
+        "truth": _generate(folder, "site-a", 4),
+    }
+
+
+@pytest.fixture(scope="module")
+def distilled(cohort: dict[str, Any]) -> Any:
+    from wsi_norm.stainnet_teacher import distill_stainnet
+
+    records: list[Any] = []
+    result = distill_stainnet(
+        cohort["sources"], teacher="macenko", target=cohort["template"], n_pixels_per_slide=N_PIXELS,
+        seed=0, epochs=10, batch_size=2048, progress=records.append,
+    )
+    return result, records
+
+
+def _teacher_output(slide_path: Path, template: Any) -> np.ndarray:
+    """The teacher's result on a whole slide: Macenko fitted slide-wide, mapped to the template."""
+    from wsi_norm.pipeline import resolve_params
+    from wsi_norm.sampling import sample_tissue_pixels
+    from wsi_norm.stain import compile_colormap, fit_stats
+
+    params = resolve_params(None, seed=0)
+    with open_slide(slide_path) as slide:
+        pixels = sample_tissue_pixels(slide, n_pixels=N_PIXELS, seed=0).pixels
+    cmap = compile_colormap("macenko", fit_stats("macenko", pixels, params), template.stats, params)
+    return cmap.apply(_full(slide_path))
+
+
+# --------------------------------------------------------------------------- library
+
+
+def test_student_imitates_teacher_and_matches_truth_on_heldout_slide(cohort: dict[str, Any], distilled: Any) -> None:
+    from wsi_norm.stain.stainnet import StainNetMap
+
+    result, records = distilled
+    student = StainNetMap(result.model)
+    template = cohort["template"]
+
+    # on a training slide the student reproduces its teacher (distillation fidelity)
+    train_img = _full(cohort["sources"][0])
+    train_tissue = ~is_background(train_img)
+    fit_psnr = psnr(student.apply(train_img), _teacher_output(cohort["sources"][0], template), mask=train_tissue)
+
+    # on a slide it never saw: against that slide's own teacher, and against the truth
+    img = _full(cohort["heldout"])
+    tissue = ~is_background(img)
+    teacher = _teacher_output(cohort["heldout"], template)
+    out = student.apply(img)
+    truth = _full(cohort["truth"])
+    vs_teacher, vs_teacher_ssim = psnr(out, teacher, mask=tissue), ssim(out, teacher, mask=tissue)
+    student_truth, teacher_truth = psnr(out, truth, mask=tissue), psnr(teacher, truth, mask=tissue)
+    print(
+        f"\ntraining slide: student vs teacher PSNR {fit_psnr:.2f} dB\n"
+        f"held-out slide: student vs teacher PSNR {vs_teacher:.2f} dB, SSIM {vs_teacher_ssim:.4f}; "
+        f"vs truth: student {student_truth:.2f} dB, teacher {teacher_truth:.2f} dB, "
+        f"source {psnr(img, truth, mask=tissue):.2f} dB; held-out L1 {result.val_loss * 127.5:.2f} grey"
+    )
+    # measured 38.3 dB; 35 dB = mean error ~4.5 grey levels
+    assert fit_psnr >= 35.0
+    # measured 31.3 dB / 0.988: the held-out teacher is fitted on that slide alone (its max
+    # concentrations differ by ~15 % from the training slides'), the student is one fixed map
+    assert vs_teacher >= 29.0
+    assert vs_teacher_ssim >= 0.98
+    # measured 33.1 vs 28.3 dB: the student averages out the teacher's per-slide fit noise
+    assert student_truth >= teacher_truth - 1.0
+    assert len(records) == 10 and tuple(records) == result.history
+
+
+def test_three_slides_hold_out_the_last_slide_and_metadata_names_everything(
+    cohort: dict[str, Any], distilled: Any
+) -> None:
+    from wsi_norm.stainnet_teacher import heldout_l1, teacher_pairs
+
+    result, _ = distilled
+    meta = result.metadata
+    assert meta.teacher == "macenko" and meta.epochs == 10
+    target = json.loads(meta.target_template)
+    assert target["method"] == "macenko"
+    np.testing.assert_allclose(target["stats"]["stain_matrix"], cohort["template"].stats.stain_matrix)
+    data = json.loads(meta.training_data)
+    assert data["holdout"] == "slides"
+    assert [s["name"] for s in data["slides"]] == ["site-b-1.tiff", "site-b-2.tiff"]
+    assert [s["name"] for s in data["held_out_slides"]] == ["site-b-3.tiff"]
+    with open_slide(cohort["sources"][2]) as slide:
+        assert data["held_out_slides"][0]["header_sha256"] == slide.identity()["header_sha256"]
+    # the per-epoch validation loss is exactly the held-out slide's loss
+    held = teacher_pairs(cohort["sources"][2], teacher="macenko", target=cohort["template"], n_pixels=N_PIXELS, seed=0)
+    assert heldout_l1(result.model, held.inputs, held.targets) == pytest.approx(result.val_loss, rel=1e-4)
+    assert meta.val_loss == pytest.approx(result.val_loss)
+    assert math.isfinite(meta.final_loss) and meta.final_loss < 0.03  # < 3.8 grey levels
+
+
+def test_two_slides_hold_out_pixels_and_registered_pairs_train(cohort: dict[str, Any]) -> None:
+    from wsi_norm.stainnet_teacher import distill_from_pairs, registered_pairs
+
+    pairs = registered_pairs(cohort["heldout"], cohort["truth"], n_pixels=20_000, seed=3)
+    assert len(pairs) == 20_000 and pairs.teacher == "registered pairs"
+    # the same positions: the site-b and site-a renderings of one tissue are strongly related
+    assert np.corrcoef(pairs.inputs[:, 1].astype(float), pairs.targets[:, 1].astype(float))[0, 1] > 0.8
+    result = distill_from_pairs(
+        [cohort["sources"][0], cohort["heldout"]], [cohort["folder"] / "site-a-1.tiff", cohort["truth"]],
+        n_pixels_per_slide=20_000, epochs=2, batch_size=1024,
+    )
+    data = json.loads(result.metadata.training_data)
+    assert data["holdout"] == "pixels" and data["held_out_slides"] == []
+    assert data["slides"][1]["target"]["name"] == "site-a-4.tiff"
+    assert result.metadata.teacher == "registered pairs" and math.isfinite(result.val_loss)
+
+
+def test_wrong_target_method_and_mismatched_pairs_raise(cohort: dict[str, Any], tmp_path: Path) -> None:
+    from wsi_norm.errors import FitError, TemplateError
+    from wsi_norm.stainnet_teacher import distill_stainnet, registered_pairs
+    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+
+    with pytest.raises(TemplateError, match="template is for method 'macenko', but 'vahadane'"):
+        distill_stainnet(cohort["sources"][:1], teacher="vahadane", target=cohort["template_path"], epochs=1)
+    with pytest.raises(TemplateError, match="teacher is 'vahadane'"):
+        distill_stainnet(cohort["sources"][:1], teacher="vahadane", target=cohort["template"], epochs=1)
+    small = tmp_path / "small.tiff"
+    generate_slide(small, width=1024, height=1024, stain_matrix=SITE_STAINS["site-a"], seed=1, tile_px=512)
+    with pytest.raises(FitError, match=r"small\.tiff: registered target is 1024x1024 px"):
+        registered_pairs(cohort["heldout"], small)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_trains_model_that_normalize_uses_and_refuses_overwrite(
+    cohort: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wsi_norm.cli import main
+    from wsi_norm.stain.stainnet import load_stainnet
+    from wsi_norm.writers import read_level
+
+    model = tmp_path / "student.safetensors"
+    argv = ["stainnet", "train", *map(str, cohort["sources"][:2]), "--teacher", "macenko",
+            "--target", str(cohort["template_path"]), "-o", str(model), "--epochs", "2",
+            "--n-pixels", "30000", "--batch-size", "1024"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "epoch 1/2: train L1" in captured.err and "epoch 2/2" in captured.err
+    assert "StainNet distilled from macenko on 2 slide(s)" in captured.out
+    weights = load_stainnet(model)
+    assert weights.metadata.teacher == "macenko" and weights.metadata.epochs == 2
+    assert "site-b-1.tiff" in weights.metadata.training_data
+
+    assert main(argv) == 2
+    assert f"{model}: exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "-q"]) == 0
+
+    out = tmp_path / "out.ome.zarr"
+    source = cohort["sources"][0]
+    assert main(["normalize", str(source), "--method", "stainnet", "--weights", str(model), "-o", str(out), "-q"]) == 0
+    normalized, original = read_level(out, 0), _full(source)
+    tissue = ~is_background(original)
+    diff = np.abs(normalized.astype(int) - original.astype(int)).mean(axis=-1)
+    assert normalized.shape == original.shape
+    assert diff[tissue].mean() > 5.0  # tissue restained towards site-a
+    assert diff[~tissue].max() == 0  # glass passes through
+
+
+# --------------------------------------------------------------------------- flow
+
+
+def test_flow_tasks_via_fn(cohort: dict[str, Any], tmp_path: Path) -> None:
+    from prefect.logging import disable_run_logger
+
+    from flows.train_stainnet import loss_rows, teach_slide_task, train_task
+    from wsi_norm.stainnet_teacher import target_summary
+
+    with disable_run_logger():
+        pairs = [teach_slide_task.fn(str(s), "macenko", cohort["template"], 20_000, 0) for s in cohort["sources"]]
+        result = train_task.fn(pairs, target_summary(cohort["template"]), 2, 1024, 0, "cpu")
+    assert [len(p) for p in pairs] == [20_000] * 3
+    rows = loss_rows(result)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["heldout_grey"] == pytest.approx(result.val_loss * 127.5, abs=1e-3)
+
+
+@pytest.fixture()
+def prefect_api(tmp_path: Path) -> Any:
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    with (
+        temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
+        yield home
+
+
+def test_flow_run_writes_model_and_artifacts(cohort: dict[str, Any], tmp_path: Path, prefect_api: Path) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows._common import read_flow_run_artifacts
+    from flows.train_stainnet import LOSSES_KEY, SUMMARY_KEY, train_stainnet_flow
+    from wsi_norm.stain.stainnet import load_stainnet
+
+    out = tmp_path / "models" / "flow.safetensors"
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"not a slide")
+    state = train_stainnet_flow(
+        slides=[*map(str, cohort["sources"]), str(bad)], target=str(cohort["template_path"]),
+        teacher="macenko", epochs=2, out=str(out), n_pixels=20_000, batch_size=1024, return_state=True,
+    )
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["held_out"] == ["site-b-3.tiff"] and len(summary["failed"]) == 1
+    assert "bad.svs" in summary["failed"][0]
+    assert load_stainnet(out).metadata.teacher == "macenko"
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await read_flow_run_artifacts(client, state.state_details.flow_run_id)
+
+    artifacts = {a.key: a for a in asyncio.run(read()) if a.key}
+    assert {LOSSES_KEY, SUMMARY_KEY} <= set(artifacts)
+    assert "## Loss curve" in artifacts[SUMMARY_KEY].data and "bad.svs" in artifacts[SUMMARY_KEY].data
+    table = artifacts[LOSSES_KEY].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_manifest_sources_and_teacher_template(cohort: dict[str, Any]) -> None:
+    from flows.train_stainnet import manifest_sources, manifest_target
+    from wsi_norm.errors import ManifestError
+    from wsi_norm.manifest import load_manifest
+
+    path = cohort["folder"] / "manifest.yaml"
+    path.write_text(
+        "version: 1\noutput_root: out\nmethod: macenko\nfit: {n_pixels: 20000}\n"
+        "sites:\n  site-a: {slides: ['site-a-*.tiff']}\n  site-b: {slides: ['site-b-*.tiff']}\n"
+        "templates:\n  ref: {site: site-a}\ntarget: ref\n",
+        encoding="utf-8",
+    )
+    m = load_manifest(path)
+    assert [p.name for p in manifest_sources(m, "ref")] == [f"site-b-{s}.tiff" for s in (1, 2, 3, 4)]
+    assert [p.name for p in manifest_sources(m, "ref", ["site-a"])][0] == "site-a-1.tiff"
+    with pytest.raises(ManifestError, match="unknown site"):
+        manifest_sources(m, "ref", ["site-z"])
+    assert manifest_target(m, None, "macenko").method == "macenko"
+    vahadane = manifest_target(m, "ref", "vahadane")  # the manifest's method is macenko: fitted again
+    assert vahadane.method == "vahadane" and len(vahadane.slides) == 4
