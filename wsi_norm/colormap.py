@@ -41,7 +41,12 @@ hundred bytes; each dask worker builds its own table on first use).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -49,6 +54,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.color import _channels_from_lab, _lab_from_channels, is_background
+from wsi_norm.color import _check_rgb_uint8 as _check_uint8_rgb
 from wsi_norm.errors import FitError
 
 __all__ = ["ColorMap", "HistogramMap", "IdentityMap", "ReinhardMap", "StainMatrixMap"]
@@ -58,6 +64,11 @@ _LUT_BLOCK_BITS = 16  # colours per LUT block: 2**16 (one value of R)
 _OD_MIN, _OD_MAX = -5.0, 30.0
 
 _GATHER: Any = None
+
+# Process-wide LUTs by ColorMap.cache_key(): a few slides' maps (48 MiB each) at most.
+_LUT_CACHE: OrderedDict[str, NDArray[np.uint8]] = OrderedDict()
+_LUT_CACHE_LOCK = threading.Lock()
+_LUT_CACHE_SIZE = 4
 
 
 def _gather_kernel() -> Any:
@@ -78,15 +89,6 @@ def _gather_kernel() -> Any:
 
         _GATHER = gather
     return _GATHER
-
-
-def _check_uint8_rgb(rgb: Any) -> NDArray[np.uint8]:
-    arr = np.asarray(rgb)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"rgb must be uint8, got {arr.dtype}")
-    if arr.ndim < 1 or arr.shape[-1] != 3:
-        raise ValueError(f"rgb must have shape (..., 3), got {arr.shape}")
-    return arr
 
 
 class ColorMap:
@@ -131,6 +133,20 @@ class ColorMap:
         return out.reshape(arr.shape)
 
     # -- LUT -----------------------------------------------------------------
+    def cache_key(self) -> str:
+        """SHA-256 of what defines the map (its pickled state without caches).
+
+        Two copies of one map (say, unpickled by dask for every band of a slide) share a key,
+        so they share one process-wide LUT (:meth:`lut`).
+        """
+        key = self.__dict__.get("_cache_key")
+        if key is None:
+            key = hashlib.sha256(
+                type(self).__qualname__.encode() + pickle.dumps(self.__getstate__(), protocol=5)
+            ).hexdigest()
+            self.__dict__["_cache_key"] = key
+        return key
+
     def lut(self) -> NDArray[np.uint8]:
         """The exact lookup table ``lut[r, g, b] == evaluate_numpy([r, g, b])``.
 
@@ -138,22 +154,44 @@ class ColorMap:
         -------
         lut : (256, 256, 256, 3) uint8, read-only, 48 MiB; built on first call
             in 256 blocks of 65 536 colours (about 5 MiB of temporaries), then
-            cached.
+            cached for the process: every copy of the same map (same
+            :meth:`cache_key`) reuses it, so a map that dask unpickles once per
+            band of a slide is still compiled once per process.
         """
         if self._lut is None:
-            with self._lock:
-                if self._lut is None:
-                    self._lut = self._build_lut()
+            key = self.cache_key()
+            with _LUT_CACHE_LOCK:
+                lut = _LUT_CACHE.get(key)
+                if lut is None:
+                    lut = self._build_lut()
+                    _LUT_CACHE[key] = lut
+                    while len(_LUT_CACHE) > _LUT_CACHE_SIZE:
+                        _LUT_CACHE.popitem(last=False)
+                else:
+                    _LUT_CACHE.move_to_end(key)
+            self._lut = lut
         return self._lut
+
+    def has_cached_lut(self) -> bool:
+        """True when this map's LUT is already built in this process."""
+        if self._lut is not None:
+            return True
+        with _LUT_CACHE_LOCK:
+            return self.cache_key() in _LUT_CACHE
 
     def _build_lut(self) -> NDArray[np.uint8]:
         lut = np.empty((256, 256, 256, 3), dtype=np.uint8)
         gb = np.indices((256, 256), dtype=np.uint8).reshape(2, -1).T  # (65536, 2): g, b
-        block = np.empty((1 << _LUT_BLOCK_BITS, 3), dtype=np.uint8)
-        block[:, 1:] = gb
-        for r in range(256):
+
+        def fill(r: int) -> None:
+            block = np.empty((1 << _LUT_BLOCK_BITS, 3), dtype=np.uint8)
+            block[:, 1:] = gb
             block[:, 0] = r
             lut[r] = self.evaluate_numpy(block).reshape(256, 256, 3)
+
+        # numpy releases the GIL in its loops: the 256 blocks fill in parallel
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            list(pool.map(fill, range(256)))
         lut.flags.writeable = False
         return lut
 
@@ -220,6 +258,7 @@ class ColorMap:
         state = self.__dict__.copy()
         state["_lut"] = None
         state["_torch_luts"] = {}
+        state.pop("_cache_key", None)
         del state["_lock"]
         return state
 

@@ -46,10 +46,7 @@ COARSE_MAX_PX = 2048
 
 
 def _check_rgb(rgb: NDArray[np.uint8]) -> None:
-    if rgb.dtype != np.uint8:
-        raise TypeError(f"expected uint8 RGB, got dtype {rgb.dtype}")
-    if rgb.shape[-1] != 3:
-        raise ValueError(f"expected (..., 3) RGB, got shape {rgb.shape}")
+    color._check_rgb_uint8(rgb)
 
 
 def gray(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:

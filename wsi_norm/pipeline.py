@@ -56,6 +56,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAT_METHODS = ("macenko", "vahadane", "reinhard", "histmatch")
+# A slide with at least as many pixels as the 256^3 table has entries is mapped through it.
+_LUT_WORTH_PX = 256**3
 ALL_METHODS = (*STAT_METHODS, "stainnet", "none")
 Device = Literal["cpu", "cuda", "auto"]
 PathLike = str | Path
@@ -528,9 +530,11 @@ def normalize_slide(
             cmap = compile_colormap(method, fit.stats, template.stats, stain_params)
         except FitError as exc:
             raise FitError(f"{slide.path}: cannot map to the target: {exc}") from exc
+    level0 = slide.to_dask(0, chunk_px=chunk_px)
+    if dev == "cpu" and level0.shape[0] * level0.shape[1] >= _LUT_WORTH_PX and method != "none":
+        cmap.lut()  # compile once here; every copy of the map in this process reuses it
     t_fit = time.perf_counter()
 
-    level0 = slide.to_dask(0, chunk_px=chunk_px)
     normalized = apply_colormap(level0, cmap, device=dev)
     provenance: dict[str, Any] = {
         "tool": "wsi-norm",

@@ -213,19 +213,37 @@ def teacher_pairs(
     """
     from wsi_norm.pipeline import resolve_params
     from wsi_norm.sampling import sample_tissue_pixels
-    from wsi_norm.stain import compile_colormap, fit_stats
-    from wsi_norm.stainnet_train import pairs_from_teacher
 
     template = _resolve_target(target, teacher)
     slide = _open(source, backend)
     resolved = resolve_params(params, seed=seed)
-    sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed)
+    pixels = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed).pixels
+    stats = _fit_teacher(slide, pixels, teacher, resolved)
+    return _map_pairs(slide, pixels, teacher, stats, template, resolved)
+
+
+def _fit_teacher(slide: Slide, pixels: NDArray[np.uint8], teacher: str, params: Any) -> Any:
+    from wsi_norm.stain import fit_stats
+
     try:
-        stats = fit_stats(teacher, sample.pixels, resolved)
-        cmap = compile_colormap(teacher, stats, template.stats, resolved)
+        return fit_stats(teacher, pixels, params)
     except FitError as exc:
         raise FitError(f"{slide.path}: {teacher} teacher fit failed: {exc}") from exc
-    inputs, targets = pairs_from_teacher(sample.pixels, cmap.apply)
+
+
+def _map_pairs(
+    slide: Slide, pixels: NDArray[np.uint8], teacher: str, source_stats: Any, template: Template,
+    params: Any,
+) -> SlidePairs:
+    """The teacher's colours for ``pixels``: the map from ``source_stats`` to the template."""
+    from wsi_norm.stain import compile_colormap
+    from wsi_norm.stainnet_train import pairs_from_teacher
+
+    try:
+        cmap = compile_colormap(teacher, source_stats, template.stats, params)
+    except FitError as exc:
+        raise FitError(f"{slide.path}: {teacher} teacher map failed: {exc}") from exc
+    inputs, targets = pairs_from_teacher(pixels, cmap.apply)
     log.info("%s: %d %s teacher pairs", slide.path, len(inputs), teacher)
     return SlidePairs(inputs=inputs, targets=targets, identity=slide.identity(), teacher=teacher)
 
@@ -499,12 +517,17 @@ def distill_stainnet(
     device: str = "cpu",
     backend: str | None = None,
     progress: Callable[[EpochRecord], None] | None = None,
+    scope: Literal["cohort", "slide"] = "cohort",
 ) -> TrainResult:
     """Train StainNet to imitate a slide-wide teacher (Macenko or Vahadane) over many slides.
 
-    For each source slide, tissue pixels are sampled slide-wide, the teacher's statistics
-    fitted on them and the teacher's map to ``target`` applied (:func:`teacher_pairs`); the
-    pairs of all slides are pooled and StainNet trained on them (:func:`train_from_pairs`).
+    For each source slide, tissue pixels are sampled slide-wide and the teacher's statistics
+    fitted on them. With ``scope="cohort"`` (default) the slides' statistics are aggregated
+    into one source-cohort template (robust medians, as ``wsi-norm fit``) and the teacher is
+    the single map from that cohort to ``target``: one function, which a per-pixel network can
+    learn exactly and which generalises to unseen slides of the cohort. With ``scope="slide"``
+    each slide is mapped with its own fit (the student then averages per-slide differences).
+    The pairs of all slides are pooled and StainNet trained on them (:func:`train_from_pairs`).
 
     Parameters
     ----------
@@ -523,6 +546,8 @@ def distill_stainnet(
         Teacher parameters.
     backend : str, optional, keyword-only
         Slide reader.
+    scope : {"cohort", "slide"}, keyword-only
+        One cohort teacher map, or one map per slide.
 
     Returns
     -------
@@ -541,13 +566,23 @@ def distill_stainnet(
     ...                           target="site-a.json", epochs=10)          # doctest: +SKIP
     >>> save_stainnet(result.model, "stainnet.safetensors")                # doctest: +SKIP
     """
+    from wsi_norm.pipeline import resolve_params
+    from wsi_norm.sampling import sample_tissue_pixels
+    from wsi_norm.stain import aggregate_stats
+
     if not sources:
         raise ValueError("no source slides given")
+    if scope not in ("cohort", "slide"):
+        raise ValueError(f"scope must be 'cohort' or 'slide', got {scope!r}")
     template = _resolve_target(target, teacher)
+    resolved = resolve_params(params, seed=seed)
+    slides = [_open(s, backend) for s in sources]
+    samples = [sample_tissue_pixels(sl, n_pixels=n_pixels_per_slide, seed=seed).pixels for sl in slides]
+    fits = [_fit_teacher(sl, px, teacher, resolved) for sl, px in zip(slides, samples, strict=True)]
+    cohort = aggregate_stats(teacher, fits) if scope == "cohort" and len(fits) > 1 else None
     pairs = [
-        teacher_pairs(s, teacher=teacher, target=template, n_pixels=n_pixels_per_slide, seed=seed,
-                      params=params, backend=backend)
-        for s in sources
+        _map_pairs(sl, px, teacher, cohort if cohort is not None else fit, template, resolved)
+        for sl, px, fit in zip(slides, samples, fits, strict=True)
     ]
     return train_from_pairs(
         pairs, target_template=target_summary(template), holdout=holdout, epochs=epochs,

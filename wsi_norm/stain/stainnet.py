@@ -66,6 +66,7 @@ from numba import njit
 from numpy.typing import NDArray
 
 from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, is_background
+from wsi_norm.color import _check_rgb_uint8 as _check_rgb
 from wsi_norm.colormap import ColorMap
 from wsi_norm.colormap import _gather_kernel as _colormap_gather_kernel
 from wsi_norm.errors import OutputError, OutputExistsError, WeightsError
@@ -594,15 +595,6 @@ def _forward_kernel(rgb, w0t, b0, w1t, b1, w2t, b2, background_sum, out):  # typ
 # --------------------------------------------------------------------------- colour map
 
 
-def _check_rgb(rgb: Any) -> NDArray[np.uint8]:
-    arr = np.asarray(rgb)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"rgb must be uint8, got {arr.dtype}")
-    if arr.ndim < 1 or arr.shape[-1] != 3:
-        raise ValueError(f"rgb must have shape (..., 3), got {arr.shape}")
-    return arr
-
-
 class StainNetMap(ColorMap):
     """StainNet as a per-pixel :class:`~wsi_norm.colormap.ColorMap` (numpy, numba, torch, LUT).
 
@@ -767,7 +759,7 @@ class StainNetMap(ColorMap):
             with self._lock:
                 self._mapped_px += flat.shape[0]
                 due = self._mapped_px >= self.lut_after_px
-            how = "lut" if (self._lut is not None or due) else "direct"
+            how = "lut" if (due or self.has_cached_lut()) else "direct"
         if how == "lut":
             _colormap_gather_kernel()(flat, self.lut(), out)
         else:
