@@ -72,6 +72,9 @@ def main() -> int:
     walls: dict[str, list[float]] = {m: [] for m in args.methods}
     rss: dict[str, list[float]] = {m: [] for m in args.methods}
     ratios: dict[str, list[float]] = {m: [] for m in args.methods}
+    # one untimed run first: page cache, numba's compiled-kernel cache, imports
+    _run([*exe, "normalize", str(slide), "--method", "none", "-o", str(work / f"warmup{suffix}"),
+          "--overwrite", "-q"])
     for _ in range(args.rounds):
         this_round = {}
         for method in args.methods:
