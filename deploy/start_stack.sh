@@ -58,7 +58,24 @@ done
 cd "$REPO"
 "$BIN/prefect" work-pool inspect wsi-norm-process >/dev/null 2>&1 \
   || "$BIN/prefect" work-pool create wsi-norm-process --type process >"$RUN_DIR/logs/work-pool.log" 2>&1
-"$BIN/prefect" --no-prompt deploy --all --prefect-file deploy/prefect.yaml >"$RUN_DIR/logs/deploy.log" 2>&1
+# prefect 3.8.8's CLI, after creating a deployment, lists the pool's workers with a null
+# `limit` that the server (fastapi < 0.155, which prefect 3.8.8 needs here) rejects with 422;
+# the deployment exists by then. So deploy one at a time, ignore that exit status, and check
+# through the REST API (with an explicit limit) that both deployments exist.
+for name in nightly on-demand; do
+  "$BIN/prefect" --no-prompt deploy --name "$name" --prefect-file deploy/prefect.yaml \
+    >>"$RUN_DIR/logs/deploy.log" 2>&1 || true
+done
+"$PYTHON" - "$PREFECT_API_URL" <<'PY' || { echo "deployments missing: see $RUN_DIR/logs/deploy.log" >&2; exit 1; }
+import json, sys, urllib.request
+req = urllib.request.Request(sys.argv[1] + "/deployments/filter", method="POST",
+                             data=json.dumps({"limit": 50, "sort": "NAME_ASC"}).encode(),
+                             headers={"Content-Type": "application/json"})
+names = {d["name"] for d in json.load(urllib.request.urlopen(req, timeout=10))}
+missing = {"nightly", "on-demand"} - names
+print("deployments:", ", ".join(sorted(names)))
+sys.exit(1 if missing else 0)
+PY
 start prefect-worker "$BIN/prefect" worker start --pool wsi-norm-process --name "wsi-norm-$(hostname)"
 
 cat >"$RUN_DIR/env" <<ENV
