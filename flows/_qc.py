@@ -29,7 +29,9 @@ THUMB_PX = 512
 
 
 def _gray(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
-    return rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    from wsi_norm.color import luma
+
+    return np.asarray(luma(rgb), dtype=np.float64)
 
 
 def ssim_source(source: NDArray[np.uint8], normalized: NDArray[np.uint8]) -> float:

@@ -3,9 +3,9 @@
 Per site, a cohort template is fitted slide-wide from all its slides; the target is a named
 site (its cohort template) or a template of the manifest.  Every slide of every site is
 normalized to the target (outputs as in ``normalize-archive``, skipped when current), and
-per-site colour statistics are measured before and after on tissue pixels of the source
-thumbnails and of the outputs' matching pyramid level: Macenko stain vectors, CIE Lab mean
-and 99th-percentile concentrations.  The distances to the target (stain-vector angles in
+per-site colour statistics are measured before and after on the full-resolution tissue pixels
+each slide's fit sampled (each slide is sampled and fitted once): Macenko stain vectors, CIE
+Lab mean and 99th-percentile concentrations.  The distances to the target (stain-vector angles in
 degrees, Lab distance) go into a table artifact and a plot (image artifact).
 
 Run::
@@ -30,18 +30,17 @@ from flows._common import (
     ColourStats,
     colour_stats,
     generate_missing,
-    read_output_thumbnail,
     resolve_template,
     scheduler_address,
 )
 from flows._qc import _angles
 from wsi_norm.manifest import Manifest, SlideEntry, load_manifest
+from wsi_norm.pipeline import template_from_fits
 
 __all__ = ["distance_rows", "harmonize_sites", "main", "site_colour_stats"]
 
 FLOW_NAME = "harmonize-sites"
 TABLE_KEY = "harmonize-sites-distances"
-MEASURE_PX = 1024
 
 
 def _tissue(rgb: np.ndarray) -> np.ndarray:
@@ -50,51 +49,44 @@ def _tissue(rgb: np.ndarray) -> np.ndarray:
     return tissue_pixels(np.ascontiguousarray(rgb.reshape(-1, 3)))
 
 
-@task(name="measure-site", cache_policy=NO_CACHE)
-def site_colour_stats(
-    entries: list[SlideEntry], manifest: Manifest, target: Any = None
-) -> tuple[ColourStats, ColourStats | None]:
-    """Colour statistics of one site's tissue before and (given a target) after normalization.
+@task(name="fit-site", cache_policy=NO_CACHE)
+def fit_site(entries: list[SlideEntry], manifest: Manifest) -> list[Any]:
+    """Slide-wide fits of one site's slides (each keeps the tissue pixels it sampled)."""
+    from wsi_norm.pipeline import fit_slide
 
-    Tissue pixels are sampled slide-wide at full resolution with the manifest's fit settings,
-    the same pixels the slide's own fit uses. Because the normalization is a pure per-pixel
-    map, the normalized values of those pixels are the map applied to them: the "after"
-    statistics are those of exactly the pixels written to the (lossless) OME-Zarr output.
+    m = manifest.model
+    return [
+        fit_slide(e.source, method=manifest.method, params=manifest.params, n_pixels=m.fit.n_pixels,
+                  seed=m.fit.seed)
+        for e in entries
+    ]
+
+
+@task(name="measure-site", cache_policy=NO_CACHE)
+def site_colour_stats(fits: list[Any], manifest: Manifest, target: Any) -> tuple[ColourStats, ColourStats]:
+    """Colour statistics of one site's tissue before and after normalization to ``target``.
+
+    "Before" are the tissue pixels each slide's slide-wide fit sampled (full resolution, the
+    manifest's fit settings). Because the normalization is a pure per-pixel map, the
+    normalized values of those pixels are the map applied to them: the "after" statistics are
+    those of exactly the pixels written to the (lossless) OME-Zarr output.
     """
     from wsi_norm.pipeline import resolve_params
-    from wsi_norm.sampling import sample_tissue_pixels
-    from wsi_norm.slide import open_slide
-    from wsi_norm.stain import compile_colormap, fit_stats
+    from wsi_norm.stain import compile_colormap
 
-    m = manifest.model
-    params = resolve_params(manifest.params, seed=m.fit.seed)
-    before, after = [], []
-    for entry in entries:
-        with open_slide(entry.source) as slide:
-            pixels = sample_tissue_pixels(slide, n_pixels=m.fit.n_pixels, seed=m.fit.seed).pixels
-        before.append(pixels)
-        if target is not None:
-            cmap = compile_colormap(manifest.method, fit_stats(manifest.method, pixels, params),
-                                    target.stats, params)
-            after.append(_tissue(cmap.apply(pixels[None])[0]))
-    stats_before = colour_stats(np.concatenate(before, axis=0))
-    stats_after = colour_stats(np.concatenate(after, axis=0)) if after else None
-    return stats_before, stats_after
-
-
-@task(name="fit-site-template", cache_policy=NO_CACHE)
-def fit_site_template(manifest: Manifest, site: str) -> Any:
-    """Cohort template of one site, fitted slide-wide from all its slides."""
-    from wsi_norm.pipeline import fit_template
-
-    m = manifest.model
-    paths = [e.source for e in manifest.site_slides(site)]
-    return fit_template(paths, method=manifest.method, params=manifest.params, n_pixels=m.fit.n_pixels, seed=m.fit.seed)
+    params = resolve_params(manifest.params, seed=manifest.model.fit.seed)
+    before = [f.pixels for f in fits]
+    after = [
+        _tissue(compile_colormap(manifest.method, f.stats, target.stats, params).apply(f.pixels[None])[0])
+        for f in fits
+    ]
+    return colour_stats(np.concatenate(before, axis=0)), colour_stats(np.concatenate(after, axis=0))
 
 
 @task(name="normalize-to-target", cache_policy=NO_CACHE)
-def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any) -> str:
-    """Normalize one slide to the target (all formats), unless its outputs are current."""
+def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, source_fit: Any) -> str:
+    """Normalize one slide to the target (all formats), unless its outputs are current;
+    ``source_fit`` is the slide's fit from :func:`fit_site` (not fitted again)."""
     from wsi_norm.pipeline import normalize_slide, output_is_current
 
     done = []
@@ -105,7 +97,7 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any) -> s
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
         normalize_slide(entry.source, out, method=manifest.method, target=target, params=manifest.params,
-                        weights=manifest.weights, overwrite=True, fmt=fmt,
+                        weights=manifest.weights, overwrite=True, fmt=fmt, source_fit=source_fit,
                         n_pixels=manifest.model.fit.n_pixels, seed=manifest.model.fit.seed)
         done.append(f"{fmt}: written")
     return ", ".join(done)
@@ -183,16 +175,22 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
     if name not in m.sites and name not in m.templates:
         raise ValueError(f"{m.path}: target {name!r} is neither a site ({', '.join(m.sites)}) nor a template")
     with dask_client(scheduler_address(scheduler)):
-        site_templates = {site: fit_site_template.submit(m, site) for site in m.sites}
+        entries = {site: list(m.site_slides(site)) for site in m.sites}
+        fit_futures = {site: fit_site.submit(entries[site], m) for site in m.sites}
+        fits = {site: f.result() for site, f in fit_futures.items()}
+        for site, site_fits in fits.items():
+            logger.info("site %s cohort template: %s", site,
+                        template_from_fits(site_fits, params=m.params, seed=m.model.fit.seed).stats.to_dict())
         if name in m.sites:
-            target_template = site_templates[name].result()
+            target_template = template_from_fits(fits[name], params=m.params, seed=m.model.fit.seed)
         else:
             target_template = resolve_template(m, name)
-        measured = {
-            site: site_colour_stats.submit(list(m.site_slides(site)), m, target_template)
+        measured = {site: site_colour_stats.submit(fits[site], m, target_template) for site in m.sites}
+        futures = [
+            normalize_to_target.submit(e, m, target_template, fit)
             for site in m.sites
-        }
-        futures = [normalize_to_target.submit(e, m, target_template) for e in m.slides]
+            for e, fit in zip(entries[site], fits[site], strict=True)
+        ]
         for f in futures:
             f.result()
         before_stats = {s: f.result()[0] for s, f in measured.items()}
@@ -202,9 +200,6 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
         else:
             stats = target_template.stats
             target_stats = ColourStats(np.asarray(stats.stain_matrix).tolist(), [float("nan")] * 3, None, 0)
-        for site, f in site_templates.items():
-            stats = getattr(f.result(), "stats", None)
-            logger.info("site %s cohort template: %s", site, stats.to_dict() if stats is not None else None)
     rows = distance_rows(before_stats, after_stats, target_stats)
     create_table_artifact(rows, key=TABLE_KEY, description=f"colour distance of each site to {name}, before/after")
     plot = _plot(rows, name)

@@ -46,6 +46,7 @@ __all__ = [
     "NormalizeResult",
     "fit_slide",
     "fit_template",
+    "template_from_fits",
     "normalize_slide",
     "request_fingerprint",
     "output_is_current",
@@ -121,6 +122,9 @@ class SlideFit:
     params : dict
     timings : dict
         Seconds spent sampling and fitting.
+    pixels : (N, 3) uint8 or None
+        The tissue pixels the fit used (kept so callers can measure them without sampling
+        the slide again; not part of :meth:`to_dict`).
     """
 
     method: str
@@ -131,6 +135,7 @@ class SlideFit:
     tissue_fraction: float
     params: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    pixels: NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (used in provenance)."""
@@ -201,6 +206,7 @@ def fit_slide(
         tissue_fraction=sample.coarse_fraction,
         params=_params_dict(resolved),
         timings={"sample_s": sampled - start, "fit_s": done - sampled},
+        pixels=sample.pixels,
     )
 
 
@@ -222,16 +228,33 @@ def fit_template(
     -------
     Template
     """
-    from wsi_norm import __version__
-    from wsi_norm.stain import aggregate_stats
-    from wsi_norm.template import Template
-
     if not sources:
         raise ValueError("fit_template needs at least one slide")
     fits = [
         fit_slide(s, method=method, params=params, n_pixels=n_pixels, seed=seed, backend=backend)
         for s in sources
     ]
+    return template_from_fits(fits, params=params, seed=seed)
+
+
+def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: int = 0) -> Template:
+    """A template from slide fits already made: one slide's statistics, or the robust
+    aggregate (:func:`wsi_norm.stain.aggregate_stats`) of several.
+
+    Raises
+    ------
+    ValueError
+        No fits, or fits of different methods.
+    """
+    from wsi_norm import __version__
+    from wsi_norm.stain import aggregate_stats
+    from wsi_norm.template import Template
+
+    if not fits:
+        raise ValueError("a template needs at least one slide fit")
+    method = fits[0].method
+    if any(f.method != method for f in fits):
+        raise ValueError(f"fits of several methods: {sorted({f.method for f in fits})}")
     stats = fits[0].stats if len(fits) == 1 else aggregate_stats(method, [f.stats for f in fits])
     return Template(
         method=method,

@@ -211,24 +211,13 @@ def teacher_pairs(
     SlideOpenError
         The slide cannot be opened.
     """
-    from wsi_norm.pipeline import resolve_params
-    from wsi_norm.sampling import sample_tissue_pixels
+    from wsi_norm.pipeline import fit_slide, resolve_params
 
     template = _resolve_target(target, teacher)
     slide = _open(source, backend)
     resolved = resolve_params(params, seed=seed)
-    pixels = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed).pixels
-    stats = _fit_teacher(slide, pixels, teacher, resolved)
-    return _map_pairs(slide, pixels, teacher, stats, template, resolved)
-
-
-def _fit_teacher(slide: Slide, pixels: NDArray[np.uint8], teacher: str, params: Any) -> Any:
-    from wsi_norm.stain import fit_stats
-
-    try:
-        return fit_stats(teacher, pixels, params)
-    except FitError as exc:
-        raise FitError(f"{slide.path}: {teacher} teacher fit failed: {exc}") from exc
+    fit = fit_slide(slide, method=teacher, params=resolved, n_pixels=n_pixels, seed=seed)
+    return _map_pairs(slide, fit.pixels, teacher, fit.stats, template, resolved)
 
 
 def _map_pairs(
@@ -566,9 +555,7 @@ def distill_stainnet(
     ...                           target="site-a.json", epochs=10)          # doctest: +SKIP
     >>> save_stainnet(result.model, "stainnet.safetensors")                # doctest: +SKIP
     """
-    from wsi_norm.pipeline import resolve_params
-    from wsi_norm.sampling import sample_tissue_pixels
-    from wsi_norm.stain import aggregate_stats
+    from wsi_norm.pipeline import fit_slide, resolve_params, template_from_fits
 
     if not sources:
         raise ValueError("no source slides given")
@@ -577,12 +564,12 @@ def distill_stainnet(
     template = _resolve_target(target, teacher)
     resolved = resolve_params(params, seed=seed)
     slides = [_open(s, backend) for s in sources]
-    samples = [sample_tissue_pixels(sl, n_pixels=n_pixels_per_slide, seed=seed).pixels for sl in slides]
-    fits = [_fit_teacher(sl, px, teacher, resolved) for sl, px in zip(slides, samples, strict=True)]
-    cohort = aggregate_stats(teacher, fits) if scope == "cohort" and len(fits) > 1 else None
+    fits = [fit_slide(sl, method=teacher, params=resolved, n_pixels=n_pixels_per_slide, seed=seed)
+            for sl in slides]
+    cohort = template_from_fits(fits, params=resolved, seed=seed).stats if scope == "cohort" else None
     pairs = [
-        _map_pairs(sl, px, teacher, cohort if cohort is not None else fit, template, resolved)
-        for sl, px, fit in zip(slides, samples, fits, strict=True)
+        _map_pairs(sl, fit.pixels, teacher, cohort if cohort is not None else fit.stats, template, resolved)
+        for sl, fit in zip(slides, fits, strict=True)
     ]
     return train_from_pairs(
         pairs, target_template=target_summary(template), holdout=holdout, epochs=epochs,
