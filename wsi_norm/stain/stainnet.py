@@ -434,6 +434,12 @@ def _read_torch_state(path: Path) -> Mapping[str, Any]:
         ValueError,
         zipfile.BadZipFile,
         OSError,
+        # the weights-only unpickler walks arbitrary bytes of a damaged file and can
+        # fail on its own stack or memo (seen: IndexError "pop from empty list")
+        IndexError,
+        KeyError,
+        TypeError,
+        AttributeError,
     ) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
