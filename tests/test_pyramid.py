@@ -1,11 +1,14 @@
-"""Tests of wsi_norm.pyramid: level sizes, the 2x2 mean, and the one-pass stream."""
+"""Tests of wsi_norm.pyramid: level sizes, the 2x2 mean, the block stream and its store."""
 
 from __future__ import annotations
 
 import itertools
 import threading
+import tracemalloc
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -13,7 +16,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsi_norm.pyramid import downsample_2x, iter_pyramid, pyramid_shapes, reference_pyramid
+from wsi_norm.pyramid import (
+    Block,
+    LevelStore,
+    block_depth,
+    block_edges,
+    downsample_2x,
+    iter_blocks,
+    pyramid_shapes,
+    reference_pyramid,
+)
 
 
 def _mean_2x2_float(image: np.ndarray) -> np.ndarray:
@@ -113,67 +125,190 @@ def test_downsample_rejects_wrong_input() -> None:
         downsample_2x(np.zeros((4, 4), dtype=np.uint8))
 
 
-def test_iter_pyramid_uneven_chunks_matches_eager_reference() -> None:
+def _stream(
+    array: da.Array, tmp_path: Path, *, max_px: int = 1024, **kwargs: Any
+) -> tuple[list[Block], list[np.ndarray]]:
+    """Run iter_blocks; return its blocks and every lower level read back from the store."""
+    shapes = pyramid_shapes(*array.shape[:2], max_px=max_px)
+    with LevelStore(tmp_path / "levels", shapes) as store:
+        blocks = list(iter_blocks(array, store, **kwargs))
+        lower = [store.read(k, 0, h) for k, (h, _) in enumerate(shapes) if k]
+    assert not (tmp_path / "levels").exists()
+    return blocks, lower
+
+
+def _assemble(blocks: list[Block], shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(shape, dtype=np.uint8)
+    seen = np.zeros(shape[:2], dtype=np.int32)
+    for b in blocks:
+        h, w = b.pixels.shape[:2]
+        out[b.row : b.row + h, b.col : b.col + w] = b.pixels
+        seen[b.row : b.row + h, b.col : b.col + w] += 1
+    assert seen.min() == seen.max() == 1  # every pixel in exactly one block
+    return out
+
+
+def test_iter_blocks_uneven_chunks_matches_eager_reference(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (2701, 2333, 3), dtype=np.uint8)
-    array = da.from_array(image, chunks=(333, 500, 3))  # odd band heights: carries between bands
-    strips = list(iter_pyramid(array, max_px=300))
+    array = da.from_array(image, chunks=(333, 500, 3))  # odd chunk rows: bands of two chunks
+    row_edges = block_edges(array.chunks[0], target=300)
+    col_edges = block_edges(array.chunks[1], target=300)
+    assert row_edges[:3] == [0, 666, 1332] and col_edges[:3] == [0, 500, 1000]
+    blocks, lower = _stream(array, tmp_path, max_px=300, row_edges=row_edges, col_edges=col_edges)
     reference = reference_pyramid(image, max_px=300)
     assert len(reference) == 5
-    for level, expected in enumerate(reference):
-        mine = [s for s in strips if s.level == level]
-        assert [s.row for s in mine] == list(
-            np.cumsum([0] + [s.pixels.shape[0] for s in mine[:-1]])
-        )
-        assert mine[-1].final and not any(s.final for s in mine[:-1])
-        np.testing.assert_array_equal(np.concatenate([s.pixels for s in mine]), expected)
+    order = [(b.row, b.col) for b in blocks]
+    assert order == sorted(order)  # band by band, left to right
+    assert [b.band_end for b in blocks] == [b.col + b.pixels.shape[1] == 2333 for b in blocks]
+    assert [b.final for b in blocks] == [False] * (len(blocks) - 1) + [True]
+    np.testing.assert_array_equal(_assemble(blocks, image.shape), image)
+    for level, expected in enumerate(reference[1:], start=1):
+        np.testing.assert_array_equal(lower[level - 1], expected)
 
 
-def test_iter_pyramid_computes_each_chunk_once_for_five_levels() -> None:
+def test_iter_blocks_deep_levels_from_misaligned_chunks(tmp_path: Path) -> None:
+    # 960-px chunks (4 Aperio tiles) align to 2**6 only: levels 7.. come from full-width rows
+    image = np.random.default_rng(6).integers(0, 256, (3000, 70_000 // 8, 3), dtype=np.uint8)
+    array = da.from_array(image, chunks=(960, 960, 3))
+    row_edges = block_edges(array.chunks[0], target=960)
+    col_edges = block_edges(array.chunks[1], target=960)
+    shapes = pyramid_shapes(*image.shape[:2], max_px=60)
+    assert len(shapes) == 9 and block_depth(row_edges, col_edges, len(shapes)) == 6
+    _, lower = _stream(array, tmp_path, max_px=60, row_edges=row_edges, col_edges=col_edges)
+    for got, expected in zip(lower, reference_pyramid(image, max_px=60)[1:], strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_iter_blocks_computes_each_chunk_once_for_five_levels(tmp_path: Path) -> None:
     image = np.random.default_rng(3).integers(0, 256, (8200, 300, 3), dtype=np.uint8)
     array, counts = _counting_array(image, (700, 128))
     calls: list[tuple[int, int]] = []
-    strips = list(iter_pyramid(array, progress=lambda done, total: calls.append((done, total))))
-    assert max(s.level for s in strips) == 4  # 8200 -> 4100 -> 2050 -> 1025 -> 513
-    n_blocks = array.numblocks[0] * array.numblocks[1]
-    assert len(counts) == n_blocks
+    blocks, lower = _stream(
+        array, tmp_path, progress=lambda done, total: calls.append((done, total))
+    )
+    assert len(lower) == 4  # 8200 -> 4100 -> 2050 -> 1025 -> 513
+    n_chunks = array.numblocks[0] * array.numblocks[1]
+    assert len(counts) == n_chunks
     assert set(counts.values()) == {1}
-    assert calls[-1] == (n_blocks, n_blocks)
+    assert calls[-1] == (n_chunks, n_chunks) and len(calls) == len(blocks)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    np.testing.assert_array_equal(lower[-1], reference_pyramid(image)[-1])
 
 
-def test_iter_pyramid_with_distributed_client_computes_each_chunk_once() -> None:
+def test_iter_blocks_with_distributed_client_computes_each_chunk_once(tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     image = np.random.default_rng(4).integers(0, 256, (2100, 1500, 3), dtype=np.uint8)
     array, counts = _counting_array(image, (512, 512))
     with distributed.Client(
         processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
     ):
-        strips = list(iter_pyramid(array))
+        blocks, lower = _stream(array, tmp_path)
     assert set(counts.values()) == {1} and len(counts) == 15
-    level1 = np.concatenate([s.pixels for s in strips if s.level == 1])
-    np.testing.assert_array_equal(level1, reference_pyramid(image)[1])
+    np.testing.assert_array_equal(_assemble(blocks, image.shape), image)
+    np.testing.assert_array_equal(lower[0], reference_pyramid(image)[1])
 
 
-def test_iter_pyramid_resume_replays_lower_levels_only() -> None:
+def test_iter_blocks_resume_replays_lower_levels_only(tmp_path: Path) -> None:
     image = np.random.default_rng(5).integers(0, 256, (2500, 1100, 3), dtype=np.uint8)
     array, counts = _counting_array(image, (600, 600))
-    start = 1024
-    strips = list(
-        iter_pyramid(array, start_row=start, read_done=lambda a, b: image[a:b], replay_px=512)
+    row_edges = block_edges(array.chunks[0], target=600)
+    start = row_edges[2]
+    blocks, lower = _stream(
+        array,
+        tmp_path,
+        row_edges=row_edges,
+        start_row=start,
+        read_done=lambda r0, r1, c0, c1: image[r0:r1, c0:c1],
     )
-    level0 = [s for s in strips if s.level == 0]
-    assert level0[0].row == start
-    np.testing.assert_array_equal(np.concatenate([s.pixels for s in level0]), image[start:])
-    assert min(r for r, _ in counts) == 1  # chunk row 0 (rows 0-599) was never computed
-    reference = reference_pyramid(image)
-    for level in range(1, len(reference)):
-        got = np.concatenate([s.pixels for s in strips if s.level == level])
-        np.testing.assert_array_equal(got, reference[level])
+    assert blocks[0].row == start == 1200
+    rows = np.concatenate(
+        [np.concatenate([b.pixels for b in blocks if b.row == r], axis=1) for r in row_edges[2:-1]]
+    )
+    np.testing.assert_array_equal(rows, image[start:])
+    assert min(r for r, _ in counts) == 2  # chunk rows 0 and 1 (rows 0-1199) were never computed
+    for got, expected in zip(lower, reference_pyramid(image)[1:], strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
-def test_iter_pyramid_rejects_bad_arrays() -> None:
+def test_iter_blocks_rejects_bad_input(tmp_path: Path) -> None:
+    def first(array: da.Array, **kwargs: Any) -> None:
+        shapes = pyramid_shapes(*array.shape[:2])
+        with LevelStore(tmp_path / "s", shapes) as store:
+            next(iter_blocks(array, store, **kwargs))
+
     with pytest.raises(TypeError, match="uint8"):
-        next(iter_pyramid(da.zeros((10, 10, 3), dtype=np.uint16)))
+        first(da.zeros((10, 10, 3), dtype=np.uint16))
+    array = da.zeros((2000, 10, 3), dtype=np.uint8, chunks=(500, 10, 3))
     with pytest.raises(ValueError, match="read_done"):
-        next(iter_pyramid(da.zeros((10, 10, 3), dtype=np.uint8), start_row=5))
+        first(array, start_row=1000)
+    with pytest.raises(ValueError, match="not a block edge"):
+        first(array, start_row=700)
+    with pytest.raises(ValueError, match="not even chunk edges"):
+        first(array, row_edges=[0, 750, 2000])
+    with (
+        pytest.raises(ValueError, match="store is for"),
+        LevelStore(tmp_path / "t", pyramid_shapes(10, 10)) as store,
+    ):
+        next(iter_blocks(array, store))
+
+
+@given(
+    st.lists(st.integers(1, 700), min_size=1, max_size=30),
+    st.integers(16, 2048),
+    st.sampled_from([1, 16, 256, 1024]),
+)
+@settings(max_examples=200, deadline=None)
+def test_block_edges_are_even_chunk_edges(chunks: list[int], target: int, align: int) -> None:
+    edges = block_edges(tuple(chunks), target=target, align=align)
+    bounds = set(itertools.accumulate(chunks, initial=0))
+    assert edges[0] == 0 and edges[-1] == sum(chunks)
+    assert all(b > a for a, b in itertools.pairwise(edges))
+    assert all(e in bounds and e % 2 == 0 for e in edges[1:-1])
+
+
+def test_level_store_round_trips_blocks_and_refuses_outside(tmp_path: Path) -> None:
+    shapes = [(100, 90), (50, 45), (25, 23)]
+    level = np.random.default_rng(7).integers(0, 256, (50, 45, 3), dtype=np.uint8)
+    with LevelStore(tmp_path / "s", shapes) as store:
+        assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["level1.raw", "level2.raw"]
+        for r0, c0 in itertools.product((0, 20), (0, 30)):
+            store.write(1, r0, c0, level[r0 : r0 + 30, c0 : c0 + 15])
+        store.write(1, 0, 15, level[:, 15:30])
+        store.write(1, 30, 0, level[30:, :30])
+        np.testing.assert_array_equal(store.read(1, 0, 50), level)
+        np.testing.assert_array_equal(store.read(1, 7, 41, 3, 44), level[7:41, 3:44])
+        np.testing.assert_array_equal(store.read(1, 40, 99, 40, 99), level[40:, 40:])  # clipped
+        with pytest.raises(ValueError, match="outside"):
+            store.write(1, 45, 0, level[:10])
+        with pytest.raises(ValueError, match="outside"):
+            store.write(0, 0, 0, level)  # level 0 is not stored
+    assert not (tmp_path / "s").exists()
+
+
+def _noise_chunk(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    seed = block_info[0]["chunk-location"]  # type: ignore[index]
+    return np.random.default_rng(list(seed)).integers(0, 256, block.shape, dtype=np.uint8)
+
+
+def test_iter_blocks_memory_does_not_grow_with_width(tmp_path: Path) -> None:
+    """Peak traced allocation streaming a 4x wider image stays within 25 %."""
+
+    def peak(width: int) -> int:
+        array = da.zeros((4096, width, 3), dtype=np.uint8, chunks=(1024, 1024, 3)).map_blocks(
+            _noise_chunk, dtype=np.uint8
+        )
+        shapes = pyramid_shapes(4096, width)
+        tracemalloc.start()
+        try:
+            with LevelStore(tmp_path / f"w{width}", shapes) as store:
+                for _ in iter_blocks(array, store):
+                    pass
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(1024)  # first use: numba and dask set-up allocate once
+    narrow, wide = peak(4096), peak(16384)
+    print(f"peak traced: {narrow / 2**20:.1f} MiB at 4096 wide, {wide / 2**20:.1f} MiB at 16384")
+    assert wide <= 1.25 * narrow, (narrow, wide)

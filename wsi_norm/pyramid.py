@@ -1,11 +1,12 @@
 """Streamed 2x pyramid of a lazy RGB image, built in one pass over level 0.
 
-Level ``k + 1`` is the 2x2 mean of level ``k``.  :func:`iter_pyramid` computes
-the level-0 dask array one *band* (one row of chunks) at a time, so every
-level-0 chunk is computed exactly once, and derives every lower level from that
-band before the band is dropped.  The writers in :mod:`wsi_norm.writers` consume
-the resulting stream of :class:`Strip` objects; neither holds a whole level in
-memory.
+Level ``k + 1`` is the 2x2 mean of level ``k``.  :func:`iter_blocks` computes
+the level-0 dask array one *block* (a few chunks of one band) at a time, so
+every level-0 chunk is computed exactly once, downsamples each block into the
+lower levels and spills those to raw files (:class:`LevelStore`) before the
+block is dropped.  The writers in :mod:`wsi_norm.writers` encode the level-0
+blocks as they come and the lower levels from the store afterwards.  Memory is
+a few blocks: it does not grow with the slide's width or height.
 
 Downsampling rule
 -----------------
@@ -25,11 +26,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import shutil
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import dask.array as da
 import numba
@@ -37,9 +41,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    "Strip",
+    "Block",
+    "LevelStore",
+    "block_depth",
+    "block_edges",
     "downsample_2x",
-    "iter_pyramid",
+    "iter_blocks",
     "pyramid_shapes",
     "reference_pyramid",
 ]
@@ -196,64 +203,225 @@ def reference_pyramid(image: NDArray[np.uint8], *, max_px: int = MAX_PX) -> list
 
 
 @dataclass(frozen=True)
-class Strip:
-    """A run of full-width rows of one pyramid level.
+class Block:
+    """One rectangle of level 0, as computed.
 
     Attributes
     ----------
-    level : int
-        Pyramid level, 0 is full resolution.
-    row : int
-        Index of the strip's first row within its level.
-    pixels : (n, w_level, 3) uint8
-        The rows; may be a view of a larger buffer, do not modify.
+    row, col : int
+        Level-0 position of the block's top-left pixel.
+    pixels : (h, w, 3) uint8
+        The block; do not modify.
+    band_end : bool
+        True for the last (right-most) block of its band.
     final : bool
-        True for the last strip of the level.
+        True for the last block of the image.
     """
 
-    level: int
     row: int
+    col: int
     pixels: NDArray[np.uint8]
+    band_end: bool
     final: bool
 
 
-class _Chain:
-    """Turns level-0 bands into strips of every level, carrying odd rows over."""
+def block_edges(chunks: tuple[int, ...], *, target: int, align: int = 1) -> list[int]:
+    """Group consecutive dask chunks into blocks; return the block edges.
 
-    def __init__(self, shapes: list[tuple[int, int]], executor: ThreadPoolExecutor | None) -> None:
+    A block ends at an even chunk edge (so that every block but the last
+    downsamples on its own) that is a multiple of ``align``, at the edge that
+    brings it closest to ``target`` pixels; if no aligned edge comes within
+    ``4 * target`` pixels, at the first even edge past ``target``.  The image
+    end always ends a block.
+
+    Parameters
+    ----------
+    chunks : tuple of int
+        Chunk sizes along one axis.
+    target : int
+        Preferred block length in pixels.
+    align : int, optional
+        Preferred multiple for block edges (the writer's tile or shard size).
+
+    Returns
+    -------
+    list of int
+        ``[0, e1, ..., n]``, strictly increasing.
+
+    Examples
+    --------
+    >>> block_edges((960,) * 5, target=1024)
+    [0, 960, 1920, 2880, 3840, 4800]
+    >>> block_edges((960,) * 5, target=1024, align=256)
+    [0, 3840, 4800]
+    >>> block_edges((333,) * 3, target=300)
+    [0, 666, 999]
+    """
+    edges = [0]
+    end = 0
+    n = sum(chunks)
+    for i, size in enumerate(chunks[:-1]):
+        end += size
+        length = end - edges[-1]
+        if end % 2:
+            continue
+        if end % align == 0:
+            after = length + chunks[i + 1]  # the block if it took the next chunk too
+            if length >= target or after - target > target - length:
+                edges.append(end)
+        elif length >= 4 * target:
+            edges.append(end)
+    edges.append(n)
+    return edges
+
+
+def _v2(n: int) -> int:
+    """Exponent of the largest power of two dividing ``n`` (``n`` > 0)."""
+    return (n & -n).bit_length() - 1
+
+
+def block_depth(row_edges: list[int], col_edges: list[int], n_levels: int) -> int:
+    """Levels below 0 that every block can downsample on its own.
+
+    A block whose inner edges are multiples of ``2**d`` yields exact levels
+    ``1 .. d`` by itself (the image's own edges need no alignment: the odd-edge
+    rule is the same in a block as in the whole image).
+    """
+    inner = row_edges[1:-1] + col_edges[1:-1]
+    depth = min((_v2(e) for e in inner), default=n_levels - 1)
+    return max(0, min(depth, n_levels - 1))
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    while buf:
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            raise OSError(f"{path}: short read at byte {offset}")
+        buf, offset = buf[n:], offset + n
+
+
+class LevelStore:
+    """Levels ``1 ..`` of a pyramid, spilled to raw row-major files while level 0 streams.
+
+    Every level ``k`` is one file of ``rows_k * cols_k * 3`` bytes
+    (``level<k>.raw``) in ``folder``; blocks are written and read at any
+    position with ``pwrite``/``pread``, so memory is the block, never the level.
+    The files take a third of level 0's raw size in all; they are deleted by
+    :meth:`close`.
+
+    Parameters
+    ----------
+    folder : Path
+        Created; must not exist.
+    shapes : list of (rows, cols)
+        All level sizes, level 0 first (level 0 is not stored).
+    """
+
+    def __init__(self, folder: Path, shapes: list[tuple[int, int]]) -> None:
+        self.folder = Path(folder)
         self.shapes = shapes
+        self.folder.mkdir()
+        self.fds: dict[int, int] = {}
+        try:
+            for k in range(1, len(shapes)):
+                fd = os.open(self.path(k), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                self.fds[k] = fd
+                h, w = shapes[k]
+                os.ftruncate(fd, h * w * 3)
+        except OSError:
+            self.close()
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def path(self, level: int) -> Path:
+        """File holding ``level``."""
+        return self.folder / f"level{level}.raw"
+
+    def _check(self, level: int, r0: int, r1: int, c0: int, c1: int) -> None:
+        h, w = self.shapes[level]
+        if level not in self.fds or not (0 <= r0 <= r1 <= h and 0 <= c0 <= c1 <= w):
+            raise ValueError(f"level {level} rows {r0}:{r1} cols {c0}:{c1} outside {h} x {w}")
+
+    def write(self, level: int, row: int, col: int, pixels: NDArray[np.uint8]) -> None:
+        """Store ``pixels`` at ``(row, col)`` of ``level``."""
+        n, m = pixels.shape[:2]
+        self._check(level, row, row + n, col, col + m)
+        w = self.shapes[level][1]
+        fd = self.fds[level]
+        if m == w:
+            _pwrite_all(fd, memoryview(np.ascontiguousarray(pixels)).cast("B"), row * w * 3)
+            return
+        for i in range(n):
+            line = np.ascontiguousarray(pixels[i])
+            _pwrite_all(fd, memoryview(line).cast("B"), ((row + i) * w + col) * 3)
+
+    def read(
+        self, level: int, r0: int, r1: int, c0: int = 0, c1: int | None = None
+    ) -> NDArray[np.uint8]:
+        """Return rows ``r0:r1``, columns ``c0:c1`` (default: all) of ``level``."""
+        w = self.shapes[level][1]
+        c1 = w if c1 is None else min(c1, w)
+        r1 = min(r1, self.shapes[level][0])
+        self._check(level, r0, r1, c0, c1)
+        out = np.empty((r1 - r0, c1 - c0, 3), dtype=np.uint8)
+        fd = self.fds[level]
+        if c0 == 0 and c1 == w:
+            _pread_into(fd, memoryview(out).cast("B"), r0 * w * 3, self.path(level))
+            return out
+        for i in range(r1 - r0):
+            _pread_into(fd, memoryview(out[i]).cast("B"), ((r0 + i) * w + c0) * 3, self.path(level))
+        return out
+
+    def close(self) -> None:
+        """Close and delete the files."""
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Chain:
+    """Downsamples full-width rows of one level into every lower level, carrying odd rows."""
+
+    def __init__(
+        self,
+        shapes: list[tuple[int, int]],
+        sink: Callable[[int, int, NDArray[np.uint8]], None],
+        executor: ThreadPoolExecutor | None,
+    ) -> None:
+        self.shapes = shapes
+        self.sink = sink
         self.executor = executor
         self.pending: list[NDArray[np.uint8] | None] = [None] * len(shapes)
         self.next_row = [0] * len(shapes)
 
-    def push(
-        self, level: int, pixels: NDArray[np.uint8], final: bool, *, emit: bool = True
-    ) -> Iterator[Strip]:
-        row = self.next_row[level]
-        self.next_row[level] += pixels.shape[0]
-        if emit and pixels.shape[0]:
-            yield Strip(level, row, pixels, final)
+    def push(self, level: int, pixels: NDArray[np.uint8], final: bool) -> None:
+        """Add the next rows of ``level``; write what they complete below it to the sink."""
         if level + 1 >= len(self.shapes):
             return
         carry = self.pending[level]
         rows = pixels if carry is None else np.concatenate([carry, pixels])
-        if final:
-            n_even = rows.shape[0]
-            self.pending[level] = None
-        else:
-            n_even = rows.shape[0] // 2 * 2
-            self.pending[level] = rows[n_even:].copy() if n_even < rows.shape[0] else None
+        n_even = rows.shape[0] if final else rows.shape[0] // 2 * 2
+        self.pending[level] = None if final or n_even == rows.shape[0] else rows[n_even:].copy()
         if n_even == 0 and not final:
             return
         down = downsample_2x(rows[:n_even], executor=self.executor)
         del rows
-        yield from self.push(level + 1, down, final)
-
-
-def _band_edges(row_chunks: tuple[int, ...], start_row: int, height: int) -> list[tuple[int, int]]:
-    edges = np.cumsum((0, *row_chunks)).tolist()
-    cuts = [start_row] + [e for e in edges if start_row < e < height] + [height]
-    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+        row = self.next_row[level + 1]
+        self.next_row[level + 1] += down.shape[0]
+        self.sink(level + 1, row, down)
+        self.push(level + 1, down, final)
 
 
 def _default_client() -> Any | None:
@@ -267,53 +435,57 @@ def _default_client() -> Any | None:
         return None
 
 
-def iter_pyramid(
+def iter_blocks(
     array: da.Array,
+    store: LevelStore,
     *,
-    max_px: int = MAX_PX,
+    row_edges: list[int] | None = None,
+    col_edges: list[int] | None = None,
     start_row: int = 0,
-    read_done: Callable[[int, int], NDArray[np.uint8]] | None = None,
-    replay_px: int = 1024,
+    read_done: Callable[[int, int, int, int], NDArray[np.uint8]] | None = None,
     prefetch: int = 2,
     progress: Callable[[int, int], None] | None = None,
-) -> Generator[Strip, None, None]:
-    """Stream every pyramid level of a lazy image, computing level 0 once.
+) -> Generator[Block, None, None]:
+    """Stream level 0 block by block, spilling every lower level to ``store``.
 
-    Level 0 is computed one band (one row of chunks) at a time, with up to
-    ``prefetch`` bands computing ahead; each band is downsampled into every
-    lower level at once.  Strips of one level come in row order; a strip of
-    level ``k + 1`` comes after the level-``k`` strips it was made from.
+    Level 0 is computed one block (a few chunks, one band tall) at a time, in
+    band-major order, with up to ``prefetch`` blocks computing ahead.  Each
+    block is downsampled on its own into as many levels as its alignment allows
+    (:func:`block_depth`, all of them for 1024-px chunks); deeper levels are
+    built from full-width rows of the last of those, which are
+    ``2**depth`` times narrower than level 0.  Memory therefore depends on the
+    block size, not on the slide's width or height.  Every level-0 chunk is
+    computed exactly once.
 
     Parameters
     ----------
     array : dask.array.Array, (H, W, 3) uint8
-        Level 0.  Its row chunking sets the band height (memory use is about
-        ``(prefetch + 2) * band_rows * W * 3`` bytes).
-    max_px : int, optional
-        See :func:`pyramid_shapes`.
+        Level 0.
+    store : LevelStore
+        Receives levels ``1 ..``; complete when the generator is exhausted.
+    row_edges, col_edges : list of int, optional
+        Block edges (see :func:`block_edges`); default: 1024-px blocks.
+        Inner edges must be even chunk edges.
     start_row : int, optional
-        Resume point: level-0 rows ``[0, start_row)`` are not computed but read
-        with ``read_done`` (from a partial output) to rebuild the lower levels;
-        no level-0 strip is emitted for them.
-    read_done : callable ``(row0, row1) -> (row1 - row0, W, 3) uint8``, optional
+        Resume point, a row edge: blocks above it are not computed but read
+        with ``read_done`` to rebuild the lower levels, and not yielded.
+    read_done : callable ``(r0, r1, c0, c1) -> (r1 - r0, c1 - c0, 3) uint8``, optional
         Required when ``start_row > 0``.
-    replay_px : int, optional
-        Rows read per ``read_done`` call.
     prefetch : int, optional
-        Bands computing ahead of the consumer (>= 1).
+        Blocks computing ahead of the consumer (>= 1).
     progress : callable ``(done_chunks, total_chunks)``, optional
-        Called after each band, with counts of level-0 chunks.
+        Called after each block, with counts of level-0 chunks.
 
     Yields
     ------
-    Strip
-        Full-width strips of every level.
+    Block
+        Level-0 blocks from ``start_row`` on, band by band, left to right.
 
     Notes
     -----
-    Bands are computed with ``array.compute()`` in a background thread, so a
-    default ``distributed`` client is used when one is active, otherwise the
-    configured dask scheduler (threaded by default).
+    Blocks are computed with the default ``distributed`` client when one is
+    active, otherwise in a background thread with the configured dask
+    scheduler (threaded by default).
     """
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"array must have shape (H, W, 3), got {array.shape}")
@@ -322,63 +494,117 @@ def iter_pyramid(
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")
     height, width = int(array.shape[0]), int(array.shape[1])
-    if not 0 <= start_row <= height:
-        raise ValueError(f"start_row must be in [0, {height}], got {start_row}")
-    if start_row and read_done is None:
-        raise ValueError("start_row > 0 needs read_done")
+    if store.shapes[0] != (height, width):
+        raise ValueError(f"store is for {store.shapes[0]}, array is {(height, width)}")
     if array.chunks[2] != (3,):
         array = array.rechunk({2: 3})  # type: ignore[no-untyped-call]
-    shapes = pyramid_shapes(height, width, max_px=max_px)
-    row_chunks = array.chunks[0]
-    chunk_ends = np.cumsum(row_chunks)
-    per_row = len(array.chunks[1])
-    total = len(row_chunks) * per_row
+    if row_edges is None:
+        row_edges = block_edges(array.chunks[0], target=1024)
+    if col_edges is None:
+        col_edges = block_edges(array.chunks[1], target=1024)
+    _check_edges(row_edges, array.chunks[0], "row")
+    _check_edges(col_edges, array.chunks[1], "col")
+    if start_row not in row_edges[:-1] and start_row != height:
+        raise ValueError(f"start_row {start_row} is not a block edge {row_edges}")
+    if start_row and read_done is None:
+        raise ValueError("start_row > 0 needs read_done")
+
+    shapes = store.shapes
+    depth = block_depth(row_edges, col_edges, len(shapes))
+    row_bounds = np.cumsum((0, *array.chunks[0]))
+    total = len(array.chunks[0]) * len(array.chunks[1])
+    blocks = [
+        (r0, r1, c0, c1)
+        for r0, r1 in itertools.pairwise(row_edges)
+        for c0, c1 in itertools.pairwise(col_edges)
+    ]
 
     n_threads = max(2, min(4, _cpu_count()))
-    with (
-        ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-downsample") as down_pool,
-        ThreadPoolExecutor(prefetch, thread_name_prefix="wsi-norm-band") as band_pool,
-    ):
-        chain = _Chain(shapes, down_pool)
-        for r0 in range(0, start_row, replay_px):
-            r1 = min(r0 + replay_px, start_row)
-            pixels = np.ascontiguousarray(read_done(r0, r1))  # type: ignore[misc]
-            if pixels.shape != (r1 - r0, width, 3):
-                raise ValueError(f"read_done({r0}, {r1}) returned shape {pixels.shape}")
-            yield from chain.push(0, pixels, final=r1 == height, emit=False)
-        bands = _band_edges(row_chunks, start_row, height)
+    with ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-downsample") as down_pool:
+        chain = _Chain(shapes, lambda k, row, px: store.write(k, row, 0, px), down_pool)
+
+        def lower_levels(r0: int, r1: int, c0: int, c1: int, pixels: NDArray[np.uint8]) -> None:
+            level = pixels
+            for k in range(1, depth + 1):
+                level = downsample_2x(level, executor=down_pool)
+                store.write(k, r0 >> k, c0 >> k, level)
+            if c1 == width and depth + 1 < len(shapes):  # band done: deeper levels at full width
+                a, b = r0 >> depth, -(-r1 // 2**depth)
+                chain.push(depth, store.read(depth, a, b), final=r1 == height)
+
+        for r0, r1, c0, c1 in (b for b in blocks if b[1] <= start_row):
+            pixels = np.ascontiguousarray(read_done(r0, r1, c0, c1))  # type: ignore[misc]
+            if pixels.shape != (r1 - r0, c1 - c0, 3):
+                raise ValueError(f"read_done({r0}, {r1}, {c0}, {c1}) returned {pixels.shape}")
+            lower_levels(r0, r1, c0, c1, pixels)
         if progress is not None and start_row:
-            progress(int(np.searchsorted(chunk_ends, start_row, side="right")) * per_row, total)
-        client = _default_client()
-        queue: deque[tuple[int, int, Any]] = deque()
+            progress(int(np.searchsorted(row_bounds, start_row)) * len(array.chunks[1]), total)
+
+        todo = [b for b in blocks if b[0] >= start_row]
+        yield from _computed(array, todo, prefetch, height, width, lower_levels, progress, total)
+
+
+def _computed(
+    array: da.Array,
+    todo: list[tuple[int, int, int, int]],
+    prefetch: int,
+    height: int,
+    width: int,
+    lower_levels: Callable[[int, int, int, int, NDArray[np.uint8]], None],
+    progress: Callable[[int, int], None] | None,
+    total: int,
+) -> Generator[Block, None, None]:
+    client = _default_client()
+    row_bounds = np.cumsum((0, *array.chunks[0]))
+    col_bounds = np.cumsum((0, *array.chunks[1]))
+    per_row = len(array.chunks[1])
+    with ThreadPoolExecutor(prefetch, thread_name_prefix="wsi-norm-block") as pool:
+        queue: deque[tuple[tuple[int, int, int, int], Any]] = deque()
 
         def submit(i: int) -> None:
-            b0, b1 = bands[i]
-            part = array[b0:b1]
-            future: Any = (
-                client.compute(part) if client is not None else band_pool.submit(part.compute)
-            )
-            queue.append((b0, b1, future))
+            r0, r1, c0, c1 = todo[i]
+            part = array[r0:r1, c0:c1]
+            future: Any = client.compute(part) if client is not None else pool.submit(part.compute)
+            queue.append((todo[i], future))
 
-        for i in range(min(prefetch, len(bands))):
+        for i in range(min(prefetch, len(todo))):
             submit(i)
-        next_band = len(queue)
-        while queue:
-            b0, b1, future = queue.popleft()
-            pixels = np.ascontiguousarray(future.result())
-            del future
-            if next_band < len(bands):
-                submit(next_band)
-                next_band += 1
-            if pixels.shape != (b1 - b0, width, 3) or pixels.dtype != np.uint8:
-                raise ValueError(
-                    f"level-0 rows {b0}:{b1} computed to {pixels.shape} {pixels.dtype}, expected {(b1 - b0, width, 3)} uint8"
+        next_block = len(queue)
+        try:
+            while queue:
+                (r0, r1, c0, c1), future = queue.popleft()
+                pixels = np.ascontiguousarray(future.result())
+                del future
+                if next_block < len(todo):
+                    submit(next_block)
+                    next_block += 1
+                if pixels.shape != (r1 - r0, c1 - c0, 3) or pixels.dtype != np.uint8:
+                    raise ValueError(
+                        f"level-0 block {r0}:{r1}, {c0}:{c1} computed to {pixels.shape} "
+                        f"{pixels.dtype}, expected {(r1 - r0, c1 - c0, 3)} uint8"
+                    )
+                lower_levels(r0, r1, c0, c1, pixels)
+                yield Block(
+                    r0, c0, pixels, band_end=c1 == width, final=c1 == width and r1 == height
                 )
-            yield from chain.push(0, pixels, final=b1 == height)
-            del pixels
-            if progress is not None:
-                done = int(np.searchsorted(chunk_ends, b1, side="right")) * per_row
-                progress(done, total)
+                del pixels
+                if progress is not None:
+                    above = int(np.searchsorted(row_bounds, r0))  # chunk rows of earlier bands
+                    band = int(np.searchsorted(row_bounds, r1)) - above
+                    progress(above * per_row + int(np.searchsorted(col_bounds, c1)) * band, total)
+        finally:
+            for _, future in queue:
+                future.cancel()
+
+
+def _check_edges(edges: list[int], chunks: tuple[int, ...], axis: str) -> None:
+    bounds = set(np.cumsum((0, *chunks)).tolist())
+    n = sum(chunks)
+    if edges[0] != 0 or edges[-1] != n or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise ValueError(f"{axis} edges {edges} must rise from 0 to {n}")
+    bad = [e for e in edges[1:-1] if e % 2 or e not in bounds]
+    if bad:
+        raise ValueError(f"{axis} edges {bad} are not even chunk edges")
 
 
 def _cpu_count() -> int:

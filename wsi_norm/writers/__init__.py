@@ -81,7 +81,7 @@ def write_pyramid(
     fmt: OutputFormat | None = None,
     overwrite: bool = False,
     tile_px: int = 256,
-    chunk_px: int = 1024,
+    chunk_px: int | None = None,
     quality: int = 90,
     compression: str = "jpeg",
     zarr_format: int = 3,
@@ -89,16 +89,18 @@ def write_pyramid(
 ) -> Path:
     """Write an RGB image and its 2x2-mean pyramid to OME-Zarr or pyramidal TIFF.
 
-    Every level-0 chunk of ``array`` is computed exactly once, band by band
-    (one row of chunks at a time, two bands computing ahead), using the active
-    ``distributed`` client if there is one and dask's threaded scheduler
-    otherwise.  No level is ever held in memory whole.
+    Every level-0 chunk of ``array`` is computed exactly once, block by block
+    (a few chunks of one band at a time, two blocks computing ahead), using the
+    active ``distributed`` client if there is one and dask's threaded scheduler
+    otherwise.  Lower levels are spilled to raw files beside ``out`` while level
+    0 streams, so memory stays flat as the slide grows (disk: a third of level
+    0's uncompressed size, freed when done).
 
     Parameters
     ----------
     array : dask.array.Array or numpy.ndarray, (H, W, 3) uint8
-        Level 0 (for example a normalised slide).  Its row chunking sets the
-        band height; a numpy array is wrapped in 1024-pixel chunks.
+        Level 0 (for example a normalised slide).  It is computed a few of its
+        chunks at a time; a numpy array is wrapped in ``chunk_px`` (1024) chunks.
     out : str or Path
         Output path.  Written as ``OUT.partial`` and renamed when complete.
     mpp : (mpp_x, mpp_y) or None
@@ -115,7 +117,8 @@ def write_pyramid(
     tile_px : int, optional
         TIFF tile side (256 or 512).
     chunk_px : int, optional
-        OME-Zarr chunk side.
+        OME-Zarr chunk side; by default the array's own regular chunk side
+        (a multiple of 16 in 256..4096), else 1024.
     quality : int, optional
         TIFF JPEG quality (1-100).
     compression : {"jpeg", "deflate"}, optional
@@ -143,13 +146,15 @@ def write_pyramid(
 
     Notes
     -----
-    A killed OME-Zarr run resumes from its last finished chunk row of level 0
-    when called again with the same array shape, MPP, options and provenance.
+    A killed OME-Zarr run resumes from its last finished band of level 0
+    when called again with the same array shape and chunks, MPP, options and
+    provenance.
     """
     out = Path(out)
     fmt = infer_format(out) if fmt is None else fmt
     if isinstance(array, np.ndarray):
-        array = da.from_array(array, chunks=(chunk_px, chunk_px, 3))  # type: ignore[no-untyped-call]
+        side = chunk_px or 1024
+        array = da.from_array(array, chunks=(side, side, 3))  # type: ignore[no-untyped-call]
     if not isinstance(array, da.Array):
         raise TypeError(f"array must be a dask or numpy array, got {type(array).__name__}")
     if array.ndim != 3 or array.shape[2] != 3:

@@ -19,27 +19,34 @@ Provenance: the level-0 ImageDescription is the JSON text
 ``{"wsi_norm": record}``; it does not start with "Aperio", so the file is
 read as generic TIFF.
 
-Streaming: level-0 tiles are encoded as the bands of level 0 are computed
-(tifffile encodes them in a thread pool); lower levels, which a TIFF must hold
-after level 0, are spilled uncompressed to ``OUT.levels.partial/level<k>.raw``
-(a third of level 0's raw size in all) with plain file writes, then read back
-``tile_px`` rows at a time.  Memory is a few level-0 bands, not a level.
+Streaming: level 0 arrives in blocks (:func:`wsi_norm.pyramid.iter_blocks`),
+which are cut into tiles and JPEG/deflate-encoded at once in a thread pool
+(the encoder is byte-identical to tifffile's for the same tags); tifffile
+writes the encoded tiles in TIFF order, a band at a time.  Lower levels, which
+a TIFF must hold after level 0, are spilled uncompressed to
+``OUT.levels.partial/level<k>.raw`` (a third of level 0's raw size in all) and
+read back ``tile_px`` rows at a time.  Memory is a few blocks, a band's
+encoded tiles, and fewer than ``tile_px`` full-width rows when the source's
+chunks do not line up with the tiles: it does not grow with the slide.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import dask.array as da
+import imagecodecs
 import numpy as np
 import tifffile
 from numpy.typing import NDArray
 
-from ..pyramid import Strip, iter_pyramid, pyramid_shapes
+from ..pyramid import Block, LevelStore, _cpu_count, block_edges, iter_blocks, pyramid_shapes
 from .atomic import atomic_output, partial_path, remove_path
 from .provenance import PROVENANCE_KEY, build_record, software_versions
 
@@ -50,6 +57,30 @@ logger = logging.getLogger(__name__)
 #: Accepted ``compression`` values.
 TIFF_COMPRESSIONS = ("jpeg", "deflate")
 _DEFLATE_LEVEL = 6
+#: Preferred level-0 block side: blocks are computed and encoded one at a time.
+_BLOCK_PX = 1024
+
+
+def _encoder(compression: str, quality: int) -> Callable[[NDArray[np.uint8]], bytes]:
+    """The tile encoder, byte-identical to tifffile's for the tags it writes."""
+    if compression == "jpeg":
+        subsampling = (1, 1) if quality >= 90 else (2, 2)
+        return functools.partial(
+            imagecodecs.jpeg_encode,
+            level=quality,
+            colorspace="RGB",
+            outcolorspace="YCBCR",
+            subsampling=subsampling,
+        )
+
+    def deflate(tile: NDArray[np.uint8]) -> bytes:
+        return bytes(
+            imagecodecs.deflate_encode(
+                imagecodecs.delta_encode(tile, axis=-2), level=_DEFLATE_LEVEL
+            )
+        )
+
+    return deflate
 
 
 def _tiles(rows: NDArray[np.uint8], tile_px: int) -> Iterator[NDArray[np.uint8]]:
@@ -61,67 +92,82 @@ def _tiles(rows: NDArray[np.uint8], tile_px: int) -> Iterator[NDArray[np.uint8]]
         tile = rows[:, x : x + tile_px]
         if tile.shape[1] < tile_px:
             tile = np.pad(tile, ((0, 0), (0, tile_px - tile.shape[1]), (0, 0)), mode="edge")
-        yield tile
+        yield np.ascontiguousarray(tile)
 
 
-class _Spill:
-    """Raw row-major files holding levels 1.. until level 0 is written."""
+class _Level0Tiles:
+    """Cuts level-0 blocks into tiles, encodes them, and releases whole tile rows.
 
-    def __init__(self, folder: Path, shapes: list[tuple[int, int]]) -> None:
-        self.folder = folder
-        self.shapes = shapes
-        folder.mkdir()
-        self.files: dict[int, BinaryIO] = {}
-        for k in range(1, len(shapes)):
-            self.files[k] = open(self.path(k), "wb")  # noqa: SIM115 - closed in add()/close()
+    Blocks come band by band, left to right.  Rows of a band below its last
+    full tile row are kept (full width, fewer than ``tile_px`` rows) for the
+    next band; columns right of a block's last full tile are kept (one band
+    tall, fewer than ``tile_px`` columns) for the next block.  Only encoded
+    tiles are held for a whole band.
+    """
 
-    def path(self, level: int) -> Path:
-        return self.folder / f"level{level}.raw"
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        tile_px: int,
+        encode: Callable[[NDArray[np.uint8]], bytes],
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self.height, self.width = shape
+        self.tile_px = tile_px
+        self.encode = encode
+        self.pool = pool
+        self.top: NDArray[np.uint8] | None = None  # rows carried into this band
+        self.next_top: NDArray[np.uint8] | None = None
+        self.left: NDArray[np.uint8] | None = None  # columns carried into the next block
+        self.encoded: list[list[bytes]] = []  # per tile row of the band
 
-    def add(self, strip: Strip) -> None:
-        self.files[strip.level].write(np.ascontiguousarray(strip.pixels).data)
-        if strip.final:
-            self.files.pop(strip.level).close()
+    def add(self, block: Block) -> list[bytes]:
+        """Take one block; return the encoded tiles it completes, in TIFF order."""
+        t = self.tile_px
+        c0, c1 = block.col, block.col + block.pixels.shape[1]
+        rows = block.pixels
+        if self.top is not None:
+            rows = np.concatenate([self.top[:, c0:c1], rows])
+        x0 = c0
+        if self.left is not None:
+            rows = np.concatenate([self.left, rows], axis=1)
+            x0 -= self.left.shape[1]
+        last_band = block.row + block.pixels.shape[0] == self.height
+        n_rows = rows.shape[0] if last_band else rows.shape[0] // t * t
+        x1 = c1 if c1 == self.width else x0 + (c1 - x0) // t * t
+        self.left = rows[:, x1 - x0 :].copy() if x1 < c1 else None
+        if c0 == 0:
+            self.encoded = [[] for _ in range(-(-n_rows // t))]
+            rest = rows.shape[0] - n_rows
+            self.next_top = np.empty((rest, self.width, 3), np.uint8) if rest else None
+        if self.next_top is not None:
+            self.next_top[:, x0:x1] = rows[n_rows:, : x1 - x0]
+        for i, row in enumerate(self.encoded):
+            band = rows[i * t : min((i + 1) * t, n_rows), : x1 - x0]
+            row.extend(self.pool.map(self.encode, _tiles(band, t)))
+        if not block.band_end:
+            return []
+        self.top, self.next_top = self.next_top, None
+        done = [tile for row in self.encoded for tile in row]
+        self.encoded = []
+        return done
 
-    def tile_rows(self, level: int, tile_px: int) -> Iterator[NDArray[np.uint8]]:
-        h, w = self.shapes[level]
-        row_bytes = w * 3
-        with open(self.path(level), "rb") as f:
-            for r0 in range(0, h, tile_px):
-                n = min(tile_px, h - r0)
-                data = np.fromfile(f, dtype=np.uint8, count=n * row_bytes)
-                if data.size != n * row_bytes:
-                    raise OSError(f"{self.path(level)}: spill file is short at row {r0}")
-                yield data.reshape(n, w, 3)
-        self.path(level).unlink()
 
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-        self.files.clear()
+def _level0_bytes(blocks: Iterator[Block], cutter: _Level0Tiles) -> Iterator[bytes]:
+    for block in blocks:
+        yield from cutter.add(block)
 
 
-def _level0_tiles(
-    stream: Iterator[Strip], spill: _Spill, tile_px: int
-) -> Iterator[NDArray[np.uint8]]:
-    """Tiles of level 0 in row-major order; lower-level strips go to ``spill``."""
-    pieces: list[NDArray[np.uint8]] = []
-    n = 0
-    for strip in stream:
-        if strip.level:
-            spill.add(strip)
-            continue
-        pieces.append(strip.pixels)
-        n += strip.pixels.shape[0]
-        while n >= tile_px or (strip.final and n):
-            block = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-            take = min(tile_px, n)
-            yield from _tiles(block[:take], tile_px)
-            rest = block[take:]
-            pieces = [rest] if rest.shape[0] else []
-            n -= take
-        if strip.final:
-            return
+def _lower_bytes(
+    store: LevelStore,
+    level: int,
+    tile_px: int,
+    encode: Callable[[NDArray[np.uint8]], bytes],
+    pool: ThreadPoolExecutor,
+) -> Iterator[bytes]:
+    h = store.shapes[level][0]
+    for r0 in range(0, h, tile_px):
+        yield from pool.map(encode, _tiles(store.read(level, r0, r0 + tile_px), tile_px))
 
 
 def write_tiff(
@@ -201,53 +247,52 @@ def write_tiff(
     description = json.dumps({PROVENANCE_KEY: record}, ensure_ascii=True, separators=(",", ":"))
     software = f"wsi-norm {software_versions().get('wsi-norm', 'unknown')}"
 
-    spill_dir = partial_path(out, ".levels")
-    remove_path(spill_dir)
+    encode = _encoder(compression, quality)
+    row_edges = block_edges(array.chunks[0], target=_BLOCK_PX, align=tile_px)
+    col_edges = block_edges(array.chunks[1], target=_BLOCK_PX)
+    store_dir = partial_path(out, ".levels")
+    remove_path(store_dir)
+    n_threads = maxworkers or _cpu_count()
     try:
-        with atomic_output(out, overwrite=overwrite) as partial:
-            spill = _Spill(spill_dir, shapes)
-            stream = iter_pyramid(array, progress=progress)
+        with (
+            atomic_output(out, overwrite=overwrite) as partial,
+            LevelStore(store_dir, shapes) as store,
+            ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-encode") as pool,
+            tifffile.TiffWriter(partial, bigtiff=True) as tif,
+        ):
+            blocks = iter_blocks(
+                array, store, row_edges=row_edges, col_edges=col_edges, progress=progress
+            )
             try:
-                with tifffile.TiffWriter(partial, bigtiff=True) as tif:
-                    for k, (h, w) in enumerate(shapes):
-                        if k == 0:
-                            tiles: Iterator[NDArray[np.uint8]] = _level0_tiles(
-                                stream, spill, tile_px
-                            )
-                        else:
-                            if k == 1:
-                                for strip in stream:  # the rest of the last band's lower levels
-                                    spill.add(strip)
-                            tiles = (
-                                t
-                                for rows in spill.tile_rows(k, tile_px)
-                                for t in _tiles(rows, tile_px)
-                            )
-                        resolution: dict[str, Any] = {}
-                        if mpp is not None:
-                            resolution = {
-                                "resolution": (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)),
-                                "resolutionunit": "CENTIMETER",
-                            }
-                        tif.write(
-                            tiles,
-                            shape=(h, w, 3),
-                            dtype=np.uint8,
-                            tile=(tile_px, tile_px),
-                            photometric="rgb",
-                            planarconfig="contig",
-                            subfiletype=1 if k else 0,
-                            description=description if k == 0 else None,
-                            software=software if k == 0 else None,
-                            metadata=None,
-                            maxworkers=maxworkers,
-                            **resolution,
-                            **codec,
-                        )
+                for k, (h, w) in enumerate(shapes):
+                    if k == 0:
+                        cutter = _Level0Tiles((h, w), tile_px, encode, pool)
+                        tiles = _level0_bytes(blocks, cutter)
+                    else:
+                        tiles = _lower_bytes(store, k, tile_px, encode, pool)
+                    resolution: dict[str, Any] = {}
+                    if mpp is not None:
+                        resolution = {
+                            "resolution": (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)),
+                            "resolutionunit": "CENTIMETER",
+                        }
+                    tif.write(
+                        tiles,
+                        shape=(h, w, 3),
+                        dtype=np.uint8,
+                        tile=(tile_px, tile_px),
+                        photometric="rgb",
+                        planarconfig="contig",
+                        subfiletype=1 if k else 0,
+                        description=description if k == 0 else None,
+                        software=software if k == 0 else None,
+                        metadata=None,
+                        **resolution,
+                        **codec,
+                    )
             finally:
-                stream.close()  # stops band prefetching if writing failed
-                spill.close()
+                blocks.close()  # stops block prefetching if writing failed
     finally:
-        remove_path(spill_dir)
+        remove_path(store_dir)
     logger.info("%s: wrote %d levels, level 0 %d x %d", out, len(shapes), *shapes[0])
     return out
