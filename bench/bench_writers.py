@@ -61,11 +61,14 @@ def _child(fmt: Any, slide_path: str, out: str) -> None:
     if fmt == "read":  # read + decode + downsample (lower levels spilled), no encoding
         import tempfile
 
-        from wsi_norm.pyramid import LevelStore, iter_blocks, pyramid_shapes
+        from wsi_norm.pyramid import LevelStore, block_edges, iter_blocks, pyramid_shapes
 
+        edges = [
+            block_edges(c, target=1024, align=256) for c in array.chunks[:2]
+        ]  # as the TIFF writer
         with (
             tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp,
-            LevelStore(Path(tmp) / "levels", pyramid_shapes(*array.shape[:2])) as store,
+            LevelStore(Path(tmp) / "levels", pyramid_shapes(*array.shape[:2]), *edges) as store,
         ):
             for _ in iter_blocks(array, store):
                 pass

@@ -126,11 +126,19 @@ def test_downsample_rejects_wrong_input() -> None:
 
 
 def _stream(
-    array: da.Array, tmp_path: Path, *, max_px: int = 1024, **kwargs: Any
+    array: da.Array,
+    tmp_path: Path,
+    *,
+    max_px: int = 1024,
+    row_edges: list[int] | None = None,
+    col_edges: list[int] | None = None,
+    **kwargs: Any,
 ) -> tuple[list[Block], list[np.ndarray]]:
     """Run iter_blocks; return its blocks and every lower level read back from the store."""
     shapes = pyramid_shapes(*array.shape[:2], max_px=max_px)
-    with LevelStore(tmp_path / "levels", shapes) as store:
+    row_edges = row_edges or block_edges(array.chunks[0], target=1024)
+    col_edges = col_edges or block_edges(array.chunks[1], target=1024)
+    with LevelStore(tmp_path / "levels", shapes, row_edges, col_edges) as store:
         blocks = list(iter_blocks(array, store, **kwargs))
         lower = [store.read(k, 0, h) for k, (h, _) in enumerate(shapes) if k]
     assert not (tmp_path / "levels").exists()
@@ -232,18 +240,18 @@ def test_iter_blocks_resume_replays_lower_levels_only(tmp_path: Path) -> None:
 
 
 def test_iter_blocks_rejects_bad_input(tmp_path: Path) -> None:
-    def first(array: da.Array, **kwargs: Any) -> None:
+    def first(array: da.Array, row_edges: list[int] | None = None, **kwargs: Any) -> None:
         shapes = pyramid_shapes(*array.shape[:2])
-        with LevelStore(tmp_path / "s", shapes) as store:
+        with LevelStore(tmp_path / "s", shapes, row_edges) as store:
             next(iter_blocks(array, store, **kwargs))
 
     with pytest.raises(TypeError, match="uint8"):
         first(da.zeros((10, 10, 3), dtype=np.uint16))
     array = da.zeros((2000, 10, 3), dtype=np.uint8, chunks=(500, 10, 3))
     with pytest.raises(ValueError, match="read_done"):
-        first(array, start_row=1000)
+        first(array, row_edges=[0, 1000, 2000], start_row=1000)
     with pytest.raises(ValueError, match="not a block edge"):
-        first(array, start_row=700)
+        first(array, row_edges=[0, 1000, 2000], start_row=500)
     with pytest.raises(ValueError, match="not even chunk edges"):
         first(array, row_edges=[0, 750, 2000])
     with (
@@ -268,22 +276,43 @@ def test_block_edges_are_even_chunk_edges(chunks: list[int], target: int, align:
 
 
 def test_level_store_round_trips_blocks_and_refuses_outside(tmp_path: Path) -> None:
-    shapes = [(100, 90), (50, 45), (25, 23)]
-    level = np.random.default_rng(7).integers(0, 256, (50, 45, 3), dtype=np.uint8)
-    with LevelStore(tmp_path / "s", shapes) as store:
-        assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["level1.raw", "level2.raw"]
-        for r0, c0 in itertools.product((0, 20), (0, 30)):
-            store.write(1, r0, c0, level[r0 : r0 + 30, c0 : c0 + 15])
-        store.write(1, 0, 15, level[:, 15:30])
-        store.write(1, 30, 0, level[30:, :30])
-        np.testing.assert_array_equal(store.read(1, 0, 50), level)
-        np.testing.assert_array_equal(store.read(1, 7, 41, 3, 44), level[7:41, 3:44])
-        np.testing.assert_array_equal(store.read(1, 40, 99, 40, 99), level[40:, 40:])  # clipped
-        with pytest.raises(ValueError, match="outside"):
-            store.write(1, 45, 0, level[:10])
-        with pytest.raises(ValueError, match="outside"):
-            store.write(0, 0, 0, level)  # level 0 is not stored
+    shapes = [(200, 180), (100, 90), (50, 45), (25, 23)]
+    levels = reference_pyramid(
+        np.random.default_rng(7).integers(0, 256, (200, 180, 3), dtype=np.uint8), max_px=25
+    )
+    # blocks of 64 x 80 px align to 2**4 (16) rows and columns: levels 1 and 2 by blocks
+    with LevelStore(tmp_path / "s", shapes, [0, 64, 128, 200], [0, 80, 160, 180]) as store:
+        assert store.depth == len(shapes) - 1
+        assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+            "level1.raw",
+            "level2.raw",
+            "level3.raw",
+        ]
+        assert store.grid(2) == ([0, 16, 32, 50], [0, 20, 40, 45])
+        for k in (1, 2, 3):
+            rows, cols = store.grid(k)
+            for (r0, r1), (c0, c1) in itertools.product(
+                itertools.pairwise(rows), itertools.pairwise(cols)
+            ):
+                store.write(k, r0, c0, levels[k][r0:r1, c0:c1])
+            np.testing.assert_array_equal(store.read(k, 0, shapes[k][0]), levels[k])
+        np.testing.assert_array_equal(store.read(1, 7, 91, 3, 84), levels[1][7:91, 3:84])
+        np.testing.assert_array_equal(store.read(2, 40, 99, 40, 99), levels[2][40:, 40:])  # clipped
+        with pytest.raises(ValueError, match="not a block origin"):
+            store.write(1, 5, 0, levels[1][5:37, :40])
+        with pytest.raises(ValueError, match="must be 32 x 40"):
+            store.write(1, 0, 0, levels[1][:30, :40])
+        with pytest.raises(ValueError, match="not stored"):
+            store.write(0, 0, 0, levels[0])  # level 0 is not stored
     assert not (tmp_path / "s").exists()
+    # edges at 2 (mod 4): blocks cover level 1 only; level 2 is stored by full-width rows
+    with LevelStore(tmp_path / "r", shapes, [0, 66, 200], [0, 90, 180]) as store:
+        assert store.depth == 1
+        with pytest.raises(ValueError, match="full-width rows"):
+            store.write(2, 0, 0, levels[2][:10, :20])
+        store.write(2, 0, 0, levels[2][:33])
+        store.write(2, 33, 0, levels[2][33:])
+        np.testing.assert_array_equal(store.read(2, 10, 40, 5, 30), levels[2][10:40, 5:30])
 
 
 def _noise_chunk(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
@@ -299,9 +328,10 @@ def test_iter_blocks_memory_does_not_grow_with_width(tmp_path: Path) -> None:
             _noise_chunk, dtype=np.uint8
         )
         shapes = pyramid_shapes(4096, width)
+        edges = [block_edges(c, target=1024) for c in array.chunks[:2]]
         tracemalloc.start()
         try:
-            with LevelStore(tmp_path / f"w{width}", shapes) as store:
+            with LevelStore(tmp_path / f"w{width}", shapes, *edges) as store:
                 for _ in iter_blocks(array, store):
                     pass
             return tracemalloc.get_traced_memory()[1]

@@ -307,12 +307,16 @@ def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
 
 
 class LevelStore:
-    """Levels ``1 ..`` of a pyramid, spilled to raw row-major files while level 0 streams.
+    """Levels ``1 ..`` of a pyramid, spilled to raw files while level 0 streams.
 
     Every level ``k`` is one file of ``rows_k * cols_k * 3`` bytes
-    (``level<k>.raw``) in ``folder``; blocks are written and read at any
-    position with ``pwrite``/``pread``, so memory is the block, never the level.
-    The files take a third of level 0's raw size in all; they are deleted by
+    (``level<k>.raw``) in ``folder``.  Levels ``1 .. depth`` (see
+    :func:`block_depth`) are stored block by block: the level-0 block grid,
+    scaled down, with each block's pixels contiguous (bands one after another,
+    blocks left to right within a band), so writing a block is one ``pwrite``
+    and reading any rows of it one ``pread``.  Deeper levels, which arrive as
+    full-width rows, are stored row by row.  Memory is the block, never the
+    level; the files take a third of level 0's raw size and are deleted by
     :meth:`close`.
 
     Parameters
@@ -321,11 +325,24 @@ class LevelStore:
         Created; must not exist.
     shapes : list of (rows, cols)
         All level sizes, level 0 first (level 0 is not stored).
+    row_edges, col_edges : list of int, optional
+        The level-0 block grid (see :func:`block_edges`); default: one block.
     """
 
-    def __init__(self, folder: Path, shapes: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        shapes: list[tuple[int, int]],
+        row_edges: list[int] | None = None,
+        col_edges: list[int] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.shapes = shapes
+        self.row_edges = [0, shapes[0][0]] if row_edges is None else list(row_edges)
+        self.col_edges = [0, shapes[0][1]] if col_edges is None else list(col_edges)
+        if self.row_edges[-1] != shapes[0][0] or self.col_edges[-1] != shapes[0][1]:
+            raise ValueError(f"block edges do not end at the level-0 size {shapes[0]}")
+        self.depth = block_depth(self.row_edges, self.col_edges, len(shapes))
         self.folder.mkdir()
         self.fds: dict[int, int] = {}
         try:
@@ -348,39 +365,75 @@ class LevelStore:
         """File holding ``level``."""
         return self.folder / f"level{level}.raw"
 
-    def _check(self, level: int, r0: int, r1: int, c0: int, c1: int) -> None:
+    def grid(self, level: int) -> tuple[list[int], list[int]]:
+        """Row and column edges of the blocks of ``level`` (1 .. ``depth``)."""
         h, w = self.shapes[level]
-        if level not in self.fds or not (0 <= r0 <= r1 <= h and 0 <= c0 <= c1 <= w):
-            raise ValueError(f"level {level} rows {r0}:{r1} cols {c0}:{c1} outside {h} x {w}")
+        if not 1 <= level <= self.depth:
+            raise ValueError(f"level {level} is stored by rows, not blocks (depth {self.depth})")
+        return (
+            [e >> level for e in self.row_edges[:-1]] + [h],
+            [e >> level for e in self.col_edges[:-1]] + [w],
+        )
+
+    def _fd(self, level: int) -> int:
+        if level not in self.fds:
+            raise ValueError(f"level {level} is not stored (levels 1..{len(self.shapes) - 1})")
+        return self.fds[level]
 
     def write(self, level: int, row: int, col: int, pixels: NDArray[np.uint8]) -> None:
-        """Store ``pixels`` at ``(row, col)`` of ``level``."""
+        """Store one block of ``level`` (levels <= depth) or full-width rows (deeper)."""
+        fd = self._fd(level)
+        h, w = self.shapes[level]
         n, m = pixels.shape[:2]
-        self._check(level, row, row + n, col, col + m)
-        w = self.shapes[level][1]
-        fd = self.fds[level]
-        if m == w:
-            _pwrite_all(fd, memoryview(np.ascontiguousarray(pixels)).cast("B"), row * w * 3)
-            return
-        for i in range(n):
-            line = np.ascontiguousarray(pixels[i])
-            _pwrite_all(fd, memoryview(line).cast("B"), ((row + i) * w + col) * 3)
+        if level > self.depth:
+            if col != 0 or m != w or not 0 <= row <= row + n <= h:
+                raise ValueError(
+                    f"level {level}: expected full-width rows, got {n} x {m} at {row}, {col}"
+                )
+            offset = row * w * 3
+        else:
+            rows, cols = self.grid(level)
+            if row not in rows[:-1] or col not in cols[:-1]:
+                raise ValueError(f"level {level}: ({row}, {col}) is not a block origin")
+            i, j = rows.index(row), cols.index(col)
+            if (n, m) != (rows[i + 1] - row, cols[j + 1] - col):
+                raise ValueError(
+                    f"level {level}: block at ({row}, {col}) must be {rows[i + 1] - row} x {cols[j + 1] - col}, got {n} x {m}"
+                )
+            offset = (row * w + (rows[i + 1] - row) * col) * 3
+        _pwrite_all(fd, memoryview(np.ascontiguousarray(pixels)).cast("B"), offset)
 
     def read(
         self, level: int, r0: int, r1: int, c0: int = 0, c1: int | None = None
     ) -> NDArray[np.uint8]:
-        """Return rows ``r0:r1``, columns ``c0:c1`` (default: all) of ``level``."""
-        w = self.shapes[level][1]
-        c1 = w if c1 is None else min(c1, w)
-        r1 = min(r1, self.shapes[level][0])
-        self._check(level, r0, r1, c0, c1)
+        """Return rows ``r0:r1``, columns ``c0:c1`` (default: all) of ``level``, clipped to it."""
+        fd = self._fd(level)
+        h, w = self.shapes[level]
+        r1, c1 = min(r1, h), w if c1 is None else min(c1, w)
+        if not (0 <= r0 <= r1 and 0 <= c0 <= c1):
+            raise ValueError(f"level {level}: rows {r0}:{r1}, cols {c0}:{c1} outside {h} x {w}")
         out = np.empty((r1 - r0, c1 - c0, 3), dtype=np.uint8)
-        fd = self.fds[level]
-        if c0 == 0 and c1 == w:
-            _pread_into(fd, memoryview(out).cast("B"), r0 * w * 3, self.path(level))
+        if level > self.depth:
+            if c0 == 0 and c1 == w:
+                _pread_into(fd, memoryview(out).cast("B"), r0 * w * 3, self.path(level))
+            else:
+                for i in range(r1 - r0):
+                    offset = ((r0 + i) * w + c0) * 3
+                    _pread_into(fd, memoryview(out[i]).cast("B"), offset, self.path(level))
             return out
-        for i in range(r1 - r0):
-            _pread_into(fd, memoryview(out[i]).cast("B"), ((r0 + i) * w + c0) * 3, self.path(level))
+        rows, cols = self.grid(level)
+        for a, b in itertools.pairwise(rows):
+            if b <= r0 or a >= r1:
+                continue
+            ra, rb = max(a, r0), min(b, r1)
+            for x0, x1 in itertools.pairwise(cols):
+                if x1 <= c0 or x0 >= c1:
+                    continue
+                piece = np.empty((rb - ra, x1 - x0, 3), dtype=np.uint8)
+                offset = (a * w + (b - a) * x0 + (ra - a) * (x1 - x0)) * 3
+                _pread_into(fd, memoryview(piece).cast("B"), offset, self.path(level))
+                xa, xb = max(x0, c0), min(x1, c1)
+                out[ra - r0 : rb - r0, xa - c0 : xb - c0] = piece[:, xa - x0 : xb - x0]
         return out
 
     def close(self) -> None:
@@ -439,8 +492,6 @@ def iter_blocks(
     array: da.Array,
     store: LevelStore,
     *,
-    row_edges: list[int] | None = None,
-    col_edges: list[int] | None = None,
     start_row: int = 0,
     read_done: Callable[[int, int, int, int], NDArray[np.uint8]] | None = None,
     prefetch: int = 2,
@@ -463,9 +514,9 @@ def iter_blocks(
         Level 0.
     store : LevelStore
         Receives levels ``1 ..``; complete when the generator is exhausted.
-    row_edges, col_edges : list of int, optional
-        Block edges (see :func:`block_edges`); default: 1024-px blocks.
-        Inner edges must be even chunk edges.
+        Its block grid (``store.row_edges``, ``store.col_edges``, see
+        :func:`block_edges`) is the grid of the yielded blocks; inner edges must
+        be even chunk edges of ``array``.
     start_row : int, optional
         Resume point, a row edge: blocks above it are not computed but read
         with ``read_done`` to rebuild the lower levels, and not yielded.
@@ -498,10 +549,7 @@ def iter_blocks(
         raise ValueError(f"store is for {store.shapes[0]}, array is {(height, width)}")
     if array.chunks[2] != (3,):
         array = array.rechunk({2: 3})  # type: ignore[no-untyped-call]
-    if row_edges is None:
-        row_edges = block_edges(array.chunks[0], target=1024)
-    if col_edges is None:
-        col_edges = block_edges(array.chunks[1], target=1024)
+    row_edges, col_edges = store.row_edges, store.col_edges
     _check_edges(row_edges, array.chunks[0], "row")
     _check_edges(col_edges, array.chunks[1], "col")
     if start_row not in row_edges[:-1] and start_row != height:
@@ -510,7 +558,7 @@ def iter_blocks(
         raise ValueError("start_row > 0 needs read_done")
 
     shapes = store.shapes
-    depth = block_depth(row_edges, col_edges, len(shapes))
+    depth = store.depth
     row_bounds = np.cumsum((0, *array.chunks[0]))
     total = len(array.chunks[0]) * len(array.chunks[1])
     blocks = [

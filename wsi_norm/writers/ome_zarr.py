@@ -383,12 +383,10 @@ def _write_levels(
     block_px = chunk_px * _SHARD_CHUNKS
     writes = _Writes()
     try:
-        with LevelStore(store_dir, shapes) as store:
+        with LevelStore(store_dir, shapes, *edges) as store:
             for block in iter_blocks(
                 array,
                 store,
-                row_edges=edges[0],
-                col_edges=edges[1],
                 start_row=start_row,
                 read_done=read_done,
                 progress=progress,

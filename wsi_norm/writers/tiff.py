@@ -57,8 +57,10 @@ logger = logging.getLogger(__name__)
 #: Accepted ``compression`` values.
 TIFF_COMPRESSIONS = ("jpeg", "deflate")
 _DEFLATE_LEVEL = 6
-#: Preferred level-0 block side: blocks are computed and encoded one at a time.
-_BLOCK_PX = 1024
+#: Preferred level-0 block size, rows x columns: blocks are computed and encoded one at
+#: a time (12 MiB each).  Wider blocks mean fewer, larger dask computations: 1024-px
+#: square blocks read a 268-MP slide 1.24x slower.
+_BLOCK_ROWS, _BLOCK_COLS = 1024, 4096
 
 
 def _encoder(compression: str, quality: int) -> Callable[[NDArray[np.uint8]], bytes]:
@@ -248,21 +250,19 @@ def write_tiff(
     software = f"wsi-norm {software_versions().get('wsi-norm', 'unknown')}"
 
     encode = _encoder(compression, quality)
-    row_edges = block_edges(array.chunks[0], target=_BLOCK_PX, align=tile_px)
-    col_edges = block_edges(array.chunks[1], target=_BLOCK_PX)
+    row_edges = block_edges(array.chunks[0], target=_BLOCK_ROWS, align=tile_px)
+    col_edges = block_edges(array.chunks[1], target=_BLOCK_COLS)
     store_dir = partial_path(out, ".levels")
     remove_path(store_dir)
     n_threads = maxworkers or _cpu_count()
     try:
         with (
             atomic_output(out, overwrite=overwrite) as partial,
-            LevelStore(store_dir, shapes) as store,
+            LevelStore(store_dir, shapes, row_edges, col_edges) as store,
             ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-encode") as pool,
             tifffile.TiffWriter(partial, bigtiff=True) as tif,
         ):
-            blocks = iter_blocks(
-                array, store, row_edges=row_edges, col_edges=col_edges, progress=progress
-            )
+            blocks = iter_blocks(array, store, progress=progress)
             try:
                 for k, (h, w) in enumerate(shapes):
                     if k == 0:
