@@ -52,8 +52,11 @@ def _generate(size: int, workdir: Path) -> Path:
 def _child(fmt: Any, slide_path: str, out: str) -> None:
     """Run one copy in this process and print its timings as JSON."""
     t0 = time.perf_counter()
+    from wsi_norm._malloc import return_freed_memory
     from wsi_norm.slide import open_slide
     from wsi_norm.writers import write_pyramid
+
+    return_freed_memory()  # as the wsi-norm command and the flows do
 
     slide = open_slide(slide_path, backend="tiffslide")
     array = slide.to_dask(0)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wsi_norm._malloc import return_freed_memory
 from wsi_norm.errors import WsiNormError
 
 log = logging.getLogger("wsi_norm.cli")
@@ -436,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsi-norm`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    return_freed_memory()  # keeps peak RSS flat while slides stream (see wsi_norm._malloc)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

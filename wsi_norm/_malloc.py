@@ -1,0 +1,63 @@
+"""Make glibc return large freed buffers to the operating system.
+
+Streaming a slide allocates and frees the same few block-sized buffers (megabytes
+each) thousands of times from several threads.  glibc serves a freed buffer's
+successor from its heap arenas once its dynamic mmap threshold has risen past the
+buffer size, and its per-thread arenas then hold on to the memory: peak RSS of an
+OME-Zarr copy grew 35 % for 4x the slide area (509 -> 689 MiB) although Python's own
+allocations (traced with :mod:`tracemalloc`) stayed flat.  With two arenas, buffers of
+1 MiB or more served by ``mmap`` and the heap trimmed above 4 MiB it grew 3 %
+(316 -> 327 MiB) and ran 1.4x faster (37 s instead of 51 s for 1.07 gigapixels).
+Setting ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment as well (only
+possible before the process starts) saves another 8 % of time.
+``distributed`` does the same for the worker processes it starts
+(``MALLOC_TRIM_THRESHOLD_``, see ``distributed.nanny.pre-spawn-environ``).
+
+Only entry points call :func:`return_freed_memory` (the ``wsi-norm`` command, the
+Prefect flows, the benchmarks); it changes a process-wide setting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+__all__ = ["return_freed_memory"]
+
+log = logging.getLogger(__name__)
+
+# mallopt parameters from glibc's <malloc.h>, and the values set
+_SETTINGS = (
+    (-8, 2, "MALLOC_ARENA_MAX"),  # M_ARENA_MAX
+    (-3, 1 << 20, "MALLOC_MMAP_THRESHOLD_"),  # M_MMAP_THRESHOLD
+    (-1, 4 << 20, "MALLOC_TRIM_THRESHOLD_"),  # M_TRIM_THRESHOLD
+)
+
+
+def return_freed_memory() -> bool:
+    """Use two malloc arenas, ``mmap`` for 1 MiB or more, and trim the heap above 4 MiB.
+
+    Returns
+    -------
+    bool
+        True if glibc accepted the settings; False on other C libraries or
+        platforms, or when the environment already sets any of
+        ``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``,
+        ``MALLOC_TRIM_THRESHOLD_`` (the user's choice wins).
+    """
+    if not sys.platform.startswith("linux") or any(env in os.environ for _, _, env in _SETTINGS):
+        return False
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = all(mallopt(param, value) == 1 for param, value, _ in _SETTINGS)
+    log.debug("mallopt arenas/mmap/trim: %s", "ok" if ok else "refused")
+    return ok
