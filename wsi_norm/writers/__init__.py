@@ -1,7 +1,7 @@
 """Pyramidal output writers: OME-Zarr and tiled BigTIFF, one pass, atomic, with provenance.
 
 :func:`write_pyramid` is the entry point: it computes a lazy level-0 array once,
-band by band (see :mod:`wsi_norm.pyramid`), and writes every pyramid level to
+block by block (see :mod:`wsi_norm.pyramid`), and writes every pyramid level to
 the chosen format through a ``.partial`` sibling that is renamed on success.
 
 Examples
@@ -146,7 +146,7 @@ def write_pyramid(
 
     Notes
     -----
-    A killed OME-Zarr run resumes from its last finished band of level 0
+    A killed OME-Zarr run resumes from its last finished band of blocks of level 0
     when called again with the same array shape and chunks, MPP, options and
     provenance.
     """
