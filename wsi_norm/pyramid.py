@@ -525,7 +525,8 @@ def iter_blocks(
     prefetch : int, optional
         Blocks computing ahead of the consumer (>= 1).
     progress : callable ``(done_chunks, total_chunks)``, optional
-        Called after each block, with counts of level-0 chunks.
+        Called after each block (read back or computed), with counts of
+        level-0 chunks.
 
     Yields
     ------
@@ -560,7 +561,9 @@ def iter_blocks(
     shapes = store.shapes
     depth = store.depth
     row_bounds = np.cumsum((0, *array.chunks[0]))
-    total = len(array.chunks[0]) * len(array.chunks[1])
+    col_bounds = np.cumsum((0, *array.chunks[1]))
+    per_row = len(array.chunks[1])
+    total = len(array.chunks[0]) * per_row
     blocks = [
         (r0, r1, c0, c1)
         for r0, r1 in itertools.pairwise(row_edges)
@@ -580,66 +583,52 @@ def iter_blocks(
                 a, b = r0 >> depth, -(-r1 // 2**depth)
                 chain.push(depth, store.read(depth, a, b), final=r1 == height)
 
-        for r0, r1, c0, c1 in (b for b in blocks if b[1] <= start_row):
-            pixels = np.ascontiguousarray(read_done(r0, r1, c0, c1))  # type: ignore[misc]
-            if pixels.shape != (r1 - r0, c1 - c0, 3):
-                raise ValueError(f"read_done({r0}, {r1}, {c0}, {c1}) returned {pixels.shape}")
+        replayed = ((b, read_done(*b)) for b in blocks if b[1] <= start_row)  # type: ignore[misc]
+        computed = _prefetched(array, [b for b in blocks if b[0] >= start_row], prefetch)
+        for (r0, r1, c0, c1), pixels in itertools.chain(replayed, computed):
+            pixels = np.ascontiguousarray(pixels)
+            if pixels.shape != (r1 - r0, c1 - c0, 3) or pixels.dtype != np.uint8:
+                source = "read back" if r0 < start_row else "computed"
+                raise ValueError(
+                    f"level-0 block {r0}:{r1}, {c0}:{c1} {source} as {pixels.shape} "
+                    f"{pixels.dtype}, expected {(r1 - r0, c1 - c0, 3)} uint8"
+                )
             lower_levels(r0, r1, c0, c1, pixels)
-        if progress is not None and start_row:
-            progress(int(np.searchsorted(row_bounds, start_row)) * len(array.chunks[1]), total)
+            if r0 >= start_row:
+                yield Block(r0, c0, pixels, band_end=c1 == width, final=(r1, c1) == (height, width))
+            del pixels
+            if progress is not None:
+                above = int(np.searchsorted(row_bounds, r0))  # chunk rows of earlier bands
+                band = int(np.searchsorted(row_bounds, r1)) - above
+                progress(above * per_row + int(np.searchsorted(col_bounds, c1)) * band, total)
 
-        todo = [b for b in blocks if b[0] >= start_row]
-        yield from _computed(array, todo, prefetch, height, width, lower_levels, progress, total)
 
-
-def _computed(
-    array: da.Array,
-    todo: list[tuple[int, int, int, int]],
-    prefetch: int,
-    height: int,
-    width: int,
-    lower_levels: Callable[[int, int, int, int, NDArray[np.uint8]], None],
-    progress: Callable[[int, int], None] | None,
-    total: int,
-) -> Generator[Block, None, None]:
+def _prefetched(
+    array: da.Array, todo: list[tuple[int, int, int, int]], prefetch: int
+) -> Generator[tuple[tuple[int, int, int, int], Any], None, None]:
+    """Compute ``array[r0:r1, c0:c1]`` for each block in turn, ``prefetch`` ahead."""
     client = _default_client()
-    row_bounds = np.cumsum((0, *array.chunks[0]))
-    col_bounds = np.cumsum((0, *array.chunks[1]))
-    per_row = len(array.chunks[1])
     with ThreadPoolExecutor(prefetch, thread_name_prefix="wsi-norm-block") as pool:
         queue: deque[tuple[tuple[int, int, int, int], Any]] = deque()
 
-        def submit(i: int) -> None:
-            r0, r1, c0, c1 = todo[i]
+        def submit(block: tuple[int, int, int, int]) -> None:
+            r0, r1, c0, c1 = block
             part = array[r0:r1, c0:c1]
             future: Any = client.compute(part) if client is not None else pool.submit(part.compute)
-            queue.append((todo[i], future))
+            queue.append((block, future))
 
-        for i in range(min(prefetch, len(todo))):
-            submit(i)
-        next_block = len(queue)
+        pending = iter(todo)
+        for block in itertools.islice(pending, prefetch):
+            submit(block)
         try:
             while queue:
-                (r0, r1, c0, c1), future = queue.popleft()
-                pixels = np.ascontiguousarray(future.result())
+                block, future = queue.popleft()
+                result = future.result()
                 del future
-                if next_block < len(todo):
-                    submit(next_block)
-                    next_block += 1
-                if pixels.shape != (r1 - r0, c1 - c0, 3) or pixels.dtype != np.uint8:
-                    raise ValueError(
-                        f"level-0 block {r0}:{r1}, {c0}:{c1} computed to {pixels.shape} "
-                        f"{pixels.dtype}, expected {(r1 - r0, c1 - c0, 3)} uint8"
-                    )
-                lower_levels(r0, r1, c0, c1, pixels)
-                yield Block(
-                    r0, c0, pixels, band_end=c1 == width, final=c1 == width and r1 == height
-                )
-                del pixels
-                if progress is not None:
-                    above = int(np.searchsorted(row_bounds, r0))  # chunk rows of earlier bands
-                    band = int(np.searchsorted(row_bounds, r1)) - above
-                    progress(above * per_row + int(np.searchsorted(col_bounds, c1)) * band, total)
+                for nxt in itertools.islice(pending, 1):
+                    submit(nxt)
+                yield block, result
+                del result
         finally:
             for _, future in queue:
                 future.cancel()

@@ -274,7 +274,7 @@ def write_ome_zarr(
     Parameters
     ----------
     array : dask.array.Array, (H, W, 3) uint8
-        Level 0, computed once (band by band).
+        Level 0, computed once (block by block).
     out : Path
         Output folder, conventionally ``*.ome.zarr``.
     mpp : (mpp_x, mpp_y) or None

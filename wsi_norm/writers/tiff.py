@@ -155,11 +155,6 @@ class _Level0Tiles:
         return done
 
 
-def _level0_bytes(blocks: Iterator[Block], cutter: _Level0Tiles) -> Iterator[bytes]:
-    for block in blocks:
-        yield from cutter.add(block)
-
-
 def _lower_bytes(
     store: LevelStore,
     level: int,
@@ -190,7 +185,7 @@ def write_tiff(
     Parameters
     ----------
     array : dask.array.Array, (H, W, 3) uint8
-        Level 0, computed once (band by band).
+        Level 0, computed once (block by block).
     out : Path
         Output file, ``*.tif`` or ``*.tiff``.
     mpp : (mpp_x, mpp_y) or None
@@ -267,7 +262,7 @@ def write_tiff(
                 for k, (h, w) in enumerate(shapes):
                     if k == 0:
                         cutter = _Level0Tiles((h, w), tile_px, encode, pool)
-                        tiles = _level0_bytes(blocks, cutter)
+                        tiles = (t for block in blocks for t in cutter.add(block))
                     else:
                         tiles = _lower_bytes(store, k, tile_px, encode, pool)
                     resolution: dict[str, Any] = {}
