@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,19 +13,30 @@ from skimage.color import lab2rgb, rgb2lab
 from wsi_norm.color import is_background, lab_to_rgb, luma, od_to_rgb, rgb_to_lab, rgb_to_od
 
 
-@given(arrays(np.uint8, st.tuples(st.integers(1, 50), st.just(3))), st.floats(200.0, 255.0))
-def test_od_round_trip(rgb, io_):
-    back = od_to_rgb(rgb_to_od(rgb, io=io_), io=io_)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 50), st.just(3))),
+       st.tuples(st.floats(200.0, 255.0), st.floats(200.0, 255.0), st.floats(200.0, 255.0)))
+def test_od_round_trip(rgb, white):
+    back = od_to_rgb(rgb_to_od(rgb, white=white), white=white)
     assert np.array_equal(np.rint(back).astype(np.uint8), rgb)
 
 
 def test_od_values_and_torch_twin():
     rgb = np.array([[239, 0, 120]], dtype=np.uint8)
-    od = rgb_to_od(rgb)
+    od = rgb_to_od(rgb, white=239.0)
     np.testing.assert_allclose(od, [[0.0, np.log(240.0), np.log(240 / 121)]], atol=1e-12)
-    od_t = rgb_to_od(torch.from_numpy(rgb), io=240.0)
+    od_t = rgb_to_od(torch.from_numpy(rgb), white=239.0)
     assert od_t.dtype == torch.float32
     np.testing.assert_allclose(od_t.numpy(), od, atol=1e-6)
+
+
+def test_glass_has_zero_od_in_every_channel_whatever_the_tint():
+    white = (231.0, 244.0, 252.0)
+    glass = np.array([[231, 244, 252]], dtype=np.uint8)
+    np.testing.assert_allclose(rgb_to_od(glass, white=white), 0.0, atol=1e-12)
+    t = rgb_to_od(torch.from_numpy(glass), white=white)
+    assert float(t.abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="white point must be in"):
+        rgb_to_od(glass, white=(0.0, 240.0, 240.0))
 
 
 def test_lab_matches_skimage():

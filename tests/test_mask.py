@@ -109,9 +109,12 @@ def test_sampling_glass_only_raises(tmp_path: Path) -> None:
     speck[10:20, 10:20] = (150, 80, 160)
     path2 = tmp_path / "speck.png"
     Image.fromarray(speck).save(path2)
-    with pytest.raises(FitError, match=r"speck\.png: only 64 tissue pixels"):
-        sample_tissue_pixels(open_slide(path2))  # the 8 x 8 interior: its rim is an edge
-    assert len(sample_tissue_pixels(open_slide(path2), edge_range=None, min_pixels=10).pixels) == 100
+    with pytest.raises(FitError, match=r"speck\.png: only 100 tissue pixels"):
+        sample_tissue_pixels(open_slide(path2))
+    sample = sample_tissue_pixels(open_slide(path2), min_pixels=10)
+    assert len(sample.pixels) == 100 and len(sample.blocks) == 25  # 10 x 10 px: 5 x 5 blocks of 2 x 2
+    np.testing.assert_allclose(sample.blocks, [[150, 80, 160]] * 25)
+    assert sample.white.source == "glass" and sample.white.rgb == (235.0, 235.0, 235.0)
 
 
 # ------------------------------------------------------------------ gigapixel

@@ -11,14 +11,17 @@ bit-identical to direct evaluation.
 
 Conventions
 -----------
-* Optical density (Beer-Lambert), with the background intensity ``io``::
+* Optical density (Beer-Lambert), against the slide's **white point** ``white``: the
+  8-bit intensity of its glass, per channel (R, G, B), i.e. the illumination ``I0``::
 
-      od = -log((rgb + 1) / io),     rgb = io * exp(-od) - 1
+      od = -log((rgb + 1) / (white + 1)),     rgb = (white + 1) * exp(-od) - 1
 
-  The ``+ 1`` keeps pure black finite (``od = log(io)``); the inverse subtracts
-  it again, so ``rgb -> od -> rgb`` is exact up to float rounding.  Pixels
-  brighter than ``io - 1`` have a (small) negative optical density; it is not
-  clipped, so the round trip holds for every 8-bit value.
+  Glass (``rgb == white``) has ``od == 0`` exactly, in every channel, whatever the
+  scanner's tint.  The ``+ 1`` keeps pure black finite; the inverse subtracts it again,
+  so ``rgb -> od -> rgb`` is exact up to float rounding.  Pixels brighter than the
+  white point have a (small) negative optical density; it is not clipped, so the round
+  trip holds for every 8-bit value.  Macenko et al.'s fixed ``Io = 240`` in
+  ``-log((rgb + 1) / Io)`` is ``white = 239`` here (:data:`TEXTBOOK_WHITE`).
 * CIE Lab: sRGB primaries, D65 2-degree white point (0.95047, 1.0, 1.08883),
   the same constants as :func:`skimage.color.rgb2lab`.  RGB floats are in
   [0, 1], ``L`` in [0, 100].
@@ -44,7 +47,8 @@ from numpy.typing import NDArray
 __all__ = [
     "BACKGROUND_LUMA",
     "BACKGROUND_WEIGHTED_MIN",
-    "DEFAULT_IO",
+    "DEFAULT_WHITE",
+    "TEXTBOOK_WHITE",
     "array_namespace",
     "is_background",
     "lab_to_rgb",
@@ -54,8 +58,10 @@ __all__ = [
     "rgb_to_od",
 ]
 
-#: Background intensity of Macenko's optical density (Macenko et al. 2009 use 240).
-DEFAULT_IO = 240.0
+#: White point (glass intensity per channel) assumed when a slide shows no measurable glass.
+DEFAULT_WHITE = 240.0
+#: The white point equivalent to Macenko et al.'s (and torchstain's) fixed ``Io = 240``.
+TEXTBOOK_WHITE = 239.0
 #: Grayscale value (rounded luma) above which a pixel is glass; see :func:`is_background`.
 BACKGROUND_LUMA = 200
 #: ``299 R + 587 G + 114 B >= BACKGROUND_WEIGHTED_MIN`` <=> ``round(luma) > BACKGROUND_LUMA``.
@@ -97,46 +103,63 @@ def _linear3(c0: Any, c1: Any, c2: Any, matrix: Any) -> list[Any]:
     ]
 
 
-def rgb_to_od(rgb: Any, *, io: float = DEFAULT_IO) -> Any:
-    """Optical density of RGB intensities, ``-log((rgb + 1) / io)``.
+def _white_channels(white: Any) -> tuple[float, float, float]:
+    """A white point as three Python floats (R, G, B), validated: each in (0, 255]."""
+    w = np.broadcast_to(np.asarray(white, dtype=np.float64), (3,))
+    if not np.all(np.isfinite(w)) or np.any(w <= 0.0) or np.any(w > 255.0):
+        raise ValueError(f"white point must be in (0, 255] per channel, got {np.asarray(white).tolist()}")
+    return float(w[0]), float(w[1]), float(w[2])
+
+
+def _per_channel(xp: ModuleType, like: Any, values: tuple[float, float, float]) -> Any:
+    """``values`` as an array/tensor broadcasting over the last axis of ``like``."""
+    if xp is np:
+        return np.asarray(values, dtype=like.dtype if like.dtype.kind == "f" else np.float64)
+    return xp.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def rgb_to_od(rgb: Any, *, white: Any = DEFAULT_WHITE) -> Any:
+    """Optical density of RGB intensities, ``-log((rgb + 1) / (white + 1))``.
 
     Parameters
     ----------
     rgb : (..., 3) array or tensor, uint8 or float, intensities in [0, 255]
         Integer input is converted to float64 (numpy) or float32 (torch).
-    io : float, keyword-only
-        Background (incident light) intensity, default 240.
+    white : float or (3,) array_like, keyword-only
+        The white point: glass intensity per channel (R, G, B), in (0, 255]; default 240.
 
     Returns
     -------
-    od : (..., 3) float, optical density (unitless); >= 0 for ``rgb < io``
+    od : (..., 3) float, optical density (unitless); 0 at the white point, > 0 below it
 
     Examples
     --------
     >>> import numpy as np
-    >>> rgb_to_od(np.array([239, 0, 120], dtype=np.uint8)).round(3)
-    array([ 0.   ,  5.48 ,  0.685])
+    >>> rgb_to_od(np.array([239, 0, 120], dtype=np.uint8), white=239).round(3)
+    array([0.   , 5.48 , 0.685])
     """
     xp = array_namespace(rgb)
     x = _as_float(rgb)
-    return -xp.log((x + 1.0) / float(io))
+    w1 = _per_channel(xp, x, tuple(c + 1.0 for c in _white_channels(white)))  # type: ignore[arg-type]
+    return -xp.log((x + 1.0) / w1)
 
 
-def od_to_rgb(od: Any, *, io: float = DEFAULT_IO) -> Any:
-    """RGB intensities of optical density, ``io * exp(-od) - 1`` (inverse of :func:`rgb_to_od`).
+def od_to_rgb(od: Any, *, white: Any = DEFAULT_WHITE) -> Any:
+    """RGB intensities of optical density, ``(white + 1) * exp(-od) - 1`` (inverse of :func:`rgb_to_od`).
 
     Parameters
     ----------
     od : (..., 3) float array or tensor, optical density
-    io : float, keyword-only
-        Background intensity, default 240.
+    white : float or (3,) array_like, keyword-only
+        White point per channel, default 240.
 
     Returns
     -------
     rgb : (..., 3) float, intensities (not rounded, not clipped)
     """
     xp = array_namespace(od)
-    return float(io) * xp.exp(-od) - 1.0
+    w1 = _per_channel(xp, od, tuple(c + 1.0 for c in _white_channels(white)))  # type: ignore[arg-type]
+    return w1 * xp.exp(-od) - 1.0
 
 
 def _as_float(x: Any) -> Any:

@@ -7,8 +7,9 @@ procedurally when those are missing), placed in irregular tissue regions, and re
 
     I = io * exp(-(C @ M))
 
-with ``C`` the (H, W, 2) concentrations and ``M`` the (2, 3) unit optical-density vectors
-(row 0 hematoxylin, row 1 eosin). Because every region can be recomputed from the parameters,
+with ``C`` the (H, W, 2) concentrations, ``M`` the (2, 3) unit optical-density vectors
+(row 0 hematoxylin, row 1 eosin) and ``io`` the glass intensity, one value or one per channel
+(a scanner's tinted white point). Because every region can be recomputed from the parameters,
 tests get the ground truth (stain vectors, concentrations, pixels) of any region of a gigapixel
 slide without reading it back, and registered pairs (same tissue, other stains) for free.
 
@@ -71,9 +72,7 @@ def _unit_rows(matrix: ArrayLike) -> NDArray[np.float64]:
     return m / np.linalg.norm(m, axis=1, keepdims=True)
 
 
-RUIFROK_HE: NDArray[np.float64] = _unit_rows([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
-"""(2, 3) float64: Ruifrok & Johnston's hematoxylin (row 0) and eosin (row 1) OD vectors, unit norm."""
-RUIFROK_HE.setflags(write=False)
+from wsi_norm.stain.base import RUIFROK_HE
 
 
 def _rotate_toward(
@@ -175,8 +174,16 @@ def rotate_stain_matrix(
     return out
 
 
+def _io_channels(io: float | ArrayLike) -> tuple[float, float, float]:
+    """Glass intensity as three floats in (0, 255] (one value is used for every channel)."""
+    values = np.broadcast_to(np.asarray(io, dtype=np.float64), (3,))
+    if not np.all(np.isfinite(values)) or np.any(values <= 0.0) or np.any(values > 255.0):
+        raise ValueError(f"io must be within (0, 255] (one value or three), got {np.asarray(io).tolist()}")
+    return float(values[0]), float(values[1]), float(values[2])
+
+
 def render_beer_lambert(
-    conc: ArrayLike, stain_matrix: ArrayLike, *, io: float = 240.0
+    conc: ArrayLike, stain_matrix: ArrayLike, *, io: float | ArrayLike = 240.0
 ) -> NDArray[np.uint8]:
     """Render stain concentrations to 8-bit RGB by the Beer-Lambert law.
 
@@ -186,8 +193,8 @@ def render_beer_lambert(
         Hematoxylin and eosin concentrations (OD units along the unit stain vectors), >= 0.
     stain_matrix : (2, 3) array_like
         OD vectors, row 0 hematoxylin, row 1 eosin; normalised to unit length here.
-    io : float
-        Transmitted intensity of glass, 0 < io <= 255.
+    io : float or (3,) array_like
+        Transmitted intensity of glass, 0 < io <= 255, one value or one per channel (R, G, B).
 
     Returns
     -------
@@ -204,16 +211,14 @@ def render_beer_lambert(
     c = np.asarray(conc, dtype=np.float32)
     if c.shape[-1:] != (2,):
         raise ValueError(f"conc must have shape (..., 2), got {c.shape}")
-    if not 0.0 < io <= 255.0:
-        raise ValueError(f"io must be within (0, 255], got {io}")
-    return _render_planes(c[..., 0], c[..., 1], m, io)
+    return _render_planes(c[..., 0], c[..., 1], m, _io_channels(io))
 
 
 def _render_planes(
     hema: NDArray[np.float32],
     eosin: NDArray[np.float32],
     stain_matrix: NDArray[np.float64],
-    io: float,
+    io: tuple[float, float, float],
 ) -> NDArray[np.uint8]:
     """Beer-Lambert on separate H and E planes of any shape S; returns S + (3,) uint8."""
     out = np.empty((*hema.shape, 3), np.uint8)
@@ -224,7 +229,7 @@ def _render_planes(
         np.multiply(eosin, np.float32(-stain_matrix[1, channel]), out=part)
         od += part
         np.exp(od, out=od)
-        od *= np.float32(io)
+        od *= np.float32(io[channel])
         np.rint(od, out=od)
         np.clip(od, 0.0, 255.0, out=od)
         out[..., channel] = od
@@ -292,8 +297,8 @@ class SyntheticParams:
         Seed of the tissue shape and texture layout.
     stain_matrix : (2, 3) float64
         Unit OD vectors, row 0 hematoxylin, row 1 eosin.
-    io : float
-        Glass intensity, 0..255.
+    io : (float, float, float)
+        Glass intensity per channel (R, G, B), 0..255; one number is used for every channel.
     tissue_fraction : float
         Fraction of the slide area inside tissue regions, 0..1.
     conc_scale : (float, float)
@@ -306,7 +311,7 @@ class SyntheticParams:
     height: int
     seed: int = 0
     stain_matrix: NDArray[np.float64] = field(default_factory=lambda: RUIFROK_HE)
-    io: float = 240.0
+    io: float | tuple[float, float, float] = 240.0
     tissue_fraction: float = 0.4
     conc_scale: tuple[float, float] = (1.0, 1.0)
     texture: TextureKind | None = None
@@ -318,8 +323,7 @@ class SyntheticParams:
             raise ValueError(
                 f"slide side must be <= {1024 * _texture.CELL_PX} px, got {self.width} x {self.height}"
             )
-        if not 0.0 < self.io <= 255.0:
-            raise ValueError(f"io must be within (0, 255], got {self.io}")
+        io = _io_channels(self.io)
         if not 0.0 <= self.tissue_fraction <= 1.0:
             raise ValueError(f"tissue_fraction must be within 0..1, got {self.tissue_fraction}")
         scale = tuple(float(s) for s in self.conc_scale)
@@ -334,7 +338,7 @@ class SyntheticParams:
         object.__setattr__(self, "width", int(self.width))
         object.__setattr__(self, "height", int(self.height))
         object.__setattr__(self, "seed", int(self.seed))
-        object.__setattr__(self, "io", float(self.io))
+        object.__setattr__(self, "io", io)
         object.__setattr__(self, "tissue_fraction", float(self.tissue_fraction))
 
 
@@ -348,8 +352,8 @@ class SyntheticTruth:
         The written TIFF.
     stain_matrix : (2, 3) float64
         Unit OD vectors, row 0 hematoxylin, row 1 eosin.
-    io : float
-        Glass intensity, 0..255.
+    io : (float, float, float)
+        Glass intensity per channel, 0..255 (the slide's true white point).
     seed : int
     width, height : int
         Level-0 size, px.
@@ -371,7 +375,7 @@ class SyntheticTruth:
 
     path: str
     stain_matrix: NDArray[np.float64]
-    io: float
+    io: tuple[float, float, float]
     seed: int
     width: int
     height: int
@@ -404,7 +408,7 @@ class SyntheticTruth:
         return {
             "wsi_norm_synthetic": 1,
             "stain_matrix": self.stain_matrix.tolist(),
-            "io": self.io,
+            "io": list(self.io),
             "seed": self.seed,
             "width": self.width,
             "height": self.height,
@@ -427,7 +431,7 @@ class SyntheticTruth:
         return cls(
             path=path,
             stain_matrix=_check_stain_matrix(doc["stain_matrix"]),
-            io=float(doc["io"]),
+            io=_io_channels(doc["io"]),
             seed=int(doc["seed"]),
             width=int(doc["width"]),
             height=int(doc["height"]),
@@ -511,7 +515,8 @@ def _unmix_own_stains(rgb: NDArray[np.uint8], io: NDArray[np.float64]) -> NDArra
 
     tissue = rgb.reshape(-1, 3)
     tissue = tissue[~is_background(tissue)]
-    params = StainParams(macenko_variant="textbook", alpha=3.0, io=float(np.mean(io)))
+    # textbook Macenko with Io = mean(io), i.e. white point mean(io) - 1 (wsi-norm 0.1's bank, unchanged)
+    params = StainParams(macenko_variant="textbook", alpha=3.0, white_point=float(np.mean(io)) - 1.0)
     try:
         stain_matrix = fit_macenko(np.ascontiguousarray(tissue), params).stain_matrix
     except FitError:
@@ -774,7 +779,7 @@ def generate_slide(
     seed: int = 0,
     tile_px: int = 512,
     mpp: float = 0.25,
-    io: float = 240.0,
+    io: float | tuple[float, float, float] = 240.0,
     quality: int = 90,
     compression: Compression = "jpeg",
     tissue_fraction: float = 0.4,
@@ -801,8 +806,9 @@ def generate_slide(
     mpp : float
         Level-0 pixel size, micrometre per pixel, written as X/YResolution in pixels per
         centimetre (OpenSlide reports it as ``openslide.mpp-x``, tiffslide as ``tiffslide.mpp-x``).
-    io : float
-        Glass intensity, 0..255; glass pixels are exactly ``round(io)``.
+    io : float or (float, float, float)
+        Glass intensity, 0..255, one value or one per channel (a scanner's white point); glass
+        pixels are exactly ``round(io)``.
     quality : int
         JPEG quality, 1..100.
     compression : {"jpeg", "deflate"}
@@ -878,7 +884,7 @@ def generate_slide(
     truth = SyntheticTruth(
         path=str(out),
         stain_matrix=params.stain_matrix,
-        io=params.io,
+        io=_io_channels(params.io),
         seed=params.seed,
         width=params.width,
         height=params.height,
@@ -912,7 +918,7 @@ def generate_slide(
         )
         if conc is None:
             return glass_bytes
-        return encode(_render_planes(conc[0], conc[1], params.stain_matrix, params.io))
+        return encode(_render_planes(conc[0], conc[1], params.stain_matrix, _io_channels(params.io)))
 
     tmp = out.with_name(out.name + ".partial")
     started = time.perf_counter()
