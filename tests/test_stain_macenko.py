@@ -1,4 +1,7 @@
-"""Macenko fit on Beer-Lambert renderings with known stain vectors (raw and JPEG q90)."""
+"""Macenko fit on Beer-Lambert renderings with known stain vectors (raw and JPEG q90).
+
+Images here are rendered with white point 239 (Macenko's Io = 240) and fitted with it.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,17 @@ from PIL import Image
 from wsi_norm.color import is_background, od_to_rgb, rgb_to_od
 from wsi_norm.errors import FitError
 from wsi_norm.metrics import stain_matrix_angles_deg
+from wsi_norm.sampling import tissue_blocks
 from wsi_norm.stain import StainParams, compile_colormap
 from wsi_norm.stain.base import order_stains
-from wsi_norm.stain.macenko import MacenkoStats, aggregate_macenko, fit_macenko
+from wsi_norm.stain.macenko import MacenkoStats, aggregate_macenko
+from wsi_norm.stain.macenko import fit_macenko as _fit_macenko
+
+WHITE = 239.0
+
+
+def fit_macenko(pixels, params=None):
+    return _fit_macenko(pixels, params, white=WHITE)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -54,13 +65,13 @@ def concentrations_from(img: np.ndarray) -> np.ndarray:
     """
     px = img.reshape(-1, 3)
     stats = fit_macenko(px, StainParams(macenko_variant="textbook", alpha=3.0))
-    conc = rgb_to_od(px) @ np.linalg.pinv(stats.stain_matrix)
+    conc = rgb_to_od(px, white=WHITE) @ np.linalg.pinv(stats.stain_matrix)
     return np.clip(conc, 0, None).reshape(img.shape[:2] + (2,))
 
 
-def render(conc: np.ndarray, stain_matrix: np.ndarray, io_: float = 240.0) -> np.ndarray:
-    """Beer-Lambert: rgb = io * exp(-conc @ M) - 1 (the inverse of our OD), uint8."""
-    return np.clip(np.rint(od_to_rgb(conc @ stain_matrix, io=io_)), 0, 255).astype(np.uint8)
+def render(conc: np.ndarray, stain_matrix: np.ndarray, white: float = WHITE) -> np.ndarray:
+    """Beer-Lambert: rgb = (white + 1) * exp(-conc @ M) - 1 (the inverse of our OD), uint8."""
+    return np.clip(np.rint(od_to_rgb(conc @ stain_matrix, white=white)), 0, 255).astype(np.uint8)
 
 
 def jpeg90(img: np.ndarray) -> np.ndarray:
@@ -81,31 +92,59 @@ def conc_maps():
 
 @pytest.mark.parametrize("image", ["source", "target"])
 @pytest.mark.parametrize("stain_set", sorted(STAIN_SETS))
-def test_robust_macenko_recovers_known_vectors(conc_maps, image, stain_set):
+def test_default_macenko_recovers_known_vectors(conc_maps, image, stain_set):
     truth = STAIN_SETS[stain_set]
     img = render(conc_maps[image], truth)
-    robust = stain_matrix_angles_deg(fit_macenko(tissue(img)).stain_matrix, truth)
+    strong = stain_matrix_angles_deg(fit_macenko(tissue(img)).stain_matrix, truth)
     textbook = stain_matrix_angles_deg(
         fit_macenko(tissue(img), StainParams(macenko_variant="textbook")).stain_matrix, truth
     )
-    jpg = stain_matrix_angles_deg(fit_macenko(tissue(jpeg90(img))).stain_matrix, truth)
-    report = f"{image}/{stain_set}: robust H,E={robust.round(2)} textbook={textbook.round(2)} robust+jpeg90={jpg.round(2)}"
+    jpg = stain_matrix_angles_deg(fit_macenko(tissue_blocks(jpeg90(img))).stain_matrix, truth)
+    report = f"{image}/{stain_set}: strong H,E={strong.round(2)} textbook={textbook.round(2)} strong+jpeg90={jpg.round(2)}"
     print(report)
-    # uncompressed: both stains within 1 deg (measured <= 0.2 deg)
-    assert np.all(robust <= 1.0), report
-    # after JPEG q90 (4:2:0): eosin within 2 deg; hematoxylin drifts 3-6 deg (known gap, see report)
-    assert jpg[1] <= 2.0, report
-    assert jpg[0] <= 7.0, report
+    # uncompressed: both stains within 1 deg
+    assert np.all(strong <= 1.0), report
+    # after JPEG q90 (4:2:0), on 2 x 2 block means as the sampler gives them: measured 2.0-5.0 deg (H),
+    # 0.8-3.4 deg (E) on these patches; the goal, 5 deg, is not met everywhere (BENCHMARKS.md)
+    assert np.all(jpg <= 5.5), report
 
 
-def test_textbook_beta_rule_loses_eosin_and_robust_does_not(conc_maps):
+@pytest.mark.parametrize("image", ["source", "target"])
+def test_agrees_with_textbook_on_clean_slides_unmixed_by_construction(image):
+    """A real patch unmixed by the textbook estimator itself and re-rendered, uncompressed, in the
+    same basis (its stains are the textbook's by construction): the default variant agrees with a
+    plain textbook Macenko within 1 deg."""
+    px = load_he(image).reshape(-1, 3)
+    textbook_params = StainParams(macenko_variant="textbook")
+    basis = fit_macenko(px, textbook_params).stain_matrix
+    conc = np.clip(rgb_to_od(px, white=WHITE) @ np.linalg.pinv(basis), 0, None)
+    img = render(conc, basis)
+    textbook = fit_macenko(tissue(img), textbook_params).stain_matrix
+    strong = fit_macenko(tissue(img)).stain_matrix
+    assert np.all(stain_matrix_angles_deg(textbook, basis) <= 1.0)
+    assert np.all(stain_matrix_angles_deg(strong, textbook) <= 1.0)
+
+
+def test_textbook_beta_rule_loses_eosin_and_the_default_does_not(conc_maps):
     truth = STAIN_SETS["e10_blue"]
     img = render(conc_maps["target"], truth)
     textbook = stain_matrix_angles_deg(
         fit_macenko(tissue(img), StainParams(macenko_variant="textbook")).stain_matrix, truth
     )
-    robust = stain_matrix_angles_deg(fit_macenko(tissue(img)).stain_matrix, truth)
-    assert textbook[1] > 3.0 and robust[1] < 1.0, (textbook, robust)
+    strong = stain_matrix_angles_deg(fit_macenko(tissue(img)).stain_matrix, truth)
+    assert textbook[1] > 3.0 and strong[1] < 1.0, (textbook, strong)
+
+
+def test_hematoxylin_heavy_keeps_eosin(conc_maps):
+    """wsi-norm 0.1's 'robust' variant took the angles of the slide's strongest pixels and put eosin
+    22-33 deg off on hematoxylin-heavy slides; the default picks the strongest pixels per side."""
+    truth = STAIN_SETS["e10_red"]
+    conc = conc_maps["source"] * np.array([1.6, 0.6])
+    img = render(conc, truth)
+    strong = stain_matrix_angles_deg(fit_macenko(tissue(img)).stain_matrix, truth)
+    assert np.all(strong <= 1.5), strong
+    with pytest.raises(ValueError, match="'robust' variant of wsi-norm 0.1 was removed"):
+        StainParams(macenko_variant="robust")
 
 
 def test_stats_are_ordered_unit_and_positive(conc_maps):
@@ -122,7 +161,7 @@ def test_registered_pair_normalises_to_target(conc_maps):
     src_img = render(conc, STAIN_SETS["ruifrok"])
     tgt_img = render(conc, STAIN_SETS["e10_red"])
     src, tgt = fit_macenko(tissue(src_img)), fit_macenko(tissue(tgt_img))
-    out = compile_colormap("macenko", src, tgt).apply(src_img)
+    out = compile_colormap("macenko", src, tgt, source_white=WHITE, target_white=WHITE).apply(src_img)
     mask = ~is_background(tgt_img)
     before = psnr(src_img, tgt_img, mask=mask), ssim(src_img, tgt_img, mask=mask)
     after = psnr(out, tgt_img, mask=mask), ssim(out, tgt_img, mask=mask)
@@ -155,9 +194,11 @@ def test_black_pixels_do_not_break_the_fit(conc_maps):
 
 def test_wrong_dtype_and_shape():
     with pytest.raises(TypeError, match="uint8"):
-        fit_macenko(np.zeros((10, 3), dtype=np.float32))
+        fit_macenko(np.zeros((10, 3), dtype=np.int16))
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         fit_macenko(np.zeros((4, 4, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"in \[0, 255\]"):
+        fit_macenko(np.full((10, 3), 300.0))
 
 
 def test_aggregate_is_median_and_renormalised():
