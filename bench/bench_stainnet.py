@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     from wsi_norm.stain.stainnet import StainNetMap, load_stainnet
 
     torch.set_num_threads(1)
-    cmap = StainNetMap(load_stainnet(args.weights), keep_background=True)
+    cmap = StainNetMap(load_stainnet(args.weights))
     tiles = _tiles(max(4, args.batch if args.device != "cpu" else 4))
     tile = tiles[0]
     rows: list[tuple[str, float]] = []  # (name, seconds per tile)

@@ -1,4 +1,4 @@
-"""ColorMap: LUT == numpy reference, torch within 1 level, background rule, per-pixel, pickling."""
+"""ColorMap: LUT == numpy reference, torch within 1 level, every pixel mapped, per-pixel, pickling."""
 
 from __future__ import annotations
 
@@ -12,20 +12,24 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from test_stain_macenko import load_he
 
-from wsi_norm.color import is_background
+from wsi_norm.colormap import GlassBlend
 from wsi_norm.errors import FitError
 from wsi_norm.stain import METHODS, StainParams, compile_colormap, fit_stats
 from wsi_norm.stain.macenko import MacenkoStats
 
 FAST = StainParams(max_fit_pixels=5000)
+SRC_WHITE, TGT_WHITE = (236.0, 232.0, 246.0), (241.0, 238.0, 244.0)
 
 
 @pytest.fixture(scope="module")
 def maps():
     src = load_he("source").reshape(-1, 3)
     tgt = load_he("target").reshape(-1, 3)
-    out = {m: compile_colormap(m, fit_stats(m, src, FAST), fit_stats(m, tgt, FAST)) for m in METHODS}
+    out = {m: compile_colormap(m, fit_stats(m, src, FAST), fit_stats(m, tgt, FAST), source_white=SRC_WHITE,
+                               target_white=TGT_WHITE) for m in METHODS}
     out["none"] = compile_colormap("none")
+    out["keep"] = compile_colormap("reinhard", fit_stats("reinhard", src), fit_stats("reinhard", tgt),
+                                   source_white=SRC_WHITE, target_white=TGT_WHITE, glass="keep")
     return out
 
 
@@ -38,7 +42,7 @@ def probe():
     return np.concatenate([real, rand, extremes], axis=0)
 
 
-@pytest.mark.parametrize("method", METHODS + ("none",))
+@pytest.mark.parametrize("method", METHODS + ("none", "keep"))
 def test_lut_is_bit_identical_to_numpy(maps, probe, method):
     cmap = maps[method]
     assert np.array_equal(cmap.apply(probe), cmap.evaluate_numpy(probe))
@@ -49,7 +53,7 @@ def test_lut_is_bit_identical_to_numpy(maps, probe, method):
     assert np.array_equal(lut[r].reshape(-1, 3), cmap.evaluate_numpy(block))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ("keep",))
 def test_torch_agrees_with_numpy(maps, probe, method):
     cmap = maps[method]
     ref = cmap.evaluate_numpy(probe).astype(int)
@@ -63,12 +67,33 @@ def test_torch_agrees_with_numpy(maps, probe, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_background_passes_through_and_tissue_changes(maps, probe, method):
+def test_glass_goes_to_the_target_white_and_tissue_changes(maps, probe, method):
+    glass = np.array([[SRC_WHITE]], dtype=np.uint8)
+    assert np.abs(maps[method].apply(glass).astype(int) - np.array(TGT_WHITE)).max() <= 1
     out = maps[method].apply(probe)
-    bg = is_background(probe)
-    assert np.array_equal(out[bg], probe[bg])
-    assert np.any(out[~bg] != probe[~bg])
+    assert np.any(out != probe)
     assert out.dtype == np.uint8 and out.shape == probe.shape
+
+
+def test_keep_glass_keeps_it_and_blends_smoothly(maps):
+    cmap = maps["keep"]
+    glass = np.array([[SRC_WHITE]], dtype=np.uint8)
+    assert np.array_equal(cmap.apply(glass), glass)
+    # along a ramp from tissue into glass the output never jumps
+    ramp = np.linspace([150, 140, 170], SRC_WHITE, 400).round().astype(np.uint8)[None]
+    steps = np.abs(np.diff(cmap.apply(ramp)[0].astype(int), axis=0)).max()
+    assert steps <= 3
+
+
+def test_glass_blend_band_and_validation():
+    blend = GlassBlend.for_whites("target", (250.0, 250.0, 250.0), (240.0, 240.0, 240.0))
+    assert blend.lo == 226.0 and blend.hi == 244.0
+    dim = GlassBlend.for_whites("keep", (205.0, 205.0, 205.0))
+    assert dim.lo == 200.0 and dim.hi == 208.0
+    with pytest.raises(ValueError, match="glass mode"):
+        GlassBlend("sideways", (240.0,) * 3, (240.0,) * 3, 200.0, 220.0)
+    with pytest.raises(ValueError, match="glass band"):
+        GlassBlend("keep", (240.0,) * 3, (240.0,) * 3, 190.0, 220.0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -138,7 +163,8 @@ def test_dtype_and_shape_preserved(rgb):
 def test_self_map_is_identity_on_stain_plane(conc):
     from wsi_norm.color import od_to_rgb
 
-    rgb = np.clip(np.rint(od_to_rgb(conc @ _M)), 0, 255).astype(np.uint8)
+    white = (236.0, 243.0, 249.0)
+    rgb = np.clip(np.rint(od_to_rgb(conc @ _M, white=white)), 0, 255).astype(np.uint8)
     stats = MacenkoStats(stain_matrix=_M, max_conc=[1.5, 1.0])
-    out = compile_colormap("macenko", stats, stats).evaluate_numpy(rgb)
+    out = compile_colormap("macenko", stats, stats, source_white=white, target_white=white).evaluate_numpy(rgb)
     assert np.abs(out.astype(int) - rgb).max() <= 2

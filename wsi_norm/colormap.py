@@ -23,14 +23,19 @@ Evaluation paths
     reference within 1 grey level; in float64 on CPU it agrees up to
     the last-ulp differences of ``exp``/``log``/``pow`` (also within 1 level).
 
-Background rule
----------------
-A pixel whose ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` is above 200
-(glass) passes through unchanged; every other pixel is mapped.  The test is
-exact integer arithmetic (:func:`wsi_norm.color.is_background`), and since it
-depends on the pixel's own value only, the map stays a pure per-pixel
-function (no seams).  Every input, including pure black and pure white, maps to
-a finite value: optical densities are clipped before ``exp``.
+Every pixel is mapped, continuously
+-----------------------------------
+The gray > 200 rule chooses the pixels the statistics are *fitted* on; it does not switch the
+map on and off.  Each map is one continuous function of the whole RGB cube, so neighbouring
+colours stay neighbours (no speckle at gray 200).  Glass goes to the **target's glass colour**:
+Macenko and Vahadane do so by construction (optical density against the source's white point,
+rendered into the target's: glass has OD 0 and comes out as the target white); Reinhard,
+histogram matching and StainNet carry a :class:`GlassBlend` when asked to.  A ``GlassBlend``
+blends the method's colour smoothly (a smoothstep in luma over a band of at least 8 levels below
+the white point) into either the white-balanced pixel (``mode="target"``: each channel scaled
+from the source's white point to the target's) or the unchanged pixel (``mode="keep"``: the
+source's glass is kept, ``--keep-glass``).  Every input, including pure black and pure white,
+maps to a finite value: optical densities are clipped before ``exp``.
 
 Thread safety and pickling
 --------------------------
@@ -47,17 +52,100 @@ import pickle
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.color import _channels_from_lab, _lab_from_channels, is_background
+from wsi_norm.color import (
+    BACKGROUND_LUMA,
+    DEFAULT_WHITE,
+    _channels_from_lab,
+    _lab_from_channels,
+    _white_channels,
+)
 from wsi_norm.color import _check_rgb_uint8 as _check_uint8_rgb
 from wsi_norm.errors import FitError
 
-__all__ = ["ColorMap", "HistogramMap", "IdentityMap", "ReinhardMap", "StainMatrixMap"]
+__all__ = ["ColorMap", "GlassBlend", "HistogramMap", "IdentityMap", "ReinhardMap", "StainMatrixMap"]
+
+GlassMode = Literal["target", "keep"]
+#: The glass band ends this many luma levels below the source white point ...
+_BAND_TOP_BELOW_WHITE = 6.0
+#: ... and starts this many below it (never below the gray > 200 rule), at least 8 levels wide.
+_BAND_BOTTOM_BELOW_WHITE = 24.0
+_BAND_MIN_WIDTH = 8.0
+
+
+def _luma_of(white: tuple[float, float, float]) -> float:
+    return 0.299 * white[0] + 0.587 * white[1] + 0.114 * white[2]
+
+
+@dataclass(frozen=True)
+class GlassBlend:
+    """A smooth hand-over from a method's colour to a glass colour near the white point.
+
+    ``out = m + s(luma) * (glass - m)`` channel by channel, where ``m`` is the method's colour,
+    ``s`` a smoothstep (``3 t^2 - 2 t^3``) rising from 0 at luma ``lo`` to 1 at ``hi``, and
+    ``glass`` is the white-balanced input (``mode="target"``: ``(x + 1) * (wt + 1) / (ws + 1) - 1``
+    per channel) or the input itself (``mode="keep"``).  The blend is continuous and has no
+    switch: its slope adds at most ``1.5 |glass - m| / (hi - lo)`` per luma level.
+
+    Parameters
+    ----------
+    mode : {"target", "keep"}
+    source_white, target_white : (float, float, float)
+        White points (glass intensity per channel) of the source slide and of the target.
+    lo, hi : float
+        Luma band of the hand-over, ``200 <= lo < hi``.
+    """
+
+    mode: GlassMode
+    source_white: tuple[float, float, float]
+    target_white: tuple[float, float, float]
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("target", "keep"):
+            raise ValueError(f"glass mode must be 'target' or 'keep', got {self.mode!r}")
+        object.__setattr__(self, "source_white", _white_channels(self.source_white))
+        object.__setattr__(self, "target_white", _white_channels(self.target_white))
+        if not (BACKGROUND_LUMA <= self.lo < self.hi):
+            raise ValueError(f"glass band must satisfy {BACKGROUND_LUMA} <= lo < hi, got {self.lo}, {self.hi}")
+
+    @classmethod
+    def for_whites(
+        cls, mode: GlassMode, source_white: Any = DEFAULT_WHITE, target_white: Any = DEFAULT_WHITE
+    ) -> GlassBlend:
+        """The band from the source white point's luma ``Y``: ``lo = max(200, Y - 24)``,
+        ``hi = max(lo + 8, Y - 6)`` (glass sits within a few levels of its white point)."""
+        src = _white_channels(source_white)
+        y = _luma_of(src)
+        lo = max(float(BACKGROUND_LUMA), y - _BAND_BOTTOM_BELOW_WHITE)
+        hi = max(lo + _BAND_MIN_WIDTH, y - _BAND_TOP_BELOW_WHITE)
+        return cls(mode, src, _white_channels(target_white), lo, hi)
+
+    def weight(self, xp: ModuleType, r: Any, g: Any, b: Any) -> Any:
+        """Smoothstep weight of the glass colour, 0 below ``lo``, 1 above ``hi``."""
+        t = xp.clip((0.299 * r + 0.587 * g + 0.114 * b - self.lo) / (self.hi - self.lo), 0.0, 1.0)
+        return t * t * (3.0 - 2.0 * t)
+
+    def glass(self, r: Any, g: Any, b: Any) -> list[Any]:
+        """The glass colour of each input: white-balanced (target) or unchanged (keep)."""
+        if self.mode == "keep":
+            return [r, g, b]
+        return [
+            (c + 1.0) * ((wt + 1.0) / (ws + 1.0)) - 1.0
+            for c, ws, wt in zip((r, g, b), self.source_white, self.target_white)
+        ]
+
+    def apply(self, xp: ModuleType, r: Any, g: Any, b: Any, mapped: list[Any]) -> list[Any]:
+        """Blend the method's planar colour ``mapped`` with the glass colour of ``(r, g, b)``."""
+        s = self.weight(xp, r, g, b)
+        return [m + s * (q - m) for m, q in zip(mapped, self.glass(r, g, b))]
 
 _LUT_BLOCK_BITS = 16  # colours per LUT block: 2**16 (one value of R)
 # Mapped optical density is clipped to this range before exp: far beyond 8-bit output either way.
@@ -99,7 +187,8 @@ class ColorMap:
 
     method: ClassVar[str] = "base"
 
-    def __init__(self) -> None:
+    def __init__(self, *, glass: GlassBlend | None = None) -> None:
+        self.glass = glass
         self._lut: NDArray[np.uint8] | None = None
         self._torch_luts: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -108,6 +197,11 @@ class ColorMap:
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
         """Map planar float channels (values 0..255) to planar float channels (unrounded)."""
         raise NotImplementedError
+
+    def _evaluate_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+        """The whole map: the method's colour, blended into the glass colour if asked to."""
+        mapped = self._map_channels(xp, r, g, b)
+        return mapped if self.glass is None else self.glass.apply(xp, r, g, b, mapped)
 
     # -- numpy reference ----------------------------------------------------
     def evaluate_numpy(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -119,17 +213,15 @@ class ColorMap:
 
         Returns
         -------
-        out : (..., 3) uint8, same shape; background pixels (luma > 200) unchanged
+        out : (..., 3) uint8, same shape; every pixel mapped
         """
         arr = _check_uint8_rgb(rgb)
         flat = arr.reshape(-1, 3)
         planar = np.ascontiguousarray(flat.T, dtype=np.float64)  # (3, N), contiguous channels
-        mapped = self._map_channels(np, planar[0], planar[1], planar[2])
+        mapped = self._evaluate_channels(np, planar[0], planar[1], planar[2])
         out = np.empty_like(flat)
         for c in range(3):
             out[:, c] = np.clip(np.rint(mapped[c]), 0.0, 255.0).astype(np.uint8)
-        bg = is_background(flat)
-        out[bg] = flat[bg]
         return out.reshape(arr.shape)
 
     # -- LUT -----------------------------------------------------------------
@@ -248,9 +340,8 @@ class ColorMap:
             idx = flat.to(torch.int64)
             return table[(idx[:, 0] << 16) | (idx[:, 1] << 8) | idx[:, 2]].reshape(t.shape)
         planar = flat.T.to(dtype or torch.float32)
-        mapped = self._map_channels(torch, planar[0], planar[1], planar[2])
+        mapped = self._evaluate_channels(torch, planar[0], planar[1], planar[2])
         out = torch.stack([torch.clamp(torch.round(m), 0.0, 255.0) for m in mapped], dim=1).to(torch.uint8)
-        out = torch.where(is_background(flat)[:, None], flat, out)
         return out.reshape(t.shape)
 
     # -- pickling --------------------------------------------------------------
@@ -285,18 +376,22 @@ class IdentityMap(ColorMap):
 class StainMatrixMap(ColorMap):
     """Macenko / Vahadane map: unmix with the source stains, rescale, remix with the target's.
 
-    ``od = -log((rgb + 1) / io)``; ``conc = od @ pinv(M_src)``;
-    ``conc *= max_conc_tgt / max_conc_src``; ``rgb' = io * exp(-conc @ M_tgt) - 1``.
-    The three steps are folded into one 3x3 matrix (``od' = od @ A``).
-    ``- 1`` inverts the ``+ 1`` of the optical density, so a map from a slide's
-    statistics to themselves is the identity on pixels that lie in the stain
-    plane.
+    ``od = -log((rgb + 1) / (ws + 1))`` against the source white point ``ws``;
+    ``conc = od @ pinv(M_src)``; ``conc *= max_conc_tgt / max_conc_src``;
+    ``rgb' = (wt + 1) * exp(-conc @ M_tgt) - 1`` into the target white point ``wt``.
+    The three steps are folded into one 3x3 matrix (``od' = od @ A``).  Glass
+    (``rgb == ws``) has OD 0 and maps to ``wt`` exactly; a map from a slide's statistics
+    to themselves is the identity on pixels that lie in the stain plane.
 
     Parameters
     ----------
     source_matrix, target_matrix : (2, 3) float, unit OD rows (H, E)
     source_max_conc, target_max_conc : (2,) float, > 0
-    io : float, keyword-only; background intensity (240)
+    source_white, target_white : float or (3,) float, keyword-only
+        White points (glass intensity per channel) of the source slide and of the target; 240.
+    glass : GlassBlend, keyword-only, optional
+        Only for ``mode="keep"`` (keep the source's glass); the map already takes glass to
+        the target's white point.
     min_stain_angle_deg : float, keyword-only
         A source or target matrix whose rows are closer than this is singular.
 
@@ -316,10 +411,12 @@ class StainMatrixMap(ColorMap):
         target_matrix: NDArray[np.float64],
         target_max_conc: NDArray[np.float64],
         *,
-        io: float = 240.0,
+        source_white: Any = DEFAULT_WHITE,
+        target_white: Any = DEFAULT_WHITE,
+        glass: GlassBlend | None = None,
         min_stain_angle_deg: float = 5.0,
     ) -> None:
-        super().__init__()
+        super().__init__(glass=glass)
         from wsi_norm.stain.base import check_stain_matrix
 
         src = np.asarray(source_matrix, dtype=np.float64)
@@ -332,19 +429,19 @@ class StainMatrixMap(ColorMap):
         check_stain_matrix(tgt, min_angle_deg=min_stain_angle_deg, what="colour map target")
         if not (np.all(src_c > 0) and np.all(tgt_c > 0) and np.all(np.isfinite(src_c)) and np.all(np.isfinite(tgt_c))):
             raise FitError(f"colour map: max concentrations must be finite and > 0, got {src_c} and {tgt_c}")
-        self.io = float(io)
+        self.source_white = _white_channels(source_white)
+        self.target_white = _white_channels(target_white)
         self.matrix = np.linalg.pinv(src) @ np.diag(tgt_c / src_c) @ tgt  # (3, 3): od' = od @ matrix
         if not np.all(np.isfinite(self.matrix)):
             raise FitError("colour map: the stain map is not finite (singular source stain matrix)")
 
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
-        io = self.io
-        od = [-xp.log((c + 1.0) / io) for c in (r, g, b)]
+        od = [-xp.log((c + 1.0) / (ws + 1.0)) for c, ws in zip((r, g, b), self.source_white)]
         m = self.matrix
         out = []
         for j in range(3):
             od_j = od[0] * float(m[0, j]) + od[1] * float(m[1, j]) + od[2] * float(m[2, j])
-            out.append(io * xp.exp(-xp.clip(od_j, _OD_MIN, _OD_MAX)) - 1.0)
+            out.append((self.target_white[j] + 1.0) * xp.exp(-xp.clip(od_j, _OD_MIN, _OD_MAX)) - 1.0)
         return out
 
 
@@ -354,6 +451,8 @@ class ReinhardMap(ColorMap):
     Parameters
     ----------
     source_mean, source_std, target_mean, target_std : (3,) float, Lab statistics (std > 0)
+    glass : GlassBlend, keyword-only, optional
+        Hand glass over to the target's white (``mode="target"``) or keep it (``"keep"``).
     """
 
     method: ClassVar[str] = "reinhard"
@@ -364,8 +463,10 @@ class ReinhardMap(ColorMap):
         source_std: NDArray[np.float64],
         target_mean: NDArray[np.float64],
         target_std: NDArray[np.float64],
+        *,
+        glass: GlassBlend | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(glass=glass)
         sm, ss, tm, ts = (np.asarray(v, dtype=np.float64) for v in (source_mean, source_std, target_mean, target_std))
         if np.any(ss <= 0) or np.any(ts <= 0):
             raise FitError(f"colour map: Lab standard deviations must be > 0, got {ss} and {ts}")
@@ -384,12 +485,14 @@ class HistogramMap(ColorMap):
     Parameters
     ----------
     tables : (3, 256) uint8; ``out[..., c] = tables[c][rgb[..., c]]``
+    glass : GlassBlend, keyword-only, optional
+        Hand glass over to the target's white (``mode="target"``) or keep it (``"keep"``).
     """
 
     method: ClassVar[str] = "histmatch"
 
-    def __init__(self, tables: NDArray[np.uint8]) -> None:
-        super().__init__()
+    def __init__(self, tables: NDArray[np.uint8], *, glass: GlassBlend | None = None) -> None:
+        super().__init__(glass=glass)
         t = np.asarray(tables)
         if t.shape != (3, 256) or t.dtype != np.uint8:
             raise ValueError(f"tables must be (3, 256) uint8, got {t.shape} {t.dtype}")

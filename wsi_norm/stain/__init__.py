@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.colormap import ColorMap, HistogramMap, IdentityMap, ReinhardMap, StainMatrixMap
+from wsi_norm.color import DEFAULT_WHITE
+from wsi_norm.colormap import (
+    ColorMap,
+    GlassBlend,
+    GlassMode,
+    HistogramMap,
+    IdentityMap,
+    ReinhardMap,
+    StainMatrixMap,
+)
 from wsi_norm.stain.base import StainMatrixStats, StainParams, Stats
 from wsi_norm.stain.histmatch import (
     HistMatchStats,
@@ -31,6 +40,7 @@ from wsi_norm.stain.vahadane import VahadaneStats, aggregate_vahadane, fit_vahad
 
 __all__ = [
     "METHODS",
+    "STAIN_MATRIX_METHODS",
     "HistMatchStats",
     "MacenkoStats",
     "ReinhardStats",
@@ -49,6 +59,8 @@ __all__ = [
 ]
 
 METHODS = ("macenko", "vahadane", "reinhard", "histmatch")
+#: Methods whose statistics are stain vectors (fitted in optical density against the white point).
+STAIN_MATRIX_METHODS = ("macenko", "vahadane")
 
 _FIT: dict[str, Callable[[NDArray[np.uint8], StainParams | None], Any]] = {
     "macenko": fit_macenko,
@@ -82,9 +94,16 @@ def default_params(method: str) -> StainParams:
     return StainParams()
 
 
-def fit_stats(method: str, pixels: NDArray[np.uint8], params: StainParams | None = None) -> Any:
-    """Fit ``method``'s statistics to ``(N, 3) uint8`` tissue pixels (see ``fit_<method>``)."""
+def fit_stats(
+    method: str, pixels: NDArray[Any], params: StainParams | None = None, *, white: Any = None
+) -> Any:
+    """Fit ``method``'s statistics to ``(N, 3)`` tissue pixels (see ``fit_<method>``).
+
+    ``white`` (the slide's white point, (3,)) is used by the stain-matrix methods only.
+    """
     _check_method(method)
+    if method in STAIN_MATRIX_METHODS:
+        return _FIT[method](pixels, params, white=white)  # type: ignore[call-arg]
     return _FIT[method](pixels, params)
 
 
@@ -105,7 +124,14 @@ def stats_from_dict(method: str, d: dict[str, Any]) -> Any:
 
 
 def compile_colormap(
-    method: str, source_stats: Any = None, target_stats: Any = None, params: StainParams | None = None
+    method: str,
+    source_stats: Any = None,
+    target_stats: Any = None,
+    params: StainParams | None = None,
+    *,
+    source_white: Any = DEFAULT_WHITE,
+    target_white: Any = DEFAULT_WHITE,
+    glass: GlassMode = "target",
 ) -> ColorMap:
     """Build the per-pixel colour map taking ``source_stats`` to ``target_stats``.
 
@@ -115,7 +141,13 @@ def compile_colormap(
         One of :data:`METHODS`, or ``"none"`` for the identity (stats ignored).
     source_stats, target_stats : the method's Stats
     params : StainParams, optional
-        ``io`` and ``min_stain_angle_deg`` are used by Macenko / Vahadane.
+        ``min_stain_angle_deg`` is used by Macenko / Vahadane.
+    source_white, target_white : float or (3,) array_like, keyword-only
+        White points (glass intensity per channel) of the source slide and the target.
+    glass : {"target", "keep"}, keyword-only
+        ``target`` (default): glass goes to the target's white point (the stain methods by
+        construction, Reinhard and histogram matching through a :class:`GlassBlend`);
+        ``keep``: the source's glass is kept, blended smoothly over a luma band.
 
     Returns
     -------
@@ -129,6 +161,8 @@ def compile_colormap(
         Stats of another method.
     """
     _check_method(method, allow_none=True)
+    if glass not in ("target", "keep"):
+        raise ValueError(f"glass must be 'target' or 'keep', got {glass!r}")
     if method == "none":
         return IdentityMap()
     expected = _STATS_TYPE[method]
@@ -136,25 +170,34 @@ def compile_colormap(
         if not isinstance(s, expected):
             raise TypeError(f"{method}: expected {expected.__name__}, got {type(s).__name__}")
     p = params or StainParams()
-    return _COMPILE[method](source_stats, target_stats, p)
+    blend: GlassBlend | None = GlassBlend.for_whites(glass, source_white, target_white)
+    if method in STAIN_MATRIX_METHODS and glass == "target":
+        blend = None  # optical density against the white points takes glass to the target's white
+    return _COMPILE[method](source_stats, target_stats, p, source_white, target_white, blend)
 
 
-def _compile_stain(src: StainMatrixStats, tgt: StainMatrixStats, p: StainParams) -> ColorMap:
+def _compile_stain(
+    src: StainMatrixStats, tgt: StainMatrixStats, p: StainParams, ws: Any, wt: Any, blend: GlassBlend | None
+) -> ColorMap:
     return StainMatrixMap(
         src.stain_matrix, src.max_conc, tgt.stain_matrix, tgt.max_conc,
-        io=p.io, min_stain_angle_deg=p.min_stain_angle_deg,
+        source_white=ws, target_white=wt, glass=blend, min_stain_angle_deg=p.min_stain_angle_deg,
     )
 
 
-def _compile_reinhard(src: ReinhardStats, tgt: ReinhardStats, p: StainParams) -> ColorMap:
-    return ReinhardMap(src.mean, src.std, tgt.mean, tgt.std)
+def _compile_reinhard(
+    src: ReinhardStats, tgt: ReinhardStats, p: StainParams, ws: Any, wt: Any, blend: GlassBlend | None
+) -> ColorMap:
+    return ReinhardMap(src.mean, src.std, tgt.mean, tgt.std, glass=blend)
 
 
-def _compile_histmatch(src: HistMatchStats, tgt: HistMatchStats, p: StainParams) -> ColorMap:
-    return HistogramMap(match_tables(src, tgt))
+def _compile_histmatch(
+    src: HistMatchStats, tgt: HistMatchStats, p: StainParams, ws: Any, wt: Any, blend: GlassBlend | None
+) -> ColorMap:
+    return HistogramMap(match_tables(src, tgt), glass=blend)
 
 
-_COMPILE: dict[str, Callable[[Any, Any, StainParams], ColorMap]] = {
+_COMPILE: dict[str, Callable[..., ColorMap]] = {
     "macenko": _compile_stain,
     "vahadane": _compile_stain,
     "reinhard": _compile_reinhard,

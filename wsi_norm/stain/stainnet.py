@@ -32,12 +32,13 @@ Evaluation paths and how exactly they agree
   CPU workers produce bit-identical slides; ``use_lut=False`` evaluates with torch matrix
   products on the tensor's device (within one grey level of the others).
 
-Background
-----------
-The project treats glass (rounded ITU-R 601 luma > 200, see :func:`wsi_norm.color.is_background`) as
-untouched.  The published StainNet models map glass like any other colour (the paper had no such
-rule); ``StainNetMap(keep_background=True)`` (the default) passes glass through unchanged, and
-``keep_background=False`` reproduces the published behaviour on every pixel.
+Glass
+-----
+StainNet maps every pixel, glass included, exactly as the published models do (the network was
+trained on both scanners' glass, so it also carries the white point across).  ``--keep-glass``
+(``StainNetMap(glass=GlassBlend(mode="keep", ...))``) keeps the source's glass instead, blended
+smoothly into the network's colour over a band of luma (:class:`wsi_norm.colormap.GlassBlend`);
+the blend acts on the network's truncated 8-bit colour and is rounded, identically on every path.
 
 Thread safety: :class:`StainNetMap` may be shared by threads (dask workers); the LUT is built
 once under a lock.  Loading and saving touch only the named file.
@@ -65,9 +66,8 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, is_background
 from wsi_norm.color import _check_rgb_uint8 as _check_rgb
-from wsi_norm.colormap import ColorMap
+from wsi_norm.colormap import ColorMap, GlassBlend
 from wsi_norm.colormap import _gather_kernel as _colormap_gather_kernel
 from wsi_norm.errors import OutputError, OutputExistsError, WeightsError
 
@@ -112,8 +112,6 @@ _STATE_KEYS: dict[str, tuple[str, tuple[int, ...]]] = {
     "rgb_trans.4.bias": ("conv2_bias", (3,)),
 }
 
-# Background rule of wsi_norm.color.is_background in the numba kernel: 299 R + 587 G + 114 B >= this.
-_BACKGROUND_SUM = BACKGROUND_WEIGHTED_MIN
 _LUT_SIZE = 256**3
 _LUT_BYTES = _LUT_SIZE * 3
 _TORCH_CHUNK_PX = 1 << 22
@@ -548,11 +546,11 @@ def save_stainnet(
 
 
 @njit(nogil=True, cache=True)
-def _forward_kernel(rgb, w0t, b0, w1t, b1, w2t, b2, background_sum, out):  # type: ignore[no-untyped-def]
+def _forward_kernel(rgb, w0t, b0, w1t, b1, w2t, b2, out):  # type: ignore[no-untyped-def]
     """Per-pixel StainNet forward pass: rgb (P, 3) uint8 -> out (P, 3) uint8, in place.
 
     Every pixel goes through the same float32 operations in the same order, whatever ``P``,
-    so the 256^3 LUT built with it is bit-identical to it.  ``background_sum < 0`` maps all.
+    so the 256^3 LUT built with it is bit-identical to it.
     """
     n = rgb.shape[0]
     hidden = b0.shape[0]
@@ -567,14 +565,6 @@ def _forward_kernel(rgb, w0t, b0, w1t, b1, w2t, b2, background_sum, out):  # typ
         r = rgb[p, 0]
         g = rgb[p, 1]
         b = rgb[p, 2]
-        if (
-            background_sum >= 0
-            and 299 * np.int32(r) + 587 * np.int32(g) + 114 * np.int32(b) >= background_sum
-        ):
-            out[p, 0] = r
-            out[p, 1] = g
-            out[p, 2] = b
-            continue
         x0 = np.float32(r) * scale - one
         x1 = np.float32(g) * scale - one
         x2 = np.float32(b) * scale - one
@@ -607,9 +597,9 @@ class StainNetMap(ColorMap):
     Parameters
     ----------
     weights : StainNetWeights
-    keep_background : bool, keyword-only
-        Pass glass (rounded luma > 200, :func:`wsi_norm.color.is_background`) through unchanged
-        (default, the project-wide rule).  ``False`` maps every pixel, as the published models do.
+    glass : GlassBlend, keyword-only, optional
+        None (default): every pixel through the network, as the published models do.  A
+        ``GlassBlend`` (``mode="keep"``) keeps the source's glass, blended smoothly.
     cpu_method : {"auto", "direct", "lut"}, keyword-only
         How :meth:`apply` evaluates.  ``"direct"``: the compiled per-pixel loop (3-8 MP/s per
         core; nothing to build).  ``"lut"``: gather from the 256^3 table (about 360 MP/s per
@@ -641,7 +631,7 @@ class StainNetMap(ColorMap):
         self,
         weights: StainNetWeights,
         *,
-        keep_background: bool = True,
+        glass: GlassBlend | None = None,
         cpu_method: Method = "auto",
         lut_after_px: int = _LUT_SIZE,
     ) -> None:
@@ -651,9 +641,8 @@ class StainNetMap(ColorMap):
             raise ValueError(f"cpu_method must be 'auto', 'direct' or 'lut', got {cpu_method!r}")
         if lut_after_px < 0:
             raise ValueError(f"lut_after_px must be >= 0, got {lut_after_px}")
-        super().__init__()
+        super().__init__(glass=glass)
         self.weights = weights
-        self.keep_background = bool(keep_background)
         self.cpu_method: Method = cpu_method
         self.lut_after_px = int(lut_after_px)
         self._init_caches()
@@ -667,7 +656,6 @@ class StainNetMap(ColorMap):
             w.conv1_bias,
             np.ascontiguousarray(w.conv2_weight.T),
             w.conv2_bias,
-            np.int64(_BACKGROUND_SUM if self.keep_background else -1),
         )
         self._lock = threading.Lock()
         self._lut = None
@@ -678,21 +666,21 @@ class StainNetMap(ColorMap):
     def __getstate__(self) -> dict[str, Any]:
         return {
             "weights": self.weights,
-            "keep_background": self.keep_background,
+            "glass": self.glass,
             "cpu_method": self.cpu_method,
             "lut_after_px": self.lut_after_px,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.weights = state["weights"]
-        self.keep_background = state["keep_background"]
+        self.glass = state["glass"]
         self.cpu_method = state["cpu_method"]
         self.lut_after_px = state["lut_after_px"]
         self._init_caches()
 
     def __repr__(self) -> str:
         return (
-            f"StainNetMap(keep_background={self.keep_background}, cpu_method={self.cpu_method!r}, "
+            f"StainNetMap(glass={self.glass}, cpu_method={self.cpu_method!r}, "
             f"lut={'built' if self._lut is not None else 'not built'})"
         )
 
@@ -708,8 +696,7 @@ class StainNetMap(ColorMap):
         Returns
         -------
         (..., 3) float32 in [0, 255]
-            ``clip(y * 0.5 + 0.5, 0, 1) * 255`` of the network output ``y``; background pixels
-            (if kept) hold their input value.
+            ``clip(y * 0.5 + 0.5, 0, 1) * 255`` of the network output ``y`` (no glass blend).
         """
         arr = _check_rgb(rgb)
         w = self.weights
@@ -720,9 +707,6 @@ class StainNetMap(ColorMap):
         y = h @ w.conv2_weight.T + w.conv2_bias
         unit = np.clip(y * np.float32(0.5) + np.float32(0.5), np.float32(0.0), np.float32(1.0))
         out = np.asarray(unit * np.float32(255.0), dtype=np.float32)
-        if self.keep_background:
-            background = is_background(flat)
-            out[background] = flat[background]
         return out.reshape(arr.shape)
 
     def evaluate_numpy(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -738,7 +722,17 @@ class StainNetMap(ColorMap):
             Equal to :meth:`apply` up to one grey level on a few pixels per million (float32
             summation order; see the class notes).
         """
-        return self.forward_numpy(rgb).astype(np.uint8)
+        arr = _check_rgb(rgb)
+        net = self.forward_numpy(arr).astype(np.uint8)
+        return self._blend_numpy(arr.reshape(-1, 3), net.reshape(-1, 3)).reshape(arr.shape)
+
+    def _blend_numpy(self, flat: NDArray[np.uint8], net: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """The glass blend on the network's 8-bit colour (identity without a blend), rounded."""
+        if self.glass is None:
+            return net
+        x = flat.T.astype(np.float64)
+        mapped = self.glass.apply(np, x[0], x[1], x[2], list(net.T.astype(np.float64)))
+        return np.stack([np.clip(np.rint(m), 0.0, 255.0) for m in mapped], axis=1).astype(np.uint8)
 
     # ----------------------------------------------------------------- CPU fast path
 
@@ -770,6 +764,7 @@ class StainNetMap(ColorMap):
             _colormap_gather_kernel()(flat, self.lut(), out)
         else:
             _forward_kernel(flat, *self._kernel_args, out)
+            out = self._blend_numpy(flat, out)
         return out.reshape(arr.shape)
 
     def __call__(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -783,7 +778,7 @@ class StainNetMap(ColorMap):
         -------
         (256, 256, 256, 3) uint8, read-only
             ``lut[r, g, b]`` is the mapped colour of ``(r, g, b)``, computed by the same compiled
-            loop as ``apply(method="direct")`` (bit-identical), background rule included.
+            loop as ``apply(method="direct")`` (bit-identical), glass blend included.
         """
         return super().lut()
 
@@ -799,6 +794,7 @@ class StainNetMap(ColorMap):
             block[:, 1] = green.ravel()
             block[:, 2] = blue.ravel()
             _forward_kernel(block, *self._kernel_args, lut[red])
+            lut[red] = self._blend_numpy(block, lut[red])
 
         # the kernel releases the GIL: slabs run in parallel
         workers = max(1, min(8, os.cpu_count() or 1))
@@ -855,9 +851,7 @@ class StainNetMap(ColorMap):
         with torch.inference_mode():
             for start in range(0, flat.shape[0], _TORCH_CHUNK_PX):
                 chunk = flat[start : start + _TORCH_CHUNK_PX]
-                out[start : start + _TORCH_CHUNK_PX] = _torch_forward(
-                    chunk, params, self.keep_background
-                )
+                out[start : start + _TORCH_CHUNK_PX] = _torch_forward(chunk, params, self.glass)
         return out.reshape(t.shape)
 
     def _device_params(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -889,7 +883,7 @@ class StainNetMap(ColorMap):
 
 
 def _torch_forward(
-    flat: torch.Tensor, params: tuple[torch.Tensor, ...], keep_background: bool
+    flat: torch.Tensor, params: tuple[torch.Tensor, ...], glass: GlassBlend | None
 ) -> torch.Tensor:
     """(P, 3) uint8 tensor -> (P, 3) uint8 tensor on the same device (matrix products)."""
     import torch
@@ -900,24 +894,26 @@ def _torch_forward(
     h = torch.addmm(b1, h, w1t).relu_()
     y = torch.addmm(b2, h, w2t)
     out = (y.mul_(0.5).add_(0.5).clamp_(0.0, 1.0) * 255.0).to(torch.uint8)
-    if keep_background:
-        out = torch.where(is_background(flat).unsqueeze(1), flat, out)
+    if glass is not None:
+        x = flat.T.to(torch.float64)
+        mapped = glass.apply(torch, x[0], x[1], x[2], list(out.T.to(torch.float64)))
+        out = torch.stack([torch.clamp(torch.round(m), 0.0, 255.0) for m in mapped], dim=1).to(torch.uint8)
     return out
 
 
 def load_stainnet_map(
-    path: str | os.PathLike[str], *, keep_background: bool = True, cpu_method: Method = "auto"
+    path: str | os.PathLike[str], *, glass: GlassBlend | None = None, cpu_method: Method = "auto"
 ) -> StainNetMap:
     """Load weights (:func:`load_stainnet`) and wrap them in a :class:`StainNetMap`.
 
     Parameters
     ----------
     path : path-like, ``.pth``, ``.pt`` or ``.safetensors``
-    keep_background, cpu_method : see :class:`StainNetMap`
+    glass, cpu_method : see :class:`StainNetMap`
 
     Raises
     ------
     WeightsError
         See :func:`load_stainnet`.
     """
-    return StainNetMap(load_stainnet(path), keep_background=keep_background, cpu_method=cpu_method)
+    return StainNetMap(load_stainnet(path), glass=glass, cpu_method=cpu_method)
