@@ -24,8 +24,11 @@ __all__ = [
     "SlideOutcome",
     "colour_stats",
     "generate_missing",
+    "measurement_level",
     "read_flow_run_artifacts",
+    "read_output_for_measure",
     "read_output_thumbnail",
+    "read_source_for_measure",
     "scheduler_address",
 ]
 
@@ -38,7 +41,7 @@ class SlideOutcome:
 
     site: str
     slide: str
-    outcome: str  # "normalized" | "skipped (current)" | "failed"
+    outcome: str  # "normalized" | "skipped (current)" | "failed" | "needs review"
     reason: str = ""
     outputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -84,6 +87,7 @@ def generate_missing(manifest: Manifest) -> list[Path]:
             quality=spec.quality,
             compression=spec.compression,
             conc_scale=spec.conc_scale,
+            io=spec.io,
         )
         made.append(gen.path)
     return made
@@ -109,45 +113,81 @@ def read_output_thumbnail(out: str | os.PathLike[str], *, min_px: int = 512) -> 
 
 @dataclass(frozen=True)
 class ColourStats:
-    """Colour statistics of one slide or cohort, from tissue pixels.
+    """Colour statistics of one image, slide or cohort, from tissue pixels.
 
     Attributes
     ----------
     stain_matrix : (2, 3) list of float or None
-        Unit OD vectors (hematoxylin, eosin) fitted with the flow's method, when it has them.
+        Unit OD vectors (hematoxylin, eosin) of a textbook Macenko fit.
     lab_mean : (3,) list of float
         CIE Lab mean (L in 0..100) of tissue pixels.
     conc_p99 : (2,) list of float or None
         99th percentile of hematoxylin and eosin concentration.
     n_pixels : int
+    white_point : (3,) list of float or None
+        The glass intensity the optical density was computed against.
     """
 
     stain_matrix: list[list[float]] | None
     lab_mean: list[float]
     conc_p99: list[float] | None
     n_pixels: int
+    white_point: list[float] | None = None
 
 
-def colour_stats(pixels: NDArray[np.uint8], *, params: dict[str, Any] | None = None) -> ColourStats:
-    """Colour statistics of tissue pixels ``(N, 3) uint8`` (background removed by the caller or here).
+def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> ColourStats:
+    """Colour statistics of the tissue of one or more ``(H, W, 3) uint8`` images.
 
-    The stain vectors come from a Macenko fit (``wsi_norm.stain.macenko``) whatever the
-    normalization method: they are a measurement here, not a normalizer.
+    A *measurement*, independent of the estimator that normalized the slides: the stain
+    vectors come from the **textbook** Macenko estimator (Macenko et al. 2009, as torchstain
+    implements it; wsi-norm fits with its default variant), in optical density against the
+    images' own white point (measured from their glass, :mod:`wsi_norm.whitepoint`; the
+    fallback when they show none), so a tinted scanner does not read as a stain difference.
     """
     from wsi_norm.color import rgb_to_lab
     from wsi_norm.stain.base import StainParams, tissue_pixels
     from wsi_norm.stain.macenko import fit_macenko
+    from wsi_norm.whitepoint import estimate_white_point, glass_candidates
 
-    tissue = tissue_pixels(np.ascontiguousarray(pixels.reshape(-1, 3)))
+    batch = [images] if isinstance(images, np.ndarray) else list(images)
+    glass = np.concatenate([glass_candidates(np.ascontiguousarray(im)) for im in batch])
+    white = estimate_white_point(glass)
+    tissue = tissue_pixels(np.concatenate([np.ascontiguousarray(im).reshape(-1, 3) for im in batch]))
     lab = np.asarray(rgb_to_lab(tissue), dtype=np.float64)
-    stats = fit_macenko(tissue, StainParams.from_dict(params) if params else None)
-    conc = np.asarray(stats.max_conc, dtype=np.float64)
+    stats = fit_macenko(tissue, StainParams(macenko_variant="textbook"), white=white.array)
     return ColourStats(
         stain_matrix=np.asarray(stats.stain_matrix, dtype=np.float64).tolist(),
-        lab_mean=lab.reshape(-1, 3).mean(axis=0).tolist(),
-        conc_p99=conc.tolist(),
+        lab_mean=lab.mean(axis=0).tolist(),
+        conc_p99=np.asarray(stats.max_conc, dtype=np.float64).tolist(),
         n_pixels=int(tissue.shape[0]),
+        white_point=list(white.rgb),
     )
+
+
+def measurement_level(level_dimensions: Sequence[tuple[int, int]], max_side: int = 4096) -> int:
+    """The finest level whose longer side is at most ``max_side`` (the coarsest if none is)."""
+    for index, dims in enumerate(level_dimensions):
+        if max(dims) <= max_side:
+            return index
+    return len(level_dimensions) - 1
+
+
+def read_source_for_measure(path: str | os.PathLike[str], *, max_side: int = 4096) -> NDArray[np.uint8]:
+    """A slide's finest level no larger than ``max_side`` a side, whole (for colour measurement)."""
+    from wsi_norm.slide import open_slide
+
+    with open_slide(path) as slide:
+        level = measurement_level(slide.level_dimensions, max_side)
+        w, h = slide.level_dimensions[level]
+        return slide.read_region(level, x=0, y=0, width=w, height=h)
+
+
+def read_output_for_measure(out: str | os.PathLike[str], *, max_side: int = 4096) -> NDArray[np.uint8]:
+    """A written output's finest level no larger than ``max_side`` a side, whole."""
+    from wsi_norm.writers import read_level, read_provenance
+
+    levels = [(cols, rows) for rows, cols in read_provenance(Path(out))["written"]["levels"]]
+    return read_level(Path(out), measurement_level(levels, max_side))
 
 
 async def read_flow_run_artifacts(client: Any, flow_run_id: UUID | str) -> list[Any]:
@@ -184,8 +224,11 @@ def _template_inputs(manifest: Manifest, slides: Sequence[Path]) -> dict[str, An
     for path in slides:
         with open_slide(path) as slide:
             identities.append(slide.identity())
+    from wsi_norm.pipeline import COLOUR_MODEL
+
     m = manifest.model
-    return {"method": m.method, "params": m.params, "n_pixels": m.fit.n_pixels, "seed": m.fit.seed, "sources": identities}
+    return {"colour_model": COLOUR_MODEL, "method": m.method, "params": m.params, "n_pixels": m.fit.n_pixels,
+            "seed": m.fit.seed, "sources": identities}
 
 
 def resolve_template(manifest: Manifest, name: str) -> Any:
@@ -212,7 +255,8 @@ def resolve_template(manifest: Manifest, name: str) -> Any:
         except ValueError:
             log.warning("template %s: unreadable cache %s, fitting again", name, sidecar)
     m = manifest.model
-    template = fit_template(list(spec.slides), method=m.method, params=m.params, n_pixels=m.fit.n_pixels, seed=m.fit.seed)
+    template = fit_template(list(spec.slides), method=m.method, params=m.params, n_pixels=m.fit.n_pixels,
+                            seed=m.fit.seed, force=m.force)
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_template(template, cache)
     sidecar.write_text(dumps(inputs), encoding="utf-8")

@@ -66,8 +66,8 @@ def slide_qc_metrics(
     before: NDArray[np.uint8], after: NDArray[np.uint8], *, target_matrix: NDArray[np.float64] | None
 ) -> tuple[dict[str, Any], ColourStats, ColourStats]:
     """QC metrics of one slide from its source and output thumbnails (same shape)."""
-    src = colour_stats(before.reshape(-1, 3))
-    out = colour_stats(after.reshape(-1, 3))
+    src = colour_stats(before)
+    out = colour_stats(after)
     metrics: dict[str, Any] = {
         "ssim_source": round(ssim_source(before, after), 4),
         "psnr_gt_db": "n/a (no ground truth)",
@@ -118,6 +118,12 @@ def publish_slide_qc(
     after = _resize(read_output_thumbnail(first_out, min_px=THUMB_PX), before.shape[:2])
     target_matrix = _template_stain_matrix(target)
     metrics, src, out = slide_qc_metrics(before, after, target_matrix=target_matrix)
+    gate = results[0].provenance.get("qc", {}) if results else {}
+    metrics["qc_gate"] = ("forced past: " if gate.get("forced") else "failed: ") + "; ".join(gate["problems"]) \
+        if gate.get("problems") else "passed"
+    for name in ("source_white_point", "mapped_lab_distance", "mapped_overshoot_deg"):
+        if name in gate.get("measures", {}):
+            metrics[f"gate_{name}"] = gate["measures"][name]
     metrics["qc_seconds"] = round(time.perf_counter() - start, 2)
 
     key = artifact_key("qc", entry.site, entry.name)

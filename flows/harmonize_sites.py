@@ -1,12 +1,18 @@
 """Prefect flow ``harmonize-sites``: bring every site of a manifest to one target's colours.
 
-Per site, a cohort template is fitted slide-wide from all its slides; the target is a named
-site (its cohort template) or a template of the manifest.  Every slide of every site is
-normalized to the target (outputs as in ``normalize-archive``, skipped when current), and
-per-site colour statistics are measured before and after on the full-resolution tissue pixels
-each slide's fit sampled (each slide is sampled and fitted once): Macenko stain vectors, CIE
-Lab mean and 99th-percentile concentrations.  The distances to the target (stain-vector angles in
-degrees, Lab distance) go into a table artifact and a plot (image artifact).
+Per site, a cohort template is fitted slide-wide from all its slides (each slide is sampled and
+fitted once); the target is a named site (its cohort template) or a template of the manifest.
+Every slide of every site is normalized to the target through the QC gate (outputs as in
+``normalize-archive``, skipped when current); a slide that fails (unreadable, or refused by the
+gate: "needs review") is reported with its reason while every other slide and site finishes.
+
+Per site, colour statistics are then **measured**, before on the source slides and after on the
+written outputs, by an estimator independent of the one that fitted them
+(:func:`flows._common.colour_stats`: textbook Macenko against each image's own glass, and the CIE
+Lab mean of tissue), on the finest pyramid level no larger than 4096 px a side. The distances to
+the target site's sources (stain-vector angles in degrees, Lab distance) go into a table artifact
+and a plot (image artifact). With a template target (not a site), the template's own colour
+reference is the target.
 
 Run::
 
@@ -30,95 +36,94 @@ from flows._common import (
     ColourStats,
     colour_stats,
     generate_missing,
+    read_output_for_measure,
+    read_source_for_measure,
     resolve_template,
     scheduler_address,
 )
 from flows._qc import _angles
+from wsi_norm.errors import QCError
 from wsi_norm.manifest import Manifest, SlideEntry, load_manifest
 from wsi_norm.pipeline import template_from_fits
 
-__all__ = ["distance_rows", "harmonize_sites", "main", "site_colour_stats"]
+__all__ = ["distance_rows", "harmonize_sites", "main", "measure_site"]
 
 FLOW_NAME = "harmonize-sites"
 TABLE_KEY = "harmonize-sites-distances"
 
 
-def _tissue(rgb: np.ndarray) -> np.ndarray:
-    from wsi_norm.stain.base import tissue_pixels
-
-    return tissue_pixels(np.ascontiguousarray(rgb.reshape(-1, 3)))
-
-
 @task(name="fit-site", cache_policy=NO_CACHE)
 def fit_site(entries: list[SlideEntry], manifest: Manifest) -> list[Any]:
-    """Slide-wide fits of one site's slides (each keeps the tissue pixels it sampled)."""
+    """Slide-wide fits of one site's slides (each keeps the tissue pixels it sampled).
+
+    A slide that cannot be fitted (unreadable, no tissue) is returned as its error, so one bad
+    slide does not cost its site, nor the other sites, their fits.
+    """
+    from wsi_norm.errors import WsiNormError
     from wsi_norm.pipeline import fit_slide
 
     m = manifest.model
-    return [
-        fit_slide(e.source, method=manifest.method, params=manifest.params, n_pixels=m.fit.n_pixels,
-                  seed=m.fit.seed)
-        for e in entries
-    ]
+    fits: list[Any] = []
+    for e in entries:
+        try:
+            fits.append(fit_slide(e.source, method=manifest.method, params=manifest.params,
+                                  n_pixels=m.fit.n_pixels, seed=m.fit.seed))
+        except (WsiNormError, OSError) as exc:
+            get_run_logger().error("%s: cannot fit: %s", e.source, exc)
+            fits.append(exc)
+    return fits
 
 
 @task(name="measure-site", cache_policy=NO_CACHE)
-def site_colour_stats(fits: list[Any], manifest: Manifest, target: Any) -> tuple[ColourStats, ColourStats]:
-    """Colour statistics of one site's tissue before and after normalization to ``target``.
-
-    "Before" are the tissue pixels each slide's slide-wide fit sampled (full resolution, the
-    manifest's fit settings). Because the normalization is a pure per-pixel map, the
-    normalized values of those pixels are the map applied to them: the "after" statistics are
-    those of exactly the pixels written to the (lossless) OME-Zarr output.
-    """
-    from wsi_norm.pipeline import resolve_params
-    from wsi_norm.stain import compile_colormap
-
-    params = resolve_params(manifest.params, seed=manifest.model.fit.seed)
-    before = [f.pixels for f in fits]
-    after = [
-        _tissue(compile_colormap(manifest.method, f.stats, target.stats, params).apply(f.pixels[None])[0])
-        for f in fits
-    ]
-    return colour_stats(np.concatenate(before, axis=0)), colour_stats(np.concatenate(after, axis=0))
+def measure_site(paths: list[str], *, outputs: bool) -> ColourStats | None:
+    """Colour statistics of a site's source slides (``outputs=False``) or written outputs."""
+    if not paths:
+        return None
+    read = read_output_for_measure if outputs else read_source_for_measure
+    return colour_stats([read(p) for p in paths])
 
 
 @task(name="normalize-to-target", cache_policy=NO_CACHE)
-def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, source_fit: Any) -> str:
-    """Normalize one slide to the target (all formats), unless its outputs are current;
-    ``source_fit`` is the slide's fit from :func:`fit_site` (not fitted again)."""
+def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, source_fit: Any) -> list[str]:
+    """Normalize one slide to the target (all formats) unless its outputs are current; returns
+    the written (or current) outputs. ``source_fit`` is the slide's fit from :func:`fit_site`."""
     from wsi_norm.pipeline import normalize_slide, output_is_current
 
+    m = manifest.model
+    glass = "keep" if m.keep_glass else "target"
     done = []
     for fmt, out in entry.outputs.items():
-        if output_is_current(out, source=entry.source, method=manifest.method, params=manifest.params,
-                             target=target, weights=manifest.weights, seed=manifest.model.fit.seed):
-            done.append(f"{fmt}: current")
-            continue
-        out.parent.mkdir(parents=True, exist_ok=True)
-        normalize_slide(entry.source, out, method=manifest.method, target=target, params=manifest.params,
-                        weights=manifest.weights, overwrite=True, fmt=fmt, source_fit=source_fit,
-                        n_pixels=manifest.model.fit.n_pixels, seed=manifest.model.fit.seed)
-        done.append(f"{fmt}: written")
-    return ", ".join(done)
+        if not output_is_current(out, source=entry.source, method=manifest.method, params=manifest.params,
+                                 target=target, weights=manifest.weights, seed=m.fit.seed, glass=glass):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            normalize_slide(entry.source, out, method=manifest.method, target=target, params=manifest.params,
+                            weights=manifest.weights, overwrite=True, fmt=fmt, source_fit=source_fit,
+                            n_pixels=m.fit.n_pixels, seed=m.fit.seed, glass=glass, force=m.force)
+        done.append(str(out))
+    return done
 
 
 def distance_rows(
-    before: dict[str, ColourStats], after: dict[str, ColourStats], target: ColourStats
+    before: dict[str, ColourStats | None], after: dict[str, ColourStats | None], target: ColourStats
 ) -> list[dict[str, Any]]:
     """Per site: stain-vector angles (H, E; degrees) and Lab distance to the target, before and after."""
     rows = []
     for site in before:
         row: dict[str, Any] = {"site": site}
+        if before[site] is None or after[site] is None or target.stain_matrix is None:
+            rows.append({**row, "note": "no slide of this site could be measured"})
+            continue
         for when, stats in (("before", before[site]), ("after", after[site])):
             h, e = _angles(stats.stain_matrix, target.stain_matrix)
             row[f"h_angle_{when}_deg"] = round(h, 3)
             row[f"e_angle_{when}_deg"] = round(e, 3)
             row[f"lab_dist_{when}"] = round(float(np.linalg.norm(np.subtract(stats.lab_mean, target.lab_mean))), 3)
-        row["lab_mean_before"] = [round(v, 2) for v in before[site].lab_mean]
-        row["lab_mean_after"] = [round(v, 2) for v in after[site].lab_mean]
-        row["conc_p99_before"] = [round(v, 3) for v in (before[site].conc_p99 or [])]
-        row["conc_p99_after"] = [round(v, 3) for v in (after[site].conc_p99 or [])]
+        b, a = before[site], after[site]
+        assert b is not None and a is not None
+        row["lab_mean_before"] = [round(v, 2) for v in b.lab_mean]
+        row["lab_mean_after"] = [round(v, 2) for v in a.lab_mean]
+        row["white_point_before"] = [round(v, 1) for v in (b.white_point or [])]
+        row["white_point_after"] = [round(v, 1) for v in (a.white_point or [])]
         rows.append(row)
     return rows
 
@@ -129,6 +134,7 @@ def _plot(rows: list[dict[str, Any]], target_name: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "h_angle_before_deg" in r]
     sites = [r["site"] for r in rows]
     x = np.arange(len(sites))
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.0))
@@ -148,7 +154,7 @@ def _plot(rows: list[dict[str, Any]], target_name: str) -> str:
 
 
 @flow(name=FLOW_NAME, log_prints=False)
-def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = None, scheduler: str | None = None) -> list[dict[str, Any]]:
+def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = None, scheduler: str | None = None) -> Any:
     """Normalize every site of ``manifest`` to one target and report colour distances.
 
     Parameters
@@ -163,9 +169,12 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
 
     Returns
     -------
-    list of dict
-        One row per site (see :func:`distance_rows`).
+    list of dict, or a Failed state
+        One row per site (see :func:`distance_rows`); the run ends Failed (rows attached)
+        when any slide failed or needs review.
     """
+    from prefect.states import Completed, Failed
+
     from wsi_norm.cluster import dask_client
 
     logger = get_run_logger()
@@ -174,41 +183,71 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
     name = target or m.model.target or m.sites[0]
     if name not in m.sites and name not in m.templates:
         raise ValueError(f"{m.path}: target {name!r} is neither a site ({', '.join(m.sites)}) nor a template")
+    problems: list[str] = []
     with dask_client(scheduler_address(scheduler)):
         entries = {site: list(m.site_slides(site)) for site in m.sites}
         fit_futures = {site: fit_site.submit(entries[site], m) for site in m.sites}
-        fits = {site: f.result() for site, f in fit_futures.items()}
-        for site, site_fits in fits.items():
-            logger.info("site %s cohort template: %s", site,
-                        template_from_fits(site_fits, params=m.params, seed=m.model.fit.seed).stats.to_dict())
+        fits: dict[str, list[tuple[SlideEntry, Any]]] = {}
+        for site, future in fit_futures.items():
+            fits[site] = []
+            for entry, fit in zip(entries[site], future.result(), strict=True):
+                if isinstance(fit, Exception):
+                    problems.append(f"{site}/{entry.source.name}: failed: {fit}")
+                else:
+                    fits[site].append((entry, fit))
+        for site, pairs in fits.items():
+            if pairs:
+                logger.info("site %s cohort template: %s", site, template_from_fits(
+                    [f for _, f in pairs], params=m.params, seed=m.model.fit.seed).stats.to_dict())
         if name in m.sites:
-            target_template = template_from_fits(fits[name], params=m.params, seed=m.model.fit.seed)
+            if not fits[name]:
+                raise ValueError(f"{m.path}: target site {name!r} has no slide that could be fitted")
+            target_template = template_from_fits([f for _, f in fits[name]], params=m.params, seed=m.model.fit.seed)
         else:
             target_template = resolve_template(m, name)
-        measured = {site: site_colour_stats.submit(fits[site], m, target_template) for site in m.sites}
-        futures = [
-            normalize_to_target.submit(e, m, target_template, fit)
+        jobs = {
+            (site, entry.source.name): normalize_to_target.submit(entry, m, target_template, fit)
             for site in m.sites
-            for e, fit in zip(entries[site], fits[site], strict=True)
-        ]
-        for f in futures:
-            f.result()
-        before_stats = {s: f.result()[0] for s, f in measured.items()}
-        after_stats = {s: f.result()[1] for s, f in measured.items()}
-        if name in m.sites:
-            target_stats = before_stats[name]
-        else:
-            stats = target_template.stats
-            target_stats = ColourStats(np.asarray(stats.stain_matrix).tolist(), [float("nan")] * 3, None, 0)
-    rows = distance_rows(before_stats, after_stats, target_stats)
+            for entry, fit in fits[site]
+        }
+        written: dict[str, list[str]] = {site: [] for site in m.sites}
+        for (site, slide_name), job in jobs.items():
+            try:
+                written[site].extend(job.result())
+            except QCError as exc:
+                problems.append(f"{site}/{slide_name}: needs review: {exc}")
+            except Exception as exc:  # noqa: BLE001 - one slide's failure is reported, the others finish
+                problems.append(f"{site}/{slide_name}: failed: {type(exc).__name__}: {exc}")
+        for p in problems:
+            logger.error("%s", p)
+        first_fmt = {site: [p for p in paths if p.endswith(".ome.zarr")] or paths for site, paths in written.items()}
+        before = {site: measure_site.submit([str(e.source) for e, _ in fits[site]], outputs=False) for site in m.sites}
+        after = {site: measure_site.submit(first_fmt[site], outputs=True) for site in m.sites}
+        before_stats = {s: f.result() for s, f in before.items()}
+        after_stats = {s: f.result() for s, f in after.items()}
+    if name in m.sites:
+        target_stats = before_stats[name]
+    else:
+        ref = target_template.reference
+        target_stats = ColourStats(
+            None if ref is None else ref.matrix.tolist(),
+            [float("nan")] * 3 if ref is None else list(ref.lab_mean), None, 0,
+        )
+    rows = distance_rows(before_stats, after_stats, target_stats) if target_stats is not None else []
     create_table_artifact(rows, key=TABLE_KEY, description=f"colour distance of each site to {name}, before/after")
-    plot = _plot(rows, name)
-    create_image_artifact(plot, key="harmonize-sites-plot", description=f"distance to {name} before/after")
+    plot = _plot(rows, name) if rows else ""
+    if plot:
+        create_image_artifact(plot, key="harmonize-sites-plot", description=f"distance to {name} before/after")
+    failures = "".join(f"\n- {p}" for p in problems)
     create_markdown_artifact(
-        f"# harmonize-sites: target `{name}`, method `{m.method}`\n\n{markdown_table(rows)}\n\n![distances]({plot})",
+        f"# harmonize-sites: target `{name}`, method `{m.method}`\n\n{markdown_table(rows)}\n\n"
+        + (f"![distances]({plot})\n\n" if plot else "")
+        + (f"## Slides that failed or need review{failures}\n" if problems else ""),
         key="harmonize-sites-summary",
     )
-    return rows
+    if problems:
+        return Failed(message=f"{len(problems)} slide(s) failed or need review: {'; '.join(problems)}", data=rows)
+    return Completed(message=f"{len(rows)} sites harmonized to {name}", data=rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,10 @@ slides, prepare the target template (fitted once and cached under
 ``<output_root>/templates/``), then per slide ``fit -> normalize+write -> QC`` as task runs,
 ``concurrency`` slides at a time.  A slide whose outputs already record the same source
 identity, method, parameters and template is skipped, so a second run does no work.  A
-slide that fails (unreadable, no tissue) is marked Failed with its reason; the others go
-on, and the flow run ends Failed.  A summary table artifact lists every slide.
+slide that fails (unreadable, no tissue) is marked Failed with its reason; a slide whose fit
+or colour map fails the QC gate (:mod:`wsi_norm.qc`) is marked "needs review" with the numbers
+and nothing of it is written (unless the manifest says ``force: true``); the others go on, and
+the flow run ends Failed.  A summary table artifact lists every slide.
 
 Array work runs on one shared dask ``distributed`` client (``--scheduler`` /
 ``WSI_NORM_SCHEDULER``, else a local in-process cluster); Prefect threads only track slides.
@@ -34,7 +36,7 @@ from prefect.states import Completed, Failed, State
 from flows._artifacts import artifact_key, markdown_table
 from flows._common import SlideOutcome, generate_missing, resolve_template, scheduler_address
 from flows._qc import publish_slide_qc
-from wsi_norm.errors import ManifestError, OutputError, WsiNormError
+from wsi_norm.errors import ManifestError, OutputError, QCError, WsiNormError
 from wsi_norm.manifest import Manifest, SlideEntry, load_manifest
 
 __all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
@@ -113,6 +115,8 @@ def normalize_task(entry: SlideEntry, fmt: str, manifest: Manifest, target: Any,
         source_fit=source_fit,
         n_pixels=manifest.model.fit.n_pixels,
         seed=manifest.model.fit.seed,
+        glass="keep" if manifest.model.keep_glass else "target",
+        force=manifest.model.force,
     )
     get_run_logger().info("%s: wrote %s (%d progress updates)", entry.source.name, out, progress.updates)
     return result
@@ -136,6 +140,7 @@ def _is_current(entry: SlideEntry, manifest: Manifest, target: Any) -> bool:
             target=target,
             weights=manifest.weights,
             seed=manifest.model.fit.seed,
+            glass="keep" if manifest.model.keep_glass else "target",
         )
         for out in entry.outputs.values()
     )
@@ -200,6 +205,9 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
             entry = running.pop(done)
             try:
                 outcomes.append(done.result())
+            except QCError as exc:  # wrong colours would have been written: a person must look
+                logger.error("%s: needs review: %s", entry.source, exc)
+                outcomes.append(SlideOutcome(entry.site, entry.source.name, "needs review", reason=f"QC gate: {exc}"))
             except Exception as exc:  # noqa: BLE001 - a failed slide is reported, the others go on
                 reason = f"{type(exc).__name__}: {exc}"
                 logger.error("%s: failed: %s", entry.source, reason)
@@ -208,14 +216,17 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     outcomes.sort(key=lambda o: order[(o.site, o.slide)])
     rows = [o.row() for o in outcomes]
     n_failed = sum(o.outcome == "failed" for o in outcomes)
-    create_table_artifact(rows, key=SUMMARY_KEY, description=f"{len(rows)} slides, {n_failed} failed ({m.path})")
+    n_review = sum(o.outcome == "needs review" for o in outcomes)
+    create_table_artifact(rows, key=SUMMARY_KEY,
+                          description=f"{len(rows)} slides, {n_failed} failed, {n_review} need review ({m.path})")
     create_markdown_artifact(
         f"# normalize-archive\n\nmanifest `{m.path}`, method `{m.method}`, outputs under `{m.output_root}`\n\n"
         + markdown_table(rows),
         key=SUMMARY_KEY + "-md",
     )
-    if n_failed:
-        return Failed(message=f"{n_failed} of {len(rows)} slides failed", data=rows)
+    if n_failed or n_review:
+        review = f", {n_review} need review" if n_review else ""
+        return Failed(message=f"{n_failed} of {len(rows)} slides failed{review}", data=rows)
     return Completed(message=f"{len(rows)} slides done", data=rows)
 
 

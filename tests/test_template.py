@@ -14,6 +14,7 @@ from wsi_norm.stain import METHODS, StainParams, fit_stats, stats_from_dict
 from wsi_norm.stain.base import order_stains
 from wsi_norm.stain.macenko import MacenkoStats
 from wsi_norm.template import SCHEMA_VERSION, Template, load_template, save_template
+from wsi_norm.whitepoint import WhitePoint
 
 
 def _pixels():
@@ -39,10 +40,11 @@ def test_macenko_template_round_trip_and_schema(tmp_path):
 @pytest.mark.parametrize("method", ["reinhard", "histmatch"])
 def test_other_methods_round_trip(tmp_path, method):
     stats = fit_stats(method, _pixels())
-    t = Template(method, stats, params=StainParams(alpha=2.0))
+    t = Template(method, stats, params=StainParams(alpha=2.0), white=WhitePoint((236.5, 241.0, 249.0), "glass", 812))
     save_template(t, tmp_path / "t.json")
     back = load_template(tmp_path / "t.json")
-    assert back.stats == stats and back.params.alpha == 2.0
+    assert back.stats == stats and back.params["alpha"] == 2.0
+    assert back.white == WhitePoint((236.5, 241.0, 249.0), "glass", 812)
 
 
 @settings(max_examples=25, deadline=None)
@@ -70,6 +72,8 @@ def test_errors_name_the_file(tmp_path):
         ({**good, "method": "magic"}, "unknown method 'magic'"),
         ({k: v for k, v in good.items() if k != "max_concentrations"}, "lacks field 'max_concentrations'"),
         ({**good, "stain_matrix": [[1, 0, 0]]}, r"shape \(2, 3\)"),
+        ({**good, "white_point": {"rgb": [300, 240, 240], "source": "glass"}}, r"white point must be in \(0, 255\]"),
+        ({**good, "white_point": {"rgb": [240, 240, 240], "source": "guess"}}, "unknown white point source 'guess'"),
         ([1, 2], "must be a JSON object"),
     ]
     for doc, msg in cases:

@@ -8,6 +8,7 @@ from wsi_norm.errors import (
     ManifestError,
     OutputError,
     OutputExistsError,
+    QCError,
     SlideOpenError,
     SlideReadError,
     TemplateError,
@@ -17,7 +18,7 @@ from wsi_norm.errors import (
 )
 from wsi_norm.slide import Slide, open_slide
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
@@ -29,6 +30,7 @@ __all__ = [
     "SlideReadError",
     "LevelError",
     "FitError",
+    "QCError",
     "TemplateError",
     "OutputExistsError",
     "OutputError",

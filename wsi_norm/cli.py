@@ -199,10 +199,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             n_pixels=args.n_pixels,
             seed=args.seed,
             backend=args.backend,
+            force=args.force,
         )
     save_template(template, out)
+    w = template.white
     print(f"{out}: {args.method} template from {len(args.slides)} slide(s), "
-          f"{template.n_pixels} tissue pixels, seed {args.seed}")
+          f"{template.n_pixels} tissue pixels, seed {args.seed}, white point "
+          f"({w.rgb[0]:.1f}, {w.rgb[1]:.1f}, {w.rgb[2]:.1f}) from {w.source}")
     stats = template.stats.to_dict()
     if "stain_matrix" in stats:
         for name, row, conc in zip(("hematoxylin", "eosin"), stats["stain_matrix"],
@@ -245,10 +248,16 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
             compression=args.compression,
             zarr_format=args.zarr_format,
             backend=args.backend,
+            glass="keep" if args.keep_glass else "target",
+            force=args.force,
         )
     t = result.timings
     print(f"{result.out}: {result.shape[1]}x{result.shape[0]} px, {args.method}, "
           f"fit {t['fit_s']:.1f} s, write {t['write_s']:.1f} s")
+    qc = result.provenance.get("qc", {})
+    if qc.get("forced"):
+        print(f"warning: QC gate failed, written because of --force: {'; '.join(qc['problems'])}",
+              file=sys.stderr)
     return 0
 
 
@@ -260,6 +269,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.stains not in SITE_STAINS:
         raise argparse.ArgumentTypeError(
             f"--stains must be one of {', '.join(SITE_STAINS)}, got {args.stains!r}")
+    if len(args.io) not in (1, 3) or not all(0 < v <= 255 for v in args.io):
+        raise argparse.ArgumentTypeError(f"--io takes one value or three (R G B) in (0, 255], got {args.io}")
     truth = generate_slide(
         out,
         width=args.width,
@@ -271,9 +282,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         quality=args.quality,
         compression=args.compression,
         tissue_fraction=args.tissue_fraction,
+        conc_scale=tuple(args.conc_scale),
+        io=tuple(args.io) if len(args.io) == 3 else args.io[0],
     )
     print(f"{out}: {args.width}x{args.height} px Beer-Lambert slide, stains {args.stains}, "
-          f"seed {args.seed}, texture from {truth.texture_source}")
+          f"seed {args.seed}, glass {list(truth.io)}, texture from {truth.texture_source}")
     return 0
 
 
@@ -355,10 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=("macenko", "vahadane", "reinhard", "histmatch"))
     p.add_argument("-o", "--output", required=True, help="template JSON to write")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
-                   help="method parameter, e.g. io=240 alpha=1 beta=0.15 lambda_=0.1 (repeatable)")
+                   help="method parameter, e.g. macenko_variant=textbook white_point=239 "
+                   "l1_penalty=0.01 (repeatable; see wsi_norm.stain.base.StainParams)")
     p.add_argument("--n-pixels", type=int, default=DEFAULT_N_PIXELS,
                    help="tissue pixels sampled per slide")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="keep a template the QC gate refuses (implausible stains or white point)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
     _add_slide_options(p)
@@ -386,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TIFF tile compression (deflate is lossless)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
                    help="3: OME-NGFF 0.5 on zarr v3; 2: NGFF 0.4 on zarr v2 for older viewers")
+    p.add_argument("--keep-glass", action="store_true",
+                   help="keep the source's glass colour (blended smoothly over a band of luma) "
+                   "instead of rendering glass in the target's white point")
+    p.add_argument("--force", action="store_true",
+                   help="write even when the QC gate fails (recorded in the output's provenance)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -404,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=0.25)
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg")
+    p.add_argument("--conc-scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("H", "E"),
+                   help="stain strengths (factors on hematoxylin and eosin concentration)")
+    p.add_argument("--io", type=float, nargs="+", default=[240.0], metavar="LEVEL",
+                   help="glass intensity: one value, or R G B (a scanner's white point)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_generate)
 

@@ -15,6 +15,7 @@ __all__ = [
     "SlideReadError",
     "LevelError",
     "FitError",
+    "QCError",
     "TemplateError",
     "OutputExistsError",
     "OutputError",
@@ -45,6 +46,14 @@ class LevelError(WsiNormError, IndexError):
 
 class FitError(WsiNormError, ValueError):
     """Stain statistics could not be fitted (too little tissue, a degenerate stain matrix)."""
+
+
+class QCError(FitError):
+    """A fit or a compiled colour map failed the QC gate: writing it would give wrong colours.
+
+    The message names the slide and the numbers against their bounds. ``force`` (``--force``,
+    the manifest's ``force: true``) writes anyway and records the failure in provenance.
+    """
 
 
 class TemplateError(WsiNormError, ValueError):

@@ -46,6 +46,13 @@ Schema, version 1
     globs may match these paths before they exist.
 ``sites``
     ``name: {slides: [paths or globs], description: ...}``; at least one site.
+``keep_glass``
+    ``false`` (default): glass is rendered in the target's white point; ``true``: each slide's
+    own glass is kept (blended smoothly over a band of luma), as ``wsi-norm normalize --keep-glass``.
+``force``
+    ``false`` (default): a slide whose fit or colour map fails the QC gate ends failed
+    ("needs review", with the numbers) while the others finish; ``true`` writes it anyway and
+    records the failure in its provenance, as ``--force``.
 ``concurrency``, ``retries``, ``retry_delay_s``
     Slides processed in parallel, and retries of I/O steps.
 
@@ -125,6 +132,7 @@ class GeneratedSlideSpec(_Strict):
     quality: int = Field(default=90, ge=1, le=100)
     compression: Literal["jpeg", "deflate"] = "jpeg"
     conc_scale: tuple[float, float] = (1.0, 1.0)
+    io: float | tuple[float, float, float] = 240.0
 
 
 class SiteSpec(_Strict):
@@ -171,6 +179,8 @@ class ManifestModel(_Strict):
     target: str | None = None
     generate: list[GeneratedSlideSpec] = Field(default_factory=list)
     sites: dict[str, SiteSpec] = Field(min_length=1)
+    keep_glass: bool = False
+    force: bool = False
     concurrency: int = Field(default=2, ge=1, le=256)
     retries: int = Field(default=1, ge=0, le=20)
     retry_delay_s: float = Field(default=2.0, ge=0)

@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.errors import FitError, OutputExistsError, TemplateError
+from wsi_norm.errors import FitError, OutputExistsError, QCError, TemplateError
+from wsi_norm.qc import ColourReference, QCReport, check_fit, check_mapped, colour_reference
 from wsi_norm.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
 from wsi_norm.slide import Backend, Slide, open_slide
+from wsi_norm.whitepoint import WhitePoint
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -61,7 +63,11 @@ STAT_METHODS = ("macenko", "vahadane", "reinhard", "histmatch")
 _LUT_WORTH_PX = 256**3
 ALL_METHODS = (*STAT_METHODS, "stainnet", "none")
 Device = Literal["cpu", "cuda", "auto"]
+Glass = Literal["target", "keep"]
 PathLike = str | Path
+#: Version of the colour model an output was computed with; part of every fingerprint, so outputs
+#: of an older model (glass passed through, fixed Io = 240) are never "current".
+COLOUR_MODEL = 2
 
 
 def _as_slide(source: PathLike | Slide, backend: Backend | None) -> Slide:
@@ -120,11 +126,17 @@ class SlideFit:
     tissue_fraction : float
         Coarse-mask tissue share (an upper estimate).
     params : dict
+    white : WhitePoint
+        The slide's white point (glass intensity per channel), measured or the fallback.
+    reference : ColourReference
+        Tissue Lab mean and default-Macenko stain vectors (what the QC gate checks).
     timings : dict
         Seconds spent sampling and fitting.
     pixels : (N, 3) uint8 or None
-        The tissue pixels the fit used (kept so callers can measure them without sampling
+        The tissue pixels the fit sampled (kept so callers can measure them without sampling
         the slide again; not part of :meth:`to_dict`).
+    blocks : (M, 3) float32 or None
+        The 2 x 2 tissue block means sampled with them (not part of :meth:`to_dict`).
     """
 
     method: str
@@ -134,8 +146,11 @@ class SlideFit:
     seed: int
     tissue_fraction: float
     params: dict[str, Any]
+    white: WhitePoint
+    reference: ColourReference
     timings: dict[str, float] = field(default_factory=dict)
     pixels: NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
+    blocks: NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (used in provenance)."""
@@ -147,6 +162,8 @@ class SlideFit:
             "seed": self.seed,
             "tissue_fraction": self.tissue_fraction,
             "params": self.params,
+            "white_point": self.white.to_dict(),
+            "reference": self.reference.to_dict(),
         }
 
 
@@ -181,8 +198,15 @@ def fit_slide(
     ------
     FitError
         No or too little tissue, or a degenerate fit.
+
+    Notes
+    -----
+    Macenko and Vahadane are fitted on the sample's 2 x 2 tissue block means (robust to JPEG's
+    chroma subsampling, see :mod:`wsi_norm.sampling`), in optical density against the slide's
+    white point (``params.white_point`` overrides the measured one); Reinhard and histogram
+    matching on its tissue pixels.
     """
-    from wsi_norm.stain import fit_stats
+    from wsi_norm.stain import STAIN_MATRIX_METHODS, fit_stats
 
     if method not in STAT_METHODS:
         raise ValueError(f"cannot fit method {method!r}; choose one of {', '.join(STAT_METHODS)}")
@@ -190,13 +214,17 @@ def fit_slide(
     resolved = resolve_params(params, seed=seed)
     start = time.perf_counter()
     sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed)
+    white = sample.white if resolved.white_point is None else WhitePoint.fixed(resolved.white_point)
     sampled = time.perf_counter()
+    data = sample.blocks if method in STAIN_MATRIX_METHODS else sample.pixels
     try:
-        stats = fit_stats(method, sample.pixels, resolved)
+        stats = fit_stats(method, data, resolved, white=white.array)
+        reference = colour_reference(sample.pixels, white=white, blocks=sample.blocks)
     except FitError as exc:
         raise FitError(f"{slide.path}: {method} fit failed: {exc}") from exc
     done = time.perf_counter()
-    log.info("%s: fitted %s on %d pixels", slide.path, method, len(sample.pixels))
+    log.info("%s: fitted %s on %d pixels (white point %s, %s)", slide.path, method, len(data),
+             white.rgb, white.source)
     return SlideFit(
         method=method,
         stats=stats,
@@ -205,8 +233,11 @@ def fit_slide(
         seed=seed,
         tissue_fraction=sample.coarse_fraction,
         params=_params_dict(resolved),
+        white=white,
+        reference=reference,
         timings={"sample_s": sampled - start, "fit_s": done - sampled},
         pixels=sample.pixels,
+        blocks=sample.blocks,
     )
 
 
@@ -218,6 +249,7 @@ def fit_template(
     n_pixels: int = DEFAULT_N_PIXELS,
     seed: int = 0,
     backend: Backend | None = None,
+    force: bool = False,
 ) -> Template:
     """Fit a target template from one reference slide or a cohort.
 
@@ -227,6 +259,11 @@ def fit_template(
     Returns
     -------
     Template
+
+    Raises
+    ------
+    QCError
+        The template is not plausible H&E or its white point is implausible (unless ``force``).
     """
     if not sources:
         raise ValueError("fit_template needs at least one slide")
@@ -234,12 +271,40 @@ def fit_template(
         fit_slide(s, method=method, params=params, n_pixels=n_pixels, seed=seed, backend=backend)
         for s in sources
     ]
-    return template_from_fits(fits, params=params, seed=seed)
+    template = template_from_fits(fits, params=params, seed=seed)
+    report = check_template(template)
+    if not report.passed and not force:
+        names = ", ".join(str(f.identity.get("name")) for f in fits)
+        raise QCError(f"{names}: template refused by the QC gate: {'; '.join(report.problems)} "
+                      "(pass force=True / --force to keep it)")
+    return template
+
+
+def check_template(template: Template) -> QCReport:
+    """The QC gate's fit check (:func:`wsi_norm.qc.check_fit`) applied to a template."""
+    from wsi_norm.stain import STAIN_MATRIX_METHODS
+
+    if template.method in STAIN_MATRIX_METHODS:
+        return check_fit(template.stats.stain_matrix, white=template.white, max_conc=template.stats.max_conc)
+    if template.reference is not None:
+        return check_fit(template.reference.matrix, white=template.white)
+    return check_fit(None, white=template.white)
+
+
+def _aggregate_white(fits: Sequence[SlideFit]) -> WhitePoint:
+    """One slide's white point, or the per-channel median of the slides' (source "glass" only
+    when every slide's was measured from glass)."""
+    if len(fits) == 1:
+        return fits[0].white
+    rgb = np.median(np.stack([f.white.array for f in fits]), axis=0)
+    measured = all(f.white.source == "glass" for f in fits)
+    return WhitePoint(tuple(rgb), "glass" if measured else "fallback",  # type: ignore[arg-type]
+                      sum(f.white.n_pixels for f in fits))
 
 
 def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: int = 0) -> Template:
-    """A template from slide fits already made: one slide's statistics, or the robust
-    aggregate (:func:`wsi_norm.stain.aggregate_stats`) of several.
+    """A template from slide fits already made: one slide's statistics, white point and colour
+    reference, or the robust aggregate (:func:`wsi_norm.stain.aggregate_stats`, medians) of several.
 
     Raises
     ------
@@ -259,7 +324,9 @@ def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: in
     return Template(
         method=method,
         stats=stats,
-        params=resolve_params(params, seed=seed),
+        white=_aggregate_white(fits),
+        reference=ColourReference.median([f.reference for f in fits]),
+        params=_params_dict(resolve_params(params, seed=seed)),
         slides=[f.identity for f in fits],
         n_pixels=sum(f.n_pixels for f in fits),
         seed=seed,
@@ -307,13 +374,17 @@ def request_fingerprint(
     params: Mapping[str, Any],
     target: Mapping[str, Any] | None,
     weights_sha256: str | None = None,
+    glass: Glass = "target",
 ) -> str:
-    """SHA-256 of what decides an output: source identity, method, parameters and target.
+    """SHA-256 of what decides an output: source identity, method, parameters, target, glass
+    handling and the colour model's version (:data:`COLOUR_MODEL`).
 
     The source is identified by size and header hash (not its name or folder), the target by
     its whole document except creation time and tool version.
     """
     key = {
+        "colour_model": COLOUR_MODEL,
+        "glass": glass,
         "source": {k: identity.get(k) for k in ("size_bytes", "header_sha256")},
         "method": method,
         "params": dict(params),
@@ -335,6 +406,7 @@ def output_is_current(
     weights: PathLike | None = None,
     seed: int = 0,
     backend: Backend | None = None,
+    glass: Glass = "target",
 ) -> bool:
     """True when ``out`` is a finished output that records the same request.
 
@@ -358,6 +430,7 @@ def output_is_current(
         params=resolved,
         target=None if target is None else target.to_dict(),
         weights_sha256=_file_sha256(Path(weights)) if weights else None,
+        glass=glass,
     )
     return bool(record.get("fingerprint") == expected)
 
@@ -446,6 +519,97 @@ def _load_target(
     raise ValueError(f"method {method!r} needs a target template or a reference slide")
 
 
+def _check_source_fit(fit: SlideFit, slide: Slide, method: str, params: Mapping[str, Any]) -> None:
+    """A reused fit must be this slide's fit of this method with these parameters."""
+    problems = []
+    if fit.method != method:
+        problems.append(f"it is a {fit.method!r} fit, not {method!r}")
+    identity = slide.identity()
+    if any(fit.identity.get(k) != identity.get(k) for k in ("size_bytes", "header_sha256")):
+        problems.append(f"it was fitted on {fit.identity.get('name')!r}, another file")
+    if dict(fit.params) != dict(params):
+        problems.append("it was fitted with other parameters")
+    if problems:
+        raise ValueError(f"{slide.path}: source_fit does not belong to this request: {'; '.join(problems)}")
+
+
+def compile_checked(
+    fit: SlideFit,
+    template: Template,
+    params: Any = None,
+    *,
+    glass: Glass = "target",
+    force: bool = False,
+    what: str = "slide",
+) -> tuple[Any, QCReport]:
+    """Compile a slide's colour map to a template, through the QC gate.
+
+    Checks the source fit and the template (:func:`wsi_norm.qc.check_fit`), compiles the map,
+    pushes the fit's sampled tissue through it and checks where it lands
+    (:func:`wsi_norm.qc.check_mapped`, skipped for templates without a colour reference).
+
+    Parameters
+    ----------
+    fit : SlideFit
+    template : Template
+    params : StainParams or mapping, optional
+    glass : {"target", "keep"}, keyword-only
+    force : bool, keyword-only
+        Return the map even when a check fails (the report says ``forced``).
+    what : str, keyword-only
+        The slide's name for messages.
+
+    Returns
+    -------
+    (ColorMap, QCReport)
+
+    Raises
+    ------
+    QCError
+        A check failed and ``force`` is False; the message names the slide and the numbers.
+    FitError
+        The map cannot be compiled (a singular stain matrix).
+    """
+    from wsi_norm.stain import STAIN_MATRIX_METHODS, compile_colormap
+
+    stain_params = resolve_params(params)
+    source_check = check_fit(
+        fit.stats.stain_matrix if fit.method in STAIN_MATRIX_METHODS else fit.reference.matrix,
+        white=fit.white,
+        max_conc=fit.stats.max_conc if fit.method in STAIN_MATRIX_METHODS else None,
+    )
+    report = QCReport([f"source: {p}" for p in source_check.problems],
+                      {f"source_{k}": v for k, v in source_check.measures.items()})
+    target_check = check_template(template)
+    report = report.merged(QCReport([f"target: {p}" for p in target_check.problems],
+                                    {f"target_{k}": v for k, v in target_check.measures.items()}))
+    try:
+        cmap = compile_colormap(fit.method, fit.stats, template.stats, stain_params,
+                                source_white=fit.white.array, target_white=template.white.array, glass=glass)
+    except FitError as exc:
+        raise FitError(f"{what}: cannot map to the target: {exc}") from exc
+    if template.reference is not None and fit.pixels is not None:
+        mapped = cmap.evaluate_numpy(_qc_subsample(fit.pixels))
+        stains = template.stats.stain_matrix if template.method in STAIN_MATRIX_METHODS else None
+        report = report.merged(check_mapped(mapped, template.reference, target_white=template.white,
+                                            target_stains=stains, gate_overshoot=stains is not None))
+    else:
+        report = report.merged(QCReport(measures={"mapped_check": "skipped: the template has no colour reference"}))
+    if not report.passed:
+        if not force:
+            raise QCError(f"{what}: QC gate refused the normalization ({fit.method}): "
+                          f"{'; '.join(report.problems)}; pass --force (force=True) to write it anyway")
+        log.warning("%s: QC gate failed but forced: %s", what, "; ".join(report.problems))
+        report = QCReport(report.problems, report.measures, forced=True)
+    return cmap, report
+
+
+def _qc_subsample(pixels: NDArray[np.uint8], n: int = 200_000) -> NDArray[np.uint8]:
+    if len(pixels) <= n:
+        return pixels
+    return pixels[np.random.default_rng(0).choice(len(pixels), n, replace=False)]
+
+
 def normalize_slide(
     source: PathLike | Slide,
     out: PathLike,
@@ -468,6 +632,8 @@ def normalize_slide(
     zarr_format: int = 3,
     backend: Backend | None = None,
     source_fit: SlideFit | None = None,
+    glass: Glass = "target",
+    force: bool = False,
 ) -> NormalizeResult:
     """Normalize a slide and write it as a pyramidal OME-Zarr or TIFF.
 
@@ -500,7 +666,13 @@ def normalize_slide(
     backend : str, optional
         Slide reader.
     source_fit : SlideFit, optional
-        Reuse a fit already made (the flows fit in their own task).
+        Reuse a fit already made (the flows fit in their own task); it must be this slide's
+        fit of ``method``.
+    glass : {"target", "keep"}
+        ``target`` (default): glass is rendered in the target's white point (StainNet: as the
+        published model maps it); ``keep``: the source's glass is kept, blended smoothly.
+    force : bool
+        Write even when the QC gate fails (the failure is recorded in provenance).
 
     Returns
     -------
@@ -510,6 +682,9 @@ def normalize_slide(
     ------
     OutputExistsError
         ``out`` exists and ``overwrite`` is False (checked before any work).
+    QCError
+        The source fit, the target or the compiled map fails the QC gate (before any pixel
+        is written), unless ``force``.
     SlideOpenError, SlideReadError, FitError, TemplateError, WeightsError, OutputError
     """
     from wsi_norm import __version__
@@ -525,34 +700,43 @@ def normalize_slide(
     slide = _as_slide(source, backend)
     identity = slide.identity()
 
+    if glass not in ("target", "keep"):
+        raise ValueError(f"glass must be 'target' or 'keep', got {glass!r}")
     template: Template | None = None
     fit: SlideFit | None = None
     weights_sha: str | None = None
     resolved: dict[str, Any] = {}
+    qc = QCReport(measures={"gate": "not applicable (no fitted statistics)"})
+    whites: dict[str, Any] = {}
     if method == "none":
         from wsi_norm.colormap import IdentityMap
 
         cmap: Any = IdentityMap()
     elif method == "stainnet":
+        from wsi_norm.colormap import GlassBlend
         from wsi_norm.stain.stainnet import load_stainnet_map
 
         if weights is None:
             raise ValueError("method 'stainnet' needs weights (--weights FILE)")
-        cmap = load_stainnet_map(weights)
+        blend = None
+        if glass == "keep":
+            source_white = sample_tissue_pixels(slide, n_pixels=10_000, seed=seed).white
+            whites = {"source": source_white.to_dict()}
+            blend = GlassBlend.for_whites("keep", source_white.array, source_white.array)
+        cmap = load_stainnet_map(weights, glass=blend)
         weights_sha = _file_sha256(Path(weights))
     else:
-        from wsi_norm.stain import compile_colormap
-
         stain_params = resolve_params(params, seed=seed)
         resolved = _params_dict(stain_params)
         template = _load_target(method, target, reference, params=params, n_pixels=n_pixels,
                                 seed=seed, backend=backend)
+        if source_fit is not None:
+            _check_source_fit(source_fit, slide, method, resolved)
         fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=n_pixels,
                                       seed=seed)
-        try:
-            cmap = compile_colormap(method, fit.stats, template.stats, stain_params)
-        except FitError as exc:
-            raise FitError(f"{slide.path}: cannot map to the target: {exc}") from exc
+        cmap, qc = compile_checked(fit, template, stain_params, glass=glass, force=force,
+                                   what=str(slide.path))
+        whites = {"source": fit.white.to_dict(), "target": template.white.to_dict()}
     level0 = slide.to_dask(0, chunk_px=chunk_px)
     if dev == "cpu" and level0.shape[0] * level0.shape[1] >= _LUT_WORTH_PX and method != "none":
         cmap.lut()  # compile once here; every copy of the map in this process reuses it
@@ -568,6 +752,7 @@ def normalize_slide(
             params=resolved,
             target=None if template is None else template.to_dict(),
             weights_sha256=weights_sha,
+            glass=glass,
         ),
         "method": method,
         "params": resolved,
@@ -579,7 +764,12 @@ def normalize_slide(
         "weights": None if weights is None else {"path": str(weights), "sha256": weights_sha},
         "device": dev,
         "chunk_px": list(level0.chunksize[:2]),
-        "background_rule": "pixels with gray > 200 (rounded ITU-R 601 luma) pass through unchanged",
+        "colour_model": COLOUR_MODEL,
+        "white_point": whites,
+        "glass": glass,
+        "qc": qc.to_dict(),
+        "background_rule": "gray > 200 (rounded ITU-R 601 luma) chooses the pixels statistics are "
+        "fitted on; every pixel is mapped by one continuous map",
     }
     written = write_pyramid(
         normalized,

@@ -1,9 +1,9 @@
 """Target templates: a versioned JSON document holding one method's fitted statistics.
 
-Schema (``SCHEMA_VERSION = 1``), one JSON object::
+Schema (``SCHEMA_VERSION = 2``), one JSON object::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "method": "macenko",                   # macenko | vahadane | reinhard | histmatch
       "stain_matrix": [[h_r, h_g, h_b],      # macenko/vahadane only: unit-norm OD rows,
                        [e_r, e_g, e_b]],     #   row 0 hematoxylin, row 1 eosin
@@ -11,21 +11,31 @@ Schema (``SCHEMA_VERSION = 1``), one JSON object::
       "lab_mean": [L, a, b],                 # reinhard only: CIE Lab (D65) mean of tissue pixels
       "lab_std": [L, a, b],                  # reinhard only: Lab standard deviation
       "histograms": [[256 floats] x 3],      # histmatch only: normalised R, G, B tissue histograms
-      "params": {...},                       # StainParams used for the fit (io, alpha, beta, ...)
-      "slides": [{"path": ..., ...}, ...],   # the slide(s) the template was fitted from
+      "white_point": {"rgb": [R, G, B],      # glass intensity per channel (the target's I0):
+                      "source": "glass",     #   glass | fallback | fixed | template-v1
+                      "n_pixels": 51234},
+      "reference": {"lab_mean": [L, a, b],   # what the QC gate compares a normalized slide with:
+                    "stain_matrix": [[...], [...]]},  # tissue Lab mean, Macenko stain vectors
+      "params": {...},                       # StainParams used for the fit
+      "slides": [{"name": ..., ...}, ...],   # the slide(s) the template was fitted from
       "n_pixels": 1000000,                   # tissue pixels sampled (total over slides)
       "seed": 0,                             # sampling seed
       "aggregation": null,                   # null for one slide, else e.g. "median"
-      "wsi_norm_version": "0.1.0",
-      "created": "2026-11-22T19:42:00+00:00" # ISO 8601, UTC
+      "wsi_norm_version": "0.2.0",
+      "created": "2026-11-29T12:00:00+00:00" # ISO 8601, UTC
     }
+
+Schema 1 (wsi-norm 0.1) files still load: they have no white point, and their stain vectors
+were fitted with ``Io = 240`` in ``-log((I + 1) / Io)``, i.e. white point 239 in every channel;
+they are read with that white point (``source: "template-v1"``) and no QC reference (the gate
+then checks the fit only). Their ``params`` are kept as recorded.
 
 The method's statistics sit at the top level (the keys of ``Stats.to_dict()``),
 so a Macenko template is readable by other tools as ``stain_matrix`` +
 ``max_concentrations``.  :func:`load_template` raises
 :class:`~wsi_norm.errors.TemplateError` naming the file for invalid JSON, a
 missing or unknown schema version, an unknown method, a method other than the
-one requested, and missing or ill-shaped fields.
+one requested, missing or ill-shaped fields, and a white point outside (0, 255].
 """
 
 from __future__ import annotations
@@ -36,14 +46,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_norm.color import TEXTBOOK_WHITE
 from wsi_norm.errors import TemplateError
-from wsi_norm.stain import METHODS, StainParams, stats_from_dict
+from wsi_norm.qc import ColourReference
+from wsi_norm.stain import METHODS, stats_from_dict
+from wsi_norm.whitepoint import WhitePoint
 
-__all__ = ["SCHEMA_VERSION", "Template", "load_template", "save_template", "utc_now", "wsi_norm_version"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ColourReference",
+    "Template",
+    "load_template",
+    "save_template",
+    "utc_now",
+    "wsi_norm_version",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _META_KEYS = ("schema_version", "method", "params", "slides", "n_pixels", "seed",
-              "aggregation", "wsi_norm_version", "created")
+              "aggregation", "wsi_norm_version", "created", "white_point", "reference")
 
 
 def wsi_norm_version() -> str:
@@ -68,43 +90,62 @@ def utc_now() -> str:
 
 @dataclass(frozen=True)
 class Template:
-    """A target template: fitted statistics plus how they were obtained.
+    """A target template: fitted statistics, the target's white point, and how they were obtained.
 
     Parameters
     ----------
     method : str, one of :data:`wsi_norm.stain.METHODS`
     stats : the method's Stats (e.g. ``MacenkoStats``)
-    params : StainParams used for the fit
-    slides : list of dict, e.g. ``[{"path": "a.svs", "sha256": "..."}]``
+    white : WhitePoint
+        The target's glass intensity per channel: normalized slides are rendered into it.
+    reference : ColourReference or None
+        Tissue colour statistics of the target for the QC gate (None for schema-1 files).
+    params : dict
+        The StainParams used for the fit, as recorded (``StainParams.to_dict()``).
+    slides : list of dict, e.g. ``[{"name": "a.svs", "size_bytes": ..., "sha256": "..."}]``
     n_pixels : int, tissue pixels sampled
     seed : int, sampling seed
     wsi_norm_version : str
     created : str, ISO 8601 timestamp
     aggregation : str or None, how several slides were combined (None: one slide)
+    schema_version : int
+        The version the document was read from (written documents are always the current one).
     """
 
     method: str
     stats: Any
-    params: StainParams = field(default_factory=StainParams)
+    white: WhitePoint = field(default_factory=lambda: WhitePoint((240.0, 240.0, 240.0), "fallback"))
+    reference: ColourReference | None = None
+    params: dict[str, Any] = field(default_factory=dict)
     slides: list[dict[str, Any]] = field(default_factory=list)
     n_pixels: int = 0
     seed: int = 0
     wsi_norm_version: str = field(default_factory=wsi_norm_version)
     created: str = field(default_factory=utc_now)
     aggregation: str | None = None
+    schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         if getattr(self.stats, "method", None) != self.method:
             raise ValueError(f"stats of method {getattr(self.stats, 'method', None)!r} in a {self.method!r} template")
+        if not isinstance(self.white, WhitePoint):
+            raise TypeError(f"white must be a WhitePoint, got {type(self.white).__name__}")
+        if not isinstance(self.params, dict):
+            to_dict = getattr(self.params, "to_dict", None)
+            if to_dict is None:
+                raise TypeError(f"params must be a dict or StainParams, got {type(self.params).__name__}")
+            object.__setattr__(self, "params", dict(to_dict()))
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document (see the module docstring)."""
+        """The JSON document (see the module docstring), always in the current schema."""
         d: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "method": self.method}
         d.update(self.stats.to_dict())
         d.update(
-            params=self.params.to_dict(), slides=list(self.slides), n_pixels=int(self.n_pixels),
+            white_point=self.white.to_dict(),
+            reference=None if self.reference is None else self.reference.to_dict(),
+            params=dict(self.params), slides=list(self.slides), n_pixels=int(self.n_pixels),
             seed=int(self.seed), aggregation=self.aggregation,
             wsi_norm_version=self.wsi_norm_version, created=self.created,
         )
@@ -117,7 +158,7 @@ def save_template(template: Template, path: str | Path) -> None:
 
 
 def load_template(path: str | Path, *, method: str | None = None) -> Template:
-    """Read and validate a template document.
+    """Read and validate a template document (schema 2, or schema 1 with its stated default).
 
     Parameters
     ----------
@@ -133,7 +174,7 @@ def load_template(path: str | Path, *, method: str | None = None) -> Template:
     ------
     TemplateError
         Unreadable file, invalid JSON, missing or unsupported schema version,
-        unknown method, method mismatch, missing or ill-shaped fields.
+        unknown method, method mismatch, missing or ill-shaped fields, a bad white point.
     """
     p = Path(path)
     try:
@@ -147,8 +188,10 @@ def load_template(path: str | Path, *, method: str | None = None) -> Template:
     version = doc.get("schema_version")
     if version is None:
         raise TemplateError(f"{p}: missing 'schema_version' (expected {SCHEMA_VERSION})")
-    if version != SCHEMA_VERSION:
-        raise TemplateError(f"{p}: unsupported schema_version {version!r} (this wsi-norm reads {SCHEMA_VERSION})")
+    if version not in _READABLE_VERSIONS:
+        raise TemplateError(
+            f"{p}: unsupported schema_version {version!r} (this wsi-norm reads {', '.join(map(str, _READABLE_VERSIONS))})"
+        )
     found = doc.get("method")
     if found not in METHODS:
         raise TemplateError(f"{p}: unknown method {found!r}; known: {', '.join(METHODS)}")
@@ -156,15 +199,27 @@ def load_template(path: str | Path, *, method: str | None = None) -> Template:
         raise TemplateError(f"{p}: template is for method {found!r}, but {method!r} was requested")
     try:
         stats = stats_from_dict(found, {k: v for k, v in doc.items() if k not in _META_KEYS})
-        params = StainParams.from_dict(doc.get("params") or {})
+        params = doc.get("params") or {}
+        if not isinstance(params, dict):
+            raise TypeError("'params' must be an object")
         slides = doc.get("slides", [])
         if not isinstance(slides, list) or not all(isinstance(s, dict) for s in slides):
             raise ValueError("'slides' must be a list of objects")
+        if version == 1:
+            white = WhitePoint((TEXTBOOK_WHITE,) * 3, "template-v1")  # type: ignore[arg-type]
+            reference = None
+        else:
+            if "white_point" not in doc:
+                raise KeyError("white_point")
+            white = WhitePoint.from_dict(doc["white_point"])
+            ref = doc.get("reference")
+            reference = None if ref is None else ColourReference.from_dict(ref)
         return Template(
-            method=found, stats=stats, params=params, slides=slides,
+            method=found, stats=stats, white=white, reference=reference, params=params, slides=slides,
             n_pixels=int(doc.get("n_pixels", 0)), seed=int(doc.get("seed", 0)),
             wsi_norm_version=str(doc.get("wsi_norm_version", "unknown")),
             created=str(doc.get("created", "")), aggregation=doc.get("aggregation"),
+            schema_version=int(version),
         )
     except KeyError as exc:
         raise TemplateError(f"{p}: {found} template lacks field {exc}") from exc
