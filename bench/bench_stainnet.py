@@ -6,7 +6,7 @@ Usage::
     python bench/bench_stainnet.py --device cuda --batch 64
 
 CPU rows (one thread each): torch float32 matmuls, numpy float32 reference, the compiled
-per-pixel loop (numba), and the 256^3 LUT gather (numba) -- the LUT build time is reported
+per-slab module (the published Conv2d arithmetic), and the 256^3 LUT gather (numba) -- the LUT build time is reported
 separately.  CUDA rows count the uint8 host->device copy, the work and the copy back, for
 ``--batch`` tiles at a time.  Tiles are crops of the real H&E patches in ../shared/data
 (their colours, so the LUT gather sees realistic cache behaviour), tiled to 512x512.
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows.append(
         (
-            "cpu numba per-pixel loop",
+            "cpu published module, 64k-pixel slabs",
             _time(lambda: cmap.apply(tile, method="direct"), min_s=args.min_seconds),
         )
     )

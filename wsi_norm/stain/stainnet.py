@@ -15,22 +15,27 @@ What this module holds
   :class:`StainNetMetadata` record; pure data, picklable, no torch needed.
 * :func:`load_stainnet` / :func:`save_stainnet`: published PyTorch checkpoints (``.pth``) and
   wsi-norm's own ``.safetensors`` files with their metadata in the safetensors header.
-* :class:`StainNetMap`: the colour map, a :class:`wsi_norm.colormap.ColorMap` (numpy, numba
-  and torch evaluation, 256^3 LUT); :func:`load_stainnet_map` loads one from a file.
+* :class:`StainNetMap`: the colour map, a :class:`wsi_norm.colormap.ColorMap` (the published
+  module's own arithmetic, a numpy reference, 256^3 LUT); :func:`load_stainnet_map` loads one
+  from a file.
 * ``StainNet``: the :class:`torch.nn.Module` (attribute ``rgb_trans``, so published state dicts
   load with ``strict=True``).  torch takes seconds to import, so the class is created on first
   access (``from wsi_norm.stain.stainnet import StainNet`` works as usual and imports torch).
 
 Evaluation paths and how exactly they agree
 -------------------------------------------
-* ``evaluate_numpy`` / ``forward_numpy``: the reference, numpy float32 matrix products.
-* ``apply`` (CPU): a compiled per-pixel loop (numba, releases the GIL) or a gather from the
-  256^3 LUT.  The LUT is built by the very same loop, so the two are **bit-identical**.  The loop
-  differs from the numpy reference only in float32 summation order, i.e. by ~1e-6 before the
-  final truncation, which moves a handful of pixels per million by **one** grey level.
+* ``apply`` (CPU): the published model's own arithmetic: the ``StainNet`` module (three 1x1
+  ``Conv2d``) in float32 on ``(1, 3, 1, 65536)`` slabs of pixels, ``(rgb / 255 - 0.5) * 2`` in,
+  ``clip(y * 0.5 + 0.5, 0, 1) * 255`` truncated to uint8 out, exactly as the authors' code; or a
+  gather from the 256^3 LUT, built from the very same slabs, so the two are **bit-identical**.
+  On the torchstain patches through the three published checkpoints this equals the authors'
+  computation on the whole image on every pixel (``tests/test_colour_fidelity.py``). (An earlier
+  compiled per-pixel loop summed in another order and moved 2-16 pixels per patch by one level.)
+* ``evaluate_numpy`` / ``forward_numpy``: an independent reference in numpy float32 matrix
+  products (within one grey level of ``apply``: float32 summation order).
 * ``apply_torch``: on CUDA the default is the gather from the same (CPU-built) LUT, so GPU and
-  CPU workers produce bit-identical slides; ``use_lut=False`` evaluates with torch matrix
-  products on the tensor's device (within one grey level of the others).
+  CPU workers produce bit-identical slides; ``use_lut=False`` runs the module on the tensor's
+  device (within one grey level of the others).
 
 Glass
 -----
@@ -57,13 +62,11 @@ import pickle
 import threading
 import zipfile
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from wsi_norm.color import _check_rgb_uint8 as _check_rgb
@@ -115,6 +118,8 @@ _STATE_KEYS: dict[str, tuple[str, tuple[int, ...]]] = {
 _LUT_SIZE = 256**3
 _LUT_BYTES = _LUT_SIZE * 3
 _TORCH_CHUNK_PX = 1 << 22
+#: Pixels per module call: every evaluation (direct, LUT, any tile size) uses this one layout.
+_SLAB_PX = 1 << 16
 
 Method = Literal["auto", "direct", "lut"]
 
@@ -542,57 +547,11 @@ def save_stainnet(
     return path
 
 
-# --------------------------------------------------------------------------- compiled kernels
-
-
-@njit(nogil=True, cache=True)
-def _forward_kernel(rgb, w0t, b0, w1t, b1, w2t, b2, out):  # type: ignore[no-untyped-def]
-    """Per-pixel StainNet forward pass: rgb (P, 3) uint8 -> out (P, 3) uint8, in place.
-
-    Every pixel goes through the same float32 operations in the same order, whatever ``P``,
-    so the 256^3 LUT built with it is bit-identical to it.
-    """
-    n = rgb.shape[0]
-    hidden = b0.shape[0]
-    h1 = np.empty(hidden, np.float32)
-    h2 = np.empty(hidden, np.float32)
-    scale = np.float32(2.0 / 255.0)
-    one = np.float32(1.0)
-    half = np.float32(0.5)
-    zero = np.float32(0.0)
-    full = np.float32(255.0)
-    for p in range(n):
-        r = rgb[p, 0]
-        g = rgb[p, 1]
-        b = rgb[p, 2]
-        x0 = np.float32(r) * scale - one
-        x1 = np.float32(g) * scale - one
-        x2 = np.float32(b) * scale - one
-        for j in range(hidden):
-            v = b0[j] + w0t[0, j] * x0 + w0t[1, j] * x1 + w0t[2, j] * x2
-            h1[j] = max(zero, v)
-            h2[j] = b1[j]
-        for k in range(hidden):
-            hk = h1[k]
-            for j in range(hidden):
-                h2[j] += w1t[k, j] * hk
-        for c in range(3):
-            acc = b2[c]
-            for k in range(hidden):
-                v = h2[k]
-                if v > zero:
-                    acc += w2t[k, c] * v
-            y = acc * half + half
-            y = min(max(y, zero), one)
-            out[p, c] = np.uint8(y * full)
-    return out
-
-
 # --------------------------------------------------------------------------- colour map
 
 
 class StainNetMap(ColorMap):
-    """StainNet as a per-pixel :class:`~wsi_norm.colormap.ColorMap` (numpy, numba, torch, LUT).
+    """StainNet as a per-pixel :class:`~wsi_norm.colormap.ColorMap` (the published module, numpy reference, LUT).
 
     Parameters
     ----------
@@ -601,10 +560,10 @@ class StainNetMap(ColorMap):
         None (default): every pixel through the network, as the published models do.  A
         ``GlassBlend`` (``mode="keep"``) keeps the source's glass, blended smoothly.
     cpu_method : {"auto", "direct", "lut"}, keyword-only
-        How :meth:`apply` evaluates.  ``"direct"``: the compiled per-pixel loop (3-8 MP/s per
-        core; nothing to build).  ``"lut"``: gather from the 256^3 table (about 360 MP/s per
-        core on H&E colours; building it costs about as much as 16.7 MP of direct evaluation,
-        3-9 s).  ``"auto"`` (default): direct until ``lut_after_px`` pixels have been mapped,
+        How :meth:`apply` evaluates.  ``"direct"``: the published module on slabs of pixels
+        (about 3 MP/s on 2 cores; nothing to build).  ``"lut"``: gather from the 256^3 table
+        (about 360 MP/s per core on H&E colours; building it costs as much as 16.7 MP of direct
+        evaluation, about 6 s).  ``"auto"`` (default): direct until ``lut_after_px`` pixels have been mapped,
         then build the LUT and gather; both give bit-identical output, so the switch is
         invisible.
     lut_after_px : int, keyword-only
@@ -616,10 +575,10 @@ class StainNetMap(ColorMap):
     -----
     Differences from the closed-form maps of :mod:`wsi_norm.colormap`: StainNet's colour is
     *truncated* (the authors' ``uint8`` cast), not rounded, and the exact LUT is built by the
-    compiled per-pixel loop rather than by :meth:`evaluate_numpy`: BLAS matrix products are
-    not bit-reproducible across block sizes, the loop is.  So :meth:`apply` (direct or LUT) and
-    the CUDA LUT gather are bit-identical to each other, and :meth:`evaluate_numpy` and torch
-    direct evaluation agree with them within one grey level (a few pixels per million).
+    module on fixed-size slabs rather than by :meth:`evaluate_numpy`, so that it is the published
+    arithmetic, bit for bit.  :meth:`apply` (direct or LUT) and the CUDA LUT gather are
+    bit-identical to each other, and :meth:`evaluate_numpy` and device direct evaluation agree
+    with them within one grey level (a few pixels per million).
 
     Picklable: the pickle holds the weights and options only (a few KB); the LUT and device
     copies are rebuilt where needed.  Thread-safe.
@@ -648,19 +607,10 @@ class StainNetMap(ColorMap):
         self._init_caches()
 
     def _init_caches(self) -> None:
-        w = self.weights
-        self._kernel_args = (
-            np.ascontiguousarray(w.conv0_weight.T),
-            w.conv0_bias,
-            np.ascontiguousarray(w.conv1_weight.T),
-            w.conv1_bias,
-            np.ascontiguousarray(w.conv2_weight.T),
-            w.conv2_bias,
-        )
+        self._modules: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._lut = None
         self._torch_luts = {}
-        self._torch_params: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._mapped_px = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -763,9 +713,39 @@ class StainNetMap(ColorMap):
         if how == "lut":
             _colormap_gather_kernel()(flat, self.lut(), out)
         else:
-            _forward_kernel(flat, *self._kernel_args, out)
-            out = self._blend_numpy(flat, out)
+            out = self._blend_numpy(flat, self._forward_slabs(flat))
         return out.reshape(arr.shape)
+
+    def _module(self, device: Any = "cpu", dtype: Any = None) -> Any:
+        """The ``StainNet`` module with these weights on ``device`` in ``dtype`` (default float32),
+        built once per device and dtype, in eval mode."""
+        import torch
+
+        dtype = dtype or torch.float32
+        key = f"{device}/{dtype}"
+        with self._lock:
+            module = self._modules.get(key)
+            if module is None:
+                module = self.weights.to_module().to(device=device, dtype=dtype).eval()
+                self._modules[key] = module
+            return module
+
+    def _forward_slabs(self, flat: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """The published arithmetic on ``(P, 3) uint8`` pixels, in fixed ``(1, 3, 1, 65536)`` slabs."""
+        import torch
+
+        module = self._module()
+        out = np.empty_like(flat)
+        slab = np.zeros((_SLAB_PX, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            for start in range(0, flat.shape[0], _SLAB_PX):
+                n = min(_SLAB_PX, flat.shape[0] - start)
+                slab[:n] = flat[start : start + n]
+                slab[n:] = 0
+                x = torch.from_numpy(slab).T[None, :, None, :].float() / 255.0
+                y = module((x - 0.5) * 2.0)[0, :, 0, :].T.numpy()
+                out[start : start + n] = (np.clip(y * 0.5 + 0.5, 0.0, 1.0) * 255.0)[:n].astype(np.uint8)
+        return out
 
     def __call__(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """Same as :meth:`apply`."""
@@ -777,8 +757,8 @@ class StainNetMap(ColorMap):
         Returns
         -------
         (256, 256, 256, 3) uint8, read-only
-            ``lut[r, g, b]`` is the mapped colour of ``(r, g, b)``, computed by the same compiled
-            loop as ``apply(method="direct")`` (bit-identical), glass blend included.
+            ``lut[r, g, b]`` is the mapped colour of ``(r, g, b)``, computed by the same module
+            slabs as ``apply(method="direct")`` (bit-identical), glass blend included.
         """
         return super().lut()
 
@@ -787,19 +767,12 @@ class StainNetMap(ColorMap):
         green, blue = np.meshgrid(
             np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij"
         )
-
-        def slab(red: int) -> None:
-            block = np.empty((256 * 256, 3), dtype=np.uint8)
+        block = np.empty((256 * 256, 3), dtype=np.uint8)
+        block[:, 1] = green.ravel()
+        block[:, 2] = blue.ravel()
+        for red in range(256):  # one slab per red value; torch runs each on all cores
             block[:, 0] = red
-            block[:, 1] = green.ravel()
-            block[:, 2] = blue.ravel()
-            _forward_kernel(block, *self._kernel_args, lut[red])
-            lut[red] = self._blend_numpy(block, lut[red])
-
-        # the kernel releases the GIL: slabs run in parallel
-        workers = max(1, min(8, os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stainnet-lut") as pool:
-            list(pool.map(slab, range(256)))
+            lut[red] = self._blend_numpy(block, self._forward_slabs(block))
         cube = lut.reshape(256, 256, 256, 3)
         cube.flags.writeable = False
         return cube
@@ -846,28 +819,13 @@ class StainNetMap(ColorMap):
             table = self._device_lut(t.device)
             idx = flat.to(torch.int64)
             return table[(idx[:, 0] << 16) | (idx[:, 1] << 8) | idx[:, 2]].reshape(t.shape)
-        params = self._device_params(t.device, dtype or torch.float32)
+        module = self._module(t.device, dtype)
         out = torch.empty_like(flat)
         with torch.inference_mode():
             for start in range(0, flat.shape[0], _TORCH_CHUNK_PX):
                 chunk = flat[start : start + _TORCH_CHUNK_PX]
-                out[start : start + _TORCH_CHUNK_PX] = _torch_forward(chunk, params, self.glass)
+                out[start : start + _TORCH_CHUNK_PX] = _torch_forward(chunk, module, self.glass)
         return out.reshape(t.shape)
-
-    def _device_params(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        import torch
-
-        key = (str(device), str(dtype))
-        with self._lock:
-            if key not in self._torch_params:
-                w = self.weights
-                arrays = [w.conv0_weight.T, w.conv0_bias, w.conv1_weight.T, w.conv1_bias]
-                arrays += [w.conv2_weight.T, w.conv2_bias]
-                self._torch_params[key] = tuple(
-                    torch.from_numpy(np.array(a, order="C")).to(device=device, dtype=dtype)
-                    for a in arrays
-                )
-            return self._torch_params[key]
 
     def _device_lut(self, device: torch.device) -> torch.Tensor:
         import torch
@@ -882,18 +840,14 @@ class StainNetMap(ColorMap):
             return self._torch_luts[key]  # type: ignore[no-any-return]
 
 
-def _torch_forward(
-    flat: torch.Tensor, params: tuple[torch.Tensor, ...], glass: GlassBlend | None
-) -> torch.Tensor:
-    """(P, 3) uint8 tensor -> (P, 3) uint8 tensor on the same device (matrix products)."""
+def _torch_forward(flat: torch.Tensor, module: Any, glass: GlassBlend | None) -> torch.Tensor:
+    """(P, 3) uint8 tensor -> (P, 3) uint8 tensor on the same device (the module, as one image row)."""
     import torch
 
-    w0t, b0, w1t, b1, w2t, b2 = params
-    x = flat.to(w0t.dtype) * (2.0 / 255.0) - 1.0
-    h = torch.addmm(b0, x, w0t).relu_()
-    h = torch.addmm(b1, h, w1t).relu_()
-    y = torch.addmm(b2, h, w2t)
-    out = (y.mul_(0.5).add_(0.5).clamp_(0.0, 1.0) * 255.0).to(torch.uint8)
+    dtype = next(module.parameters()).dtype
+    x = flat.T[None, :, None, :].to(dtype) / 255.0
+    y = module((x - 0.5) * 2.0)[0, :, 0, :].T
+    out = ((y * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
     if glass is not None:
         x = flat.T.to(torch.float64)
         mapped = glass.apply(torch, x[0], x[1], x[2], list(out.T.to(torch.float64)))
