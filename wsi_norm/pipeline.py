@@ -206,7 +206,7 @@ def fit_slide(
     white point (``params.white_point`` overrides the measured one); Reinhard and histogram
     matching on its tissue pixels.
     """
-    from wsi_norm.stain import STAIN_MATRIX_METHODS, fit_stats
+    from wsi_norm.stain import STAIN_MATRIX_METHODS, StainParams, fit_stats
 
     if method not in STAT_METHODS:
         raise ValueError(f"cannot fit method {method!r}; choose one of {', '.join(STAT_METHODS)}")
@@ -219,7 +219,11 @@ def fit_slide(
     data = sample.blocks if method in STAIN_MATRIX_METHODS else sample.pixels
     try:
         stats = fit_stats(method, data, resolved, white=white.array)
-        reference = colour_reference(sample.pixels, white=white, blocks=sample.blocks)
+        # the colour reference's stain vectors are the default Macenko estimate: reuse this fit's
+        # when it is that estimate (same estimator settings, same blocks, same white point)
+        default_fit = method == "macenko" and _estimator_settings(resolved) == _estimator_settings(StainParams())
+        reference = colour_reference(sample.pixels, white=white, blocks=sample.blocks,
+                                     stain_matrix=stats.stain_matrix if default_fit else None)
     except FitError as exc:
         raise FitError(f"{slide.path}: {method} fit failed: {exc}") from exc
     done = time.perf_counter()
@@ -239,6 +243,12 @@ def fit_slide(
         pixels=sample.pixels,
         blocks=sample.blocks,
     )
+
+
+def _estimator_settings(p: Any) -> tuple[Any, ...]:
+    """The StainParams fields that decide a Macenko estimate (given the pixels and white point)."""
+    return (p.macenko_variant, p.alpha, p.beta, p.edge_band, p.edge_strong, p.max_od,
+            p.max_conc_percentile, p.min_pixels, p.min_stain_angle_deg)
 
 
 def fit_template(

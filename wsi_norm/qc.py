@@ -249,7 +249,11 @@ def check_fit(
 
 
 def colour_reference(
-    pixels: NDArray[np.uint8], *, white: WhitePoint | ArrayLike, blocks: NDArray[Any] | None = None
+    pixels: NDArray[np.uint8],
+    *,
+    white: WhitePoint | ArrayLike,
+    blocks: NDArray[Any] | None = None,
+    stain_matrix: ArrayLike | None = None,
 ) -> ColourReference:
     """Lab mean and default-Macenko stain vectors of tissue.
 
@@ -259,6 +263,8 @@ def colour_reference(
     white : WhitePoint or (3,) float, the white point of the pixels' slide
     blocks : (M, 3) float, optional
         2 x 2 block means for the stain estimate (default: the pixels).
+    stain_matrix : (2, 3) float, optional
+        The default Macenko estimate when the caller already has it (not estimated again).
 
     Returns
     -------
@@ -278,8 +284,10 @@ def colour_reference(
         raise FitError("colour reference: no tissue pixels")
     lab = np.asarray(rgb_to_lab(tissue), dtype=np.float64).mean(axis=0)
     w = white.array if isinstance(white, WhitePoint) else np.asarray(white, dtype=np.float64)
-    source = tissue if blocks is None else blocks
-    matrix = fit_macenko(source, StainParams(), white=w).stain_matrix
+    if stain_matrix is None:
+        matrix = fit_macenko(tissue if blocks is None else blocks, StainParams(), white=w).stain_matrix
+    else:
+        matrix = np.asarray(stain_matrix, dtype=np.float64)
     return ColourReference(tuple(lab), tuple(map(tuple, matrix)))  # type: ignore[arg-type]
 
 
