@@ -362,3 +362,24 @@ def test_template_without_white_point_and_v1_templates(real_maps, tmp_path: Path
     assert old.reference is None and old.params["io"] == 240.0
     save_template(old, tmp_path / "again.json")
     assert json.loads((tmp_path / "again.json").read_text())["schema_version"] == 2
+
+
+def test_implausible_reference_slide_is_refused_unless_forced(sample_svs: Path, tmp_path: Path) -> None:
+    """--reference with a slide that is not H&E (hematoxylin and a DAB-like brown): refused by the
+    gate when its template is fitted; --force carries through to that fit and writes."""
+    from PIL import Image
+
+    from wsi_norm.synthetic import render_beer_lambert
+
+    dab = np.array([RUIFROK_HE[0], [0.27, 0.57, 0.78]])
+    conc = concentrations(SyntheticParams(1024, 1024, seed=3, tissue_fraction=0.5, texture="real"),
+                          x=0, y=0, width=1024, height=1024)
+    ref = tmp_path / "dab.png"
+    Image.fromarray(render_beer_lambert(conc, dab, io=240.0)).save(ref)
+    out = tmp_path / "out.tiff"
+    with pytest.raises(QCError, match=r"dab\.png: template refused by the QC gate: .*deg"):
+        normalize_slide(sample_svs, out, method="macenko", reference=ref, n_pixels=50_000)
+    assert not out.exists()
+    res = normalize_slide(sample_svs, out, method="macenko", reference=ref, n_pixels=50_000, force=True,
+                          compression="deflate")
+    assert res.provenance["qc"]["forced"] and res.out.exists()

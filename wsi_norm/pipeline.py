@@ -512,6 +512,7 @@ def _load_target(
     n_pixels: int,
     seed: int,
     backend: Backend | None,
+    force: bool = False,
 ) -> Template:
     from wsi_norm.template import Template, load_template
 
@@ -525,7 +526,7 @@ def _load_target(
         return load_template(target, method=method)
     if reference is not None:
         return fit_template([reference], method=method, params=params, n_pixels=n_pixels,
-                            seed=seed, backend=backend)
+                            seed=seed, backend=backend, force=force)
     raise ValueError(f"method {method!r} needs a target template or a reference slide")
 
 
@@ -730,7 +731,8 @@ def normalize_slide(
             raise ValueError("method 'stainnet' needs weights (--weights FILE)")
         blend = None
         if glass == "keep":
-            source_white = sample_tissue_pixels(slide, n_pixels=10_000, seed=seed).white
+            # only the white point is wanted: a few tissue windows (their glass) and the glass windows
+            source_white = sample_tissue_pixels(slide, n_pixels=10_000, n_windows=32, seed=seed).white
             whites = {"source": source_white.to_dict()}
             blend = GlassBlend.for_whites("keep", source_white.array, source_white.array)
         cmap = load_stainnet_map(weights, glass=blend)
@@ -739,7 +741,7 @@ def normalize_slide(
         stain_params = resolve_params(params, seed=seed)
         resolved = _params_dict(stain_params)
         template = _load_target(method, target, reference, params=params, n_pixels=n_pixels,
-                                seed=seed, backend=backend)
+                                seed=seed, backend=backend, force=force)
         if source_fit is not None:
             _check_source_fit(source_fit, slide, method, resolved)
         fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=n_pixels,
