@@ -43,7 +43,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.color import BACKGROUND_WEIGHTED_MIN
-from wsi_norm.stain.base import RUIFROK_HE, order_stains
+from wsi_norm.stain.base import RUIFROK_HE, StainParams, order_stains
+from wsi_norm.stain.macenko import fit_macenko
 
 __all__ = [
     "COMPOSITIONS",
@@ -185,18 +186,6 @@ def _real_white(name: str) -> NDArray[np.float64]:
     return np.clip(np.percentile(rgb.reshape(-1, 3), 99.5, axis=0), 200.0, 255.0)
 
 
-def _textbook_basis(od: NDArray[np.float64], alpha: float) -> NDArray[np.float64]:
-    keep = od[np.all(od >= 0.15, axis=1)]
-    _, vecs = np.linalg.eigh(np.cov(keep.T))
-    basis = vecs[:, [2, 1]].copy()
-    if basis[:, 0].sum() < 0:
-        basis[:, 0] *= -1
-    proj = keep @ basis
-    phi = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(phi, [alpha, 100.0 - alpha])
-    return order_stains(np.stack([basis @ [math.cos(a), math.sin(a)] for a in (lo, hi)]))
-
-
 def _unmix_own(rgb: NDArray[np.uint8], white: NDArray[np.float64], alpha: float = 2.0) -> tuple[
     NDArray[np.float32], NDArray[np.float32], NDArray[np.float64]
 ]:
@@ -204,7 +193,7 @@ def _unmix_own(rgb: NDArray[np.uint8], white: NDArray[np.float64], alpha: float 
     flat = rgb.reshape(-1, 3).astype(np.float64)
     weighted = flat @ np.array([299.0, 587.0, 114.0])
     tissue = flat[weighted < BACKGROUND_WEIGHTED_MIN]
-    m = _textbook_basis(-np.log((tissue + 1.0) / (white + 1.0)), alpha)
+    m = fit_macenko(tissue, StainParams(macenko_variant="textbook", alpha=alpha), white=white).stain_matrix
     od = -np.log((rgb.astype(np.float64) + 1.0) / (white + 1.0))
     conc = od @ np.linalg.pinv(m)
     residual = od - conc @ m
