@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from wsi_norm.color import is_background
-from wsi_norm.stain import METHODS, StainParams, compile_colormap, fit_stats
+from wsi_norm.colormap import compile_colormap
+from wsi_norm.stain import METHODS, StainParams, fit_stats
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from wsi_norm.stain.stainnet import StainNetMap, load_stainnet
+    from wsi_norm.colormap.stainnet import StainNetMap, load_stainnet
 
     torch.set_num_threads(1)
     cmap = StainNetMap(load_stainnet(args.weights))

@@ -16,7 +16,7 @@ What it measures, in one run:
 
 Each timed run is its own subprocess, so imports and RSS are counted the same
 way for all of them.  Without ``--slide`` a synthetic Beer-Lambert slide is
-generated (``wsi_norm.synthetic.generate_slide``) and cached in ``--workdir``.
+generated (``wsi_norm.testing.synthetic.generate_slide``) and cached in ``--workdir``.
 
 Example::
 
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _generate(size: int, workdir: Path) -> Path:
     path = workdir / f"synthetic-{size}.tif"
     if not path.exists():
-        from wsi_norm.synthetic import generate_slide
+        from wsi_norm.testing.synthetic import generate_slide
 
         t0 = time.perf_counter()
         generate_slide(path, width=size, height=size, seed=1, tile_px=256, mpp=0.25)
@@ -52,7 +52,7 @@ def _generate(size: int, workdir: Path) -> Path:
 def _child(fmt: Any, slide_path: str, out: str) -> None:
     """Run one copy in this process and print its timings as JSON."""
     t0 = time.perf_counter()
-    from wsi_norm._malloc import return_freed_memory
+    from wsi_norm.runtime import return_freed_memory
     from wsi_norm.slide import open_slide
     from wsi_norm.writers import write_pyramid
 

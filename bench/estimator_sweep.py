@@ -1,7 +1,7 @@
 """How the stain estimator's defaults were chosen: every variant on the same seeded cases.
 
 Each case of :mod:`wsi_norm.testing.stain_cases` is sampled once, as a slide (slide-wide windows,
-white point from its glass: ``wsi_norm.sampling.sample_tissue_pixels``); then every estimator
+white point from its glass: ``wsi_norm.tissue.sampling.sample_tissue_pixels``); then every estimator
 variant is fitted on that sample (its single pixels or its 2 x 2 block means) and compared with
 the case's true stain vectors. Printed: per variant, the median, 95th percentile and worst
 angle (deg) of hematoxylin and eosin, sorted by the 95th percentile of the worse stain, then the
@@ -79,9 +79,9 @@ def run_case(index: int, *, size: int, n_pixels: int) -> dict[str, Any]:
     from PIL import Image
 
     from wsi_norm.metrics import stain_matrix_angles_deg
-    from wsi_norm.sampling import sample_tissue_pixels
     from wsi_norm.slide import open_slide
     from wsi_norm.testing.stain_cases import draw_case
+    from wsi_norm.tissue.sampling import sample_tissue_pixels
 
     case = draw_case(index, size=size)
     with tempfile.TemporaryDirectory(prefix="wsi-norm-sweep-") as tmp:

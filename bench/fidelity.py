@@ -78,8 +78,8 @@ _GLOBAL: dict[str, Any] = {}
 def _global_templates(work: Path, n_pixels: int) -> dict[str, Any]:
     """One template per method from a 2048^2 target-site slide (generated texture, mixed)."""
     from wsi_norm.pipeline import fit_template
-    from wsi_norm.synthetic import SyntheticParams, concentrations
     from wsi_norm.testing.stain_cases import TARGET, render
+    from wsi_norm.testing.synthetic import SyntheticParams, concentrations
 
     if not _GLOBAL:
         params = SyntheticParams(2048, 2048, seed=987654, tissue_fraction=0.5, texture="real")

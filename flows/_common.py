@@ -17,7 +17,7 @@ from uuid import UUID
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.manifest import Manifest
+from flows.manifest import Manifest
 
 __all__ = [
     "ColourStats",
@@ -66,7 +66,7 @@ def generate_missing(manifest: Manifest) -> list[Path]:
     list of Path
         The slides rendered by this call (empty when all existed).
     """
-    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+    from wsi_norm.testing.synthetic import SITE_STAINS, generate_slide
 
     made: list[Path] = []
     for gen in manifest.generated:
@@ -88,6 +88,7 @@ def generate_missing(manifest: Manifest) -> list[Path]:
             compression=spec.compression,
             conc_scale=spec.conc_scale,
             io=spec.io,
+            texture=spec.texture,
         )
         made.append(gen.path)
     return made
@@ -141,13 +142,13 @@ def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> Col
     A *measurement*, independent of the estimator that normalized the slides: the stain
     vectors come from the **textbook** Macenko estimator (Macenko et al. 2009, as torchstain
     implements it; wsi-norm fits with its default variant), in optical density against the
-    images' own white point (measured from their glass, :mod:`wsi_norm.whitepoint`; the
+    images' own white point (measured from their glass, :mod:`wsi_norm.tissue.whitepoint`; the
     fallback when they show none), so a tinted scanner does not read as a stain difference.
     """
     from wsi_norm.color import rgb_to_lab
     from wsi_norm.stain.base import StainParams, tissue_pixels
     from wsi_norm.stain.macenko import fit_macenko
-    from wsi_norm.whitepoint import estimate_white_point, glass_candidates
+    from wsi_norm.tissue.whitepoint import estimate_white_point, glass_candidates
 
     batch = [images] if isinstance(images, np.ndarray) else list(images)
     glass = np.concatenate([glass_candidates(np.ascontiguousarray(im)) for im in batch])
@@ -239,7 +240,7 @@ def resolve_template(manifest: Manifest, name: str) -> Any:
     it is reused while those inputs are unchanged, so a repeated run fits nothing.
     """
     from wsi_norm.pipeline import fit_template
-    from wsi_norm.template import load_template, save_template
+    from wsi_norm.stain.template import load_template, save_template
 
     spec = manifest.templates[name]
     if spec.path is not None:

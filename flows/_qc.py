@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 
 from flows._artifacts import artifact_key, figure_data_uri, markdown_table, png_data_uri
 from flows._common import ColourStats, colour_stats, read_output_thumbnail, seq_str
-from wsi_norm.manifest import Manifest, SlideEntry
+from flows.manifest import Manifest, SlideEntry
 
 __all__ = ["publish_slide_qc", "slide_qc_metrics", "ssim_source", "stain_plot"]
 
@@ -107,7 +107,11 @@ def publish_slide_qc(
     entry: SlideEntry, *, manifest: Manifest, target: Any, results: list[Any], seconds: float
 ) -> dict[str, Any]:
     """Compute QC of one normalized slide and publish its artifacts; returns the metrics."""
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import (
+        create_image_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
 
     from wsi_norm.slide import open_slide
 

@@ -31,6 +31,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import configure_process
 from flows._artifacts import figure_data_uri, markdown_table
 from flows._common import (
     ColourStats,
@@ -42,9 +43,10 @@ from flows._common import (
     scheduler_address,
 )
 from flows._qc import _angles
+from flows.manifest import Manifest, SlideEntry, load_manifest
 from wsi_norm.errors import QCError
-from wsi_norm.manifest import Manifest, SlideEntry, load_manifest
 from wsi_norm.pipeline import template_from_fits
+from wsi_norm.runtime import return_freed_memory
 
 __all__ = ["distance_rows", "harmonize_sites", "main", "measure_site"]
 
@@ -173,6 +175,7 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
         One row per site (see :func:`distance_rows`); the run ends Failed (rows attached)
         when any slide failed or needs review.
     """
+    return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
     from prefect.states import Completed, Failed
 
     from wsi_norm.cluster import dask_client
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default=None, help="site or template name")
     parser.add_argument("--scheduler", default=None)
     args = parser.parse_args(argv)
+    configure_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     state = harmonize_sites(manifest=args.manifest, target=args.target, scheduler=args.scheduler, return_state=True)
     rows = state.result(raise_on_failure=False)

@@ -6,7 +6,7 @@ slides, prepare the target template (fitted once and cached under
 ``concurrency`` slides at a time.  A slide whose outputs already record the same source
 identity, method, parameters and template is skipped, so a second run does no work.  A
 slide that fails (unreadable, no tissue) is marked Failed with its reason; a slide whose fit
-or colour map fails the QC gate (:mod:`wsi_norm.qc`) is marked "needs review" with the numbers
+or colour map fails the QC gate (:mod:`wsi_norm.stain.qc`) is marked "needs review" with the numbers
 and nothing of it is written (unless the manifest says ``force: true``); the others go on, and
 the flow run ends Failed.  A summary table artifact lists every slide.
 
@@ -33,11 +33,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed, State
 
+from flows import configure_process
 from flows._artifacts import artifact_key, markdown_table
 from flows._common import SlideOutcome, generate_missing, resolve_template, scheduler_address
 from flows._qc import publish_slide_qc
+from flows.manifest import Manifest, SlideEntry, load_manifest
 from wsi_norm.errors import ManifestError, OutputError, QCError, WsiNormError
-from wsi_norm.manifest import Manifest, SlideEntry, load_manifest
+from wsi_norm.runtime import return_freed_memory
 
 __all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
 
@@ -74,7 +76,7 @@ def generate_slides_task(manifest: Manifest) -> list[str]:
 
 @task(name="prepare-target", cache_policy=NO_CACHE)
 def prepare_target(manifest: Manifest, name: str | None) -> Any:
-    """The target :class:`~wsi_norm.template.Template` of ``name`` (None: the method's default)."""
+    """The target :class:`~wsi_norm.stain.template.Template` of ``name`` (None: the method's default)."""
     if name is None:
         return None
     return resolve_template(manifest, name)
@@ -171,7 +173,7 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     Parameters
     ----------
     manifest : str
-        Path of the data manifest (see :mod:`wsi_norm.manifest`).
+        Path of the data manifest (see :mod:`flows.manifest`).
     scheduler : str, optional
         Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else a local cluster.
 
@@ -180,6 +182,7 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     list of dict, or a Failed state
         One summary row per slide; the run ends Failed when any slide failed.
     """
+    return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
     from wsi_norm.cluster import dask_client
 
     logger = get_run_logger()
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", nargs="?", const="local", default=None, metavar="NAME",
                         help="serve as deployment NAME (needs PREFECT_API_URL) instead of running once")
     args = parser.parse_args(argv)
+    configure_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.serve:
         normalize_archive.serve(name=args.serve, parameters={"manifest": args.manifest, "scheduler": args.scheduler})

@@ -28,12 +28,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import configure_process
 from flows._artifacts import markdown_table
 from flows._common import generate_missing, resolve_template, scheduler_address
+from flows.manifest import Manifest, load_manifest
 from wsi_norm.errors import ManifestError, OutputError, WsiNormError
-from wsi_norm.manifest import Manifest, load_manifest
-from wsi_norm.stainnet_teacher import DEFAULT_N_PIXELS_PER_SLIDE, SlidePairs
-from wsi_norm.stainnet_train import TrainResult
+from wsi_norm.runtime import return_freed_memory
+from wsi_norm.stainnet.teacher import DEFAULT_N_PIXELS_PER_SLIDE, SlidePairs
+from wsi_norm.stainnet.train import TrainResult
 
 __all__ = [
     "FLOW_NAME",
@@ -72,7 +74,7 @@ def manifest_sources(manifest: Manifest, target_name: str, sites: list[str] | No
 
 
 def manifest_target(manifest: Manifest, name: str | None, teacher: str) -> Any:
-    """The target :class:`~wsi_norm.template.Template` named ``name`` (default: the manifest's
+    """The target :class:`~wsi_norm.stain.template.Template` named ``name`` (default: the manifest's
     ``target``), of the teacher's method: a template of another method declared by site or
     slides is fitted again with the teacher (same sampling settings)."""
     from wsi_norm.pipeline import fit_template
@@ -115,7 +117,7 @@ def loss_rows(result: TrainResult) -> list[dict[str, Any]]:
 @task(name="teach-slide", cache_policy=NO_CACHE)
 def teach_slide_task(source: str, teacher: str, target: Any, n_pixels: int, seed: int) -> SlidePairs:
     """Sample one slide's tissue slide-wide and map it with the teacher (``teacher_pairs``)."""
-    from wsi_norm.stainnet_teacher import teacher_pairs
+    from wsi_norm.stainnet.teacher import teacher_pairs
 
     pairs = teacher_pairs(source, teacher=teacher, target=target, n_pixels=n_pixels, seed=seed)  # type: ignore[arg-type]
     get_run_logger().info("%s: %d %s teacher pairs", Path(source).name, len(pairs), teacher)
@@ -127,7 +129,7 @@ def train_task(
     pairs: list[SlidePairs], target_summary: str, epochs: int, batch_size: int, seed: int, device: str
 ) -> TrainResult:
     """Train StainNet on the pooled pairs (``train_from_pairs``), logging every epoch."""
-    from wsi_norm.stainnet_teacher import train_from_pairs
+    from wsi_norm.stainnet.teacher import train_from_pairs
 
     logger = get_run_logger()
 
@@ -148,7 +150,7 @@ def publish_task(result: TrainResult, out: str, overwrite: bool, failed: list[st
     """Write the model file and publish the loss curve (markdown) and per-epoch losses (table)."""
     import json
 
-    from wsi_norm.stain.stainnet import save_stainnet
+    from wsi_norm.colormap.stainnet import save_stainnet
 
     path = Path(out)
     try:
@@ -228,7 +230,7 @@ def train_stainnet_flow(
     n_pixels : int, optional
         Tissue pixels per slide (default: the manifest's ``fit.n_pixels``, else 200,000).
     batch_size, seed, device
-        Training options (:func:`wsi_norm.stainnet_teacher.train_from_pairs`).
+        Training options (:func:`wsi_norm.stainnet.teacher.train_from_pairs`).
     overwrite : bool
         Replace an existing model file.
     scheduler : str, optional
@@ -239,8 +241,9 @@ def train_stainnet_flow(
     dict
         Model path, teacher, trained / held-out / failed slides, final losses.
     """
+    return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
     from wsi_norm.cluster import dask_client
-    from wsi_norm.stainnet_teacher import target_summary
+    from wsi_norm.stainnet.teacher import target_summary
 
     logger = get_run_logger()
     if (manifest is None) == (slides is None):
@@ -261,7 +264,7 @@ def train_stainnet_flow(
         else:
             if target is None:
                 raise ValueError("explicit slides need target (a template JSON)")
-            from wsi_norm.template import load_template
+            from wsi_norm.stain.template import load_template
 
             template = load_template(target, method=teacher)
             sources = list(slides or [])
@@ -301,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--scheduler", default=None, help="dask scheduler address (default: WSI_NORM_SCHEDULER or local)")
     args = parser.parse_args(argv)
+    configure_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     state = train_stainnet_flow(
         manifest=args.manifest, slides=args.slides, target=args.target, teacher=args.teacher,

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from flows import configure_process
+from wsi_norm.testing.data import data_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = data_dir()
+
+# The test session is an entry point: the flows' process settings (Prefect's ephemeral API start-up
+# timeout on a busy machine, no telemetry) apply to the flow runs the tests start.
+configure_process()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -28,7 +35,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data`` beside the repository (real slide, H&E patches, StainNet weights)."""
+    """The real-data folder (``$WSI_NORM_DATA``, else ``../shared/data``): real slide, H&E patches,
+    StainNet weights."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real sample data not found at {SHARED_DATA}")
     return SHARED_DATA

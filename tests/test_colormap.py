@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from test_stain_macenko import load_he
 
-from wsi_norm.colormap import GlassBlend
+from wsi_norm.colormap import compile_colormap
+from wsi_norm.colormap.maps import GlassBlend
 from wsi_norm.errors import FitError
-from wsi_norm.stain import METHODS, StainParams, compile_colormap, fit_stats
+from wsi_norm.stain import METHODS, StainParams, fit_stats
 from wsi_norm.stain.macenko import MacenkoStats
 
 FAST = StainParams(max_fit_pixels=5000)

@@ -23,14 +23,14 @@ from wsi_norm.pipeline import (
     template_from_fits,
 )
 from wsi_norm.stain.base import RUIFROK_HE
-from wsi_norm.synthetic import (
+from wsi_norm.stain.template import load_template, save_template
+from wsi_norm.testing.synthetic import (
     SyntheticParams,
     concentrations,
     generate_slide,
     render_region,
     rotate_stain_matrix,
 )
-from wsi_norm.template import load_template, save_template
 from wsi_norm.writers import read_level, read_provenance
 
 TARGET_WHITE = (241.0, 238.0, 244.0)
@@ -112,7 +112,7 @@ def test_every_map_is_continuous_over_the_cube(real_maps, method: str, glass: st
 
 
 def test_stainnet_is_continuous(shared_data: Path) -> None:
-    from wsi_norm.stain.stainnet import load_stainnet_map
+    from wsi_norm.colormap.stainnet import load_stainnet_map
 
     cmap = load_stainnet_map(shared_data / "stainnet" / "StainNet-Public_layer3_ch32.pth")
     a, b = _pairs(np.random.default_rng(2), 100_000)
@@ -369,7 +369,7 @@ def test_implausible_reference_slide_is_refused_unless_forced(sample_svs: Path, 
     gate when its template is fitted; --force carries through to that fit and writes."""
     from PIL import Image
 
-    from wsi_norm.synthetic import render_beer_lambert
+    from wsi_norm.testing.synthetic import render_beer_lambert
 
     dab = np.array([RUIFROK_HE[0], [0.27, 0.57, 0.78]])
     conc = concentrations(SyntheticParams(1024, 1024, seed=3, tissue_fraction=0.5, texture="real"),

@@ -147,7 +147,12 @@ def test_archive_flow_sends_a_slide_the_qc_gate_refuses_to_review(prefect_api: P
     from PIL import Image
 
     from flows.normalize_archive import normalize_archive
-    from wsi_norm.synthetic import RUIFROK_HE, SyntheticParams, concentrations, render_beer_lambert
+    from wsi_norm.testing.synthetic import (
+        RUIFROK_HE,
+        SyntheticParams,
+        concentrations,
+        render_beer_lambert,
+    )
 
     dab = np.array([RUIFROK_HE[0], [0.27, 0.57, 0.78]])  # Ruifrok's DAB in place of eosin
     conc = concentrations(SyntheticParams(1024, 1024, seed=3, tissue_fraction=0.5, texture="real"),

@@ -1,4 +1,4 @@
-"""Tests of wsi_norm._malloc: glibc settings that keep streaming memory flat."""
+"""Tests of wsi_norm.runtime: glibc settings that keep streaming memory flat."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from wsi_norm._malloc import return_freed_memory
+from wsi_norm.runtime import return_freed_memory
 
 _GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
 @pytest.mark.skipif(not _GLIBC, reason="mallopt is glibc's")
 def test_glibc_accepts_the_settings() -> None:
-    code = "from wsi_norm._malloc import return_freed_memory as r; print(r())"
+    code = "from wsi_norm.runtime import return_freed_memory as r; print(r())"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.manifest import FORMAT_SUFFIXES, load_manifest
 from wsi_norm.errors import ManifestError
-from wsi_norm.manifest import FORMAT_SUFFIXES, load_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

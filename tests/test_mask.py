@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from wsi_norm import FitError, open_slide
-from wsi_norm.mask import coarse_mask, gray, is_background, tissue_fraction, tissue_mask
-from wsi_norm.sampling import sample_tissue_pixels
+from wsi_norm.tissue.mask import coarse_mask, gray, is_background, tissue_fraction, tissue_mask
+from wsi_norm.tissue.sampling import sample_tissue_pixels
 
 
 def test_gray_is_rounded_bt601_luma() -> None:
@@ -121,7 +121,7 @@ def test_sampling_glass_only_raises(tmp_path: Path) -> None:
 @pytest.fixture(scope="session")
 def giant_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 51,200 x 51,200 px generated pyramidal TIFF (mostly glass, so it builds in seconds)."""
-    from wsi_norm.synthetic import generate_slide
+    from wsi_norm.testing.synthetic import generate_slide
 
     path = tmp_path_factory.mktemp("giant") / "giant.tiff"
     generate_slide(path, width=51_200, height=51_200, seed=11, tissue_fraction=0.02, tile_px=512)

@@ -9,8 +9,9 @@ from skimage.color import rgb2lab
 from test_stain_macenko import load_he
 
 from wsi_norm.color import is_background
+from wsi_norm.colormap import compile_colormap
 from wsi_norm.metrics import psnr, ssim, stain_matrix_angles_deg
-from wsi_norm.stain import METHODS, StainParams, compile_colormap, fit_stats
+from wsi_norm.stain import METHODS, StainParams, fit_stats
 from wsi_norm.stain.macenko import fit_macenko
 
 torchstain = pytest.importorskip("torchstain")
@@ -33,7 +34,7 @@ def test_normalise_source_to_target_all_methods(tmp_path):
     src, tgt = load_he("source"), load_he("target")
     src_tissue = ~is_background(src)
     results = {}
-    from wsi_norm.sampling import tissue_blocks
+    from wsi_norm.tissue.sampling import tissue_blocks
 
     for method in METHODS:
         # as the pipeline fits: stain vectors on 2 x 2 block means, the rest on pixels

@@ -11,17 +11,17 @@ from PIL import Image
 
 from wsi_norm import FitError, OutputExistsError, TemplateError, open_slide
 from wsi_norm.cli import main
-from wsi_norm.mask import is_background
 from wsi_norm.metrics import psnr, ssim
 from wsi_norm.pipeline import fit_template, normalize_slide, output_is_current
-from wsi_norm.template import load_template, save_template
+from wsi_norm.stain.template import load_template, save_template
+from wsi_norm.tissue.mask import is_background
 from wsi_norm.writers import read_level, read_provenance
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A registered pair: the same generated tissue rendered with two stain sets (JPEG q90)."""
-    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+    from wsi_norm.testing.synthetic import SITE_STAINS, generate_slide
 
     folder = tmp_path_factory.mktemp("pair")
     a, b = folder / "site-a.tiff", folder / "site-b.tiff"
@@ -86,7 +86,7 @@ def test_slide_wide_macenko_recovers_the_true_stains(pair: tuple[Path, Path]) ->
     """Beer-Lambert slides with known stains, JPEG q90 4:2:0 tiles (site-b's eosin has red OD 0.07)."""
     from wsi_norm.pipeline import fit_slide
     from wsi_norm.stain.base import stain_angles_deg
-    from wsi_norm.synthetic import SITE_STAINS
+    from wsi_norm.testing.synthetic import SITE_STAINS
 
     for path, site in zip(pair, ("site-a", "site-b"), strict=True):
         fit = fit_slide(path, method="macenko", n_pixels=200_000)

@@ -55,7 +55,7 @@ def test_backends_agree_pixel_for_pixel(sample_svs: Path, region: tuple[int, int
 
 
 def test_backends_agree_on_generated_pyramid(tmp_path: Path) -> None:
-    from wsi_norm.synthetic import generate_slide
+    from wsi_norm.testing.synthetic import generate_slide
 
     path = tmp_path / "gen.tiff"
     generate_slide(path, width=3000, height=2200, seed=3, tile_px=256, mpp=0.5)

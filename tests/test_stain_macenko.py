@@ -13,13 +13,14 @@ import pytest
 from PIL import Image
 
 from wsi_norm.color import is_background, od_to_rgb, rgb_to_od
+from wsi_norm.colormap import compile_colormap
 from wsi_norm.errors import FitError
 from wsi_norm.metrics import stain_matrix_angles_deg
-from wsi_norm.sampling import tissue_blocks
-from wsi_norm.stain import StainParams, compile_colormap
+from wsi_norm.stain import StainParams
 from wsi_norm.stain.base import order_stains
 from wsi_norm.stain.macenko import MacenkoStats, aggregate_macenko
 from wsi_norm.stain.macenko import fit_macenko as _fit_macenko
+from wsi_norm.tissue.sampling import tissue_blocks
 
 WHITE = 239.0
 

@@ -8,8 +8,9 @@ from skimage.color import rgb2lab
 from test_stain_macenko import load_he
 
 from wsi_norm.color import is_background
+from wsi_norm.colormap import compile_colormap
 from wsi_norm.errors import FitError
-from wsi_norm.stain import compile_colormap, fit_stats
+from wsi_norm.stain import fit_stats
 from wsi_norm.stain.histmatch import HistMatchStats, aggregate_histmatch, fit_histmatch
 from wsi_norm.stain.reinhard import ReinhardStats, aggregate_reinhard, fit_reinhard
 

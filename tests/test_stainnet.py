@@ -6,15 +6,15 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from wsi_norm.colormap import GlassBlend
-from wsi_norm.errors import OutputExistsError, WeightsError
-from wsi_norm.stain.stainnet import (
+from wsi_norm.colormap.maps import GlassBlend
+from wsi_norm.colormap.stainnet import (
     N_PARAMETERS,
     StainNetMap,
     StainNetMetadata,
@@ -22,6 +22,7 @@ from wsi_norm.stain.stainnet import (
     load_stainnet,
     save_stainnet,
 )
+from wsi_norm.errors import OutputExistsError, WeightsError
 
 KEEP = GlassBlend.for_whites("keep", (240.0, 240.0, 240.0))
 CHECKPOINTS = [
@@ -92,7 +93,7 @@ def test_published_checkpoint_matches_reference_forward(
 
 
 def test_published_state_dict_loads_strictly_into_module(shared_data: Path) -> None:
-    from wsi_norm.stain.stainnet import StainNet
+    from wsi_norm.colormap.stainnet import StainNet
 
     state = torch.load(
         shared_data / "stainnet" / CHECKPOINTS[0], weights_only=True, map_location="cpu"
@@ -109,6 +110,18 @@ def test_published_state_dict_loads_strictly_into_module(shared_data: Path) -> N
     ]
 
 
+def _numpy_reference(w: Any, rgb: np.ndarray) -> np.ndarray:
+    """StainNet written out from the paper in numpy float32 (no torch): 1x1 convolutions as
+    matrix products on channels-last pixels, the authors' scaling, truncation to uint8."""
+    flat = rgb.reshape(-1, 3)
+    x = flat.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+    h = np.maximum(x @ w.conv0_weight.T + w.conv0_bias, np.float32(0.0))
+    h = np.maximum(h @ w.conv1_weight.T + w.conv1_bias, np.float32(0.0))
+    y = h @ w.conv2_weight.T + w.conv2_bias
+    unit = np.clip(y * np.float32(0.5) + np.float32(0.5), np.float32(0.0), np.float32(1.0))
+    return (unit * np.float32(255.0)).astype(np.uint8).reshape(rgb.shape)
+
+
 def test_cpu_numpy_torch_and_lut_paths_agree(
     lut_map: StainNetMap, source_patch: np.ndarray
 ) -> None:
@@ -117,11 +130,14 @@ def test_cpu_numpy_torch_and_lut_paths_agree(
     for rgb in (source_patch, random_colours):
         direct = lut_map.apply(rgb, method="direct")
         via_lut = lut_map.apply(rgb, method="lut")
-        # the LUT is built by the same compiled per-pixel loop: bit-identical
+        # the LUT is built from the definition (the module on slabs): bit-identical, and so is
+        # evaluate_numpy, the definition itself
         np.testing.assert_array_equal(via_lut, direct)
-        # numpy reference (BLAS summation order) and torch matmuls: float32 rounding can move a
-        # truncation by one grey level, never more
-        reference = lut_map.evaluate_numpy(rgb)
+        np.testing.assert_array_equal(lut_map.evaluate_numpy(rgb), direct)
+        # an independent numpy reference of the paper's arithmetic (BLAS summation order) and the
+        # module on whole tensors: float32 rounding can move a truncation by one level, never more
+        net = _numpy_reference(lut_map.weights, rgb).reshape(-1, 3)
+        reference = lut_map._blend_numpy(rgb.reshape(-1, 3), net).reshape(rgb.shape)  # its KEEP glass
         torch_out = lut_map.apply_torch(torch.from_numpy(rgb), use_lut=False).numpy()
         for other in (reference, torch_out):
             diff = np.abs(other.astype(np.int16) - direct)

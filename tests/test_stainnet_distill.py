@@ -24,7 +24,7 @@ N_PIXELS = 200_000
 
 
 def _generate(folder: Path, site: str, seed: int) -> Path:
-    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+    from wsi_norm.testing.synthetic import SITE_STAINS, generate_slide
 
     path = folder / f"{site}-{seed}.tiff"
     if not path.exists():
@@ -42,7 +42,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Site-b sources (seeds 1-3), a held-out site-b slide (seed 4) with its site-a truth, and a
     site-a Macenko template fitted from the site-a renderings of seeds 1-3."""
     from wsi_norm.pipeline import fit_template
-    from wsi_norm.template import save_template
+    from wsi_norm.stain.template import save_template
 
     folder = tmp_path_factory.mktemp("distill")
     sources = [_generate(folder, "site-b", s) for s in (1, 2, 3)]
@@ -62,7 +62,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def distilled(cohort: dict[str, Any]) -> Any:
-    from wsi_norm.stainnet_teacher import distill_stainnet
+    from wsi_norm.stainnet.teacher import distill_stainnet
 
     records: list[Any] = []
     result = distill_stainnet(
@@ -75,8 +75,8 @@ def distilled(cohort: dict[str, Any]) -> Any:
 def _cohort_teacher(cohort: dict[str, Any]) -> Any:
     """The teacher, computed independently: one Macenko map from the source cohort (median of
     the sources' slide-wide fits, as ``wsi-norm fit``) to the target template."""
+    from wsi_norm.colormap import compile_colormap
     from wsi_norm.pipeline import fit_template, resolve_params
-    from wsi_norm.stain import compile_colormap
 
     source = fit_template(cohort["sources"], method="macenko", n_pixels=N_PIXELS)
     params = resolve_params(None, seed=0)
@@ -88,7 +88,7 @@ def _cohort_teacher(cohort: dict[str, Any]) -> Any:
 
 
 def test_student_imitates_teacher_and_matches_truth_on_heldout_slide(cohort: dict[str, Any], distilled: Any) -> None:
-    from wsi_norm.stain.stainnet import StainNetMap
+    from wsi_norm.colormap.stainnet import StainNetMap
 
     result, records = distilled
     student = StainNetMap(result.model)
@@ -122,7 +122,7 @@ def test_student_imitates_teacher_and_matches_truth_on_heldout_slide(cohort: dic
 def test_three_slides_hold_out_the_last_slide_and_metadata_names_everything(
     cohort: dict[str, Any], distilled: Any
 ) -> None:
-    from wsi_norm.stainnet_teacher import heldout_l1, teacher_pairs
+    from wsi_norm.stainnet.teacher import heldout_l1, teacher_pairs
 
     result, _ = distilled
     meta = result.metadata
@@ -138,10 +138,10 @@ def test_three_slides_hold_out_the_last_slide_and_metadata_names_everything(
         assert data["held_out_slides"][0]["header_sha256"] == slide.identity()["header_sha256"]
     # the per-epoch validation loss is exactly the held-out slide's loss
     # (the teacher is the cohort map; teacher_pairs, one slide's own map, is a different one)
+    from wsi_norm.colormap import compile_colormap
     from wsi_norm.pipeline import fit_slide, fit_template
-    from wsi_norm.stain import compile_colormap
-    from wsi_norm.stainnet_teacher import _glass_pixels
-    from wsi_norm.stainnet_train import pairs_from_teacher
+    from wsi_norm.stainnet.teacher import _glass_pixels
+    from wsi_norm.stainnet.train import pairs_from_teacher
 
     held = fit_slide(cohort["sources"][2], method="macenko", n_pixels=N_PIXELS, seed=0)
     cohort_stats = fit_template(cohort["sources"], method="macenko", n_pixels=N_PIXELS).stats
@@ -158,7 +158,7 @@ def test_three_slides_hold_out_the_last_slide_and_metadata_names_everything(
 
 
 def test_two_slides_hold_out_pixels_and_registered_pairs_train(cohort: dict[str, Any]) -> None:
-    from wsi_norm.stainnet_teacher import distill_from_pairs, registered_pairs
+    from wsi_norm.stainnet.teacher import distill_from_pairs, registered_pairs
 
     pairs = registered_pairs(cohort["heldout"], cohort["truth"], n_pixels=20_000, seed=3)
     assert len(pairs) == 20_000 and pairs.teacher == "registered pairs"
@@ -176,8 +176,8 @@ def test_two_slides_hold_out_pixels_and_registered_pairs_train(cohort: dict[str,
 
 def test_wrong_target_method_and_mismatched_pairs_raise(cohort: dict[str, Any], tmp_path: Path) -> None:
     from wsi_norm.errors import FitError, TemplateError
-    from wsi_norm.stainnet_teacher import distill_stainnet, registered_pairs
-    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+    from wsi_norm.stainnet.teacher import distill_stainnet, registered_pairs
+    from wsi_norm.testing.synthetic import SITE_STAINS, generate_slide
 
     with pytest.raises(TemplateError, match="template is for method 'macenko', but 'vahadane'"):
         distill_stainnet(cohort["sources"][:1], teacher="vahadane", target=cohort["template_path"], epochs=1)
@@ -196,7 +196,7 @@ def test_cli_trains_model_that_normalize_uses_and_refuses_overwrite(
     cohort: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from wsi_norm.cli import main
-    from wsi_norm.stain.stainnet import load_stainnet
+    from wsi_norm.colormap.stainnet import load_stainnet
     from wsi_norm.writers import read_level
 
     model = tmp_path / "student.safetensors"
@@ -235,7 +235,7 @@ def test_flow_tasks_via_fn(cohort: dict[str, Any], tmp_path: Path) -> None:
     from prefect.logging import disable_run_logger
 
     from flows.train_stainnet import loss_rows, teach_slide_task, train_task
-    from wsi_norm.stainnet_teacher import target_summary
+    from wsi_norm.stainnet.teacher import target_summary
 
     with disable_run_logger():
         pairs = [teach_slide_task.fn(str(s), "macenko", cohort["template"], 20_000, 0) for s in cohort["sources"]]
@@ -267,7 +267,7 @@ def test_flow_run_writes_model_and_artifacts(cohort: dict[str, Any], tmp_path: P
 
     from flows._common import read_flow_run_artifacts
     from flows.train_stainnet import LOSSES_KEY, SUMMARY_KEY, train_stainnet_flow
-    from wsi_norm.stain.stainnet import load_stainnet
+    from wsi_norm.colormap.stainnet import load_stainnet
 
     out = tmp_path / "models" / "flow.safetensors"
     bad = tmp_path / "bad.svs"
@@ -295,9 +295,9 @@ def test_flow_run_writes_model_and_artifacts(cohort: dict[str, Any], tmp_path: P
 
 
 def test_manifest_sources_and_teacher_template(cohort: dict[str, Any]) -> None:
+    from flows.manifest import load_manifest
     from flows.train_stainnet import manifest_sources, manifest_target
     from wsi_norm.errors import ManifestError
-    from wsi_norm.manifest import load_manifest
 
     path = cohort["folder"] / "manifest.yaml"
     path.write_text(

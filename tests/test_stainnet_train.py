@@ -13,8 +13,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from wsi_norm.color import is_background
-from wsi_norm.stain.stainnet import StainNetMap, StainNetMetadata, load_stainnet, save_stainnet
-from wsi_norm.stainnet_train import EpochRecord, _merge_pairs, pairs_from_teacher, train_stainnet
+from wsi_norm.colormap.stainnet import StainNetMap, StainNetMetadata, load_stainnet, save_stainnet
+from wsi_norm.stainnet.train import EpochRecord, _merge_pairs, pairs_from_teacher, train_stainnet
 
 IO = 240.0
 
@@ -67,7 +67,8 @@ def _teacher_and_images(shared_data: Path, teacher_kind: str) -> tuple[Any, np.n
     test_image = _render(test_conc, RUIFROK)
     if teacher_kind == "analytic":
         return _restain_teacher, train_image, test_image
-    from wsi_norm.stain import compile_colormap, fit_macenko
+    from wsi_norm.colormap import compile_colormap
+    from wsi_norm.stain import fit_macenko
 
     target_image = _render(train_conc * CONC_SCALE, OTHER_STAINS)
     source_stats = fit_macenko(train_image.reshape(-1, 3))
@@ -137,7 +138,7 @@ def test_training_is_deterministic_and_restores_torch_state() -> None:
 
 def test_sgd_option_trains_and_lr_anneals_to_zero(caplog: pytest.LogCaptureFixture) -> None:
     inputs, targets = _small_pairs()
-    with caplog.at_level(logging.INFO, logger="wsi_norm.stainnet_train"):
+    with caplog.at_level(logging.INFO, logger="wsi_norm.stainnet.train"):
         result = train_stainnet(
             inputs, targets, epochs=4, batch_size=4096, lr=0.05, optimizer="sgd", seed=0
         )

@@ -1,9 +1,8 @@
-"""Tests of the Beer-Lambert slide generator (wsi_norm.synthetic)."""
+"""Tests of the Beer-Lambert slide generator (wsi_norm.testing.synthetic)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import textwrap
@@ -19,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from wsi_norm import synthetic
 from wsi_norm.errors import OutputExistsError, SlideOpenError
-from wsi_norm.synthetic import (
+from wsi_norm.testing import synthetic
+from wsi_norm.testing.synthetic import (
     RUIFROK_HE,
     SITE_STAINS,
     concentrations,
@@ -304,16 +303,18 @@ def test_conc_scale_scales_each_stain() -> None:
     assert a[..., 0].max() > 0.3
 
 
-def test_procedural_fallback_without_real_data(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_one_seed_one_slide_without_real_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the real data the default (real texture) is an error naming the folder and the way
+    out, never a different slide; ``texture="procedural"`` needs no data."""
     monkeypatch.setenv("WSI_NORM_DATA", str(tmp_path / "nowhere"))
-    with caplog.at_level(logging.WARNING, logger="wsi_norm.synthetic"):
-        truth = generate_slide(
-            tmp_path / "p.tif", width=1024, height=768, tile_px=256, tissue_fraction=0.6
-        )
+    with pytest.raises(SlideOpenError, match=r"nowhere: real texture files .* texture='procedural'"):
+        generate_slide(tmp_path / "r.tif", width=256, height=256, tile_px=256)
+    assert not (tmp_path / "r.tif").exists()
+    truth = generate_slide(
+        tmp_path / "p.tif", width=1024, height=768, tile_px=256, tissue_fraction=0.6,
+        texture="procedural",
+    )
     assert truth.texture_source == "procedural" and truth.texture_files == ()
-    assert any("procedural texture" in r.getMessage() for r in caplog.records)
     rgb = tifffile.imread(truth.path)
     tissue = _gray(rgb) <= 200
     assert 0.4 < tissue.mean() < 0.75
@@ -326,12 +327,22 @@ def test_procedural_fallback_without_real_data(
         )
 
 
+def test_procedural_texture_is_the_same_with_or_without_real_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kwargs = dict(width=512, height=512, tile_px=256, seed=3, texture="procedural", compression="deflate")
+    here = tifffile.imread(generate_slide(tmp_path / "a.tif", **kwargs).path)
+    monkeypatch.setenv("WSI_NORM_DATA", str(tmp_path / "nowhere"))
+    elsewhere = tifffile.imread(generate_slide(tmp_path / "b.tif", **kwargs).path)
+    np.testing.assert_array_equal(here, elsewhere)
+
+
 # ---------------------------------------------------------------- streaming a gigapixel slide
 
 _STREAM_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from wsi_norm.synthetic import generate_slide
+    from wsi_norm.testing.synthetic import generate_slide
     start = time.perf_counter()
     truth = generate_slide(sys.argv[1], width=50_000, height=50_000, tissue_fraction=0.002, seed=1)
     # VmHWM: peak RSS of this process image (ru_maxrss would include the forking parent's)

@@ -13,8 +13,8 @@ from wsi_norm.errors import TemplateError
 from wsi_norm.stain import METHODS, StainParams, fit_stats, stats_from_dict
 from wsi_norm.stain.base import order_stains
 from wsi_norm.stain.macenko import MacenkoStats
-from wsi_norm.template import SCHEMA_VERSION, Template, load_template, save_template
-from wsi_norm.whitepoint import WhitePoint
+from wsi_norm.stain.template import SCHEMA_VERSION, Template, load_template, save_template
+from wsi_norm.tissue.whitepoint import WhitePoint
 
 
 def _pixels():

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wsi_norm._malloc import return_freed_memory
 from wsi_norm.errors import WsiNormError
+from wsi_norm.runtime import return_freed_memory
 
 log = logging.getLogger("wsi_norm.cli")
 
@@ -45,8 +45,8 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- info / mask
 def _cmd_info(args: argparse.Namespace) -> int:
     from wsi_norm.cluster import dask_client
-    from wsi_norm.mask import coarse_mask, tissue_fraction
     from wsi_norm.slide import open_slide
+    from wsi_norm.tissue.mask import coarse_mask, tissue_fraction
 
     slide = open_slide(args.slide, backend=args.backend, mpp=args.mpp)
     facts: dict[str, Any] = {
@@ -101,8 +101,8 @@ def _cmd_mask(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from wsi_norm.mask import coarse_mask
     from wsi_norm.slide import open_slide
+    from wsi_norm.tissue.mask import coarse_mask
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -184,7 +184,7 @@ def _check_output(path: Path, overwrite: bool) -> None:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from wsi_norm.cluster import dask_client
     from wsi_norm.pipeline import fit_template
-    from wsi_norm.template import save_template
+    from wsi_norm.stain.template import save_template
 
     out = Path(args.output)
     _check_output(out, args.overwrite)
@@ -262,7 +262,7 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from wsi_norm.synthetic import SITE_STAINS, generate_slide
+    from wsi_norm.testing.synthetic import SITE_STAINS, generate_slide
 
     out = Path(args.output)
     _check_output(out, args.overwrite)
@@ -284,6 +284,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         tissue_fraction=args.tissue_fraction,
         conc_scale=tuple(args.conc_scale),
         io=tuple(args.io) if len(args.io) == 3 else args.io[0],
+        texture=args.texture,
     )
     print(f"{out}: {args.width}x{args.height} px Beer-Lambert slide, stains {args.stains}, "
           f"seed {args.seed}, glass {list(truth.io)}, texture from {truth.texture_source}")
@@ -295,9 +296,9 @@ def _cmd_stainnet_train(args: argparse.Namespace) -> int:
     import math
 
     from wsi_norm.cluster import dask_client
-    from wsi_norm.stain.stainnet import save_stainnet
-    from wsi_norm.stainnet_teacher import distill_stainnet
-    from wsi_norm.stainnet_train import EpochRecord
+    from wsi_norm.colormap.stainnet import save_stainnet
+    from wsi_norm.stainnet.teacher import distill_stainnet
+    from wsi_norm.stainnet.train import EpochRecord
 
     out = Path(args.output)
     _check_output(out, args.overwrite)
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slide_options(p)
     p.set_defaults(func=_cmd_mask)
 
-    from wsi_norm.sampling import DEFAULT_N_PIXELS
+    from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS
 
     p = sub.add_parser("fit", help="fit a template (target statistics) from one or more slides")
     p.add_argument("slides", nargs="+", metavar="SLIDE")
@@ -429,10 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stain strengths (factors on hematoxylin and eosin concentration)")
     p.add_argument("--io", type=float, nargs="+", default=[240.0], metavar="LEVEL",
                    help="glass intensity: one value, or R G B (a scanner's white point)")
+    p.add_argument("--texture", choices=("real", "procedural"), default="real",
+                   help="tissue texture: real H&E unmixed from the data folder ($WSI_NORM_DATA, "
+                        "else ../shared/data; an error where missing), or procedural")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_generate)
 
-    # ---- stainnet (wsi_norm.stainnet_teacher) -------------------------- begin
+    # ---- stainnet (wsi_norm.stainnet.teacher) -------------------------- begin
     p = sub.add_parser("stainnet", help="StainNet models: train one from a slide-wide teacher")
     stainnet_sub = p.add_subparsers(dest="stainnet_command", required=True)
     p = stainnet_sub.add_parser(
@@ -462,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsi-norm`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return_freed_memory()  # keeps peak RSS flat while slides stream (see wsi_norm._malloc)
+    return_freed_memory()  # keeps peak RSS flat while slides stream (see wsi_norm.runtime)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -6,7 +6,7 @@ that numpy arrays and torch tensors share (elementwise arithmetic, ``exp``,
 numpy reference path and the torch (CPU or GPU) path.  Linear maps are spelled
 out as sums of products with Python float coefficients instead of ``@``: an
 elementwise expression evaluates identically whatever the array's length,
-which keeps the exact 256^3 lookup table of :mod:`wsi_norm.colormap`
+which keeps the exact 256^3 lookup table of :mod:`wsi_norm.colormap.maps`
 bit-identical to direct evaluation.
 
 Conventions
@@ -30,7 +30,7 @@ Conventions
   to an integer, as ``rgb2gray`` returns for uint8 -- is above 200, i.e. when
   the luma is at least 200.5; the test is done in exact integer arithmetic
   (``299 R + 587 G + 114 B >= 200500``) so numpy, torch and the numba kernels
-  agree on every pixel. :mod:`wsi_norm.mask` uses the same rule.
+  agree on every pixel. :mod:`wsi_norm.tissue.mask` uses the same rule.
 
 All functions are pure and thread-safe.
 """

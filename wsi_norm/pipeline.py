@@ -1,13 +1,13 @@
 """One slide end to end: fit slide-wide, compile the colour map, apply per chunk, write.
 
 This is the layer the CLI and the Prefect flows call. The math lives in :mod:`wsi_norm.stain`
-and :mod:`wsi_norm.colormap`, reading in :mod:`wsi_norm.slide`, writing in
+and :mod:`wsi_norm.colormap.maps`, reading in :mod:`wsi_norm.slide`, writing in
 :mod:`wsi_norm.writers`; here they are put in order:
 
 1. :func:`fit_slide`: sample tissue pixels over the whole slide (seeded) and fit the method's
    statistics once (never per tile).
 2. :func:`fit_template`: the same for a reference slide or a cohort, aggregated robustly into a
-   versioned :class:`~wsi_norm.template.Template`.
+   versioned :class:`~wsi_norm.stain.template.Template`.
 3. :func:`normalize_slide`: compile the per-pixel colour map from source and target
    statistics, map it over the slide's chunks through dask, and stream the result into a
    pyramidal OME-Zarr or TIFF, recording everything that decided the result.
@@ -33,15 +33,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.errors import FitError, OutputExistsError, QCError, TemplateError
-from wsi_norm.qc import ColourReference, QCReport, check_fit, check_mapped, colour_reference
-from wsi_norm.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
 from wsi_norm.slide import Backend, Slide, open_slide
-from wsi_norm.whitepoint import WhitePoint
+from wsi_norm.stain.qc import ColourReference, QCReport, check_fit, check_mapped, colour_reference
+from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
+from wsi_norm.tissue.whitepoint import WhitePoint
 
 if TYPE_CHECKING:
     import dask.array as da
 
-    from wsi_norm.template import Template
+    from wsi_norm.stain.template import Template
 
 __all__ = [
     "SlideFit",
@@ -202,7 +202,7 @@ def fit_slide(
     Notes
     -----
     Macenko and Vahadane are fitted on the sample's 2 x 2 tissue block means (robust to JPEG's
-    chroma subsampling, see :mod:`wsi_norm.sampling`), in optical density against the slide's
+    chroma subsampling, see :mod:`wsi_norm.tissue.sampling`), in optical density against the slide's
     white point (``params.white_point`` overrides the measured one); Reinhard and histogram
     matching on its tissue pixels.
     """
@@ -291,7 +291,7 @@ def fit_template(
 
 
 def check_template(template: Template) -> QCReport:
-    """The QC gate's fit check (:func:`wsi_norm.qc.check_fit`) applied to a template."""
+    """The QC gate's fit check (:func:`wsi_norm.stain.qc.check_fit`) applied to a template."""
     from wsi_norm.stain import STAIN_MATRIX_METHODS
 
     if template.method in STAIN_MATRIX_METHODS:
@@ -323,7 +323,7 @@ def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: in
     """
     from wsi_norm import __version__
     from wsi_norm.stain import aggregate_stats
-    from wsi_norm.template import Template
+    from wsi_norm.stain.template import Template
 
     if not fits:
         raise ValueError("a template needs at least one slide fit")
@@ -514,7 +514,7 @@ def _load_target(
     backend: Backend | None,
     force: bool = False,
 ) -> Template:
-    from wsi_norm.template import Template, load_template
+    from wsi_norm.stain.template import Template, load_template
 
     if target is not None and reference is not None:
         raise ValueError("give either a target template or a reference slide, not both")
@@ -555,9 +555,9 @@ def compile_checked(
 ) -> tuple[Any, QCReport]:
     """Compile a slide's colour map to a template, through the QC gate.
 
-    Checks the source fit and the template (:func:`wsi_norm.qc.check_fit`), compiles the map,
+    Checks the source fit and the template (:func:`wsi_norm.stain.qc.check_fit`), compiles the map,
     pushes the fit's sampled tissue through it and checks where it lands
-    (:func:`wsi_norm.qc.check_mapped`, skipped for templates without a colour reference).
+    (:func:`wsi_norm.stain.qc.check_mapped`, skipped for templates without a colour reference).
 
     Parameters
     ----------
@@ -581,7 +581,8 @@ def compile_checked(
     FitError
         The map cannot be compiled (a singular stain matrix).
     """
-    from wsi_norm.stain import STAIN_MATRIX_METHODS, compile_colormap
+    from wsi_norm.colormap import compile_colormap
+    from wsi_norm.stain import STAIN_MATRIX_METHODS
 
     stain_params = resolve_params(params)
     source_check = check_fit(
@@ -720,12 +721,12 @@ def normalize_slide(
     qc = QCReport(measures={"gate": "not applicable (no fitted statistics)"})
     whites: dict[str, Any] = {}
     if method == "none":
-        from wsi_norm.colormap import IdentityMap
+        from wsi_norm.colormap.maps import IdentityMap
 
         cmap: Any = IdentityMap()
     elif method == "stainnet":
-        from wsi_norm.colormap import GlassBlend
-        from wsi_norm.stain.stainnet import load_stainnet_map
+        from wsi_norm.colormap.maps import GlassBlend
+        from wsi_norm.colormap.stainnet import load_stainnet_map
 
         if weights is None:
             raise ValueError("method 'stainnet' needs weights (--weights FILE)")

@@ -54,7 +54,7 @@ class StainParams:
     white_point : float or None
         Glass intensity used for the optical density of every slide (one value for R, G and
         B). None (the default) measures each slide's white point from its glass
-        (:mod:`wsi_norm.whitepoint`). ``239`` reproduces Macenko et al.'s and torchstain's
+        (:mod:`wsi_norm.tissue.whitepoint`). ``239`` reproduces Macenko et al.'s and torchstain's
         fixed ``Io = 240``.
     macenko_variant : {"strong", "textbook"}
         ``strong`` (default): per side of the stain plane, the extreme angle of the

@@ -1,7 +1,7 @@
 """Macenko stain-vector estimation (Macenko et al. 2009): the textbook algorithm and wsi-norm's default.
 
 Both variants work in optical density against the slide's white point
-(``od = -log((rgb + 1) / (white + 1))``, :mod:`wsi_norm.whitepoint`), find the plane of the two
+(``od = -log((rgb + 1) / (white + 1))``, :mod:`wsi_norm.tissue.whitepoint`), find the plane of the two
 leading eigenvectors of the OD covariance, and take two extreme angles in that plane as the
 hematoxylin and eosin directions (hematoxylin: the larger red OD).
 
@@ -28,7 +28,7 @@ fidelity benchmark (240 seeded cases; BENCHMARKS.md):
   little red light): on the benchmark's uncompressed cases its eosin was more than 10 deg off in
   a quarter of them (95th percentile 19 deg; the default: 0.4 deg median).
 
-The estimators take 2 x 2 block means (:func:`wsi_norm.sampling.tissue_blocks`) or single
+The estimators take 2 x 2 block means (:func:`wsi_norm.tissue.sampling.tissue_blocks`) or single
 pixels, uint8 or float, in [0, 255].
 
 References

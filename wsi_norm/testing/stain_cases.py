@@ -11,7 +11,7 @@ Each case is the same tissue rendered twice by the Beer-Lambert law, ``I = w * e
 
 Texture (the concentration maps ``C``), in rotation:
 
-* ``gen-real``: wsi-norm's Beer-Lambert generator (:mod:`wsi_norm.synthetic`) with its bank of
+* ``gen-real``: wsi-norm's Beer-Lambert generator (:mod:`wsi_norm.testing.synthetic`) with its bank of
   patches unmixed from the real H&E images in the project's data folder; in compositions
   ``mixed``, ``nuclei-dense`` (nuclei dilated), ``stroma-dominant`` (only the strongest 10 % of
   hematoxylin kept), ``pale`` (0.45 x density), ``fatty`` (tissue cut by adipocyte-like holes) and
@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -45,6 +43,7 @@ from numpy.typing import NDArray
 from wsi_norm.color import BACKGROUND_WEIGHTED_MIN
 from wsi_norm.stain.base import RUIFROK_HE, StainParams, order_stains
 from wsi_norm.stain.macenko import fit_macenko
+from wsi_norm.testing.data import data_dir
 
 __all__ = [
     "COMPOSITIONS",
@@ -69,12 +68,6 @@ _REAL_FILES = {
     "source": "he/torchstain-source.png",
     "target": "he/torchstain-target.png",
 }
-
-
-def data_dir() -> Path:
-    """The project's real-data folder: ``$WSI_NORM_DATA``, else ``../shared/data`` beside the checkout."""
-    env = os.environ.get("WSI_NORM_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @dataclass(frozen=True)
@@ -177,7 +170,7 @@ def _real_image(name: str) -> NDArray[np.uint8]:
 @functools.lru_cache(maxsize=4)
 def _real_white(name: str) -> NDArray[np.float64]:
     """A real image's glass intensity: the median of its flat glass, else its 99.5th percentile."""
-    from wsi_norm.whitepoint import estimate_white_point, glass_candidates
+    from wsi_norm.tissue.whitepoint import estimate_white_point, glass_candidates
 
     rgb = _real_image(name)
     white = estimate_white_point(glass_candidates(rgb))
@@ -240,7 +233,7 @@ def draw_case(index: int, *, size: int = 1024, residual: bool = False) -> Case:
     -------
     Case
     """
-    from wsi_norm.synthetic import SyntheticParams, concentrations, rotate_stain_matrix
+    from wsi_norm.testing.synthetic import SyntheticParams, concentrations, rotate_stain_matrix
 
     rng = np.random.default_rng([index, 77])
     texture = TEXTURES[index % len(TEXTURES)]

@@ -4,20 +4,20 @@ StainNet (a per-pixel network) learns to imitate a colour map.  Here the trainin
 from whole slides:
 
 * :func:`teacher_pairs` -- tissue pixels sampled over the whole slide
-  (:func:`~wsi_norm.sampling.sample_tissue_pixels`), the teacher's (Macenko or Vahadane)
+  (:func:`~wsi_norm.tissue.sampling.sample_tissue_pixels`), the teacher's (Macenko or Vahadane)
   source statistics fitted on them, and the teacher's colour map to a target template
   applied to the same pixels;
 * :func:`registered_pairs` -- the same pixel positions read from two registered slides (the
   same tissue scanned or stained twice);
 
 and :func:`train_from_pairs` pools the pairs of many slides and trains with
-:func:`~wsi_norm.stainnet_train.train_stainnet`, holding out whole slides when there are at
+:func:`~wsi_norm.stainnet.train.train_stainnet`, holding out whole slides when there are at
 least three (a pixel fraction otherwise).  :func:`distill_stainnet` and
 :func:`distill_from_pairs` chain the two steps.
 
 Slide I/O happens in the pair functions (through dask, as in sampling); training is pure.
 The same slides, template, settings and seed give the same model on CPU (see
-:mod:`wsi_norm.stainnet_train` for determinism).
+:mod:`wsi_norm.stainnet.train` for determinism).
 
 References
 ----------
@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_norm.colormap.stainnet import StainNetMetadata, StainNetWeights
 from wsi_norm.errors import FitError, TemplateError
-from wsi_norm.stain.stainnet import StainNetMetadata, StainNetWeights
-from wsi_norm.stainnet_train import EpochRecord, Optimizer, TrainResult, train_stainnet
+from wsi_norm.stainnet.train import EpochRecord, Optimizer, TrainResult, train_stainnet
 
 if TYPE_CHECKING:
     from wsi_norm.slide import Slide
-    from wsi_norm.template import Template
+    from wsi_norm.stain.template import Template
 
 __all__ = [
     "DEFAULT_N_PIXELS_PER_SLIDE",
@@ -131,7 +131,7 @@ def _open(source: PathLike | Slide, backend: str | None) -> Slide:
 
 def _resolve_target(target: Template | PathLike, teacher: str) -> Template:
     """The target template of ``teacher`` (loading a path); another method: TemplateError."""
-    from wsi_norm.template import Template, load_template
+    from wsi_norm.stain.template import Template, load_template
 
     if teacher not in TEACHERS:
         raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got {teacher!r}")
@@ -237,8 +237,8 @@ def _map_pairs(
 ) -> SlidePairs:
     """The teacher's colours for ``pixels`` and for the slide's glass: the map from
     ``source_stats`` (white point ``source_white``) to the template (its white point)."""
-    from wsi_norm.stain import compile_colormap
-    from wsi_norm.stainnet_train import pairs_from_teacher
+    from wsi_norm.colormap import compile_colormap
+    from wsi_norm.stainnet.train import pairs_from_teacher
 
     try:
         cmap = compile_colormap(teacher, source_stats, template.stats, params,
@@ -261,7 +261,7 @@ def registered_pairs(
 ) -> SlidePairs:
     """Pixels at the same positions of two registered slides (the same tissue, two stainings).
 
-    Windows are chosen on the source as by :func:`~wsi_norm.sampling.sample_tissue_pixels`
+    Windows are chosen on the source as by :func:`~wsi_norm.tissue.sampling.sample_tissue_pixels`
     (slide-wide, stratified, seeded); each is read from both slides at the same level-0
     origin, and a seeded subset of the positions that are tissue on the source is kept.
 
@@ -286,7 +286,7 @@ def registered_pairs(
     """
     import dask
 
-    from wsi_norm.sampling import sample_tissue_pixels
+    from wsi_norm.tissue.sampling import sample_tissue_pixels
 
     src = _open(source, backend)
     tgt = _open(target, backend)
@@ -325,7 +325,7 @@ def registered_pairs(
 def _paired_window(
     src: Slide, tgt: Slide, x: int, y: int, size: int, n: int, seed: int
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
-    from wsi_norm.mask import tissue_mask
+    from wsi_norm.tissue.mask import tissue_mask
 
     width, height = src.dimensions
     w, h = min(size, width - x), min(size, height - y)
@@ -408,7 +408,7 @@ def train_from_pairs(
         ``"pixels"``: a seeded ``val_fraction`` of the pooled pixels; ``"auto"``: slides when
         there are at least 3, else pixels.
     epochs, batch_size, lr, optimizer, seed, device, progress
-        Passed to :func:`~wsi_norm.stainnet_train.train_stainnet`.
+        Passed to :func:`~wsi_norm.stainnet.train.train_stainnet`.
     val_fraction : float in [0, 1), keyword-only
         Share of pixels (``"pixels"``) or slides (``"slides"``) held out; 0 holds out nothing.
 

@@ -54,7 +54,7 @@ from wsi_norm.color import rgb_to_lab, rgb_to_od
 from wsi_norm.errors import FitError
 from wsi_norm.metrics import stain_matrix_angles_deg
 from wsi_norm.stain.base import RUIFROK_HE, StainParams, tissue_pixels
-from wsi_norm.whitepoint import WhitePoint
+from wsi_norm.tissue.whitepoint import WhitePoint
 
 __all__ = [
     "ColourReference",

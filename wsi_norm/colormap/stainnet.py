@@ -20,7 +20,7 @@ What this module holds
   from a file.
 * ``StainNet``: the :class:`torch.nn.Module` (attribute ``rgb_trans``, so published state dicts
   load with ``strict=True``).  torch takes seconds to import, so the class is created on first
-  access (``from wsi_norm.stain.stainnet import StainNet`` works as usual and imports torch).
+  access (``from wsi_norm.colormap.stainnet import StainNet`` works as usual and imports torch).
 
 Evaluation paths and how exactly they agree
 -------------------------------------------
@@ -31,8 +31,9 @@ Evaluation paths and how exactly they agree
   On the torchstain patches through the three published checkpoints this equals the authors'
   computation on the whole image on every pixel (``tests/test_colour_fidelity.py``). (An earlier
   compiled per-pixel loop summed in another order and moved 2-16 pixels per patch by one level.)
-* ``evaluate_numpy`` / ``forward_numpy``: an independent reference in numpy float32 matrix
-  products (within one grey level of ``apply``: float32 summation order).
+* ``evaluate_numpy``: the definition the others are pinned to (the module on slabs, via
+  :func:`network_colour`); the tests check it against an independent numpy reference of the
+  paper's arithmetic (within one grey level: float32 summation order).
 * ``apply_torch``: on CUDA the default is the gather from the same (CPU-built) LUT, so GPU and
   CPU workers produce bit-identical slides; ``use_lut=False`` runs the module on the tensor's
   device (within one grey level of the others).
@@ -70,8 +71,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.color import _check_rgb_uint8 as _check_rgb
-from wsi_norm.colormap import ColorMap, GlassBlend
-from wsi_norm.colormap import _gather_kernel as _colormap_gather_kernel
+from wsi_norm.colormap.maps import ColorMap, GlassBlend
+from wsi_norm.colormap.maps import _gather_kernel as _colormap_gather_kernel
 from wsi_norm.errors import OutputError, OutputExistsError, WeightsError
 
 if TYPE_CHECKING:
@@ -334,7 +335,6 @@ def _stainnet_class() -> type:
     cls = globals().get("_StainNetClass")
     if cls is not None:
         return cls  # type: ignore[no-any-return]
-    import torch
     from torch import nn
 
     class StainNet(nn.Module):
@@ -342,8 +342,7 @@ def _stainnet_class() -> type:
 
         ``forward`` takes ``(N, 3, H, W)`` float in [-1, 1] (``(rgb / 255 - 0.5) * 2``) and
         returns ``(N, 3, H, W)`` float, the colour being ``y * 0.5 + 0.5`` clamped to [0, 1].
-        ``forward_pixels`` does the same on ``(P, 3)`` channels-last pixels with matrix
-        products (identical maths, faster than 1x1 convolutions on channels-last data).
+        Pixels in a list go through :func:`network_pixels` (one image row).
         """
 
         def __init__(self, hidden_channels: int = HIDDEN_CHANNELS) -> None:
@@ -359,19 +358,28 @@ def _stainnet_class() -> type:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.rgb_trans(x)  # type: ignore[no-any-return]
 
-        def forward_pixels(self, x: torch.Tensor) -> torch.Tensor:
-            """(P, 3) float in [-1, 1] -> (P, 3) float, the network output before rescaling."""
-            linear = torch.nn.functional.linear
-            conv0, conv1, conv2 = (cast(nn.Conv2d, self.rgb_trans[i]) for i in (0, 2, 4))
-            h = linear(x, conv0.weight.flatten(1), conv0.bias).relu()
-            h = linear(h, conv1.weight.flatten(1), conv1.bias).relu()
-            return linear(h, conv2.weight.flatten(1), conv2.bias)
-
     StainNet.__module__ = __name__
     StainNet.__qualname__ = "StainNet"
     globals()["_StainNetClass"] = StainNet
     globals()["StainNet"] = StainNet
     return StainNet
+
+
+def network_pixels(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """The network on ``(P, 3)`` pixels in [-1, 1]: the module on them as one ``(1, 3, 1, P)``
+    image row, the output ``(P, 3)`` before rescaling. Every path (CPU slabs, the LUT, CUDA,
+    training) goes through here, so there is one arithmetic: the published module's."""
+    return module(x.T[None, :, None, :])[0, :, 0, :].T  # type: ignore[no-any-return]
+
+
+def network_colour(module: Any, flat: torch.Tensor) -> torch.Tensor:
+    """``(P, 3)`` uint8 pixels -> the network's ``(P, 3)`` uint8 colour, as the authors compute
+    it: ``(rgb / 255 - 0.5) * 2`` in, ``clip(y * 0.5 + 0.5, 0, 1) * 255`` truncated out."""
+    import torch
+
+    dtype = next(module.parameters()).dtype
+    y = network_pixels(module, (flat.to(dtype) / 255.0 - 0.5) * 2.0)
+    return ((y * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
 def __getattr__(name: str) -> Any:
@@ -573,12 +581,12 @@ class StainNetMap(ColorMap):
 
     Notes
     -----
-    Differences from the closed-form maps of :mod:`wsi_norm.colormap`: StainNet's colour is
-    *truncated* (the authors' ``uint8`` cast), not rounded, and the exact LUT is built by the
-    module on fixed-size slabs rather than by :meth:`evaluate_numpy`, so that it is the published
-    arithmetic, bit for bit.  :meth:`apply` (direct or LUT) and the CUDA LUT gather are
-    bit-identical to each other, and :meth:`evaluate_numpy` and device direct evaluation agree
-    with them within one grey level (a few pixels per million).
+    The same contract as the closed-form maps of :mod:`wsi_norm.colormap.maps`:
+    :meth:`evaluate_numpy` is the definition (here the published module on fixed-size slabs,
+    through :func:`network_colour`), the LUT is built from it and :meth:`apply` (direct or LUT)
+    and the CUDA LUT gather are bit-identical to it.  StainNet's colour is *truncated* (the
+    authors' ``uint8`` cast), not rounded.  Device direct evaluation (``apply_torch(...,
+    use_lut=False)``) runs the same module on other hardware: within one grey level.
 
     Picklable: the pickle holds the weights and options only (a few KB); the LUT and device
     copies are rebuilt where needed.  Thread-safe.
@@ -634,33 +642,10 @@ class StainNetMap(ColorMap):
             f"lut={'built' if self._lut is not None else 'not built'})"
         )
 
-    # ----------------------------------------------------------------- numpy reference
-
-    def forward_numpy(self, rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
-        """Reference forward pass in plain numpy float32, before the final truncation.
-
-        Parameters
-        ----------
-        rgb : (..., 3) uint8
-
-        Returns
-        -------
-        (..., 3) float32 in [0, 255]
-            ``clip(y * 0.5 + 0.5, 0, 1) * 255`` of the network output ``y`` (no glass blend).
-        """
-        arr = _check_rgb(rgb)
-        w = self.weights
-        flat = arr.reshape(-1, 3)
-        x = flat.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
-        h = np.maximum(x @ w.conv0_weight.T + w.conv0_bias, np.float32(0.0))
-        h = np.maximum(h @ w.conv1_weight.T + w.conv1_bias, np.float32(0.0))
-        y = h @ w.conv2_weight.T + w.conv2_bias
-        unit = np.clip(y * np.float32(0.5) + np.float32(0.5), np.float32(0.0), np.float32(1.0))
-        out = np.asarray(unit * np.float32(255.0), dtype=np.float32)
-        return out.reshape(arr.shape)
+    # ----------------------------------------------------------------- the definition
 
     def evaluate_numpy(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
-        """The numpy reference colour: :meth:`forward_numpy` truncated to uint8.
+        """The map's definition: the published module on fixed slabs of pixels, glass blend after.
 
         Parameters
         ----------
@@ -668,13 +653,11 @@ class StainNetMap(ColorMap):
 
         Returns
         -------
-        (..., 3) uint8
-            Equal to :meth:`apply` up to one grey level on a few pixels per million (float32
-            summation order; see the class notes).
+        (..., 3) uint8, bit-identical to :meth:`apply` and to the LUT (which is built from it)
         """
         arr = _check_rgb(rgb)
-        net = self.forward_numpy(arr).astype(np.uint8)
-        return self._blend_numpy(arr.reshape(-1, 3), net.reshape(-1, 3)).reshape(arr.shape)
+        flat = np.ascontiguousarray(arr.reshape(-1, 3))
+        return self._blend_numpy(flat, self._forward_slabs(flat)).reshape(arr.shape)
 
     def _blend_numpy(self, flat: NDArray[np.uint8], net: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """The glass blend on the network's 8-bit colour (identity without a blend), rounded."""
@@ -712,9 +695,8 @@ class StainNetMap(ColorMap):
             how = "lut" if (due or self.has_cached_lut()) else "direct"
         if how == "lut":
             _colormap_gather_kernel()(flat, self.lut(), out)
-        else:
-            out = self._blend_numpy(flat, self._forward_slabs(flat))
-        return out.reshape(arr.shape)
+            return out.reshape(arr.shape)
+        return self.evaluate_numpy(arr)
 
     def _module(self, device: Any = "cpu", dtype: Any = None) -> Any:
         """The ``StainNet`` module with these weights on ``device`` in ``dtype`` (default float32),
@@ -742,9 +724,7 @@ class StainNetMap(ColorMap):
                 n = min(_SLAB_PX, flat.shape[0] - start)
                 slab[:n] = flat[start : start + n]
                 slab[n:] = 0
-                x = torch.from_numpy(slab).T[None, :, None, :].float() / 255.0
-                y = module((x - 0.5) * 2.0)[0, :, 0, :].T.numpy()
-                out[start : start + n] = (np.clip(y * 0.5 + 0.5, 0.0, 1.0) * 255.0)[:n].astype(np.uint8)
+                out[start : start + n] = network_colour(module, torch.from_numpy(slab)).numpy()[:n]
         return out
 
     def __call__(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -841,13 +821,10 @@ class StainNetMap(ColorMap):
 
 
 def _torch_forward(flat: torch.Tensor, module: Any, glass: GlassBlend | None) -> torch.Tensor:
-    """(P, 3) uint8 tensor -> (P, 3) uint8 tensor on the same device (the module, as one image row)."""
+    """(P, 3) uint8 tensor -> (P, 3) uint8 tensor on the same device, glass blend included."""
     import torch
 
-    dtype = next(module.parameters()).dtype
-    x = flat.T[None, :, None, :].to(dtype) / 255.0
-    y = module((x - 0.5) * 2.0)[0, :, 0, :].T
-    out = ((y * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    out = network_colour(module, flat)
     if glass is not None:
         x = flat.T.to(torch.float64)
         mapped = glass.apply(torch, x[0], x[1], x[2], list(out.T.to(torch.float64)))

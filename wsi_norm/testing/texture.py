@@ -1,4 +1,4 @@
-"""Stain-concentration texture of synthetic slides (private helper of :mod:`wsi_norm.synthetic`).
+"""Stain-concentration texture of synthetic slides (private helper of :mod:`wsi_norm.testing.synthetic`).
 
 Three parts, all deterministic:
 
@@ -164,7 +164,7 @@ def real_bank(
         RGB(A) images (PNG, JPEG) or small one-level slides (SVS, TIFF) holding H&E tissue.
         Slides with an MPP are rescaled to :data:`TEXTURE_MPP`; images without are taken as is.
     unmix : callable (rgb (H, W, 3) uint8, io (3,) float64) -> (H, W, 2) float32
-        Stain unmixing (Ruifrok's H&E vectors in :mod:`wsi_norm.synthetic`).
+        Stain unmixing (Ruifrok's H&E vectors in :mod:`wsi_norm.testing.synthetic`).
     n_patches : int
         Patches to take, shared evenly between the files.
     min_tissue : float

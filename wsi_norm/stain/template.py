@@ -48,9 +48,9 @@ from typing import Any
 
 from wsi_norm.color import TEXTBOOK_WHITE
 from wsi_norm.errors import TemplateError
-from wsi_norm.qc import ColourReference
 from wsi_norm.stain import METHODS, stats_from_dict
-from wsi_norm.whitepoint import WhitePoint
+from wsi_norm.stain.qc import ColourReference
+from wsi_norm.tissue.whitepoint import WhitePoint
 
 __all__ = [
     "SCHEMA_VERSION",

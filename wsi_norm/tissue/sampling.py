@@ -14,7 +14,7 @@ dask in parallel and returns, from the same reads:
   its pixels' colours);
 * the slide's **white point**, from glass pixels of the same windows and of up to
   ``n_glass_windows`` windows placed where the coarse mask shows no tissue
-  (:mod:`wsi_norm.whitepoint`).
+  (:mod:`wsi_norm.tissue.whitepoint`).
 
 Window origins are multiples of ``window_px`` (even), so block grids line up with the JPEG
 tiles' chroma grid. The same slide, seed and settings give the same numbers, whatever the
@@ -31,8 +31,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.errors import FitError
-from wsi_norm.mask import CoarseMask, coarse_mask, tissue_mask
-from wsi_norm.whitepoint import WhitePoint, estimate_white_point, glass_candidates
+from wsi_norm.tissue.mask import CoarseMask, coarse_mask, tissue_mask
+from wsi_norm.tissue.whitepoint import WhitePoint, estimate_white_point, glass_candidates
 
 if TYPE_CHECKING:
     from wsi_norm.slide import Slide

