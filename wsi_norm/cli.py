@@ -806,9 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``wsi-norm`` console script."""
+    """Entry point of the ``wsi-norm`` console script; returns the exit status (2 for a usage
+    error, after one line on stderr; 0 after ``--help``)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, or a usage error already printed in one line
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     return_freed_memory()  # keeps peak RSS flat while slides stream (see wsi_norm._malloc)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
