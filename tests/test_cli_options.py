@@ -26,8 +26,9 @@ class _WorkStarted(AssertionError):
 def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make every path to real work (a dask cluster for fits and writes, the generator, the
     tissue mask) fail loudly, and record which was reached."""
-    import wsi_norm.pipeline  # noqa: F401  (imported first: modules that bind these names at import
-    import wsi_norm.sampling  # noqa: F401   must keep the real functions after this test)
+    # imported first: modules that bind these names at import must keep the real functions
+    import wsi_norm.pipeline
+    import wsi_norm.sampling  # noqa: F401
 
     reached: list[str] = []
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import math
-from collections.abc import Callable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 from wsi_norm._malloc import return_freed_memory
 from wsi_norm.errors import WsiNormError
@@ -354,7 +354,7 @@ class _Progress:
         self._task: Any = None
         self.last: tuple[int, int] | None = None  # the last (done, total) reported
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -443,11 +443,11 @@ def _check_inputs(*paths: str, what: str = "slide") -> None:
             raise argparse.ArgumentTypeError(f"{path}: no such {what}")
 
 
-def _open_slides(paths: Sequence[str], args: argparse.Namespace) -> list[Any]:
+def _open_slides(paths: Sequence[str], *, backend: Any, mpp: float | None) -> list[Any]:
     """Open every slide up front (errors name the file before any fit), with ``--mpp`` applied."""
     from wsi_norm.slide import open_slide
 
-    return [open_slide(path, backend=args.backend, mpp=args.mpp) for path in paths]
+    return [open_slide(path, backend=backend, mpp=mpp) for path in paths]
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -458,7 +458,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.output)
     _check_output_path(out, args.overwrite, what="template")
     params = _parse_params(args.param)
-    slides = _open_slides(args.slides, args)
+    slides = _open_slides(args.slides, backend=args.backend, mpp=args.mpp)
     if args.dry_run:
         print(f"would fit {args.method} on {len(args.slides)} slide(s) and write {out}")
         return 0
@@ -507,14 +507,14 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
         raise argparse.ArgumentTypeError(f"--weights is not used by --method {args.method}")
     _check_output_path(out, args.overwrite, suffixes=(".ome.zarr", ".zarr", ".tif", ".tiff"))
     params = _parse_params(args.param)
-    (slide,) = _open_slides([args.slide], args)
+    (slide,) = _open_slides([args.slide], backend=args.backend, mpp=args.mpp)
     target: Any = None
     if args.target:
         from wsi_norm.template import load_template
 
         target = load_template(args.target, method=args.method)
-    reference = _open_slides([args.reference], argparse.Namespace(backend=args.backend, mpp=None))[0] \
-        if args.reference else None
+    # --mpp is the source slide's; a reference slide keeps its own
+    reference = _open_slides([args.reference], backend=args.backend, mpp=None)[0] if args.reference else None
     if args.weights:
         _check_inputs(args.weights, what="weights file")
         if not args.weights.lower().endswith((".pth", ".pt", ".safetensors")):
@@ -613,7 +613,7 @@ def _cmd_stainnet_train(args: argparse.Namespace) -> int:
     _check_output(out, args.overwrite)
     if out.suffix != ".safetensors":
         raise argparse.ArgumentTypeError(f"{out}: the model file must end in .safetensors")
-    _check_output_path(out, args.overwrite, suffixes=(".safetensors",), what="model")
+    _check_output_path(out, args.overwrite)
     _check_inputs(*args.slides)
     from wsi_norm.template import load_template
 
