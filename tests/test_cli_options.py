@@ -96,6 +96,13 @@ def _usage_error_cases(tmp: Path, shared: Path) -> list[tuple[list[str], str]]:
           "-o", str(tmp / "m.safetensors")], "nope.json"),
         (["stainnet", "train", png, "--teacher", "macenko", "--target", str(tmp / "t.json"),
           "-o", str(tmp / "m.safetensors"), "--epochs", "0"], "--epochs"),
+        (["info", svs, "--mpp", "-1"], "--mpp"),
+        (["mask", svs, "-o", str(tmp / "m.xyz")], "m.xyz"),
+        (["mask", svs, "-o", str(tmp / "m.png"), "--max-px", "0"], "--max-px"),
+        (["mask", svs, "-o", str(tmp / "missing" / "m.png")], "does not exist"),
+        (["normalize", svs, "--method", "bogus", "-o", out], "--method"),
+        (["normalize", svs, "--method", "none"], "--output"),
+        ([*none, "--zarr-format", "5"], "--zarr-format"),
     ]
 
 
@@ -108,7 +115,8 @@ _CASE_IDS = [
     "output-suffix", "output-folder", "slide-missing", "target-missing", "reference-missing",
     "weights-missing", "generate-quality", "generate-tile-px", "generate-width",
     "generate-tissue-fraction", "generate-mpp", "generate-suffix", "generate-folder",
-    "train-target-missing", "train-epochs",
+    "train-target-missing", "train-epochs", "info-mpp", "mask-suffix", "mask-max-px",
+    "mask-folder", "method-choice", "output-required", "zarr-format-choice",
 ]
 
 
@@ -131,6 +139,21 @@ def test_user_error_is_one_line_exit_2_before_any_work(
     assert "error:" in err[0] and named in err[0] and "Traceback" not in captured.err
     assert captured.out == ""  # nothing claimed ("would ..."), nothing written
     assert not any(p.name != "t.json" for p in tmp_path.iterdir())
+
+
+def test_console_command_error_is_one_line(tmp_path: Path, sample_svs: Path) -> None:
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsi_norm.cli", "normalize", str(sample_svs), "--method", "none",
+         "-o", str(tmp_path / "x.tiff"), "--quality", "150"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["wsi-norm normalize: error: argument --quality: must be in 1..100, got 150"]
 
 
 def test_dry_run_accepts_valid_options_without_work(
