@@ -303,3 +303,25 @@ def test_terminal_progress_shows_fitting_then_a_bar_with_eta(
     assert any("fitting reinhard" in line for line in frames)
     bars = [line for line in frames if "chunks" in line]
     assert bars and "ETA" in bars[-1] and " 12/12 chunks" in bars[-1], bars[-1:]
+
+
+def test_generate_and_fit_announce_their_work(tmp_path: Path, shared_data: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    made: list[Path] = []
+
+    def generate_slide(out: Path, **kwargs: Any) -> Any:
+        made.append(out)
+        return SimpleNamespace(io=(240.0, 240.0, 240.0), texture_source="stub")
+
+    monkeypatch.setattr("wsi_norm.synthetic.generate_slide", generate_slide)
+    assert main(["generate", str(tmp_path / "g.tiff"), "--width", "512", "--height", "256"]) == 0
+    assert made == [tmp_path / "g.tiff"]
+    assert capsys.readouterr().err.splitlines() == ["generate g.tiff: rendering 512x256 px"]
+    assert main(["generate", str(tmp_path / "g.tiff"), "--width", "512", "--height", "256", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["fit", str(shared_data / "he" / "torchstain-target.png"), "--method", "reinhard",
+                 "--n-pixels", "20000", "-o", str(tmp_path / "t.json")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == "fit reinhard: fitting on 1 slide(s)"

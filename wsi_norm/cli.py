@@ -2,6 +2,9 @@
 
 Every :class:`~wsi_norm.errors.WsiNormError` ends the command with one line on stderr
 (``wsi-norm: error: <file>: <problem>``) and exit status 2; ``--verbose`` shows the traceback.
+Usage errors (an option out of range, an unknown ``--param``, an output suffix no writer takes, a
+missing input or output folder) end the same way, and are all checked before any fit starts,
+``--dry-run`` included.
 """
 
 from __future__ import annotations
