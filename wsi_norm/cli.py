@@ -2,6 +2,9 @@
 
 Every :class:`~wsi_norm.errors.WsiNormError` ends the command with one line on stderr
 (``wsi-norm: error: <file>: <problem>``) and exit status 2; ``--verbose`` shows the traceback.
+Usage errors (an option out of range, an unknown ``--param``, an output suffix no writer takes, a
+missing input or output folder) end the same way, and are all checked before any fit starts,
+``--dry-run`` included.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Self
 
 from wsi_norm.errors import WsiNormError
 from wsi_norm.runtime import return_freed_memory
@@ -20,6 +24,83 @@ from wsi_norm.runtime import return_freed_memory
 log = logging.getLogger("wsi_norm.cli")
 
 EXIT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``PROG: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``(default: X)`` after every option with a meaningful default; epilogs printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A hidden old spelling of an option: stores into the new option's ``dest`` and prints a
+    one-line deprecation note on stderr."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                         **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"wsi-norm: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+# ---------------------------------------------------------------- option value types
+def _int_in(low: int, high: int | None = None, *, multiple_of: int = 1) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]`` (and a multiple of ``multiple_of``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        if value % multiple_of:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple_of}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``>= low`` (``> low`` if ``low_open``), ``<= high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            bound = f"> {low:g}" if low_open else f">= {low:g}"
+            allowed = bound if high is None else f"{bound} and <= {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+
+    return parse
+
+
+_POSITIVE_INT = _int_in(1)
+_SEED = _int_in(0)
+_QUALITY = _int_in(1, 100)
+_TILE_PX = _int_in(16, multiple_of=16)
+_MPP = _float_in(0.0, low_open=True)
 
 
 def _add_slide_options(p: argparse.ArgumentParser) -> None:
@@ -30,7 +111,10 @@ def _add_slide_options(p: argparse.ArgumentParser) -> None:
         help="slide reader (default: OpenSlide for files it knows, tiffslide for other tiled "
         "TIFFs, the image reader for PNG/JPEG/untiled TIFF)",
     )
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel to assume")
+    p.add_argument("--mpp", type=_MPP, default=None,
+                   help="microns per pixel (x = y) to assume at level 0, replacing what the file "
+                   "records (or supplying it for a file that records none); written into the "
+                   "output and recorded with the fit (default: the file's own)")
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -105,10 +189,11 @@ def _cmd_mask(args: argparse.Namespace) -> int:
     from wsi_norm.tissue.mask import coarse_mask
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        from wsi_norm.errors import OutputExistsError
-
-        raise OutputExistsError(f"{out}: exists; pass --overwrite to replace it")
+    _check_output_path(out, args.overwrite)
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if out.suffix.lower() not in writable:
+        raise argparse.ArgumentTypeError(
+            f"{out}: unsupported image format {out.suffix!r}; use .png (or another format Pillow writes)")
     slide = open_slide(args.slide, backend=args.backend, mpp=args.mpp)
     coarse = coarse_mask(slide, max_px=args.max_px)
     if args.overlay:
@@ -128,48 +213,208 @@ def _cmd_mask(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- fit / normalize
+#: Method parameters the CLI sets through its own options instead of ``--param``.
+_PARAMS_WITH_OPTIONS = {"seed": "--seed"}
+
+
+def _param_docs() -> dict[str, str]:
+    """Each field's description in :class:`StainParams`'s numpy docstring, as plain text."""
+    import inspect
+    import re
+
+    from wsi_norm.stain.base import StainParams
+
+    docs: dict[str, str] = {}
+    name: str | None = None
+    for line in inspect.cleandoc(StainParams.__doc__ or "").splitlines():
+        if line and not line.startswith(" ") and " : " in line:
+            name = line.split(" : ", 1)[0].strip()
+            docs[name] = ""
+        elif not line.strip() or not line.startswith(" "):
+            name = None
+        elif name is not None:
+            docs[name] = f"{docs[name]} {line.strip()}".strip()
+    # reST to plain text: ``x`` -> x, :class:`~a.b.C` -> C
+    return {k: re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", v.replace("``", ""))
+            for k, v in docs.items()}
+
+
+def _param_text(value: Any) -> str:
+    """A parameter value as it is typed after ``--param NAME=``."""
+    return "none" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
+def _type_text(hint: Any) -> str:
+    import types
+    import typing
+
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_text(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _param_help() -> str:
+    """The ``--param`` epilog, generated from :class:`~wsi_norm.stain.base.StainParams`'s fields,
+    types, defaults and docstring (so it cannot drift from the code)."""
+    import dataclasses
+    import textwrap
+    import typing
+
+    from wsi_norm.stain.base import StainParams
+
+    hints = typing.get_type_hints(StainParams)
+    docs = _param_docs()
+    lines = ["method parameters (--param NAME=VALUE, repeatable; wsi_norm.stain.base.StainParams):"]
+    for f in dataclasses.fields(StainParams):
+        if f.name in _PARAMS_WITH_OPTIONS:
+            continue
+        lines.append(f"  {f.name}={_param_text(f.default)}  ({_type_text(hints[f.name])})")
+        lines += textwrap.wrap(docs.get(f.name, ""), width=88, initial_indent="      ",
+                               subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def _coerce_param(name: str, raw: str, hint: Any) -> Any:
+    """``raw`` (the text after ``NAME=``) as a value of the field type ``hint``; raises
+    ``ArgumentTypeError`` naming the parameter, the value and the expected type."""
+    import types
+    import typing
+
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if typing.get_origin(option) is typing.Literal and value in typing.get_args(option):
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    raise argparse.ArgumentTypeError(f"--param {name}={raw}: expected {_type_text(hint)}")
+
+
 def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["alpha=1", "beta=0.15"]`` -> ``{"alpha": 1.0, "beta": 0.15}`` (JSON values, else str)."""
+    """``["alpha=1", "beta=0.15"]`` -> ``{"alpha": 1.0, "beta": 0.15}``, checked against the fields
+    of :class:`~wsi_norm.stain.base.StainParams` (name, type, and the dataclass's own range checks).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        Not ``NAME=VALUE``, an unknown name, a value of the wrong type or out of range.
+    """
+    import dataclasses
+    import typing
+
+    from wsi_norm.stain.base import StainParams
+
+    hints = typing.get_type_hints(StainParams)
     params: dict[str, Any] = {}
     for item in items or ():
         name, sep, value = item.partition("=")
+        name = name.strip()
         if not sep or not name:
             raise argparse.ArgumentTypeError(f"--param expects NAME=VALUE, got {item!r}")
-        try:
-            params[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name.strip()] = value
+        if name in _PARAMS_WITH_OPTIONS:
+            raise argparse.ArgumentTypeError(f"--param {name}: use {_PARAMS_WITH_OPTIONS[name]}")
+        if name not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(StainParams)
+                              if f.name not in _PARAMS_WITH_OPTIONS)
+            raise argparse.ArgumentTypeError(f"--param {name}: unknown method parameter; known: {known}")
+        params[name] = _coerce_param(name, value.strip(), hints[name])
+    try:
+        StainParams(**params)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--param: {exc}") from None
     return params
 
 
 class _Progress:
-    """A one-line progress bar on stderr (a line per 10 % when stderr is not a terminal)."""
+    """Progress on stderr: a spinner while fitting, then a bar of level-0 chunks with elapsed
+    time and ETA (rich) on a terminal; without a terminal one line when a phase starts and a
+    line per 10 % of chunks. Use as a context manager; call it as ``progress(done, total)``."""
 
-    def __init__(self, label: str, enabled: bool = True) -> None:
+    def __init__(self, label: str, enabled: bool = True, *, tty: bool | None = None) -> None:
         import time
 
         self._label = label
         self._enabled = enabled
-        self._tty = sys.stderr.isatty()
+        self._tty = sys.stderr.isatty() if tty is None else tty
         self._start = time.perf_counter()
         self._last_decile = -1
+        self._bar: Any = None
+        self._task: Any = None
+        self.last: tuple[int, int] | None = None  # the last (done, total) reported
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def _start_bar(self, *, spinner: bool, description: str, total: int | None) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._stop()
+        columns: list[Any] = (
+            [SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+            if spinner
+            else [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("chunks"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        )
+        self._bar = Progress(*columns, console=Console(stderr=True))
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total)
+
+    def status(self, text: str) -> None:
+        """Announce a phase without a count (fitting, generating): a spinner, or one line."""
+        if not self._enabled:
+            return
+        if self._tty:
+            self._start_bar(spinner=True, description=f"{self._label}: {text}", total=None)
+        else:
+            print(f"{self._label}: {text}", file=sys.stderr, flush=True)
 
     def __call__(self, done: int, total: int) -> None:
         import time
 
+        self.last = (done, total)
         if not self._enabled or total <= 0:
             return
-        elapsed = time.perf_counter() - self._start
         if self._tty:
-            filled = int(30 * done / total)
-            bar = "#" * filled + "." * (30 - filled)
-            end = "\n" if done >= total else ""
-            print(f"\r{self._label} [{bar}] {done}/{total} chunks {elapsed:6.1f} s", end=end,
-                  file=sys.stderr, flush=True)
+            if self._bar is None or self._bar.tasks[0].total is None:
+                self._start_bar(spinner=False, description=f"{self._label}: writing", total=total)
+            self._bar.update(self._task, completed=done, total=total)
             return
         decile = int(10 * done / total)
         if decile != self._last_decile:
             self._last_decile = decile
+            elapsed = time.perf_counter() - self._start
             print(f"{self._label}: {done}/{total} chunks ({elapsed:.1f} s)", file=sys.stderr,
                   flush=True)
 
@@ -181,21 +426,54 @@ def _check_output(path: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
 
 
+def _check_output_path(path: Path, overwrite: bool, *, suffixes: Sequence[str] = (),
+                       what: str = "output") -> None:
+    """The output may be written: not there (or ``--overwrite``), its folder exists, and its
+    name ends in one of ``suffixes`` (any when empty). Raises ``ArgumentTypeError``."""
+    _check_output(path, overwrite)
+    if suffixes and not path.name.lower().endswith(tuple(suffixes)):
+        raise argparse.ArgumentTypeError(
+            f"{path}: unsupported {what} format; use a name ending in {', '.join(suffixes)}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: output folder {parent} does not exist")
+
+
+def _check_inputs(*paths: str, what: str = "slide") -> None:
+    """Every input file exists (before any work starts)."""
+    for path in paths:
+        if not Path(path).exists():
+            raise argparse.ArgumentTypeError(f"{path}: no such {what}")
+
+
+def _open_slides(paths: Sequence[str], *, backend: Any, mpp: float | None) -> list[Any]:
+    """Open every slide up front (errors name the file before any fit), with ``--mpp`` applied."""
+    from wsi_norm.slide import open_slide
+
+    return [open_slide(path, backend=backend, mpp=mpp) for path in paths]
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from wsi_norm.cluster import dask_client
     from wsi_norm.pipeline import fit_template
     from wsi_norm.stain.template import save_template
 
     out = Path(args.output)
-    _check_output(out, args.overwrite)
+    _check_output_path(out, args.overwrite, what="template")
+    params = _parse_params(args.param)
+    slides = _open_slides(args.slides, backend=args.backend, mpp=args.mpp)
     if args.dry_run:
         print(f"would fit {args.method} on {len(args.slides)} slide(s) and write {out}")
         return 0
-    with dask_client(args.scheduler):
+    with (
+        _Progress(f"fit {args.method}", enabled=not args.quiet) as progress,
+        dask_client(args.scheduler),
+    ):
+        progress.status(f"fitting on {len(slides)} slide(s)")
         template = fit_template(
-            args.slides,
+            slides,
             method=args.method,
-            params=_parse_params(args.param),
+            params=params,
             n_pixels=args.n_pixels,
             seed=args.seed,
             backend=args.backend,
@@ -219,31 +497,61 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
     from wsi_norm.pipeline import normalize_slide
 
     out = Path(args.output)
-    _check_output(out, args.overwrite)
     needs_target = args.method not in ("none", "stainnet")
     if needs_target and not (args.target or args.reference):
         raise argparse.ArgumentTypeError(f"--method {args.method} needs --target or --reference")
     if args.method == "stainnet" and not args.weights:
         raise argparse.ArgumentTypeError("--method stainnet needs --weights FILE")
+    for option, value in (("--target", args.target), ("--reference", args.reference),
+                          ("--param", args.param)):
+        if value and not needs_target:
+            raise argparse.ArgumentTypeError(f"{option} is not used by --method {args.method}")
+    if args.weights and args.method != "stainnet":
+        raise argparse.ArgumentTypeError(f"--weights is not used by --method {args.method}")
+    _check_output_path(out, args.overwrite, suffixes=(".ome.zarr", ".zarr", ".tif", ".tiff"))
+    params = _parse_params(args.param)
+    (slide,) = _open_slides([args.slide], backend=args.backend, mpp=args.mpp)
+    target: Any = None
+    if args.target:
+        from wsi_norm.stain.template import load_template
+
+        target = load_template(args.target, method=args.method)
+    # --mpp is the source slide's; a reference slide keeps its own
+    reference = _open_slides([args.reference], backend=args.backend, mpp=None)[0] if args.reference else None
+    if args.weights:
+        _check_inputs(args.weights, what="weights file")
+        if not args.weights.lower().endswith((".pth", ".pt", ".safetensors")):
+            raise argparse.ArgumentTypeError(
+                f"{args.weights}: unknown weights format; expected .pth, .pt or .safetensors")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("--device cuda: no CUDA device is available")
     if args.dry_run:
         print(f"would normalize {args.slide} with {args.method} on {args.device} into {out}")
         return 0
-    with dask_client(args.scheduler):
+    with (
+        _Progress(f"normalize {Path(args.slide).name}", enabled=not args.quiet) as progress,
+        dask_client(args.scheduler),
+    ):
+        if needs_target:
+            progress.status(f"fitting {args.method}")
         result = normalize_slide(
-            args.slide,
+            slide,
             out,
             method=args.method,
-            target=args.target,
-            reference=args.reference,
-            params=_parse_params(args.param),
+            target=target,
+            reference=reference,
+            params=params,
             weights=args.weights,
             device=args.device,
-            chunk_px=args.tile_size,
+            chunk_px=args.chunk_px,
             n_pixels=args.n_pixels,
             seed=args.seed,
             overwrite=args.overwrite,
-            progress=_Progress(f"normalize {Path(args.slide).name}", enabled=not args.quiet),
-            tile_px=args.out_tile,
+            progress=progress,
+            tile_px=args.tile_px,
             quality=args.quality,
             compression=args.compression,
             zarr_format=args.zarr_format,
@@ -265,27 +573,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from wsi_norm.testing.synthetic import SITE_STAINS, generate_slide
 
     out = Path(args.output)
-    _check_output(out, args.overwrite)
+    _check_output_path(out, args.overwrite, suffixes=(".tif", ".tiff"))
     if args.stains not in SITE_STAINS:
         raise argparse.ArgumentTypeError(
             f"--stains must be one of {', '.join(SITE_STAINS)}, got {args.stains!r}")
     if len(args.io) not in (1, 3) or not all(0 < v <= 255 for v in args.io):
         raise argparse.ArgumentTypeError(f"--io takes one value or three (R G B) in (0, 255], got {args.io}")
-    truth = generate_slide(
-        out,
-        width=args.width,
-        height=args.height,
-        stain_matrix=SITE_STAINS[args.stains],
-        seed=args.seed,
-        tile_px=args.tile_px,
-        mpp=args.mpp,
-        quality=args.quality,
-        compression=args.compression,
-        tissue_fraction=args.tissue_fraction,
-        conc_scale=tuple(args.conc_scale),
-        io=tuple(args.io) if len(args.io) == 3 else args.io[0],
-        texture=args.texture,
-    )
+    if args.dry_run:
+        print(f"would generate a {args.width}x{args.height} px slide into {out}")
+        return 0
+    with _Progress(f"generate {out.name}", enabled=not args.quiet) as progress:
+        progress.status(f"rendering {args.width}x{args.height} px")
+        truth = generate_slide(
+            out,
+            width=args.width,
+            height=args.height,
+            stain_matrix=SITE_STAINS[args.stains],
+            seed=args.seed,
+            tile_px=args.tile_px,
+            mpp=args.mpp,
+            quality=args.quality,
+            compression=args.compression,
+            tissue_fraction=args.tissue_fraction,
+            conc_scale=tuple(args.conc_scale),
+            io=tuple(args.io) if len(args.io) == 3 else args.io[0],
+            texture=args.texture,
+        )
     print(f"{out}: {args.width}x{args.height} px Beer-Lambert slide, stains {args.stains}, "
           f"seed {args.seed}, glass {list(truth.io)}, texture from {truth.texture_source}")
     return 0
@@ -304,6 +617,11 @@ def _cmd_stainnet_train(args: argparse.Namespace) -> int:
     _check_output(out, args.overwrite)
     if out.suffix != ".safetensors":
         raise argparse.ArgumentTypeError(f"{out}: the model file must end in .safetensors")
+    _check_output_path(out, args.overwrite)
+    _check_inputs(*args.slides)
+    from wsi_norm.stain.template import load_template
+
+    load_template(args.target, method=args.teacher)
     if args.dry_run:
         print(f"would distill {args.teacher} from {len(args.slides)} slide(s) to {args.target} into {out}")
         return 0
@@ -335,16 +653,29 @@ def _cmd_stainnet_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
+def _add_subcommand(sub: Any, name: str, help_text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, epilog=epilog, formatter_class=_HelpFormatter)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``wsi-norm`` (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
+    """The argument parser of ``wsi-norm`` (exposed for documentation and tests).
+
+    Naming of sizes across commands: ``--chunk-px`` is the processing chunk side (level-0
+    pixels per dask chunk), ``--tile-px`` the side of a written TIFF's tiles (``normalize`` and
+    ``generate``). The old spellings ``--tile-size`` and ``--out-tile`` still work, with a
+    deprecation note.
+    """
+    parser = _Parser(
         prog="wsi-norm",
         description="Slide-wide stain normalization of whole-slide images.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="print a slide's facts and tissue fraction")
+    p = _add_subcommand(sub, "info", "print a slide's facts and tissue fraction")
     p.add_argument("slide")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--properties", action="store_true", help="list all properties")
@@ -353,52 +684,64 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("mask", help="write the coarse tissue mask as an image")
+    p = _add_subcommand(sub, "mask", "write the coarse tissue mask as an image")
     p.add_argument("slide")
-    p.add_argument("-o", "--output", required=True, help="PNG to write")
-    p.add_argument("--max-px", type=int, default=2048, help="larger side of the mask image")
+    p.add_argument("-o", "--output", required=True, help="image to write (PNG)")
+    p.add_argument("--max-px", type=_POSITIVE_INT, default=2048, help="larger side of the mask image")
     p.add_argument("--overlay", action="store_true", help="tint tissue on the thumbnail instead")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_slide_options(p)
     p.set_defaults(func=_cmd_mask)
 
     from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS
 
-    p = sub.add_parser("fit", help="fit a template (target statistics) from one or more slides")
+    params_epilog = _param_help()
+    p = _add_subcommand(sub, "fit", "fit a template (target statistics) from one or more slides",
+                        epilog=params_epilog)
     p.add_argument("slides", nargs="+", metavar="SLIDE")
     p.add_argument("--method", required=True, choices=("macenko", "vahadane", "reinhard", "histmatch"))
     p.add_argument("-o", "--output", required=True, help="template JSON to write")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
-                   help="method parameter, e.g. macenko_variant=textbook white_point=239 "
-                   "l1_penalty=0.01 (repeatable; see wsi_norm.stain.base.StainParams)")
-    p.add_argument("--n-pixels", type=int, default=DEFAULT_N_PIXELS,
+                   help="method parameter (repeatable; the list below)")
+    p.add_argument("--n-pixels", type=_POSITIVE_INT, default=DEFAULT_N_PIXELS,
                    help="tissue pixels sampled per slide")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed")
     p.add_argument("--force", action="store_true",
                    help="keep a template the QC gate refuses (implausible stains or white point)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     _add_slide_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("normalize", help="normalize a slide into a pyramidal OME-Zarr or TIFF")
+    p = _add_subcommand(sub, "normalize", "normalize a slide into a pyramidal OME-Zarr or TIFF",
+                        epilog=params_epilog)
     p.add_argument("slide")
     p.add_argument("--method", required=True,
                    choices=("macenko", "vahadane", "reinhard", "histmatch", "stainnet", "none"))
     group = p.add_mutually_exclusive_group()
     group.add_argument("--target", help="template JSON (from `wsi-norm fit`)")
     group.add_argument("--reference", help="reference slide or image to fit the target from")
-    p.add_argument("-o", "--output", required=True, help="OUT.ome.zarr or OUT.tiff")
+    p.add_argument("-o", "--output", required=True, help="OUT.ome.zarr (or .zarr) or OUT.tiff (or .tif)")
     p.add_argument("--weights", help="StainNet weights (.pth or .safetensors)")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="method parameter")
-    p.add_argument("--tile-size", type=int, default=1024,
-                   help="processing chunk side in pixels (rounded to whole source tiles)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
-    p.add_argument("--n-pixels", type=int, default=DEFAULT_N_PIXELS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-tile", type=int, default=256, choices=(256, 512), help="TIFF tile side")
-    p.add_argument("--quality", type=int, default=90, help="TIFF JPEG quality")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="method parameter (repeatable; the list below)")
+    p.add_argument("--chunk-px", type=_TILE_PX, default=1024,
+                   help="processing chunk side in level-0 pixels, a multiple of 16 (rounded to "
+                   "whole source tiles; does not change the output)")
+    p.add_argument("--tile-size", dest="chunk_px", type=_TILE_PX, action=_DeprecatedAlias,
+                   new="--chunk-px")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where the colour map runs")
+    p.add_argument("--n-pixels", type=_POSITIVE_INT, default=DEFAULT_N_PIXELS,
+                   help="tissue pixels sampled for each fit")
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed")
+    p.add_argument("--tile-px", type=_TILE_PX, default=256,
+                   help="TIFF tile side, a multiple of 16 (256 or 512 for most viewers)")
+    p.add_argument("--out-tile", dest="tile_px", type=_TILE_PX, action=_DeprecatedAlias,
+                   new="--tile-px")
+    p.add_argument("--quality", type=_QUALITY, default=90, help="TIFF JPEG quality, 1-100")
     p.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg",
                    help="TIFF tile compression (deflate is lossless)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
@@ -408,49 +751,56 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of rendering glass in the target's white point")
     p.add_argument("--force", action="store_true",
                    help="write even when the QC gate fails (recorded in the output's provenance)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     _add_slide_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_normalize)
 
-    p = sub.add_parser("generate", help="generate a Beer-Lambert test slide (pyramidal TIFF)")
-    p.add_argument("output")
-    p.add_argument("--width", type=int, default=16384)
-    p.add_argument("--height", type=int, default=16384)
-    p.add_argument("--seed", type=int, default=0)
+    p = _add_subcommand(sub, "generate", "generate a Beer-Lambert test slide (pyramidal TIFF)")
+    p.add_argument("output", help="OUT.tiff (or .tif)")
+    p.add_argument("--width", type=_POSITIVE_INT, default=16384, help="level-0 width in pixels")
+    p.add_argument("--height", type=_POSITIVE_INT, default=16384, help="level-0 height in pixels")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of tissue layout and texture")
     p.add_argument("--stains", default="site-a", help="stain preset (site-a, site-b, site-c)")
-    p.add_argument("--tissue-fraction", type=float, default=0.4)
-    p.add_argument("--tile-px", type=int, default=512)
-    p.add_argument("--mpp", type=float, default=0.25)
-    p.add_argument("--quality", type=int, default=90)
-    p.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg")
-    p.add_argument("--conc-scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("H", "E"),
+    p.add_argument("--tissue-fraction", type=_float_in(0.0, 1.0), default=0.4,
+                   help="share of the slide covered by tissue, 0-1")
+    p.add_argument("--tile-px", type=_TILE_PX, default=512, help="TIFF tile side, a multiple of 16")
+    p.add_argument("--mpp", type=_MPP, default=0.25, help="microns per pixel recorded at level 0")
+    p.add_argument("--quality", type=_QUALITY, default=90, help="JPEG quality, 1-100")
+    p.add_argument("--compression", choices=("jpeg", "deflate"), default="jpeg",
+                   help="tile compression (deflate is lossless)")
+    p.add_argument("--conc-scale", type=_float_in(0.0, low_open=True), nargs=2, default=(1.0, 1.0),
+                   metavar=("H", "E"),
                    help="stain strengths (factors on hematoxylin and eosin concentration)")
     p.add_argument("--io", type=float, nargs="+", default=[240.0], metavar="LEVEL",
                    help="glass intensity: one value, or R G B (a scanner's white point)")
     p.add_argument("--texture", choices=("real", "procedural"), default="real",
                    help="tissue texture: real H&E unmixed from the data folder ($WSI_NORM_DATA, "
                         "else ../shared/data; an error where missing), or procedural")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=_cmd_generate)
 
     # ---- stainnet (wsi_norm.stainnet.teacher) -------------------------- begin
-    p = sub.add_parser("stainnet", help="StainNet models: train one from a slide-wide teacher")
+    p = _add_subcommand(sub, "stainnet", "StainNet models: train one from a slide-wide teacher")
     stainnet_sub = p.add_subparsers(dest="stainnet_command", required=True)
-    p = stainnet_sub.add_parser(
-        "train", help="distill StainNet from a Macenko/Vahadane teacher over source slides")
+    p = _add_subcommand(
+        stainnet_sub, "train", "distill StainNet from a Macenko/Vahadane teacher over source slides")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="source slides (>= 3: one is held out)")
     p.add_argument("--teacher", required=True, choices=("macenko", "vahadane"))
     p.add_argument("--target", required=True, help="template JSON of the teacher's method")
     p.add_argument("-o", "--output", required=True, help="model .safetensors to write")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=4096, help="distinct colour pairs per step")
-    p.add_argument("--n-pixels", type=int, default=200_000, help="tissue pixels sampled per slide")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_POSITIVE_INT, default=20, help="training epochs")
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=4096,
+                   help="distinct colour pairs per step")
+    p.add_argument("--n-pixels", type=_POSITIVE_INT, default=200_000,
+                   help="tissue pixels sampled per slide")
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling and training seed")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
     p.add_argument("--backend", choices=("openslide", "tiffslide", "image"), default=None,
@@ -463,9 +813,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``wsi-norm`` console script."""
+    """Entry point of the ``wsi-norm`` console script; returns the exit status (2 for a usage
+    error, after one line on stderr; 0 after ``--help``)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, or a usage error already printed in one line
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     return_freed_memory()  # keeps peak RSS flat while slides stream (see wsi_norm.runtime)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -119,7 +119,8 @@ class SlideFit:
     stats : object
         The method's frozen statistics dataclass (``to_dict()``).
     identity : dict
-        Source identity (name, size, header SHA-256).
+        Source identity (name, size, header SHA-256) and the level-0 ``mpp`` ``[x, y]`` the slide
+        was read with (the file's, or the one the caller assumed; None when neither).
     n_pixels : int
         Tissue pixels the fit used.
     seed : int
@@ -232,7 +233,7 @@ def fit_slide(
     return SlideFit(
         method=method,
         stats=stats,
-        identity=slide.identity(),
+        identity={**slide.identity(), "mpp": list(slide.mpp) if slide.mpp else None},
         n_pixels=int(len(sample.pixels)),
         seed=seed,
         tissue_fraction=sample.coarse_fraction,
@@ -581,7 +582,7 @@ def compile_checked(
     FitError
         The map cannot be compiled (a singular stain matrix).
     """
-    from wsi_norm.colormap import compile_colormap
+    from wsi_norm.colormap.maps import compile_colormap
     from wsi_norm.stain import STAIN_MATRIX_METHODS
 
     stain_params = resolve_params(params)

@@ -285,6 +285,11 @@ def write_tiff(
                         **resolution,
                         **codec,
                     )
+                    if k == 0:
+                        # tifffile stops taking tiles once it has level 0's last one, leaving the
+                        # stream paused at its final block: resume it so it reports that block's
+                        # progress (done == total) and ends
+                        next(blocks, None)
             finally:
                 blocks.close()  # stops block prefetching if writing failed
     finally:
