@@ -621,6 +621,22 @@ def _qc_subsample(pixels: NDArray[np.uint8], n: int = 200_000) -> NDArray[np.uin
     return pixels[np.random.default_rng(0).choice(len(pixels), n, replace=False)]
 
 
+def _claims_output(fn: Callable[..., NormalizeResult]) -> Callable[..., NormalizeResult]:
+    """Run ``fn(source, out, **options)`` holding the claim on ``out`` from the start (before
+    the fit), so a second writer of the same output is refused at once, not after its fit."""
+    import functools
+
+    @functools.wraps(fn)
+    def claimed(source: PathLike | Slide, out: PathLike, **options: Any) -> NormalizeResult:
+        from wsi_norm.writers.atomic import claim_output
+
+        with claim_output(Path(out)):
+            return fn(source, out, **options)
+
+    return claimed
+
+
+@_claims_output
 def normalize_slide(
     source: PathLike | Slide,
     out: PathLike,
@@ -693,6 +709,9 @@ def normalize_slide(
     ------
     OutputExistsError
         ``out`` exists and ``overwrite`` is False (checked before any work).
+    OutputBusyError
+        Another run is writing ``out`` (checked before any work: the whole call holds the
+        claim on ``out``, see :func:`wsi_norm.writers.atomic.claim_output`).
     QCError
         The source fit, the target or the compiled map fails the QC gate (before any pixel
         is written), unless ``force``.
