@@ -247,7 +247,7 @@ def fit_slide(
         timings={"sample_s": sampled - start, "fit_s": done - sampled},
         pixels=sample.pixels,
         blocks=sample.blocks,
-        n_pixels_requested=int(n_pixels),
+        n_pixels_requested=n_pixels,
     )
 
 
