@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from ..errors import OutputBusyError, OutputError, OutputExistsError, WsiNormError
 
@@ -203,7 +204,7 @@ def commit(
     out: Path,
     *,
     overwrite: bool,
-    expected: tuple[int, int, int, int] | None | bool = False,
+    expected: tuple[int, int, int, int] | None | Literal[False] = False,
 ) -> None:
     """Move the finished ``partial`` onto ``out`` (replacing it if ``overwrite``).
 
