@@ -163,6 +163,37 @@ def test_library_writer_is_refused_by_a_held_claim_in_another_process(
     _assert_first_writer_output(out, slides["a"])
 
 
+def test_claim_is_reentrant_in_its_context_exclusive_across_threads_and_survives_a_dead_holder(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    from wsi_norm.writers.atomic import claim_output, lock_path
+
+    out = tmp_path / "x.tif"
+    lock_path(out).write_text("pid 999999 on gone since 2020-01-01T00:00:00Z\n")  # a killed run's file
+    seen: list[BaseException | None] = []
+
+    def other_thread() -> None:
+        try:
+            with claim_output(out):
+                seen.append(None)
+        except OutputBusyError as exc:
+            seen.append(exc)
+
+    with claim_output(out):  # the dead holder's file does not block: its flock died with it
+        assert f"pid {os.getpid()}" in lock_path(out).read_text()
+        with claim_output(out):  # a nested call in the same context reuses the claim
+            pass
+        thread = threading.Thread(target=other_thread)  # a new thread has its own context
+        thread.start()
+        thread.join()
+    assert isinstance(seen[0], OutputBusyError) and f"pid {os.getpid()}" in str(seen[0])
+    assert not lock_path(out).exists()  # removed on release
+    other_thread()  # free again
+    assert seen[1] is None
+
+
 def test_commit_never_replaces_an_output_that_changed_meanwhile(tmp_path: Path) -> None:
     """A writer that does not take the claim (an older version, a copy) put an output in place
     while this one was writing: it is kept, and this run says so instead of replacing it."""
