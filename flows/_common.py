@@ -41,7 +41,7 @@ class SlideOutcome:
 
     site: str
     slide: str
-    outcome: str  # "normalized" | "skipped (current)" | "failed" | "needs review"
+    outcome: str  # "normalized" | "skipped (current)" | "skipped (busy)" | "failed" | "needs review"
     reason: str = ""
     outputs: list[str] = field(default_factory=list)
     seconds: float = 0.0

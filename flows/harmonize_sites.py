@@ -96,7 +96,8 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
     done = []
     for fmt, out in entry.outputs.items():
         if not output_is_current(out, source=entry.source, method=manifest.method, params=manifest.params,
-                                 target=target, weights=manifest.weights, seed=m.fit.seed, glass=glass):
+                                 target=target, weights=manifest.weights, seed=m.fit.seed, glass=glass,
+                                 n_pixels=m.fit.n_pixels):
             out.parent.mkdir(parents=True, exist_ok=True)
             normalize_slide(entry.source, out, method=manifest.method, target=target, params=manifest.params,
                             weights=manifest.weights, overwrite=True, fmt=fmt, source_fit=source_fit,

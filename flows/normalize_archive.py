@@ -3,8 +3,14 @@
 One run: validate the manifest (nothing starts on an invalid one), render missing generated
 slides, prepare the target template (fitted once and cached under
 ``<output_root>/templates/``), then per slide ``fit -> normalize+write -> QC`` as task runs,
-``concurrency`` slides at a time.  A slide whose outputs already record the same source
-identity, method, parameters and template is skipped, so a second run does no work.  A
+``concurrency`` slides at a time.  A slide is skipped only when its outputs record the same
+request (source identity, method, parameters, sampling, template, writer options), pass a
+metadata check (every level, chunk/shard or tile present) and its completion record, written
+after the QC, still matches them; so a second run does no work, and a slide whose run was
+killed before its QC, or whose output was damaged since, is done again.  Every slide holds
+the claims on its outputs (``OUT.lock``, :func:`wsi_norm.writers.atomic.claim_output`) from
+the skip decision to the completion record: a slide another run is writing is reported
+"skipped (busy)" and left alone (neither failed nor written).  A
 slide that fails (unreadable, no tissue) is marked Failed with its reason; a slide whose fit
 or colour map fails the QC gate (:mod:`wsi_norm.stain.qc`) is marked "needs review" with the numbers
 and nothing of it is written (unless the manifest says ``force: true``); the others go on, and
@@ -25,6 +31,8 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger, tags, task
@@ -36,21 +44,26 @@ from prefect.states import Completed, Failed, State
 from flows import configure_process
 from flows._artifacts import artifact_key, markdown_table
 from flows._common import SlideOutcome, generate_missing, resolve_template, scheduler_address
+from flows._completion import completion_path, is_complete, write_completion
 from flows._qc import publish_slide_qc
 from flows.manifest import Manifest, SlideEntry, load_manifest
-from wsi_norm.errors import ManifestError, OutputError, QCError, WsiNormError
+from wsi_norm.errors import ManifestError, OutputBusyError, OutputError, QCError, WsiNormError
 from wsi_norm.runtime import return_freed_memory
 
 __all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
 
 FLOW_NAME = "normalize-archive"
 SUMMARY_KEY = "normalize-archive-summary"
+#: Outcome of a slide whose outputs another run is writing (not a failure, nothing written).
+BUSY = "skipped (busy)"
 
 
 def _retry_unless_permanent(task: Any, task_run: Any, state: State) -> bool:
     """Retry I/O failures, not errors that will recur (a corrupt slide, no tissue, bad input)."""
     try:
         state.result()
+    except OutputBusyError:
+        return False  # another run holds the output: reported as busy, not retried
     except WsiNormError as exc:
         return isinstance(exc, OSError) and not exc.__class__.__name__.endswith(("OpenError", "FormatError"))
     except OSError:
@@ -131,6 +144,7 @@ def qc_task(entry: SlideEntry, manifest: Manifest, target: Any, results: list[An
 
 
 def _is_current(entry: SlideEntry, manifest: Manifest, target: Any) -> bool:
+    """Every output current and undamaged, and the completion record (written after QC) matching."""
     from wsi_norm.pipeline import output_is_current
 
     return all(
@@ -143,26 +157,53 @@ def _is_current(entry: SlideEntry, manifest: Manifest, target: Any) -> bool:
             weights=manifest.weights,
             seed=manifest.model.fit.seed,
             glass="keep" if manifest.model.keep_glass else "target",
+            n_pixels=manifest.model.fit.n_pixels,
+            fmt=fmt,
         )
-        for out in entry.outputs.values()
-    )
+        for fmt, out in entry.outputs.items()
+    ) and is_complete(manifest, entry)
+
+
+@contextmanager
+def _claim_outputs(entry: SlideEntry) -> Iterator[None]:
+    """Hold the claims on every output of ``entry`` (raises OutputBusyError if one is taken)."""
+    from wsi_norm.writers.atomic import claim_output
+
+    with ExitStack() as claims:
+        for out in entry.outputs.values():
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)  # the manifest's output layout
+            except OSError as exc:
+                raise OutputError(f"{out.parent}: cannot create the output folder: {exc}") from exc
+            claims.enter_context(claim_output(out))
+        yield
 
 
 @task(name="process-slide", cache_policy=NO_CACHE)
 def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOutcome:
-    """Skip a current slide, or run fit -> normalize -> QC as nested task runs."""
+    """Skip a current slide, or run fit -> normalize -> QC as nested task runs, then record it complete.
+
+    The slide's output claims are held throughout: a slide another run holds is "skipped (busy)".
+    """
     logger = get_run_logger()
     outputs = [str(p) for p in entry.outputs.values()]
-    if _is_current(entry, manifest, target):
-        logger.info("%s: outputs are current, skipped", entry.source.name)
-        return SlideOutcome(entry.site, entry.source.name, "skipped (current)", outputs=outputs)
-    start = time.perf_counter()
-    m = manifest.model
-    source_fit = fit_task(str(entry.source), manifest.method, manifest.params, m.fit.n_pixels, m.fit.seed)
-    normalize = normalize_task.with_options(retries=m.retries, retry_delay_seconds=m.retry_delay_s)
-    results = [normalize(entry, fmt, manifest, target, source_fit) for fmt in entry.outputs]
-    seconds = time.perf_counter() - start
-    qc_task(entry, manifest, target, results, seconds)
+    try:
+        with _claim_outputs(entry):
+            if _is_current(entry, manifest, target):
+                logger.info("%s: outputs and QC are current, skipped", entry.source.name)
+                return SlideOutcome(entry.site, entry.source.name, "skipped (current)", outputs=outputs)
+            completion_path(manifest, entry).unlink(missing_ok=True)  # no longer true from here on
+            start = time.perf_counter()
+            m = manifest.model
+            source_fit = fit_task(str(entry.source), manifest.method, manifest.params, m.fit.n_pixels, m.fit.seed)
+            normalize = normalize_task.with_options(retries=m.retries, retry_delay_seconds=m.retry_delay_s)
+            results = [normalize(entry, fmt, manifest, target, source_fit) for fmt in entry.outputs]
+            seconds = time.perf_counter() - start
+            metrics = qc_task(entry, manifest, target, results, seconds)
+            write_completion(manifest, entry, qc_dir=metrics["qc_dir"])  # last: outputs and QC are done
+    except OutputBusyError as exc:
+        logger.warning("%s: skipped: %s", entry.source.name, exc)
+        return SlideOutcome(entry.site, entry.source.name, BUSY, reason=str(exc), outputs=outputs)
     return SlideOutcome(entry.site, entry.source.name, "normalized", outputs=outputs, seconds=seconds)
 
 
@@ -208,6 +249,9 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
             entry = running.pop(done)
             try:
                 outcomes.append(done.result())
+            except OutputBusyError as exc:  # another run is writing it: theirs to finish
+                logger.warning("%s: %s", entry.source, exc)
+                outcomes.append(SlideOutcome(entry.site, entry.source.name, BUSY, reason=str(exc)))
             except QCError as exc:  # wrong colours would have been written: a person must look
                 logger.error("%s: needs review: %s", entry.source, exc)
                 outcomes.append(SlideOutcome(entry.site, entry.source.name, "needs review", reason=f"QC gate: {exc}"))

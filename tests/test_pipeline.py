@@ -100,10 +100,12 @@ def test_output_is_current_tracks_the_request(pair: tuple[Path, Path], tmp_path:
     template = fit_template([b], method="reinhard", n_pixels=50_000)
     out = tmp_path / "a.tiff"
     normalize_slide(a, out, method="reinhard", target=template, n_pixels=50_000)
-    assert output_is_current(out, source=a, method="reinhard", target=template)
+    assert output_is_current(out, source=a, method="reinhard", target=template, n_pixels=50_000)
+    # the sampling size decides the fit: another one is another request
+    assert not output_is_current(out, source=a, method="reinhard", target=template)
     other = fit_template([a], method="reinhard", n_pixels=50_000)
-    assert not output_is_current(out, source=a, method="reinhard", target=other)
-    assert not output_is_current(out, source=b, method="reinhard", target=template)
+    assert not output_is_current(out, source=a, method="reinhard", target=other, n_pixels=50_000)
+    assert not output_is_current(out, source=b, method="reinhard", target=template, n_pixels=50_000)
     assert not output_is_current(tmp_path / "missing.tiff", source=a, method="reinhard",
                                  target=template)
 

@@ -6,6 +6,7 @@ from wsi_norm.errors import (
     FitError,
     LevelError,
     ManifestError,
+    OutputBusyError,
     OutputError,
     OutputExistsError,
     QCError,
@@ -34,6 +35,7 @@ __all__ = [
     "TemplateError",
     "OutputExistsError",
     "OutputError",
+    "OutputBusyError",
     "WeightsError",
     "ManifestError",
 ]

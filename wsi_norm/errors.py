@@ -19,6 +19,7 @@ __all__ = [
     "TemplateError",
     "OutputExistsError",
     "OutputError",
+    "OutputBusyError",
     "WeightsError",
     "ManifestError",
 ]
@@ -66,6 +67,13 @@ class OutputExistsError(WsiNormError, FileExistsError):
 
 class OutputError(WsiNormError, OSError):
     """Output could not be written (not writable, disk full, interrupted)."""
+
+
+class OutputBusyError(WsiNormError, BlockingIOError):
+    """Another run holds the claim on this output (it is writing it, or replaced it meanwhile).
+
+    Not a failure of this run: nothing was written and the other run's output is left alone.
+    """
 
 
 class WeightsError(WsiNormError, ValueError):

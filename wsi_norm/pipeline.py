@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.errors import FitError, OutputExistsError, QCError, TemplateError
+from wsi_norm.errors import FitError, OutputError, OutputExistsError, QCError, TemplateError
 from wsi_norm.slide import Backend, Slide, open_slide
 from wsi_norm.stain.qc import ColourReference, QCReport, check_fit, check_mapped, colour_reference
 from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
@@ -138,6 +138,9 @@ class SlideFit:
         the slide again; not part of :meth:`to_dict`).
     blocks : (M, 3) float32 or None
         The 2 x 2 tissue block means sampled with them (not part of :meth:`to_dict`).
+    n_pixels_requested : int or None
+        The sampling size asked for (``n_pixels`` holds what the slide gave); None when
+        unknown (a fit rebuilt from a record).
     """
 
     method: str
@@ -152,6 +155,7 @@ class SlideFit:
     timings: dict[str, float] = field(default_factory=dict)
     pixels: NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
     blocks: NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
+    n_pixels_requested: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (used in provenance)."""
@@ -160,6 +164,7 @@ class SlideFit:
             "stats": self.stats.to_dict(),
             "identity": self.identity,
             "n_pixels": self.n_pixels,
+            "n_pixels_requested": self.n_pixels_requested,
             "seed": self.seed,
             "tissue_fraction": self.tissue_fraction,
             "params": self.params,
@@ -243,6 +248,7 @@ def fit_slide(
         timings={"sample_s": sampled - start, "fit_s": done - sampled},
         pixels=sample.pixels,
         blocks=sample.blocks,
+        n_pixels_requested=n_pixels,
     )
 
 
@@ -386,17 +392,26 @@ def request_fingerprint(
     target: Mapping[str, Any] | None,
     weights_sha256: str | None = None,
     glass: Glass = "target",
+    fit: Mapping[str, Any] | None = None,
+    writer: Mapping[str, Any] | None = None,
+    reading: Mapping[str, Any] | None = None,
 ) -> str:
     """SHA-256 of what decides an output: source identity, method, parameters, target, glass
-    handling and the colour model's version (:data:`COLOUR_MODEL`).
+    handling, the colour model's version (:data:`COLOUR_MODEL`), the fit's sampling (size and
+    seed), the writer options that change the stored pixels or format, and how the source
+    was read (backend, MPP).
 
-    The source is identified by size and header hash (not its name or folder), the target by
-    its whole document except creation time and tool version.
+    The source is identified by size, modification time and sampled hash
+    (:meth:`wsi_norm.slide.Slide.identity`; not its name or folder), the target by its whole
+    document except creation time and tool version.
     """
     key = {
         "colour_model": COLOUR_MODEL,
         "glass": glass,
-        "source": {k: identity.get(k) for k in ("size_bytes", "header_sha256")},
+        "source": {k: identity.get(k) for k in ("size_bytes", "mtime_ns", "sampled_sha256")},
+        "reading": None if reading is None else dict(reading),
+        "fit": None if fit is None else dict(fit),
+        "writer": None if writer is None else dict(writer),
         "method": method,
         "params": dict(params),
         "target": None
@@ -405,6 +420,40 @@ def request_fingerprint(
         "weights": weights_sha256,
     }
     return hashlib.sha256(_canonical(key).encode()).hexdigest()
+
+
+def _request_parts(
+    slide: Slide,
+    out: Path,
+    *,
+    method: str,
+    n_pixels: int,
+    seed: int,
+    glass: str,
+    fmt: str | None,
+    tile_px: int,
+    quality: int,
+    compression: str,
+    zarr_format: int,
+) -> dict[str, Any]:
+    """The fingerprint's ``fit``, ``writer`` and ``reading`` parts of one request."""
+    from wsi_norm.writers import infer_format
+
+    fit: dict[str, Any] | None = None
+    if method in STAT_METHODS:
+        fit = {"n_pixels": int(n_pixels), "seed": int(seed)}
+    elif method == "stainnet" and glass == "keep":
+        fit = {"seed": int(seed), "white_point_sample": {"n_pixels": 10_000, "n_windows": 32}}
+    fmt = fmt or infer_format(out)
+    writer: dict[str, Any] = {"format": fmt}
+    if fmt == "tiff":
+        writer.update(tile_px=int(tile_px), compression=compression)
+        if compression == "jpeg":
+            writer["quality"] = int(quality)
+    else:
+        writer["zarr_format"] = int(zarr_format)
+    reading = {"backend": slide.backend, "mpp": None if slide.mpp is None else list(slide.mpp)}
+    return {"fit": fit, "writer": writer, "reading": reading}
 
 
 def output_is_current(
@@ -418,12 +467,25 @@ def output_is_current(
     seed: int = 0,
     backend: Backend | None = None,
     glass: Glass = "target",
+    n_pixels: int = DEFAULT_N_PIXELS,
+    fmt: str | None = None,
+    tile_px: int = 256,
+    quality: int = 90,
+    compression: str = "jpeg",
+    zarr_format: int = 3,
 ) -> bool:
-    """True when ``out`` is a finished output that records the same request.
+    """True when ``out`` is a complete output that records the same request.
 
-    A missing, partial or foreign output is not current.
+    The arguments are those of :func:`normalize_slide`; everything that changes the output
+    is compared through :func:`request_fingerprint` (source identity, method, parameters,
+    target, weights, glass, sampling size and seed, writer options, reader and MPP).  The
+    output is then checked from its metadata alone (:func:`wsi_norm.writers.verify.output_facts`:
+    every level with its recorded shape, every chunk/shard or tile present).
+
+    A missing, partial, damaged or foreign output is not current (the reason is logged).
     """
     from wsi_norm.writers import read_provenance
+    from wsi_norm.writers.verify import output_facts
 
     out = Path(out)
     if not out.exists():
@@ -442,8 +504,18 @@ def output_is_current(
         target=None if target is None else target.to_dict(),
         weights_sha256=_file_sha256(Path(weights)) if weights else None,
         glass=glass,
+        **_request_parts(slide, out, method=method, n_pixels=n_pixels, seed=seed, glass=glass, fmt=fmt,
+                         tile_px=tile_px, quality=quality, compression=compression, zarr_format=zarr_format),
     )
-    return bool(record.get("fingerprint") == expected)
+    if record.get("fingerprint") != expected:
+        log.info("%s: records another request (source, settings or target changed)", out)
+        return False
+    try:
+        output_facts(out)
+    except OutputError as exc:
+        log.warning("%s: damaged, will be written again: %s", out, exc)
+        return False
+    return True
 
 
 def _file_sha256(path: Path) -> str:
@@ -531,16 +603,26 @@ def _load_target(
     raise ValueError(f"method {method!r} needs a target template or a reference slide")
 
 
-def _check_source_fit(fit: SlideFit, slide: Slide, method: str, params: Mapping[str, Any]) -> None:
-    """A reused fit must be this slide's fit of this method with these parameters."""
+def _check_source_fit(fit: SlideFit, slide: Slide, method: str, params: Mapping[str, Any],
+                      *, n_pixels: int, seed: int) -> None:
+    """A reused fit must be this slide's fit of this method with these parameters and sampling."""
     problems = []
     if fit.method != method:
         problems.append(f"it is a {fit.method!r} fit, not {method!r}")
     identity = slide.identity()
-    if any(fit.identity.get(k) != identity.get(k) for k in ("size_bytes", "header_sha256")):
-        problems.append(f"it was fitted on {fit.identity.get('name')!r}, another file")
+    keys = ("size_bytes", "mtime_ns", "sampled_sha256")
+    if any(fit.identity.get(k) != identity.get(k) for k in keys):
+        problems.append(f"it was fitted on {fit.identity.get('path') or fit.identity.get('name')!r} "
+                        f"({', '.join(f'{k} {fit.identity.get(k)}' for k in keys)}), not on this file "
+                        f"({', '.join(f'{k} {identity.get(k)}' for k in keys)})")
     if dict(fit.params) != dict(params):
-        problems.append("it was fitted with other parameters")
+        differ = sorted(k for k in set(fit.params) | set(params) if fit.params.get(k) != params.get(k))
+        problems.append("it was fitted with other parameters ("
+                        + ", ".join(f"{k}: {fit.params.get(k)!r} vs {params.get(k)!r}" for k in differ) + ")")
+    if fit.seed != seed:
+        problems.append(f"it was sampled with seed {fit.seed}, this request uses {seed}")
+    if fit.n_pixels_requested is not None and fit.n_pixels_requested != n_pixels:
+        problems.append(f"it sampled n_pixels={fit.n_pixels_requested}, this request asks for {n_pixels}")
     if problems:
         raise ValueError(f"{slide.path}: source_fit does not belong to this request: {'; '.join(problems)}")
 
@@ -623,6 +705,22 @@ def _qc_subsample(pixels: NDArray[np.uint8], n: int = 200_000) -> NDArray[np.uin
     return pixels[np.random.default_rng(0).choice(len(pixels), n, replace=False)]
 
 
+def _claims_output(fn: Callable[..., NormalizeResult]) -> Callable[..., NormalizeResult]:
+    """Run ``fn(source, out, **options)`` holding the claim on ``out`` from the start (before
+    the fit), so a second writer of the same output is refused at once, not after its fit."""
+    import functools
+
+    @functools.wraps(fn)
+    def claimed(source: PathLike | Slide, out: PathLike, **options: Any) -> NormalizeResult:
+        from wsi_norm.writers.atomic import claim_output
+
+        with claim_output(Path(out)):
+            return fn(source, out, **options)
+
+    return claimed
+
+
+@_claims_output
 def normalize_slide(
     source: PathLike | Slide,
     out: PathLike,
@@ -695,6 +793,9 @@ def normalize_slide(
     ------
     OutputExistsError
         ``out`` exists and ``overwrite`` is False (checked before any work).
+    OutputBusyError
+        Another run is writing ``out`` (checked before any work: the whole call holds the
+        claim on ``out``, see :func:`wsi_norm.writers.atomic.claim_output`).
     QCError
         The source fit, the target or the compiled map fails the QC gate (before any pixel
         is written), unless ``force``.
@@ -745,7 +846,7 @@ def normalize_slide(
         template = _load_target(method, target, reference, params=params, n_pixels=n_pixels,
                                 seed=seed, backend=backend, force=force)
         if source_fit is not None:
-            _check_source_fit(source_fit, slide, method, resolved)
+            _check_source_fit(source_fit, slide, method, resolved, n_pixels=n_pixels, seed=seed)
         fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=n_pixels,
                                       seed=seed)
         cmap, qc = compile_checked(fit, template, stain_params, glass=glass, force=force,
@@ -767,6 +868,9 @@ def normalize_slide(
             target=None if template is None else template.to_dict(),
             weights_sha256=weights_sha,
             glass=glass,
+            **_request_parts(slide, out, method=method, n_pixels=n_pixels, seed=seed, glass=glass, fmt=fmt,
+                             tile_px=tile_px, quality=quality, compression=compression,
+                             zarr_format=zarr_format),
         ),
         "method": method,
         "params": resolved,

@@ -57,6 +57,21 @@ DEFAULT_CHUNK_PX = 1024
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 _TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".scn", ".bif", ".qptiff"}
 _HEADER_HASH_BYTES = 1 << 20
+#: Blocks of :meth:`Slide.identity`'s sampled hash between the first and the last MiB.
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BLOCK_BYTES = 64 << 10
+
+
+def _sample_spans(size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the bytes the sampled hash reads: all of a small file, else the
+    first and last MiB and ``_SAMPLE_BLOCKS`` evenly spaced blocks between them."""
+    edge = _HEADER_HASH_BYTES
+    if size <= 2 * edge + _SAMPLE_BLOCKS * _SAMPLE_BLOCK_BYTES:
+        return [(0, size)]
+    middle = size - 2 * edge - _SAMPLE_BLOCK_BYTES
+    step = middle / (_SAMPLE_BLOCKS - 1)
+    blocks = [(edge + round(i * step), _SAMPLE_BLOCK_BYTES) for i in range(_SAMPLE_BLOCKS)]
+    return [(0, edge), *blocks, (size - edge, edge)]
 
 
 class _Reader(Protocol):
@@ -549,23 +564,43 @@ class Slide:
             )
 
     def identity(self) -> dict[str, Any]:
-        """The source's identity for provenance: name, size and SHA-256 of its first MiB.
+        """The source's identity for provenance and skip decisions.
+
+        The file is identified by its size, its modification time (``st_mtime_ns``) and a
+        *sampled* SHA-256: the first MiB, the last MiB and :data:`_SAMPLE_BLOCKS` blocks of
+        64 KiB evenly spaced between them (the whole file when it is smaller than that,
+        about 6 MiB), read in one pass of a few MiB whatever the slide's size.  An edit
+        inside the file changes its mtime (or, if the mtime was put back, is caught when it
+        touches a sampled block); a same-size edit of an unsampled block with the mtime
+        restored is not detected.  ``header_sha256`` (the first MiB alone) stays for
+        records that compare copies of a file (a copy has another mtime).
 
         Returns
         -------
         dict
-            ``{"name", "path", "size_bytes", "header_sha256", "header_bytes"}``.
+            ``{"name", "path", "size_bytes", "mtime_ns", "header_sha256", "header_bytes",
+            "sampled_sha256", "sample"}``.
         """
-        digest = hashlib.sha256()
+        st = self.path.stat()
+        size = st.st_size
+        header = hashlib.sha256()
+        sampled = hashlib.sha256()
         with open(self.path, "rb") as fh:
             head = fh.read(_HEADER_HASH_BYTES)
-        digest.update(head)
+            header.update(head)
+            for offset, length in _sample_spans(size):
+                fh.seek(offset)
+                sampled.update(fh.read(length))
         return {
             "name": self.path.name,
             "path": str(self.path),
-            "size_bytes": self.path.stat().st_size,
-            "header_sha256": digest.hexdigest(),
+            "size_bytes": size,
+            "mtime_ns": st.st_mtime_ns,
+            "header_sha256": header.hexdigest(),
             "header_bytes": len(head),
+            "sampled_sha256": sampled.hexdigest(),
+            "sample": f"first and last {_HEADER_HASH_BYTES >> 20} MiB + {_SAMPLE_BLOCKS} evenly "
+            f"spaced {_SAMPLE_BLOCK_BYTES >> 10} KiB blocks",
         }
 
     # -- pixels

@@ -55,7 +55,7 @@ from numpy.typing import NDArray
 from zarr.codecs import BloscCodec
 
 from ..pyramid import LevelStore, block_edges, iter_blocks, pyramid_shapes
-from .atomic import atomic_output, partial_path, remove_path
+from .atomic import atomic_output, claim_output, partial_path, remove_path
 from .provenance import PROVENANCE_KEY, build_record
 
 __all__ = ["auto_chunk_px", "ngff_metadata", "write_ome_zarr"]
@@ -322,30 +322,32 @@ def write_ome_zarr(
     row_edges = block_edges(array.chunks[0], target=block_px, align=block_px)
     col_edges = block_edges(array.chunks[1], target=block_px, align=block_px)
     store_dir = partial_path(out, ".levels")
-    remove_path(store_dir)
-    try:
-        with atomic_output(out, overwrite=overwrite, keep_partial=True) as partial:
-            group = _write_levels(
-                array,
-                partial,
-                shapes,
-                fingerprint=fingerprint,
-                chunk_px=chunk_px,
-                zarr_format=zarr_format,
-                edges=(row_edges, col_edges),
-                store_dir=store_dir,
-                progress=progress,
-            )
-            meta = ngff_metadata(
-                shapes, mpp=mpp, name=name, version="0.5" if zarr_format == 3 else "0.4"
-            )
-            if zarr_format == 3:
-                group.attrs.update({"ome": {"version": "0.5", **meta}, PROVENANCE_KEY: record})
-            else:
-                group.attrs.update({**meta, PROVENANCE_KEY: record})
-            (partial / _PROGRESS_FILE).unlink()
-    finally:
+    # the claim covers the spill folder too: a stale one is cleared only by its next holder
+    with claim_output(out):
         remove_path(store_dir)
+        try:
+            with atomic_output(out, overwrite=overwrite, keep_partial=True) as partial:
+                group = _write_levels(
+                    array,
+                    partial,
+                    shapes,
+                    fingerprint=fingerprint,
+                    chunk_px=chunk_px,
+                    zarr_format=zarr_format,
+                    edges=(row_edges, col_edges),
+                    store_dir=store_dir,
+                    progress=progress,
+                )
+                meta = ngff_metadata(
+                    shapes, mpp=mpp, name=name, version="0.5" if zarr_format == 3 else "0.4"
+                )
+                if zarr_format == 3:
+                    group.attrs.update({"ome": {"version": "0.5", **meta}, PROVENANCE_KEY: record})
+                else:
+                    group.attrs.update({**meta, PROVENANCE_KEY: record})
+                (partial / _PROGRESS_FILE).unlink()
+        finally:
+            remove_path(store_dir)
     logger.info("%s: wrote %d levels, level 0 %d x %d", out, len(shapes), *shapes[0])
     return out
 

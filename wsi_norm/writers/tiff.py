@@ -47,7 +47,7 @@ import tifffile
 from numpy.typing import NDArray
 
 from ..pyramid import Block, LevelStore, _cpu_count, block_edges, iter_blocks, pyramid_shapes
-from .atomic import atomic_output, partial_path, remove_path
+from .atomic import atomic_output, claim_output, partial_path, remove_path
 from .provenance import PROVENANCE_KEY, build_record, software_versions
 
 __all__ = ["TIFF_COMPRESSIONS", "write_tiff"]
@@ -248,51 +248,53 @@ def write_tiff(
     row_edges = block_edges(array.chunks[0], target=_BLOCK_ROWS, align=tile_px)
     col_edges = block_edges(array.chunks[1], target=_BLOCK_COLS)
     store_dir = partial_path(out, ".levels")
-    remove_path(store_dir)
     n_threads = maxworkers or _cpu_count()
-    try:
-        with (
-            atomic_output(out, overwrite=overwrite) as partial,
-            LevelStore(store_dir, shapes, row_edges, col_edges) as store,
-            ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-encode") as pool,
-            tifffile.TiffWriter(partial, bigtiff=True) as tif,
-        ):
-            blocks = iter_blocks(array, store, progress=progress)
-            try:
-                for k, (h, w) in enumerate(shapes):
-                    if k == 0:
-                        cutter = _Level0Tiles((h, w), tile_px, encode, pool)
-                        tiles = (t for block in blocks for t in cutter.add(block))
-                    else:
-                        tiles = _lower_bytes(store, k, tile_px, encode, pool)
-                    resolution: dict[str, Any] = {}
-                    if mpp is not None:
-                        resolution = {
-                            "resolution": (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)),
-                            "resolutionunit": "CENTIMETER",
-                        }
-                    tif.write(
-                        tiles,
-                        shape=(h, w, 3),
-                        dtype=np.uint8,
-                        tile=(tile_px, tile_px),
-                        photometric="rgb",
-                        planarconfig="contig",
-                        subfiletype=1 if k else 0,
-                        description=description if k == 0 else None,
-                        software=software if k == 0 else None,
-                        metadata=None,
-                        **resolution,
-                        **codec,
-                    )
-                    if k == 0:
-                        # tifffile stops taking tiles once it has level 0's last one, leaving the
-                        # stream paused at its final block: resume it so it reports that block's
-                        # progress (done == total) and ends
-                        next(blocks, None)
-            finally:
-                blocks.close()  # stops block prefetching if writing failed
-    finally:
+    # the claim covers the spill folder too: a stale one is cleared only by its next holder
+    with claim_output(out):
         remove_path(store_dir)
+        try:
+            with (
+                atomic_output(out, overwrite=overwrite) as partial,
+                LevelStore(store_dir, shapes, row_edges, col_edges) as store,
+                ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-encode") as pool,
+                tifffile.TiffWriter(partial, bigtiff=True) as tif,
+            ):
+                blocks = iter_blocks(array, store, progress=progress)
+                try:
+                    for k, (h, w) in enumerate(shapes):
+                        if k == 0:
+                            cutter = _Level0Tiles((h, w), tile_px, encode, pool)
+                            tiles = (t for block in blocks for t in cutter.add(block))
+                        else:
+                            tiles = _lower_bytes(store, k, tile_px, encode, pool)
+                        resolution: dict[str, Any] = {}
+                        if mpp is not None:
+                            resolution = {
+                                "resolution": (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)),
+                                "resolutionunit": "CENTIMETER",
+                            }
+                        tif.write(
+                            tiles,
+                            shape=(h, w, 3),
+                            dtype=np.uint8,
+                            tile=(tile_px, tile_px),
+                            photometric="rgb",
+                            planarconfig="contig",
+                            subfiletype=1 if k else 0,
+                            description=description if k == 0 else None,
+                            software=software if k == 0 else None,
+                            metadata=None,
+                            **resolution,
+                            **codec,
+                        )
+                        if k == 0:
+                            # tifffile stops taking tiles once it has level 0's last one, leaving
+                            # the stream paused at its final block: resume it so it reports that
+                            # block's progress (done == total) and ends
+                            next(blocks, None)
+                finally:
+                    blocks.close()  # stops block prefetching if writing failed
+        finally:
+            remove_path(store_dir)
     logger.info("%s: wrote %d levels, level 0 %d x %d", out, len(shapes), *shapes[0])
     return out
