@@ -95,7 +95,7 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
     for fmt, out in entry.outputs.items():
         if not output_is_current(out, source=entry.source, method=manifest.method, params=manifest.params,
                                  target=target, weights=manifest.weights, seed=m.fit.seed, glass=glass):
-            out.parent.mkdir(parents=True, exist_ok=True)
+            manifest.confine(out).parent.mkdir(parents=True, exist_ok=True)
             normalize_slide(entry.source, out, method=manifest.method, target=target, params=manifest.params,
                             weights=manifest.weights, overwrite=True, fmt=fmt, source_fit=source_fit,
                             n_pixels=m.fit.n_pixels, seed=m.fit.seed, glass=glass, force=m.force)

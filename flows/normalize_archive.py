@@ -94,7 +94,7 @@ def normalize_task(entry: SlideEntry, fmt: str, manifest: Manifest, target: Any,
     from flows._artifacts import ProgressArtifact
     from wsi_norm.pipeline import normalize_slide
 
-    out = entry.outputs[fmt]
+    out = manifest.confine(entry.outputs[fmt])  # no link planted under output_root since validation
     try:
         out.parent.mkdir(parents=True, exist_ok=True)  # the manifest's output layout
     except OSError as exc:
