@@ -7,10 +7,11 @@ Every :class:`~wsi_norm.errors.WsiNormError` ends the command with one line on s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,27 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="address of an existing dask scheduler (default: $WSI_NORM_SCHEDULER, else a "
         "local in-process cluster)",
     )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the local cluster's dask dashboard on 127.0.0.1 (port 8787 or a free one; "
+        "default: none)",
+    )
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[Any]:
+    """The dask client of a command (``--scheduler``, ``--dashboard``); names the dashboard."""
+    from wsi_norm.cluster import dashboard_url, dask_client
+
+    with dask_client(args.scheduler, dashboard=args.dashboard) as client:
+        if args.dashboard:
+            print(f"dask dashboard: {dashboard_url(client)}", file=sys.stderr, flush=True)
+        yield client
 
 
 # ---------------------------------------------------------------- info / mask
 def _cmd_info(args: argparse.Namespace) -> int:
-    from wsi_norm.cluster import dask_client
     from wsi_norm.mask import coarse_mask, tissue_fraction
     from wsi_norm.slide import open_slide
 
@@ -62,7 +79,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "chunk_shape": list(slide.chunk_shape(0)),
     }
     if not args.no_tissue:
-        with dask_client(args.scheduler):
+        with _cluster(args):
             coarse = coarse_mask(slide)
             stats = tissue_fraction(slide, coarse=coarse)
         facts["tissue_fraction"] = stats.fraction
@@ -182,7 +199,6 @@ def _check_output(path: Path, overwrite: bool) -> None:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from wsi_norm.cluster import dask_client
     from wsi_norm.pipeline import fit_template
     from wsi_norm.template import save_template
 
@@ -191,7 +207,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"would fit {args.method} on {len(args.slides)} slide(s) and write {out}")
         return 0
-    with dask_client(args.scheduler):
+    with _cluster(args):
         template = fit_template(
             args.slides,
             method=args.method,
@@ -215,7 +231,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_normalize(args: argparse.Namespace) -> int:
-    from wsi_norm.cluster import dask_client
     from wsi_norm.pipeline import normalize_slide
 
     out = Path(args.output)
@@ -228,7 +243,7 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"would normalize {args.slide} with {args.method} on {args.device} into {out}")
         return 0
-    with dask_client(args.scheduler):
+    with _cluster(args):
         result = normalize_slide(
             args.slide,
             out,
@@ -294,7 +309,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_stainnet_train(args: argparse.Namespace) -> int:
     import math
 
-    from wsi_norm.cluster import dask_client
     from wsi_norm.stain.stainnet import save_stainnet
     from wsi_norm.stainnet_teacher import distill_stainnet
     from wsi_norm.stainnet_train import EpochRecord
@@ -312,7 +326,7 @@ def _cmd_stainnet_train(args: argparse.Namespace) -> int:
         print(f"epoch {record.epoch}/{args.epochs}: train L1 {record.train_loss:.5f}, held-out L1 {held}, "
               f"{record.seconds:.1f} s", file=sys.stderr, flush=True)
 
-    with dask_client(args.scheduler):
+    with _cluster(args):
         result = distill_stainnet(
             args.slides,
             teacher=args.teacher,

@@ -60,6 +60,9 @@ Schema, version 1
     records the failure in its provenance, as ``--force``.
 ``concurrency``, ``retries``, ``retry_delay_s``
     Slides processed in parallel, and retries of I/O steps.
+``slide_timeout_s``
+    Longest a slide may take in a flow (fit, normalize, write, QC; default 4 hours): a slide
+    that takes longer ends failed ("timed out") while the others finish.
 
 Notes
 -----
@@ -200,6 +203,7 @@ class ManifestModel(_Strict):
     concurrency: int = Field(default=2, ge=1, le=256)
     retries: int = Field(default=1, ge=0, le=20)
     retry_delay_s: float = Field(default=2.0, ge=0)
+    slide_timeout_s: float = Field(default=4 * 3600.0, gt=0)
 
 
 # --------------------------------------------------------------------------- resolved form
