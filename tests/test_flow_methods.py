@@ -209,3 +209,60 @@ def test_cli_dashboard_only_when_asked_and_on_loopback(cli_slide: Path, tmp_path
     line = next(x for x in done.stderr.splitlines() if x.startswith("dask dashboard: "))
     port = int(line.removeprefix("dask dashboard: http://127.0.0.1:").removesuffix("/status"))
     assert ("127.0.0.1", port) in seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
+
+
+HARMONIZE_TIMEOUT = """
+version: 1
+output_root: out
+method: macenko
+formats: [ome-zarr]
+fit: {n_pixels: 40000}
+generate:
+  - {path: gen/a.tiff, stain: site-a, width: 1024, height: 1024, seed: 5, tile_px: 256}
+  - {path: gen/b.tiff, stain: site-b, width: 1024, height: 1024, seed: 5, tile_px: 256}
+sites:
+  site-a: {slides: [gen/a.tiff]}
+  site-b: {slides: [gen/b.tiff]}
+slide_timeout_s: 30
+"""
+
+
+def test_harmonize_sites_times_out_one_slide_and_finishes_the_others(
+    prefect_api: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_norm.pipeline
+    from flows.harmonize_sites import harmonize_sites
+
+    real = wsi_norm.pipeline.normalize_slide
+
+    def hang_on_b(source: Any, out: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        while Path(source).name == "b.tiff" and time.monotonic() - start < 300:
+            time.sleep(0.05)
+        return real(source, out, **kwargs)
+
+    monkeypatch.setattr(wsi_norm.pipeline, "normalize_slide", hang_on_b)
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(textwrap.dedent(HARMONIZE_TIMEOUT), encoding="utf-8")
+    start = time.monotonic()
+    state = harmonize_sites(manifest=str(manifest), target="site-a", return_state=True)
+    assert time.monotonic() - start < 200
+    assert state.is_failed()
+    assert state.message == ("1 slide(s) failed or need review: site-b/b.tiff: failed: timed out: took longer than "
+                             "30 s (slide_timeout_s)"), state.message
+    assert (tmp_path / "out" / "site-a" / "a.ome.zarr").is_dir()
+    assert not (tmp_path / "out" / "site-b" / "b.ome.zarr").exists()
+
+
+def test_harmonize_sites_refuses_a_method_that_fits_nothing(prefect_api: Path, tmp_path: Path) -> None:
+    from flows.harmonize_sites import harmonize_sites
+    from wsi_norm.errors import ManifestError
+
+    manifest = tmp_path / "data_manifest.yaml"
+    text = textwrap.dedent(HARMONIZE_TIMEOUT).replace("method: macenko", "method: none")
+    manifest.write_text(text, encoding="utf-8")
+    state = harmonize_sites(manifest=str(manifest), return_state=True)
+    with pytest.raises(ManifestError, match=r"data_manifest\.yaml: harmonize-sites fits a template per site, "
+                       r"method 'none' fits nothing; run normalize-archive for it"):
+        state.result()
+    assert not (tmp_path / "gen").exists()
