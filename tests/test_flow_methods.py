@@ -266,3 +266,55 @@ def test_harmonize_sites_refuses_a_method_that_fits_nothing(prefect_api: Path, t
                        r"method 'none' fits nothing; run normalize-archive for it"):
         state.result()
     assert not (tmp_path / "gen").exists()
+
+
+# ------------------------------------------------------------------ clean shutdown
+
+
+def test_cli_error_inside_the_cluster_is_one_line(cli_slide: Path, tmp_path: Path) -> None:
+    """A tile that fails to decode mid-run: one line naming the file, no worker traceback."""
+    data = bytearray(cli_slide.read_bytes())
+    for at in range(len(data) // 20, len(data) * 6 // 10, 5000):
+        data[at:at + 200] = b"\xff" * 200
+    corrupt = tmp_path / "corrupt.tiff"
+    corrupt.write_bytes(bytes(data))
+    done, _ = _watch_cli(["normalize", str(corrupt), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q"],
+                         tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wsi-norm: error: {corrupt}: cannot read level 0 region"), lines
+
+
+_INTERRUPTED = r"""
+import sys, tempfile
+import dask.array as da, numpy as np
+from wsi_norm.cluster import dask_client
+from wsi_norm.writers import write_pyramid
+
+image = da.from_array(np.full((4096, 4096, 3), 200, np.uint8), chunks=(512, 512, 3)).map_blocks(lambda b: b + 1)
+calls = []
+
+def progress(done, total):
+    calls.append(done)
+    if len(calls) == 3:
+        raise KeyboardInterrupt  # Ctrl-C while the level-0 blocks stream, futures in flight
+
+try:
+    with dask_client(threads=2):
+        write_pyramid(image, tempfile.mkdtemp() + "/out" + sys.argv[1], mpp=None, provenance={}, progress=progress)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".tiff", ".ome.zarr"])
+def test_interrupted_write_closes_without_stray_tracebacks(suffix: str) -> None:
+    """Ctrl-C while writing used to print ``Exception ignored in: <generator object _prefetched>
+    ... RuntimeError: IOLoop is closed`` after the cluster had closed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _INTERRUPTED, suffix], capture_output=True, text=True,
+                          timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted", done.stderr
+    assert "Exception ignored" not in done.stderr and "IOLoop is closed" not in done.stderr, done.stderr
+    assert "CancelledError" not in done.stderr, done.stderr

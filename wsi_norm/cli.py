@@ -54,7 +54,10 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     """The dask client of a command (``--scheduler``, ``--dashboard``); names the dashboard."""
     from wsi_norm.cluster import dashboard_url, dask_client
 
-    with dask_client(args.scheduler, dashboard=args.dashboard) as client:
+    # without --verbose, distributed logs nothing of a failed task ("Compute Failed" and its
+    # traceback) nor of the tasks Ctrl-C cancels: the command's one error line says it
+    quiet = logging.WARNING if args.verbose else logging.CRITICAL
+    with dask_client(args.scheduler, dashboard=args.dashboard, log_level=quiet) as client:
         if args.dashboard:
             print(f"dask dashboard: {dashboard_url(client)}", file=sys.stderr, flush=True)
         yield client

@@ -34,7 +34,8 @@ LOOPBACK = "127.0.0.1"
 
 @contextlib.contextmanager
 def dask_client(
-    scheduler: str | None = None, *, threads: int | None = None, dashboard: bool = False
+    scheduler: str | None = None, *, threads: int | None = None, dashboard: bool = False,
+    log_level: int = logging.WARNING,
 ) -> Iterator[Client]:
     """A dask ``distributed`` client for the duration of a ``with`` block.
 
@@ -49,6 +50,11 @@ def dask_client(
     dashboard : bool, keyword-only
         Serve the dask dashboard of a new local cluster, on ``127.0.0.1`` (port 8787, or a free
         one when that is taken; :func:`dashboard_url` says which). Default: no dashboard.
+    log_level : int, keyword-only
+        ``distributed``'s loggers are raised to at least this level (its import sets them to
+        INFO). An entry point that reports errors itself passes ``logging.CRITICAL``: a failed
+        task's traceback ("Compute Failed") and, when Ctrl-C closes the cluster, the running
+        tasks' ``CancelledError`` are then not logged.
 
     Yields
     ------
@@ -72,8 +78,8 @@ def dask_client(
     n = threads or os.cpu_count() or 1
     for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core"):
         logger = logging.getLogger(name)
-        if logger.getEffectiveLevel() < logging.WARNING:
-            logger.setLevel(logging.WARNING)
+        if logger.getEffectiveLevel() < log_level:
+            logger.setLevel(log_level)
     from distributed import Worker
 
     class _LoopbackWorker(Worker):
@@ -94,7 +100,7 @@ def dask_client(
             worker_dashboard_address=f"{LOOPBACK}:0",
             worker_class=_LoopbackWorker,
             scheduler_kwargs={"dashboard": dashboard},
-            silence_logs=logging.WARNING,
+            silence_logs=log_level,
         ) as cluster,
         Client(cluster) as client,
     ):
