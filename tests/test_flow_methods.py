@@ -28,9 +28,11 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield home
+    with (
+        temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
+        yield home
 
 
 FIXED_MAP = """
@@ -161,7 +163,7 @@ def test_local_cluster_listens_on_loopback_only_and_serves_no_dashboard() -> Non
         opened = _listening(me) - before
         url = dashboard_url(client)
         with pytest.raises(urllib.error.HTTPError, match="404"):
-            urllib.request.urlopen(url, timeout=10)  # noqa: S310 - loopback
+            urllib.request.urlopen(url, timeout=10)
     assert opened and {ip for ip, _ in opened} == {"127.0.0.1"}, opened
     assert 8787 not in {port for _, port in opened}
     assert url.startswith("http://127.0.0.1:")

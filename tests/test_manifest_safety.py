@@ -139,7 +139,7 @@ def test_a_symlink_planted_after_validation_is_refused_before_writing(project: P
 
 # The "billion laughs" in YAML: 9 levels of 9 aliases, 9**9 strings once expanded.
 BOMB = "".join(
-    [f'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n']
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n']
     + [f"{k}: &{k} [{','.join([f'*{p}'] * 9)}]\n" for p, k in zip("abcdefgh", "bcdefghi", strict=True)]
 )
 

@@ -387,7 +387,7 @@ def parse_manifest(text: str, *, path: str | os.PathLike[str]) -> Manifest:
         raise ManifestError(f"{path}: manifest is more than the {MAX_MANIFEST_BYTES} characters allowed")
     lines = _key_lines(text, path)
     try:
-        raw = yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 - a SafeLoader without aliases
+        raw = yaml.load(text, Loader=_ManifestLoader)  # a SafeLoader subclass: safe, without aliases
     except yaml.YAMLError as exc:  # pragma: no cover - _key_lines already parsed it
         raise ManifestError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, Mapping):
@@ -442,7 +442,7 @@ class _ManifestLoader(yaml.SafeLoader):
 def _key_lines(text: str, path: Path) -> dict[tuple[str | int, ...], int]:
     """Map every key path (``("sites", "a", "slides", 1)``) to its 1-based line."""
     try:
-        node = yaml.compose(text, Loader=_ManifestLoader)  # noqa: S506 - a SafeLoader without aliases
+        node = yaml.compose(text, Loader=_ManifestLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
@@ -745,10 +745,10 @@ def _check_outputs_apart(r: _Resolver, model: ManifestModel, output_root: Path, 
         loc = ("sites", entry.site, "slides")
         checks += [(loc, out) for out in entry.outputs.values()]
         checks.append((loc, output_root / "qc" / entry.site / entry.source.stem))
-    for loc, target in checks:
+    for where, target in checks:
         problem = _confinement_problem(target, output_root)
         if problem is not None:
-            raise r.error(loc, f"output {target} refused: {problem}")
+            raise r.error(where, f"output {target} refused: {problem}")
 
 
 def _check_params(r: _Resolver, model: ManifestModel) -> None:
@@ -768,7 +768,8 @@ def _check_params(r: _Resolver, model: ManifestModel) -> None:
 
     from pydantic import TypeAdapter
 
-    from wsi_norm.stain.base import StainParams  # local: the numeric stack only when params are given
+    # local: the numeric stack only when params are given
+    from wsi_norm.stain.base import StainParams
 
     types = typing.get_type_hints(StainParams)
     known = [f.name for f in dataclasses.fields(StainParams)]
