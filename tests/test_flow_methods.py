@@ -56,7 +56,10 @@ retry_delay_s: 0
 def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_path: Path, shared_data: Path,
                                                          method: str) -> None:
     """``none`` (identity) and ``stainnet`` (the published weights) fit nothing: the flow writes
-    both formats and QC for every slide, and a second run skips them as current."""
+    both formats and QC for every slide, and a second run skips them as current. Everything the
+    flow's process listens on meanwhile (its dask cluster) is on 127.0.0.1."""
+    import threading
+
     from flows.normalize_archive import normalize_archive
     from wsi_norm.slide import open_slide
     from wsi_norm.writers import read_level, read_provenance
@@ -67,9 +70,24 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent(text), encoding="utf-8")
 
-    state = normalize_archive(manifest=str(manifest), return_state=True)
+    me, seen, running = psutil.Process(), set(), threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            seen.update(_listening(me))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        state = normalize_archive(manifest=str(manifest), return_state=True)
+    finally:
+        running.clear()
+        sampler.join()
     rows = {r["slide"]: r for r in state.result(raise_on_failure=False)}
     assert state.is_completed(), (state.message, rows)
+    assert seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
     assert {s: r["outcome"] for s, r in rows.items()} == {"a-1.tiff": "normalized", "b-1.tiff": "normalized"}
     for site, stem, shape in (("site-a", "a-1", (768, 1024, 3)), ("site-b", "b-1", (512, 512, 3))):
         for suffix in (".ome.zarr", ".tiff"):
