@@ -16,7 +16,7 @@ N_GPUS="$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)"
 for ((i = 0; i < N_GPUS; i++)); do
   CUDA_VISIBLE_DEVICES="$i" setsid dask worker "$SCHEDULER" \
     --nworkers 1 --nthreads "$THREADS" --resources "GPU=1" --name "gpu-$i" \
-    --dashboard-address :0 >"$RUN_DIR/logs/dask-worker-gpu-$i.log" 2>&1 < /dev/null &
+    --dashboard-address 127.0.0.1:0 >"$RUN_DIR/logs/dask-worker-gpu-$i.log" 2>&1 < /dev/null &
   echo $! >"$RUN_DIR/pids/dask-worker-gpu-$i.pid"
   echo "started dask worker gpu-$i (pid $!) on CUDA device $i"
 done

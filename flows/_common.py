@@ -245,7 +245,7 @@ def resolve_template(manifest: Manifest, name: str) -> Any:
     spec = manifest.templates[name]
     if spec.path is not None:
         return load_template(spec.path)
-    cache = manifest.output_root / "templates" / f"{name}.json"
+    cache = manifest.confine(manifest.output_root / "templates" / f"{name}.json")
     sidecar = cache.with_name(f"{name}.inputs.json")
     inputs = json.loads(dumps(_template_inputs(manifest, spec.slides)))
     if cache.is_file() and sidecar.is_file():

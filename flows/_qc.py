@@ -174,7 +174,7 @@ def _write_qc_files(
 
     from PIL import Image
 
-    qc_dir = manifest.output_root / "qc" / entry.site / entry.source.stem
+    qc_dir = manifest.confine(manifest.qc_dir(entry))
     qc_dir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pair).save(qc_dir / "before_after.png")
     (qc_dir / "stain_vectors.png").write_bytes(base64.b64decode(plot.split(",", 1)[1]))

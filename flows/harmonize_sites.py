@@ -98,7 +98,7 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
         if not output_is_current(out, source=entry.source, method=manifest.method, params=manifest.params,
                                  target=target, weights=manifest.weights, seed=m.fit.seed, glass=glass,
                                  n_pixels=m.fit.n_pixels):
-            out.parent.mkdir(parents=True, exist_ok=True)
+            manifest.confine(out).parent.mkdir(parents=True, exist_ok=True)
             normalize_slide(entry.source, out, method=manifest.method, target=target, params=manifest.params,
                             weights=manifest.weights, overwrite=True, fmt=fmt, source_fit=source_fit,
                             n_pixels=m.fit.n_pixels, seed=m.fit.seed, glass=glass, force=m.force)
@@ -157,7 +157,9 @@ def _plot(rows: list[dict[str, Any]], target_name: str) -> str:
 
 
 @flow(name=FLOW_NAME, log_prints=False)
-def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = None, scheduler: str | None = None) -> Any:
+def harmonize_sites(
+    manifest: str = "data_manifest.yaml", target: str | None = None, scheduler: str | None = None, dashboard: bool = False
+) -> Any:
     """Normalize every site of ``manifest`` to one target and report colour distances.
 
     Parameters
@@ -169,32 +171,50 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
         manifest's ``target``, else its first site.
     scheduler : str, optional
         Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else a local cluster.
+    dashboard : bool
+        Serve the local cluster's dask dashboard on 127.0.0.1 (default: none).
 
     Returns
     -------
     list of dict, or a Failed state
         One row per site (see :func:`distance_rows`); the run ends Failed (rows attached)
-        when any slide failed or needs review.
+        when any slide failed, timed out (the manifest's ``slide_timeout_s``) or needs review.
     """
     return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
     from prefect.states import Completed, Failed
 
-    from wsi_norm.cluster import dask_client
+    from wsi_norm.cluster import dashboard_url, dask_client
+    from wsi_norm.errors import ManifestError
 
     logger = get_run_logger()
     m = load_manifest(manifest)
+    if m.method in ("none", "stainnet"):
+        raise ManifestError(f"{m.path}: harmonize-sites fits a template per site, method {m.method!r} fits nothing; "
+                            "run normalize-archive for it")
+    timeout_s = m.model.slide_timeout_s
     generate_missing(m)
     name = target or m.model.target or m.sites[0]
     if name not in m.sites and name not in m.templates:
         raise ValueError(f"{m.path}: target {name!r} is neither a site ({', '.join(m.sites)}) nor a template")
     problems: list[str] = []
-    with dask_client(scheduler_address(scheduler)):
+    with dask_client(scheduler_address(scheduler), dashboard=dashboard) as client:
+        if dashboard:
+            logger.info("dask dashboard: %s", dashboard_url(client))
         entries = {site: list(m.site_slides(site)) for site in m.sites}
-        fit_futures = {site: fit_site.submit(entries[site], m) for site in m.sites}
+        fit_futures = {
+            site: fit_site.with_options(timeout_seconds=timeout_s * len(entries[site])).submit(entries[site], m)
+            for site in m.sites
+        }
         fits: dict[str, list[tuple[SlideEntry, Any]]] = {}
         for site, future in fit_futures.items():
             fits[site] = []
-            for entry, fit in zip(entries[site], future.result(), strict=True):
+            try:
+                site_fits = future.result()
+            except Exception as exc:  # noqa: BLE001 - a site whose fits did not finish is reported, others go on
+                reason = _failure(exc, timeout_s * len(entries[site]))
+                problems.extend(f"{site}/{e.source.name}: failed: fitting the site: {reason}" for e in entries[site])
+                continue
+            for entry, fit in zip(entries[site], site_fits, strict=True):
                 if isinstance(fit, Exception):
                     problems.append(f"{site}/{entry.source.name}: failed: {fit}")
                 else:
@@ -209,8 +229,9 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
             target_template = template_from_fits([f for _, f in fits[name]], params=m.params, seed=m.model.fit.seed)
         else:
             target_template = resolve_template(m, name)
+        normalize = normalize_to_target.with_options(timeout_seconds=timeout_s)
         jobs = {
-            (site, entry.source.name): normalize_to_target.submit(entry, m, target_template, fit)
+            (site, entry.source.name): normalize.submit(entry, m, target_template, fit)
             for site in m.sites
             for entry, fit in fits[site]
         }
@@ -221,7 +242,7 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
             except QCError as exc:
                 problems.append(f"{site}/{slide_name}: needs review: {exc}")
             except Exception as exc:  # noqa: BLE001 - one slide's failure is reported, the others finish
-                problems.append(f"{site}/{slide_name}: failed: {type(exc).__name__}: {exc}")
+                problems.append(f"{site}/{slide_name}: failed: {_failure(exc, timeout_s)}")
         for p in problems:
             logger.error("%s", p)
         first_fmt = {site: [p for p in paths if p.endswith(".ome.zarr")] or paths for site, paths in written.items()}
@@ -254,16 +275,25 @@ def harmonize_sites(manifest: str = "data_manifest.yaml", target: str | None = N
     return Completed(message=f"{len(rows)} sites harmonized to {name}", data=rows)
 
 
+def _failure(exc: BaseException, timeout_s: float) -> str:
+    """One line for a failed task: a timeout in words, else the error's type and message."""
+    if isinstance(exc, TimeoutError):
+        return f"timed out: took longer than {timeout_s:g} s (slide_timeout_s)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run once and print the distance table."""
     parser = argparse.ArgumentParser(prog="python -m flows.harmonize_sites", description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", default="data_manifest.yaml")
     parser.add_argument("--target", default=None, help="site or template name")
     parser.add_argument("--scheduler", default=None)
+    parser.add_argument("--dashboard", action="store_true", help="serve the local dask dashboard on 127.0.0.1")
     args = parser.parse_args(argv)
     configure_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    state = harmonize_sites(manifest=args.manifest, target=args.target, scheduler=args.scheduler, return_state=True)
+    state = harmonize_sites(manifest=args.manifest, target=args.target, scheduler=args.scheduler,
+                            dashboard=args.dashboard, return_state=True)
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, list):
         print(markdown_table(rows))

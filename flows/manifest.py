@@ -22,7 +22,12 @@ Schema, version 1
     are read-only data.
 ``output_root``
     Directory of outputs: ``<output_root>/<site>/<slide stem>.ome.zarr`` or
-    ``.tiff`` per format.
+    ``.tiff`` per format, QC under ``<output_root>/qc/<site>/`` and fitted templates
+    under ``<output_root>/templates/`` (so ``qc`` and ``templates`` are no site names).
+    Sources are read-only: no slide may lie inside ``output_root`` (nor ``output_root``
+    inside a slide or a declared root, nor a root inside it).  No output or QC path
+    may pass through a symbolic link below ``output_root``: a link planted at
+    ``<output_root>/<site>`` or ``<output_root>/qc/<site>`` is refused, never followed.
 ``method``, ``params``
     A stain method name (``wsi_norm.stain.METHODS``, ``"stainnet"`` or
     ``"none"``) and its parameters (a mapping, passed through).
@@ -55,12 +60,19 @@ Schema, version 1
     records the failure in its provenance, as ``--force``.
 ``concurrency``, ``retries``, ``retry_delay_s``
     Slides processed in parallel, and retries of I/O steps.
+``slide_timeout_s``
+    Longest a slide may take in a flow (fit, normalize, write, QC; default 4 hours): a slide
+    that takes longer ends failed ("timed out") while the others finish.
 
 Notes
 -----
-The YAML is read with ``yaml.safe_load`` semantics; keys are located by
-composing the document with :class:`yaml.SafeLoader` so schema errors found by
-pydantic can be mapped back to the line of the offending key.
+The YAML is read with ``yaml.safe_load`` semantics through a :class:`yaml.SafeLoader`
+subclass that refuses anchors and aliases (``&a`` / ``*a``, hence ``<<`` merge keys) as
+soon as the parser meets one, before anything is expanded, and nesting deeper than
+:data:`MAX_DEPTH`: a few hundred bytes of nested aliases ("billion laughs") would otherwise
+expand to gigabytes.  The file itself must be a regular file of at most
+:data:`MAX_MANIFEST_BYTES`.  Keys are located by composing the document with the same
+loader so schema errors found by pydantic can be mapped back to the line of the offending key.
 """
 
 from __future__ import annotations
@@ -70,6 +82,7 @@ import glob
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +91,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from wsi_norm.errors import ManifestError
+from wsi_norm.errors import ManifestError, OutputError
 
 __all__ = [
     "FORMAT_SUFFIXES",
@@ -101,6 +114,12 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 """The only schema version this module reads."""
+
+MAX_MANIFEST_BYTES = 1 << 20
+"""Largest manifest file read (1 MiB; a manifest of thousands of slides is far smaller)."""
+
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and sequences a manifest may use (the schema needs 4)."""
 
 FORMAT_SUFFIXES: dict[str, str] = {"ome-zarr": ".ome.zarr", "tiff": ".tiff"}
 """Output file suffix per output format."""
@@ -187,6 +206,7 @@ class ManifestModel(_Strict):
     concurrency: int = Field(default=2, ge=1, le=256)
     retries: int = Field(default=1, ge=0, le=20)
     retry_delay_s: float = Field(default=2.0, ge=0)
+    slide_timeout_s: float = Field(default=4 * 3600.0, gt=0)
 
 
 # --------------------------------------------------------------------------- resolved form
@@ -292,6 +312,24 @@ class Manifest:
         """A :class:`ManifestError` naming this manifest, the line of ``loc`` and ``loc``."""
         return ManifestError(_format(self.path, self.lines, loc, message))
 
+    def qc_dir(self, entry: SlideEntry) -> Path:
+        """Folder of one slide's QC files: ``<output_root>/qc/<site>/<source stem>``."""
+        return self.output_root / "qc" / entry.site / entry.source.stem
+
+    def confine(self, path: Path) -> Path:
+        """``path``, checked again just before writing: inside ``output_root``, through no link.
+
+        Raises
+        ------
+        OutputError
+            ``path`` lies outside ``output_root``, or a folder or file on the way from
+            ``output_root`` to it is a symbolic link (planted since validation).
+        """
+        problem = _confinement_problem(path, self.output_root)
+        if problem is not None:
+            raise OutputError(f"{path}: refused, {problem}")
+        return path
+
 
 # --------------------------------------------------------------------------- public functions
 
@@ -326,7 +364,19 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ManifestError(f"{path}: cannot read manifest: not a regular file")
+            if info.st_size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{path}: manifest is {info.st_size} bytes, more than the "
+                                    f"{MAX_MANIFEST_BYTES} allowed")
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: manifest is more than the {MAX_MANIFEST_BYTES} bytes allowed")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
     return parse_manifest(text, path=path)
@@ -338,9 +388,11 @@ def parse_manifest(text: str, *, path: str | os.PathLike[str]) -> Manifest:
     See :func:`load_manifest`.
     """
     path = Path(path)
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: manifest is more than the {MAX_MANIFEST_BYTES} characters allowed")
     lines = _key_lines(text, path)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_ManifestLoader)  # a SafeLoader subclass: safe, without aliases
     except yaml.YAMLError as exc:  # pragma: no cover - _key_lines already parsed it
         raise ManifestError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, Mapping):
@@ -354,13 +406,48 @@ def parse_manifest(text: str, *, path: str | os.PathLike[str]) -> Manifest:
     return _resolve(model, path=path, lines=lines)
 
 
+# --------------------------------------------------------------------------- YAML
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases, and deep nesting, while composing.
+
+    The check runs on each parser event before its node is built, so an alias bomb is refused
+    after reading its first anchor, whatever it would expand to.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias" if isinstance(event, yaml.AliasEvent) else "anchor"
+            sign = "*" if kind == "alias" else "&"
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML {kind} {sign}{event.anchor} is not allowed in a manifest "
+                "(anchors, aliases and '<<' merges are refused: write the values out)", event.start_mark)
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nesting deeper than {MAX_DEPTH} levels is not allowed in a manifest",
+                    event.start_mark)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+        return super().compose_node(parent, index)
+
+
 # --------------------------------------------------------------------------- line numbers
 
 
 def _key_lines(text: str, path: Path) -> dict[tuple[str | int, ...], int]:
     """Map every key path (``("sites", "a", "slides", 1)``) to its 1-based line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_ManifestLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
@@ -443,6 +530,29 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _confinement_problem(path: Path, root: Path) -> str | None:
+    """Why writing ``path`` could land outside ``root`` (a resolved folder), or None.
+
+    Every existing component from ``root`` down to ``path`` itself must be no symbolic link,
+    and the real path must stay inside ``root``: links are refused, never followed.
+    """
+    path = Path(os.path.normpath(path))
+    if not _inside(path, root):
+        return f"it lies outside the output folder {root}"
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            return (f"{current} is a symbolic link (to {os.readlink(current)}); outputs and QC are "
+                    f"never written through links: remove it")
+        if not current.exists():
+            break
+    real = Path(os.path.realpath(path))
+    if not _inside(real, root):
+        return f"it resolves to {real}, outside the output folder {root}"
+    return None
+
+
 class _Resolver:
     def __init__(self, model: ManifestModel, path: Path, lines: dict[tuple[str | int, ...], int]) -> None:
         self.model = model
@@ -500,6 +610,7 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
     methods = known_methods()
     if model.method not in methods:
         raise r.error(("method",), f"unknown method {model.method!r}; known: {', '.join(sorted(methods))}")
+    _check_params(r, model)
     weights: Path | None = None
     if model.weights is not None:
         weights = r.path_of(("weights",), model.weights, output=False)
@@ -560,6 +671,9 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
     for site, site_spec in model.sites.items():
         if not re.match(_NAME_RE, site):
             raise r.error(("sites", site), "site names use letters, digits, '-', '_', '.'")
+        if site in _RESERVED_SITES:
+            raise r.error(("sites", site), f"{site!r} is no site name: <output_root>/{site}/ holds the "
+                          f"{_RESERVED_SITES[site]}")
         seen_here: set[Path] = set()
         for index, pattern in enumerate(site_spec.slides):
             loc = ("sites", site, "slides", index)
@@ -573,6 +687,8 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
                         raise r.error(loc, f"duplicate output path {out} (also written for {outputs_seen[out]})")
                     outputs_seen[out] = str(source)
                 slides.append(SlideEntry(site=site, source=source, outputs=outputs, generated=is_generated, line=_line_of(lines, loc)))
+
+    _check_outputs_apart(r, model, output_root, slides)
 
     templates: dict[str, ResolvedTemplate] = {}
     for name, tspec in model.templates.items():
@@ -610,6 +726,69 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
         weights=weights,
         lines=lines,
     )
+
+
+_RESERVED_SITES = {"qc": "QC files", "templates": "fitted templates"}
+
+
+def _check_outputs_apart(r: _Resolver, model: ManifestModel, output_root: Path, slides: list[SlideEntry]) -> None:
+    """Sources are read-only and outputs stay in ``output_root``, through no symbolic link."""
+    for name, root in r.roots.items():
+        if name != "." and (_inside(output_root, root) or _inside(root, output_root)):
+            raise r.error(("output_root",), f"output_root {output_root} overlaps the read-only root {name!r} ({root})")
+    for entry in slides:
+        loc = ("sites", entry.site, "slides")
+        if _inside(entry.source, output_root):
+            raise r.error(loc, f"slide {entry.source} lies inside output_root {output_root}: sources are "
+                          "read-only, outputs must not be written among them")
+        if _inside(output_root, entry.source):
+            raise r.error(loc, f"output_root {output_root} lies inside the slide {entry.source}")
+    checks: list[tuple[tuple[str | int, ...], Path]] = [(("output_root",), output_root / "templates")]
+    for site in model.sites:
+        checks += [(("sites", site), output_root / site), (("sites", site), output_root / "qc" / site)]
+    for entry in slides:
+        loc = ("sites", entry.site, "slides")
+        checks += [(loc, out) for out in entry.outputs.values()]
+        checks.append((loc, output_root / "qc" / entry.site / entry.source.stem))
+    for where, target in checks:
+        problem = _confinement_problem(target, output_root)
+        if problem is not None:
+            raise r.error(where, f"output {target} refused: {problem}")
+
+
+def _check_params(r: _Resolver, model: ManifestModel) -> None:
+    """Method parameters are validated with the manifest, before any slide is generated or fitted.
+
+    The fitted methods share one parameter dataclass (:class:`wsi_norm.stain.base.StainParams`):
+    every name must be one of its fields and the values must build it (types and ranges, as
+    the method itself checks them).  ``none`` and ``stainnet`` take no parameters.
+    """
+    if not model.params:
+        return
+    if model.method in ("none", "stainnet"):
+        first = next(iter(model.params))
+        raise r.error(("params", first), f"method {model.method!r} takes no parameters (got {sorted(model.params)})")
+    import dataclasses
+    import typing
+
+    from pydantic import TypeAdapter
+
+    # local: the numeric stack only when params are given
+    from wsi_norm.stain.base import StainParams
+
+    types = typing.get_type_hints(StainParams)
+    known = [f.name for f in dataclasses.fields(StainParams)]
+    for name, value in model.params.items():
+        if name not in known:
+            raise r.error(("params", name), f"unknown parameter of method {model.method!r}; known: {', '.join(known)}")
+        try:
+            TypeAdapter(types[name]).validate_python(value, strict=True)
+        except ValidationError as exc:
+            raise r.error(("params", name), _pydantic_message(exc.errors()[0], value)) from exc
+    try:
+        StainParams(**dict(model.params))
+    except (TypeError, ValueError) as exc:  # a range check of StainParams.__post_init__
+        raise r.error(("params",), str(exc)) from exc
 
 
 def _stain_presets() -> frozenset[str] | None:

@@ -59,11 +59,14 @@ BUSY = "skipped (busy)"
 
 
 def _retry_unless_permanent(task: Any, task_run: Any, state: State) -> bool:
-    """Retry I/O failures, not errors that will recur (a corrupt slide, no tissue, bad input)."""
+    """Retry I/O failures, not errors that will recur (a corrupt slide, no tissue, bad input),
+    nor a slide's timeout (a TimeoutError is an OSError)."""
     try:
         state.result()
     except OutputBusyError:
         return False  # another run holds the output: reported as busy, not retried
+    except TimeoutError:
+        return False
     except WsiNormError as exc:
         return isinstance(exc, OSError) and not exc.__class__.__name__.endswith(("OpenError", "FormatError"))
     except OSError:
@@ -109,7 +112,7 @@ def normalize_task(entry: SlideEntry, fmt: str, manifest: Manifest, target: Any,
     from flows._artifacts import ProgressArtifact
     from wsi_norm.pipeline import normalize_slide
 
-    out = entry.outputs[fmt]
+    out = manifest.confine(entry.outputs[fmt])  # no link planted under output_root since validation
     try:
         out.parent.mkdir(parents=True, exist_ok=True)  # the manifest's output layout
     except OSError as exc:
@@ -195,7 +198,11 @@ def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOu
             completion_path(manifest, entry).unlink(missing_ok=True)  # no longer true from here on
             start = time.perf_counter()
             m = manifest.model
-            source_fit = fit_task(str(entry.source), manifest.method, manifest.params, m.fit.n_pixels, m.fit.seed)
+            source_fit = None  # none and stainnet fit nothing: a fixed (identity or learned) map
+            if manifest.method not in ("none", "stainnet"):
+                source_fit = fit_task(
+                    str(entry.source), manifest.method, manifest.params, m.fit.n_pixels, m.fit.seed
+                )
             normalize = normalize_task.with_options(retries=m.retries, retry_delay_seconds=m.retry_delay_s)
             results = [normalize(entry, fmt, manifest, target, source_fit) for fmt in entry.outputs]
             seconds = time.perf_counter() - start
@@ -208,7 +215,7 @@ def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOu
 
 
 @flow(name=FLOW_NAME, log_prints=False)
-def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | None = None) -> Any:
+def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | None = None, dashboard: bool = False) -> Any:
     """Normalize every slide of ``manifest`` that is not current.
 
     Parameters
@@ -217,14 +224,17 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         Path of the data manifest (see :mod:`flows.manifest`).
     scheduler : str, optional
         Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else a local cluster.
+    dashboard : bool
+        Serve the local cluster's dask dashboard on 127.0.0.1 (default: none).
 
     Returns
     -------
     list of dict, or a Failed state
-        One summary row per slide; the run ends Failed when any slide failed.
+        One summary row per slide; the run ends Failed when any slide failed (a slide that
+        takes longer than the manifest's ``slide_timeout_s`` fails as "timed out").
     """
     return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
-    from wsi_norm.cluster import dask_client
+    from wsi_norm.cluster import dashboard_url, dask_client
 
     logger = get_run_logger()
     m = load_manifest_task(manifest)
@@ -235,7 +245,9 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     if m.generated:
         generate_slides_task.with_options(retries=m.model.retries, retry_delay_seconds=m.model.retry_delay_s)(m)
     outcomes: list[SlideOutcome] = []
-    with dask_client(scheduler_address(scheduler)):
+    with dask_client(scheduler_address(scheduler), dashboard=dashboard) as client:
+        if dashboard:
+            logger.info("dask dashboard: %s", dashboard_url(client))
         target = prepare_target(m, m.model.target)
         pending = list(m.slides)
         running: dict[PrefectFuture[Any], SlideEntry] = {}
@@ -243,7 +255,8 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
             while pending and len(running) < m.model.concurrency:
                 entry = pending.pop(0)
                 task_tags = [f"site:{entry.site}", f"method:{m.method}"]
-                future = process_slide.with_options(tags=task_tags).submit(entry, m, target)
+                future = process_slide.with_options(tags=task_tags, timeout_seconds=m.model.slide_timeout_s).submit(
+                    entry, m, target)
                 running[future] = entry
             done = next(as_completed(list(running)))
             entry = running.pop(done)
@@ -255,6 +268,10 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
             except QCError as exc:  # wrong colours would have been written: a person must look
                 logger.error("%s: needs review: %s", entry.source, exc)
                 outcomes.append(SlideOutcome(entry.site, entry.source.name, "needs review", reason=f"QC gate: {exc}"))
+            except TimeoutError:  # the task's timeout (prefect's TaskRunTimeoutError)
+                reason = f"timed out: took longer than slide_timeout_s = {m.model.slide_timeout_s:g} s"
+                logger.error("%s: failed: %s", entry.source, reason)
+                outcomes.append(SlideOutcome(entry.site, entry.source.name, "failed", reason=reason))
             except Exception as exc:  # noqa: BLE001 - a failed slide is reported, the others go on
                 reason = f"{type(exc).__name__}: {exc}"
                 logger.error("%s: failed: %s", entry.source, reason)
@@ -282,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.normalize_archive", description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", default="data_manifest.yaml")
     parser.add_argument("--scheduler", default=None, help="dask scheduler address (default: WSI_NORM_SCHEDULER or local)")
+    parser.add_argument("--dashboard", action="store_true", help="serve the local dask dashboard on 127.0.0.1")
     parser.add_argument("--serve", nargs="?", const="local", default=None, metavar="NAME",
                         help="serve as deployment NAME (needs PREFECT_API_URL) instead of running once")
     args = parser.parse_args(argv)
     configure_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.serve:
-        normalize_archive.serve(name=args.serve, parameters={"manifest": args.manifest, "scheduler": args.scheduler})
+        normalize_archive.serve(name=args.serve, parameters={"manifest": args.manifest, "scheduler": args.scheduler,
+                                                             "dashboard": args.dashboard})
         return 0
     try:
         m = load_manifest(args.manifest)
@@ -296,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with tags(f"method:{m.method}", *(f"site:{s}" for s in m.sites)):
-        state = normalize_archive(manifest=args.manifest, scheduler=args.scheduler, return_state=True)
+        state = normalize_archive(manifest=args.manifest, scheduler=args.scheduler, dashboard=args.dashboard,
+                                  return_state=True)
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, list):
         for row in rows:

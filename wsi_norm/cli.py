@@ -10,11 +10,12 @@ missing input or output folder) end the same way, and are all checked before any
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Self
 
@@ -124,11 +125,30 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="address of an existing dask scheduler (default: $WSI_NORM_SCHEDULER, else a "
         "local in-process cluster)",
     )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the local cluster's dask dashboard on 127.0.0.1 (port 8787 or a free one; "
+        "default: none)",
+    )
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[Any]:
+    """The dask client of a command (``--scheduler``, ``--dashboard``); names the dashboard."""
+    from wsi_norm.cluster import dashboard_url, dask_client
+
+    # without --verbose, distributed logs nothing of a failed task ("Compute Failed" and its
+    # traceback) nor of the tasks Ctrl-C cancels: the command's one error line says it
+    quiet = logging.WARNING if args.verbose else logging.CRITICAL
+    with dask_client(args.scheduler, dashboard=args.dashboard, log_level=quiet) as client:
+        if args.dashboard:
+            print(f"dask dashboard: {dashboard_url(client)}", file=sys.stderr, flush=True)
+        yield client
 
 
 # ---------------------------------------------------------------- info / mask
 def _cmd_info(args: argparse.Namespace) -> int:
-    from wsi_norm.cluster import dask_client
     from wsi_norm.slide import open_slide
     from wsi_norm.tissue.mask import coarse_mask, tissue_fraction
 
@@ -146,7 +166,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "chunk_shape": list(slide.chunk_shape(0)),
     }
     if not args.no_tissue:
-        with dask_client(args.scheduler):
+        with _cluster(args):
             coarse = coarse_mask(slide)
             stats = tissue_fraction(slide, coarse=coarse)
         facts["tissue_fraction"] = stats.fraction
@@ -454,7 +474,6 @@ def _open_slides(paths: Sequence[str], *, backend: Any, mpp: float | None) -> li
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from wsi_norm.cluster import dask_client
     from wsi_norm.pipeline import fit_template
     from wsi_norm.stain.template import save_template
 
@@ -467,7 +486,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return 0
     with (
         _Progress(f"fit {args.method}", enabled=not args.quiet) as progress,
-        dask_client(args.scheduler),
+        _cluster(args),
     ):
         progress.status(f"fitting on {len(slides)} slide(s)")
         template = fit_template(
@@ -493,7 +512,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_normalize(args: argparse.Namespace) -> int:
-    from wsi_norm.cluster import dask_client
     from wsi_norm.pipeline import normalize_slide
 
     out = Path(args.output)
@@ -533,7 +551,7 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
         return 0
     with (
         _Progress(f"normalize {Path(args.slide).name}", enabled=not args.quiet) as progress,
-        dask_client(args.scheduler),
+        _cluster(args),
     ):
         if needs_target:
             progress.status(f"fitting {args.method}")
@@ -608,7 +626,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_stainnet_train(args: argparse.Namespace) -> int:
     import math
 
-    from wsi_norm.cluster import dask_client
     from wsi_norm.colormap.stainnet import save_stainnet
     from wsi_norm.stainnet.teacher import distill_stainnet
     from wsi_norm.stainnet.train import EpochRecord
@@ -631,7 +648,7 @@ def _cmd_stainnet_train(args: argparse.Namespace) -> int:
         print(f"epoch {record.epoch}/{args.epochs}: train L1 {record.train_loss:.5f}, held-out L1 {held}, "
               f"{record.seconds:.1f} s", file=sys.stderr, flush=True)
 
-    with dask_client(args.scheduler):
+    with _cluster(args):
         result = distill_stainnet(
             args.slides,
             teacher=args.teacher,

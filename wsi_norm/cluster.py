@@ -5,6 +5,12 @@ threads: no setup, no pickling of slides or 48 MiB lookup tables between process
 loops release the GIL). ``scheduler="tcp://host:8786"`` (or ``WSI_NORM_SCHEDULER``) joins an
 existing cluster instead: dask-jobqueue on SLURM, the dask Kubernetes operator, or any
 ``dask scheduler`` with workers (see ``deploy/``). GPU workers declare a ``GPU`` resource.
+
+Local services listen on loopback only. The local cluster talks ``inproc://`` (no socket), but
+``distributed`` always starts an HTTP server for the scheduler and one per worker, by default on
+every interface (the scheduler's on port 8787, with the dashboard); here both are bound to
+``127.0.0.1`` on a free port, and the dashboard is served only when asked for
+(``dashboard=True``, ``wsi-norm ... --dashboard``).
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["dask_client", "SCHEDULER_ENV", "has_gpu_workers"]
+__all__ = ["dask_client", "dashboard_url", "SCHEDULER_ENV", "has_gpu_workers"]
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_ENV = "WSI_NORM_SCHEDULER"
+LOOPBACK = "127.0.0.1"
 
 
 @contextlib.contextmanager
 def dask_client(
-    scheduler: str | None = None, *, threads: int | None = None
+    scheduler: str | None = None, *, threads: int | None = None, dashboard: bool = False,
+    log_level: int = logging.WARNING,
 ) -> Iterator[Client]:
     """A dask ``distributed`` client for the duration of a ``with`` block.
 
@@ -39,6 +47,14 @@ def dask_client(
         this process, else a new in-process local cluster (closed on exit).
     threads : int, optional
         Worker threads of a new local cluster (default: the number of CPUs).
+    dashboard : bool, keyword-only
+        Serve the dask dashboard of a new local cluster, on ``127.0.0.1`` (port 8787, or a free
+        one when that is taken; :func:`dashboard_url` says which). Default: no dashboard.
+    log_level : int, keyword-only
+        ``distributed``'s loggers are raised to at least this level (its import sets them to
+        INFO). An entry point that reports errors itself passes ``logging.CRITICAL``: a failed
+        task's traceback ("Compute Failed") and, when Ctrl-C closes the cluster, the running
+        tasks' ``CancelledError`` are then not logged.
 
     Yields
     ------
@@ -62,20 +78,45 @@ def dask_client(
     n = threads or os.cpu_count() or 1
     for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core"):
         logger = logging.getLogger(name)
-        if logger.getEffectiveLevel() < logging.WARNING:
-            logger.setLevel(logging.WARNING)
+        if logger.getEffectiveLevel() < log_level:
+            logger.setLevel(log_level)
+    from distributed import Worker
+
+    class _LoopbackWorker(Worker):
+        """A worker without dashboard routes (LocalCluster enables them with any HTTP address)."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["dashboard"] = dashboard
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
     with (
         LocalCluster(
             n_workers=1,
             threads_per_worker=n,
             processes=False,
-            dashboard_address=None,
-            silence_logs=logging.WARNING,
+            # The scheduler's HTTP server starts even without a dashboard, and a missing host
+            # means every interface: name loopback and a free port (8787 only for a dashboard).
+            dashboard_address=f"{LOOPBACK}:{8787 if dashboard else 0}",
+            worker_dashboard_address=f"{LOOPBACK}:0",
+            worker_class=_LoopbackWorker,
+            scheduler_kwargs={"dashboard": dashboard},
+            silence_logs=log_level,
         ) as cluster,
         Client(cluster) as client,
     ):
         log.info("local dask cluster: 1 in-process worker, %d threads", n)
         yield client
+
+
+def dashboard_url(client: Client) -> str:
+    """The dashboard's address: ``http://127.0.0.1:PORT/status`` for a local cluster.
+
+    (``client.dashboard_link`` names the machine's public address, where nothing listens.)
+    """
+    server = getattr(getattr(client.cluster, "scheduler", None), "http_server", None)
+    if server is not None:
+        return f"http://{LOOPBACK}:{server.port}/status"
+    return str(client.dashboard_link)
 
 
 def has_gpu_workers(client: Client) -> bool:

@@ -23,6 +23,7 @@ The pyramid stops at the first level whose larger side is at most ``max_px``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -571,7 +572,10 @@ def iter_blocks(
     ]
 
     n_threads = max(2, min(4, _cpu_count()))
-    with ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-downsample") as down_pool:
+    computed = _prefetched(array, [b for b in blocks if b[0] >= start_row], prefetch)
+    # closed on any way out, while the dask client still runs: after an error or Ctrl-C in this
+    # loop the garbage collector would close it once the cluster is gone ("IOLoop is closed")
+    with ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-downsample") as down_pool, contextlib.closing(computed):
         chain = _Chain(shapes, lambda k, row, px: store.write(k, row, 0, px), down_pool)
 
         def lower_levels(r0: int, r1: int, c0: int, c1: int, pixels: NDArray[np.uint8]) -> None:
@@ -584,7 +588,6 @@ def iter_blocks(
                 chain.push(depth, store.read(depth, a, b), final=r1 == height)
 
         replayed = ((b, read_done(*b)) for b in blocks if b[1] <= start_row)  # type: ignore[misc]
-        computed = _prefetched(array, [b for b in blocks if b[0] >= start_row], prefetch)
         for (r0, r1, c0, c1), pixels in itertools.chain(replayed, computed):
             pixels = np.ascontiguousarray(pixels)
             if pixels.shape != (r1 - r0, c1 - c0, 3) or pixels.dtype != np.uint8:
@@ -630,8 +633,9 @@ def _prefetched(
                 yield block, result
                 del result
         finally:
-            for _, future in queue:
-                future.cancel()
+            if client is None or client.status == "running":  # a closed client's futures are gone
+                for _, future in queue:
+                    future.cancel()
 
 
 def _check_edges(edges: list[int], chunks: tuple[int, ...], axis: str) -> None:

@@ -1,0 +1,340 @@
+"""Every method through ``normalize-archive``, the per-slide timeout, and loopback-only services.
+
+Small generated slides (512-1024 px) against Prefect's local test API (its own PREFECT_HOME).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAINNET_WEIGHTS = "StainNet-Public_layer3_ch32.pth"
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with (
+        temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
+        yield home
+
+
+FIXED_MAP = """
+version: 1
+roots: {shared: SHARED}
+output_root: out
+method: METHOD
+formats: [ome-zarr, tiff]
+generate:
+  - {path: gen/a-1.tiff, stain: site-a, width: 1024, height: 768, seed: 1, tile_px: 256}
+  - {path: gen/b-1.tiff, stain: site-b, width: 512, height: 512, seed: 2, tile_px: 256}
+sites:
+  site-a: {slides: ['gen/a-*.tiff']}
+  site-b: {slides: ['gen/b-*.tiff']}
+concurrency: 2
+retry_delay_s: 0
+"""
+
+
+@pytest.mark.parametrize("method", ["none", "stainnet"])
+def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_path: Path, shared_data: Path,
+                                                         method: str) -> None:
+    """``none`` (identity) and ``stainnet`` (the published weights) fit nothing: the flow writes
+    both formats and QC for every slide, and a second run skips them as current. Everything the
+    flow's process listens on meanwhile (its dask cluster) is on 127.0.0.1."""
+    import threading
+
+    from flows.normalize_archive import normalize_archive
+    from wsi_norm.slide import open_slide
+    from wsi_norm.writers import read_level, read_provenance
+
+    text = FIXED_MAP.replace("SHARED", str(shared_data)).replace("METHOD", method)
+    if method == "stainnet":
+        text += f"weights: {shared_data / 'stainnet' / STAINNET_WEIGHTS}\n"
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(textwrap.dedent(text), encoding="utf-8")
+
+    me, seen, running = psutil.Process(), set(), threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            seen.update(_listening(me))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        state = normalize_archive(manifest=str(manifest), return_state=True)
+    finally:
+        running.clear()
+        sampler.join()
+    rows = {r["slide"]: r for r in state.result(raise_on_failure=False)}
+    assert state.is_completed(), (state.message, rows)
+    assert seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
+    assert {s: r["outcome"] for s, r in rows.items()} == {"a-1.tiff": "normalized", "b-1.tiff": "normalized"}
+    for site, stem, shape in (("site-a", "a-1", (768, 1024, 3)), ("site-b", "b-1", (512, 512, 3))):
+        for suffix in (".ome.zarr", ".tiff"):
+            out = tmp_path / "out" / site / (stem + suffix)
+            prov = read_provenance(out)
+            assert prov["method"] == method and prov["source_fit"] is None and prov["target"] is None
+            level0 = read_level(out, 0)
+            assert level0.shape == shape
+        with open_slide(tmp_path / "gen" / f"{stem}.tiff") as slide:
+            source = slide.read_region(0, x=0, y=0, width=shape[1], height=shape[0])
+        zarr0 = read_level(tmp_path / "out" / site / f"{stem}.ome.zarr", 0)
+        if method == "none":
+            np.testing.assert_array_equal(zarr0, source)  # the identity, through the same read/write path
+        else:
+            assert prov["weights"]["sha256"] and np.abs(zarr0.astype(int) - source).mean() > 2.0  # recoloured
+        assert (tmp_path / "out" / "qc" / site / stem / "metrics.json").is_file()
+
+    again = normalize_archive(manifest=str(manifest), return_state=True)
+    assert {r["slide"]: r["outcome"] for r in again.result(raise_on_failure=False)} == {
+        "a-1.tiff": "skipped (current)", "b-1.tiff": "skipped (current)"}
+
+
+TIMEOUT = """
+version: 1
+output_root: out
+method: none
+formats: [tiff]
+generate:
+  - {path: gen/fast.tiff, stain: site-a, width: 512, height: 512, seed: 1, tile_px: 256}
+  - {path: gen/slow.tiff, stain: site-a, width: 512, height: 512, seed: 2, tile_px: 256}
+sites:
+  site-a: {slides: [gen/fast.tiff, gen/slow.tiff]}
+concurrency: 2
+retries: 1
+retry_delay_s: 0
+slide_timeout_s: 30
+"""
+
+
+def test_a_slide_over_its_timeout_ends_failed_while_the_others_finish(
+    prefect_api: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_norm.pipeline
+    from flows.normalize_archive import normalize_archive
+
+    real = wsi_norm.pipeline.normalize_slide
+    hung: list[float] = []
+
+    def hang_on_slow(source: Any, out: Any, **kwargs: Any) -> Any:
+        if Path(source).name == "slow.tiff":  # a slide that never finishes (e.g. a reader gone astray)
+            start = time.monotonic()
+            hung.append(start)
+            while time.monotonic() - start < 300:
+                time.sleep(0.05)
+        return real(source, out, **kwargs)
+
+    monkeypatch.setattr(wsi_norm.pipeline, "normalize_slide", hang_on_slow)
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(textwrap.dedent(TIMEOUT), encoding="utf-8")
+    start = time.monotonic()
+    state = normalize_archive(manifest=str(manifest), return_state=True)
+    seconds = time.monotonic() - start
+    rows = {r["slide"]: r for r in state.result(raise_on_failure=False)}
+    assert state.is_failed() and state.message == "1 of 2 slides failed", state.message
+    assert rows["fast.tiff"]["outcome"] == "normalized"
+    assert rows["slow.tiff"]["outcome"] == "failed"
+    assert rows["slow.tiff"]["reason"] == "timed out: took longer than slide_timeout_s = 30 s"
+    assert (tmp_path / "out" / "site-a" / "fast.tiff").is_file()
+    assert not (tmp_path / "out" / "site-a" / "slow.tiff").exists()
+    assert len(hung) == 1  # not retried: a timeout is no I/O error to try again
+    assert seconds < 200, seconds  # it did not wait for the hung slide
+
+
+# ------------------------------------------------------------------ services on loopback only
+
+
+def _listening(proc: psutil.Process) -> set[tuple[str, int]]:
+    return {(c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+
+
+def test_local_cluster_listens_on_loopback_only_and_serves_no_dashboard() -> None:
+    import urllib.error
+    import urllib.request
+
+    from wsi_norm.cluster import dashboard_url, dask_client
+
+    me = psutil.Process()
+    before = _listening(me)
+    with dask_client(threads=1) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+        opened = _listening(me) - before
+        url = dashboard_url(client)
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(url, timeout=10)
+    assert opened and {ip for ip, _ in opened} == {"127.0.0.1"}, opened
+    assert 8787 not in {port for _, port in opened}
+    assert url.startswith("http://127.0.0.1:")
+
+
+def _watch_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str], set[tuple[str, int]]]:
+    """Run ``wsi-norm ARGS`` and collect every socket it listens on while it runs."""
+    exe = shutil.which("wsi-norm") or str(Path(sys.executable).with_name("wsi-norm"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([exe, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[tuple[str, int]] = set()
+    watched = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            seen |= _listening(watched)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), seen
+
+
+@pytest.fixture(scope="module")
+def cli_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from wsi_norm.testing.synthetic import generate_slide
+
+    path = tmp_path_factory.mktemp("cli") / "slide.tiff"
+    generate_slide(path, width=3072, height=3072, seed=3, tile_px=512)
+    return path
+
+
+def test_cli_run_listens_on_loopback_only(cli_slide: Path, tmp_path: Path) -> None:
+    done, seen = _watch_cli(["normalize", str(cli_slide), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q"],
+                            tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert seen, "no listening socket seen: the run ended before one was sampled"
+    assert {ip for ip, _ in seen} == {"127.0.0.1"}, seen
+    assert "already in use" not in done.stderr and "dashboard" not in done.stderr, done.stderr
+
+
+def test_cli_dashboard_only_when_asked_and_on_loopback(cli_slide: Path, tmp_path: Path) -> None:
+    done, seen = _watch_cli(["normalize", str(cli_slide), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q",
+                             "--dashboard"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.splitlines() if x.startswith("dask dashboard: "))
+    port = int(line.removeprefix("dask dashboard: http://127.0.0.1:").removesuffix("/status"))
+    assert ("127.0.0.1", port) in seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
+
+
+HARMONIZE_TIMEOUT = """
+version: 1
+output_root: out
+method: macenko
+formats: [ome-zarr]
+fit: {n_pixels: 40000}
+generate:
+  - {path: gen/a.tiff, stain: site-a, width: 1024, height: 1024, seed: 5, tile_px: 256}
+  - {path: gen/b.tiff, stain: site-b, width: 1024, height: 1024, seed: 5, tile_px: 256}
+sites:
+  site-a: {slides: [gen/a.tiff]}
+  site-b: {slides: [gen/b.tiff]}
+slide_timeout_s: 30
+"""
+
+
+def test_harmonize_sites_times_out_one_slide_and_finishes_the_others(
+    prefect_api: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_norm.pipeline
+    from flows.harmonize_sites import harmonize_sites
+
+    real = wsi_norm.pipeline.normalize_slide
+
+    def hang_on_b(source: Any, out: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        while Path(source).name == "b.tiff" and time.monotonic() - start < 300:
+            time.sleep(0.05)
+        return real(source, out, **kwargs)
+
+    monkeypatch.setattr(wsi_norm.pipeline, "normalize_slide", hang_on_b)
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(textwrap.dedent(HARMONIZE_TIMEOUT), encoding="utf-8")
+    start = time.monotonic()
+    state = harmonize_sites(manifest=str(manifest), target="site-a", return_state=True)
+    assert time.monotonic() - start < 200
+    assert state.is_failed()
+    assert state.message == ("1 slide(s) failed or need review: site-b/b.tiff: failed: timed out: took longer than "
+                             "30 s (slide_timeout_s)"), state.message
+    assert (tmp_path / "out" / "site-a" / "a.ome.zarr").is_dir()
+    assert not (tmp_path / "out" / "site-b" / "b.ome.zarr").exists()
+
+
+def test_harmonize_sites_refuses_a_method_that_fits_nothing(prefect_api: Path, tmp_path: Path) -> None:
+    from flows.harmonize_sites import harmonize_sites
+    from wsi_norm.errors import ManifestError
+
+    manifest = tmp_path / "data_manifest.yaml"
+    text = textwrap.dedent(HARMONIZE_TIMEOUT).replace("method: macenko", "method: none")
+    manifest.write_text(text, encoding="utf-8")
+    state = harmonize_sites(manifest=str(manifest), return_state=True)
+    with pytest.raises(ManifestError, match=r"data_manifest\.yaml: harmonize-sites fits a template per site, "
+                       r"method 'none' fits nothing; run normalize-archive for it"):
+        state.result()
+    assert not (tmp_path / "gen").exists()
+
+
+# ------------------------------------------------------------------ clean shutdown
+
+
+def test_cli_error_inside_the_cluster_is_one_line(cli_slide: Path, tmp_path: Path) -> None:
+    """A tile that fails to decode mid-run: one line naming the file, no worker traceback."""
+    data = bytearray(cli_slide.read_bytes())
+    for at in range(len(data) // 20, len(data) * 6 // 10, 5000):
+        data[at:at + 200] = b"\xff" * 200
+    corrupt = tmp_path / "corrupt.tiff"
+    corrupt.write_bytes(bytes(data))
+    done, _ = _watch_cli(["normalize", str(corrupt), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q"],
+                         tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wsi-norm: error: {corrupt}: cannot read level 0 region"), lines
+
+
+_INTERRUPTED = r"""
+import sys, tempfile
+import dask.array as da, numpy as np
+from wsi_norm.cluster import dask_client
+from wsi_norm.writers import write_pyramid
+
+image = da.from_array(np.full((4096, 4096, 3), 200, np.uint8), chunks=(512, 512, 3)).map_blocks(lambda b: b + 1)
+calls = []
+
+def progress(done, total):
+    calls.append(done)
+    if len(calls) == 3:
+        raise KeyboardInterrupt  # Ctrl-C while the level-0 blocks stream, futures in flight
+
+try:
+    with dask_client(threads=2):
+        write_pyramid(image, tempfile.mkdtemp() + "/out" + sys.argv[1], mpp=None, provenance={}, progress=progress)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".tiff", ".ome.zarr"])
+def test_interrupted_write_closes_without_stray_tracebacks(suffix: str) -> None:
+    """Ctrl-C while writing used to print ``Exception ignored in: <generator object _prefetched>
+    ... RuntimeError: IOLoop is closed`` after the cluster had closed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _INTERRUPTED, suffix], capture_output=True, text=True,
+                          timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted", done.stderr
+    assert "Exception ignored" not in done.stderr and "IOLoop is closed" not in done.stderr, done.stderr
+    assert "CancelledError" not in done.stderr, done.stderr
