@@ -335,12 +335,10 @@ class Manifest:
 
 
 def known_methods() -> frozenset[str]:
-    """Method names a manifest may use: ``wsi_norm.stain.METHODS`` plus ``stainnet`` and ``none``."""
-    from wsi_norm.stain import (
-        METHODS,  # local: keeps this module importable without the numeric stack
-    )
+    """Method names a manifest may use: :data:`wsi_norm.stain.ALL_METHODS`."""
+    from wsi_norm.stain import ALL_METHODS  # local: keeps this module importable without numpy
 
-    return frozenset(METHODS) | {"stainnet", "none"}
+    return frozenset(ALL_METHODS)
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:

@@ -47,7 +47,14 @@ from flows._common import SlideOutcome, generate_missing, resolve_template, sche
 from flows._completion import completion_path, is_complete, write_completion
 from flows._qc import publish_slide_qc
 from flows.manifest import Manifest, SlideEntry, load_manifest
-from wsi_norm.errors import ManifestError, OutputBusyError, OutputError, QCError, WsiNormError
+from wsi_norm.errors import (
+    ManifestError,
+    OutputBusyError,
+    OutputError,
+    QCError,
+    SlideOpenError,
+    WsiNormError,
+)
 from wsi_norm.runtime import return_freed_memory
 
 __all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
@@ -67,8 +74,10 @@ def _retry_unless_permanent(task: Any, task_run: Any, state: State) -> bool:
         return False  # another run holds the output: reported as busy, not retried
     except TimeoutError:
         return False
+    except SlideOpenError:
+        return False  # missing, unreadable or unsupported: it will fail the same way again
     except WsiNormError as exc:
-        return isinstance(exc, OSError) and not exc.__class__.__name__.endswith(("OpenError", "FormatError"))
+        return isinstance(exc, OSError)  # a read or write that failed (network storage, disk full)
     except OSError:
         return True
     except Exception:  # noqa: BLE001 - any other exception is a bug: do not retry it

@@ -34,7 +34,7 @@ from flows._common import generate_missing, resolve_template, scheduler_address
 from flows.manifest import Manifest, load_manifest
 from wsi_norm.errors import ManifestError, OutputError, WsiNormError
 from wsi_norm.runtime import return_freed_memory
-from wsi_norm.stainnet.teacher import DEFAULT_N_PIXELS_PER_SLIDE, SlidePairs
+from wsi_norm.stainnet.teacher import DEFAULT_N_PIXELS_PER_SLIDE, TEACHERS, SlidePairs
 from wsi_norm.stainnet.train import TrainResult
 
 __all__ = [
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--slides", nargs="+", help="explicit source slides (needs --target JSON)")
     parser.add_argument("--target", default=None, help="template name (manifest) or template JSON (slides)")
     parser.add_argument("--sites", nargs="+", default=None, help="source sites of the manifest")
-    parser.add_argument("--teacher", choices=("macenko", "vahadane"), default="macenko")
+    parser.add_argument("--teacher", choices=TEACHERS, default=TEACHERS[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--n-pixels", type=int, default=None, help="tissue pixels per slide")
     parser.add_argument("--seed", type=int, default=0)

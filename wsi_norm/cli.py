@@ -21,6 +21,7 @@ from typing import Any, NoReturn, Self
 
 from wsi_norm.errors import WsiNormError
 from wsi_norm.runtime import return_freed_memory
+from wsi_norm.stain import ALL_METHODS, METHODS, STAIN_MATRIX_METHODS
 
 log = logging.getLogger("wsi_norm.cli")
 
@@ -716,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_subcommand(sub, "fit", "fit a template (target statistics) from one or more slides",
                         epilog=params_epilog)
     p.add_argument("slides", nargs="+", metavar="SLIDE")
-    p.add_argument("--method", required=True, choices=("macenko", "vahadane", "reinhard", "histmatch"))
+    p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("-o", "--output", required=True, help="template JSON to write")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="method parameter (repeatable; the list below)")
@@ -736,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=params_epilog)
     p.add_argument("slide")
     p.add_argument("--method", required=True,
-                   choices=("macenko", "vahadane", "reinhard", "histmatch", "stainnet", "none"))
+                   choices=ALL_METHODS)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--target", help="template JSON (from `wsi-norm fit`)")
     group.add_argument("--reference", help="reference slide or image to fit the target from")
@@ -807,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_subcommand(
         stainnet_sub, "train", "distill StainNet from a Macenko/Vahadane teacher over source slides")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="source slides (>= 3: one is held out)")
-    p.add_argument("--teacher", required=True, choices=("macenko", "vahadane"))
+    p.add_argument("--teacher", required=True, choices=STAIN_MATRIX_METHODS)
     p.add_argument("--target", required=True, help="template JSON of the teacher's method")
     p.add_argument("-o", "--output", required=True, help="model .safetensors to write")
     p.add_argument("--epochs", type=_POSITIVE_INT, default=20, help="training epochs")

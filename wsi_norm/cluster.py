@@ -60,7 +60,7 @@ def dask_client(
     ------
     distributed.Client
     """
-    from distributed import Client, LocalCluster, get_client
+    from distributed import Client, get_client
 
     address = scheduler or os.environ.get(SCHEDULER_ENV) or None
     if address:
@@ -76,11 +76,25 @@ def dask_client(
         yield existing
         return
     n = threads or os.cpu_count() or 1
-    for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core"):
-        logger = logging.getLogger(name)
+    # quieter distributed loggers while this cluster runs (LocalCluster's silence_logs sets
+    # them too); the caller's levels are restored when it closes
+    loggers = [logging.getLogger(name) for name in _DISTRIBUTED_LOGGERS]
+    saved = [logger.level for logger in loggers]
+    for logger in loggers:
         if logger.getEffectiveLevel() < log_level:
             logger.setLevel(log_level)
-    from distributed import Worker
+    try:
+        yield from _local_client(n, dashboard, log_level)
+    finally:
+        for logger, level in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
+
+
+_DISTRIBUTED_LOGGERS = ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core")
+
+
+def _local_client(n: int, dashboard: bool, log_level: int) -> Iterator[Client]:
+    from distributed import Client, LocalCluster, Worker
 
     class _LoopbackWorker(Worker):
         """A worker without dashboard routes (LocalCluster enables them with any HTTP address)."""

@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from wsi_norm.errors import FitError, OutputError, OutputExistsError, QCError, TemplateError
 from wsi_norm.slide import Backend, Slide, open_slide
+from wsi_norm.stain import ALL_METHODS, METHODS
 from wsi_norm.stain.qc import ColourReference, QCReport, check_fit, check_mapped, colour_reference
 from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
 from wsi_norm.tissue.whitepoint import WhitePoint
@@ -58,10 +59,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STAT_METHODS = ("macenko", "vahadane", "reinhard", "histmatch")
+#: Methods fitted from slides (the stain registry, :data:`wsi_norm.stain.METHODS`).
+STAT_METHODS = METHODS
 # A slide with at least as many pixels as the 256^3 table has entries is mapped through it.
 _LUT_WORTH_PX = 256**3
-ALL_METHODS = (*STAT_METHODS, "stainnet", "none")
 Device = Literal["cpu", "cuda", "auto"]
 Glass = Literal["target", "keep"]
 PathLike = str | Path

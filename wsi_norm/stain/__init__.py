@@ -13,9 +13,9 @@ pixels in, statistics out. Turning two fits into a colour map is the next stage'
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.stain.base import StainParams, Stats
@@ -29,7 +29,10 @@ from wsi_norm.stain.reinhard import ReinhardStats, aggregate_reinhard, fit_reinh
 from wsi_norm.stain.vahadane import VahadaneStats, aggregate_vahadane, fit_vahadane
 
 __all__ = [
+    "ALL_METHODS",
     "METHODS",
+    "REGISTRY",
+    "MethodSpec",
     "STAIN_MATRIX_METHODS",
     "HistMatchStats",
     "MacenkoStats",
@@ -49,28 +52,35 @@ __all__ = [
     "stats_type",
 ]
 
-METHODS = ("macenko", "vahadane", "reinhard", "histmatch")
-#: Methods whose statistics are stain vectors (fitted in optical density against the white point).
-STAIN_MATRIX_METHODS = ("macenko", "vahadane")
+@dataclass(frozen=True)
+class MethodSpec:
+    """One fitted method: how to fit it, aggregate a cohort, and what its statistics are."""
 
-_FIT: dict[str, Callable[[NDArray[np.uint8], StainParams | None], Any]] = {
-    "macenko": fit_macenko,
-    "vahadane": fit_vahadane,
-    "reinhard": fit_reinhard,
-    "histmatch": fit_histmatch,
+    name: str
+    fit: Callable[..., Any]
+    aggregate: Callable[[list[Any]], Any]
+    stats: type
+    stain_matrix: bool
+    """True when the statistics are stain vectors (fitted in optical density against the white
+    point, so the fit takes the slide's white point)."""
+
+
+#: The registry: every other list of method names derives from it.
+REGISTRY: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("macenko", fit_macenko, aggregate_macenko, MacenkoStats, stain_matrix=True),
+        MethodSpec("vahadane", fit_vahadane, aggregate_vahadane, VahadaneStats, stain_matrix=True),
+        MethodSpec("reinhard", fit_reinhard, aggregate_reinhard, ReinhardStats, stain_matrix=False),
+        MethodSpec("histmatch", fit_histmatch, aggregate_histmatch, HistMatchStats, stain_matrix=False),
+    )
 }
-_AGGREGATE: dict[str, Callable[[list[Any]], Any]] = {
-    "macenko": aggregate_macenko,
-    "vahadane": aggregate_vahadane,
-    "reinhard": aggregate_reinhard,
-    "histmatch": aggregate_histmatch,
-}
-_STATS_TYPE: dict[str, type] = {
-    "macenko": MacenkoStats,
-    "vahadane": VahadaneStats,
-    "reinhard": ReinhardStats,
-    "histmatch": HistMatchStats,
-}
+METHODS = tuple(REGISTRY)
+#: Methods whose statistics are stain vectors (fitted in optical density against the white point).
+STAIN_MATRIX_METHODS = tuple(name for name, spec in REGISTRY.items() if spec.stain_matrix)
+#: Every method the pipeline runs: the fitted ones, the learned StainNet map (applied from a
+#: checkpoint, fitted nothing: :mod:`wsi_norm.colormap.stainnet`) and ``none``, the identity.
+ALL_METHODS = (*METHODS, "stainnet", "none")
 
 
 def check_method(method: str, *, allow_none: bool = False) -> None:
@@ -83,7 +93,7 @@ def check_method(method: str, *, allow_none: bool = False) -> None:
 def stats_type(method: str) -> type:
     """The statistics class ``fit_stats(method, ...)`` returns."""
     check_method(method)
-    return _STATS_TYPE[method]
+    return REGISTRY[method].stats
 
 
 def default_params(method: str) -> StainParams:
@@ -100,22 +110,23 @@ def fit_stats(
     ``white`` (the slide's white point, (3,)) is used by the stain-matrix methods only.
     """
     check_method(method)
-    if method in STAIN_MATRIX_METHODS:
-        return _FIT[method](pixels, params, white=white)  # type: ignore[call-arg]
-    return _FIT[method](pixels, params)
+    spec = REGISTRY[method]
+    if spec.stain_matrix:
+        return spec.fit(pixels, params, white=white)
+    return spec.fit(pixels, params)
 
 
 def aggregate_stats(method: str, stats_list: Sequence[Any]) -> Any:
     """Robust cohort aggregate of several slides' statistics (see ``aggregate_<method>``)."""
     check_method(method)
-    expected = _STATS_TYPE[method]
+    spec = REGISTRY[method]
     for s in stats_list:
-        if not isinstance(s, expected):
-            raise TypeError(f"{method}: expected {expected.__name__}, got {type(s).__name__}")
-    return _AGGREGATE[method](list(stats_list))
+        if not isinstance(s, spec.stats):
+            raise TypeError(f"{method}: expected {spec.stats.__name__}, got {type(s).__name__}")
+    return spec.aggregate(list(stats_list))
 
 
 def stats_from_dict(method: str, d: dict[str, Any]) -> Any:
     """Rebuild ``method``'s statistics from ``Stats.to_dict()`` output."""
     check_method(method)
-    return _STATS_TYPE[method].from_dict(d)
+    return REGISTRY[method].stats.from_dict(d)

@@ -44,6 +44,7 @@ from numpy.typing import NDArray
 
 from wsi_norm.colormap.stainnet import StainNetMetadata, StainNetWeights
 from wsi_norm.errors import FitError, TemplateError
+from wsi_norm.stain import STAIN_MATRIX_METHODS
 from wsi_norm.stainnet.train import EpochRecord, Optimizer, TrainResult, train_stainnet
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TEACHERS = ("macenko", "vahadane")
+TEACHERS = STAIN_MATRIX_METHODS
 """Colour maps that can teach StainNet (stain-matrix methods)."""
 
 DEFAULT_N_PIXELS_PER_SLIDE = 200_000
