@@ -665,7 +665,7 @@ def compile_checked(
     FitError
         The map cannot be compiled (a singular stain matrix).
     """
-    from wsi_norm.colormap.maps import compile_colormap
+    from wsi_norm.colormap import compile_colormap
     from wsi_norm.stain import STAIN_MATRIX_METHODS
 
     stain_params = resolve_params(params)

@@ -29,7 +29,7 @@ Evaluation paths and how exactly they agree
   ``clip(y * 0.5 + 0.5, 0, 1) * 255`` truncated to uint8 out, exactly as the authors' code; or a
   gather from the 256^3 LUT, built from the very same slabs, so the two are **bit-identical**.
   On the torchstain patches through the three published checkpoints this equals the authors'
-  computation on the whole image on every pixel (``tests/test_colour_fidelity.py``). (An earlier
+  computation on the whole image on every pixel (``tests/integration/test_colour_fidelity.py``). (An earlier
   compiled per-pixel loop summed in another order and moved 2-16 pixels per patch by one level.)
 * ``evaluate_numpy``: the definition the others are pinned to (the module on slabs, via
   :func:`network_colour`); the tests check it against an independent numpy reference of the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -19,12 +20,11 @@ import numpy as np
 import pytest
 
 from wsi_norm.errors import OutputError, OutputExistsError
-from wsi_norm.writers import ome_zarr as ome_zarr_writer
+from wsi_norm.pyramid import LevelStore
 from wsi_norm.writers import read_level, read_provenance, write_pyramid
-from wsi_norm.writers import tiff as tiff_writer
 
 FORMATS = ["x.ome.zarr", "x.tif"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _image(seed: int = 0, h: int = 2600, w: int = 1500) -> np.ndarray:
@@ -125,19 +125,23 @@ def test_fault_midway_leaves_nothing(tmp_path: Path, name: str) -> None:
     assert _leftovers(tmp_path) == []
 
 
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "injected"])
 @pytest.mark.parametrize("name", FORMATS)
 def test_full_disk_leaves_nothing(
-    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, name: str, disk: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A full disk: a real 1 MB tmpfs where this process may mount one, and always an injected
+    ENOSPC in the lower-level spill (``LevelStore.write``, used by both writers), so the
+    failure path runs on every machine, root or not."""
     folder = tmp_path / "small"
-    with _tmpfs(folder, "size=1m") as mounted:
-        if not mounted:  # no tmpfs without root: inject ENOSPC where data is written
-
-            def no_space(*args: object, **kwargs: object) -> None:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-            monkeypatch.setattr(tiff_writer._Spill, "add", no_space)
-            monkeypatch.setattr(ome_zarr_writer._LevelBuffer, "add", no_space)
+    with _tmpfs(folder, "size=1m") if disk == "tmpfs" else contextlib.nullcontext(False) as mounted:
+        if not mounted:
+            folder.mkdir(exist_ok=True)
+            monkeypatch.setattr(LevelStore, "write", _no_space)
         # Random pixels do not compress: about 9 MB of output for a 1 MB disk.
         with pytest.raises(
             OutputError, match=rf"{name}: writing failed: .*No space left on device"

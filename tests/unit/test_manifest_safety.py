@@ -19,7 +19,7 @@ import pytest
 from flows.manifest import MAX_MANIFEST_BYTES, load_manifest
 from wsi_norm.errors import ManifestError, OutputError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(folder: Path, text: str, name: str = "data_manifest.yaml") -> Path:

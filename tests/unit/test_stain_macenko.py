@@ -6,7 +6,6 @@ Images here are rendered with white point 239 (Macenko's Io = 240) and fitted wi
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from wsi_norm.stain import StainParams
 from wsi_norm.stain.base import order_stains
 from wsi_norm.stain.macenko import MacenkoStats, aggregate_macenko
 from wsi_norm.stain.macenko import fit_macenko as _fit_macenko
+from wsi_norm.testing.data import data_dir
 from wsi_norm.tissue.sampling import tissue_blocks
 
 WHITE = 239.0
@@ -28,7 +28,7 @@ WHITE = 239.0
 def fit_macenko(pixels, params=None):
     return _fit_macenko(pixels, params, white=WHITE)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = data_dir()
 
 
 def _unit(v):

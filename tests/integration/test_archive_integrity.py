@@ -33,7 +33,7 @@ from wsi_norm.slide import open_slide
 from wsi_norm.writers import read_level, read_provenance, write_pyramid
 from wsi_norm.writers.verify import output_facts, verify_output
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FORMATS = ["x.ome.zarr", "x.tif"]
 
 

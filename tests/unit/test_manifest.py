@@ -11,7 +11,7 @@ import pytest
 from flows.manifest import FORMAT_SUFFIXES, load_manifest
 from wsi_norm.errors import ManifestError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(tmp: Path, text: str, name: str = "data_manifest.yaml") -> Path:

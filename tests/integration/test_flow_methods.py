@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STAINNET_WEIGHTS = "StainNet-Public_layer3_ch32.pth"
 
 

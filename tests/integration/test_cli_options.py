@@ -145,7 +145,7 @@ def test_console_command_error_is_one_line(tmp_path: Path, sample_svs: Path) -> 
     import os
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "-m", "wsi_norm.cli", "normalize", str(sample_svs), "--method", "none",

@@ -14,9 +14,10 @@ import pytest
 import zarr
 
 from wsi_norm.pyramid import reference_pyramid
+from wsi_norm.testing.data import data_dir
 from wsi_norm.writers import read_level, read_provenance, software_versions, write_pyramid
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = data_dir()
 SLIDE = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
 MPP = (0.499, 0.499)
 PROVENANCE = {"method": "none", "source": {"name": "CMU-1-Small-Region.svs", "size": 1938955}}

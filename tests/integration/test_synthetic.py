@@ -20,6 +20,7 @@ from hypothesis.extra.numpy import arrays
 
 from wsi_norm.errors import OutputExistsError, SlideOpenError
 from wsi_norm.testing import synthetic
+from wsi_norm.testing.data import data_dir
 from wsi_norm.testing.synthetic import (
     RUIFROK_HE,
     SITE_STAINS,
@@ -32,7 +33,7 @@ from wsi_norm.testing.synthetic import (
     unmix_ruifrok,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = data_dir()
 LUMA = np.array([0.299, 0.587, 0.114])
 
 needs_real_data = pytest.mark.skipif(
