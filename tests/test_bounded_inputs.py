@@ -362,9 +362,10 @@ def _torch_checkpoint_entries(tmp_path: Path) -> list[tuple[str, int, bytes, int
 
 
 def _zip_bomb_pth(tmp_path: Path, n_pieces: int) -> Path:
-    """A real StainNet checkpoint whose largest tensor record is replaced by deflated zeros."""
+    """A real StainNet checkpoint whose pickle record is replaced by deflated zeros (torch reads
+    that record whole before unpickling: 3.4 GB peak for 1.5 GiB before this check)."""
     entries = _torch_checkpoint_entries(tmp_path)
-    index = max(range(len(entries)), key=lambda i: entries[i][4] if "/data/" in entries[i][0] else -1)
+    index = next(i for i, e in enumerate(entries) if e[0].endswith("/data.pkl"))
     stream, crc, size = _zeros_deflate(n_pieces)
     entries[index] = (entries[index][0], 8, stream, crc, size)
     path = tmp_path / "bomb.pth"
@@ -390,7 +391,7 @@ def test_pth_entry_compressed_beyond_any_checkpoint_is_refused(tmp_path: Path) -
     from wsi_norm.stain.stainnet import load_stainnet
 
     bomb = _zip_bomb_pth(tmp_path, n_pieces=2)  # 32 MiB: under the size cap, but ~1000x compressed
-    with pytest.raises(WeightsError, match=rf"^{bomb}: zip entry 'ok/data/\d+' expands [\d,]+ -> 33,554,432 bytes "
+    with pytest.raises(WeightsError, match=rf"^{bomb}: zip entry 'ok/data\.pkl' expands [\d,]+ -> 33,554,432 bytes "
                        r"\(over 100x\): refused as a zip bomb"):
         load_stainnet(bomb)
 
