@@ -182,6 +182,7 @@ class _TiffSlideReader:
         self._check_pixels(path)
         self._fd = os.open(path, os.O_RDONLY)  # os.pread on it is thread-safe, no lock needed
         self._verified: set[tuple[int, int]] = set()
+        self._warned_unchecked = False
 
     def _put_slide_first(self, path: Path) -> None:
         """Make the largest tiled image series 0, the one tiffslide reads as the slide.
@@ -242,6 +243,13 @@ class _TiffSlideReader:
             return
         import imagecodecs
 
+        if not imagecodecs.JPEGXL.available:  # an imagecodecs build without libjxl
+            if not self._warned_unchecked:
+                self._warned_unchecked = True
+                log.warning("%s: imagecodecs lacks JPEG XL; JPEG tiles are not checked for "
+                            "corruption on the tiffslide path", self._path)
+            return
+
         holder = lvl.pages[0] if lvl.pages and lvl.pages[0] is not None else page
         offsets, counts = holder.dataoffsets, holder.databytecounts
         tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
@@ -258,7 +266,7 @@ class _TiffSlideReader:
                 if _jpeg_frame_kind(stream) is not None:
                     try:
                         imagecodecs.jpegxl_encode_jpeg(stream, numthreads=1)
-                    except Exception as exc:  # noqa: BLE001 - any refusal means damaged data
+                    except imagecodecs.JpegxlError as exc:  # its JPEG parser refused the data
                         raise SlideReadError(
                             f"{self._path}: corrupt JPEG tile at level {level}, tile column {col}, "
                             f"row {row} (bytes {int(offsets[index])}..{int(offsets[index] + counts[index])}): "
