@@ -278,6 +278,13 @@ def test_leading_thumbnail_is_not_level_0(tmp_path: Path) -> None:
             assert slide.backend == "tiffslide"
             assert slide.dimensions == (1536, 1024) and slide.tile_size(0) == (256, 256)
             assert np.array_equal(slide.read_region(0, x=0, y=0, width=1536, height=1024), full)
+    # the converse: a large untiled image followed by a small tiled preview is the large image
+    converse = tmp_path / "untiled-first.tif"
+    with tifffile.TiffWriter(converse) as tw:
+        tw.write(full, photometric="rgb", rowsperstrip=64)
+        tw.write(full[::4, ::4].copy(), photometric="rgb", tile=(64, 64))
+    with open_slide(converse) as slide:
+        assert slide.backend == "image" and slide.dimensions == (1536, 1024)
 
 
 # ------------------------------------------------------------------ weights files

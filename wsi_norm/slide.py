@@ -488,16 +488,21 @@ def _largest_tiled_series(tif: Any) -> int | None:
 
     tifffile numbers series in file order, so a small stripped thumbnail written before the
     slide would be series 0 and be read as the slide; the slide is the largest tiled image.
+    None also when the first image is untiled and larger than every tiled one (a plain
+    untiled image with a tiled preview stays an untiled image).
     """
     best: tuple[int, int] | None = None
+    first_pixels = 0
     for index, series in enumerate(tif.series):
         page = series.levels[0].keyframe
-        if page is None or not page.is_tiled:
+        if page is None:
             continue
         pixels = int(page.imagewidth) * int(page.imagelength)
-        if best is None or pixels > best[1]:
+        if index == 0:
+            first_pixels = pixels
+        if page.is_tiled and (best is None or pixels > best[1]):
             best = (index, pixels)
-    return None if best is None else best[0]
+    return None if best is None or best[1] < first_pixels else best[0]
 
 
 def _is_tiled_tiff(path: Path) -> bool:
