@@ -690,6 +690,9 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
 
     templates: dict[str, ResolvedTemplate] = {}
     for name, tspec in model.templates.items():
+        if not re.match(_NAME_RE, name):
+            # the name becomes a file name (<output_root>/templates/<name>.json)
+            raise r.error(("templates", name), "template names use letters, digits, '-', '_', '.' (no '/')")
         if tspec.site is not None:
             if tspec.site not in model.sites:
                 raise r.error(("templates", name, "site"), f"unknown site {tspec.site!r}")

@@ -37,6 +37,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
@@ -47,7 +48,10 @@ from wsi_norm.errors import LevelError, SlideOpenError, SlideReadError, Unsuppor
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["Backend", "BACKENDS", "Slide", "open_slide", "DEFAULT_CHUNK_PX"]
+__all__ = [
+    "Backend", "BACKENDS", "Slide", "open_slide", "DEFAULT_CHUNK_PX", "MAX_TIFF_PAGES",
+    "MAX_UNTILED_PIXELS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,15 @@ def _sample_spans(size: int) -> list[tuple[int, int]]:
     step = middle / (_SAMPLE_BLOCKS - 1)
     blocks = [(edge + round(i * step), _SAMPLE_BLOCK_BYTES) for i in range(_SAMPLE_BLOCKS)]
     return [(0, edge), *blocks, (size - edge, edge)]
+
+
+MAX_TIFF_PAGES = 65_536
+"""Most image file directories a TIFF may chain; a longer (or looping) chain is refused."""
+MAX_UNTILED_PIXELS = 178_956_970
+"""Largest untiled image (PNG, JPEG, untiled TIFF) read, in pixels (about 13,377 x 13,377;
+512 MiB as RGB). An untiled image is decoded whole into memory, so a small compressed file can
+expand to many GB; larger ones are refused before decoding. It equals PIL's own
+decompression-bomb limit (twice ``PIL.Image.MAX_IMAGE_PIXELS`` at its default)."""
 
 
 class _Reader(Protocol):
@@ -170,6 +183,7 @@ class _TiffSlideReader:
         self._path = path
         try:
             self._slide = tiffslide.TiffSlide(str(path))
+            self._put_slide_first(path)
             props = dict(self._slide.properties)
         except Exception as exc:  # tifffile raises many types on garbage; all mean "cannot open"
             raise SlideOpenError(
@@ -183,6 +197,24 @@ class _TiffSlideReader:
         self.mpp = _parse_mpp(self.properties, "tiffslide")
         self.tile_sizes = _tile_sizes(self.properties, "tiffslide", len(self.level_dimensions))
         self._check_pixels(path)
+        self._fd = os.open(path, os.O_RDONLY)  # os.pread on it is thread-safe, no lock needed
+        self._verified: set[tuple[int, int]] = set()
+        self._warned_unchecked = False
+
+    def _put_slide_first(self, path: Path) -> None:
+        """Make the largest tiled image series 0, the one tiffslide reads as the slide.
+
+        tiffslide reads tifffile's series 0, which is the first image in the file; when that is
+        a small stripped thumbnail written before the slide, it would be taken for the slide.
+        tifffile caches its list of series, so reordering it in place redirects tiffslide
+        (before any pixels or levels are read).
+        """
+        tif = self._slide.ts_tifffile
+        index = _largest_tiled_series(tif)
+        if index:
+            series = tif.series
+            log.debug("%s: series %d is the largest tiled image; reading it as level 0", path, index)
+            series.insert(0, series.pop(index))
 
     def _check_pixels(self, path: Path) -> None:
         series = self._slide.ts_tifffile.series[0]
@@ -205,13 +237,86 @@ class _TiffSlideReader:
                 f"{self._path}: cannot read level {level} region x={x} y={y} "
                 f"{width}x{height}: {exc}"
             ) from exc
+        self._verify_jpeg_tiles(level, x, y, width, height)
         region = np.asarray(region)
         if region.ndim != 3 or region.shape[2] < 3:
             raise UnsupportedFormatError(f"{self._path}: region of shape {region.shape} is not RGB")
         return np.ascontiguousarray(region[..., :3])
 
+    def _verify_jpeg_tiles(self, level: int, x: int, y: int, width: int, height: int) -> None:
+        """Raise :class:`SlideReadError` if a JPEG tile under the region is corrupt.
+
+        libjpeg only *warns* about corrupt entropy-coded data ("premature end of data segment",
+        "bad Huffman code") and fills the rest of the tile with flat blocks; OpenSlide turns the
+        warning into an error, but tifffile/imagecodecs return the damaged tile silently. So each
+        baseline/progressive 8-bit JPEG tile is parsed once by a strict JPEG parser (libjxl's
+        lossless JPEG transcoder through imagecodecs, which rejects such streams) before its
+        pixels are trusted. Costs about 10 MP/s per thread (measured on the sample SVS's tiles),
+        once per tile; other compressions are read as tifffile decodes them.
+        """
+        lvl = self._slide.ts_tifffile.series[0].levels[level]
+        page = lvl.keyframe
+        if page.compression != 7 or not page.is_tiled or page.planarconfig != 1:
+            return
+        import imagecodecs
+
+        if not imagecodecs.JPEGXL.available:  # an imagecodecs build without libjxl
+            if not self._warned_unchecked:
+                self._warned_unchecked = True
+                log.warning("%s: imagecodecs lacks JPEG XL; JPEG tiles are not checked for "
+                            "corruption on the tiffslide path", self._path)
+            return
+
+        holder = lvl.pages[0] if lvl.pages and lvl.pages[0] is not None else page
+        offsets, counts = holder.dataoffsets, holder.databytecounts
+        tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
+        cols = -(-int(page.imagewidth) // tile_w)
+        rows = -(-int(page.imagelength) // tile_h)
+        tables = page.jpegtables
+        for row in range(max(0, y // tile_h), min(rows, -(-(y + height) // tile_h))):
+            for col in range(max(0, x // tile_w), min(cols, -(-(x + width) // tile_w))):
+                index = row * cols + col
+                if (level, index) in self._verified or index >= len(offsets) or not counts[index]:
+                    continue
+                data = os.pread(self._fd, int(counts[index]), int(offsets[index]))
+                stream = bytes(tables[:-2]) + data[2:] if tables and data[:2] == b"\xff\xd8" else data
+                if _jpeg_frame_kind(stream) is not None:
+                    try:
+                        imagecodecs.jpegxl_encode_jpeg(stream, numthreads=1)
+                    except imagecodecs.JpegxlError as exc:  # its JPEG parser refused the data
+                        raise SlideReadError(
+                            f"{self._path}: corrupt JPEG tile at level {level}, tile column {col}, "
+                            f"row {row} (bytes {int(offsets[index])}..{int(offsets[index] + counts[index])}): "
+                            f"its data does not decode cleanly ({exc})"
+                        ) from exc
+                self._verified.add((level, index))
+
     def close(self) -> None:
+        os.close(self._fd)
         self._slide.close()
+
+
+def _jpeg_frame_kind(stream: bytes) -> int | None:
+    """The SOF marker (0xC0 baseline, 0xC1 extended, 0xC2 progressive) of an 8-bit Huffman JPEG,
+    or None for anything else (arithmetic coding, 12-bit, lossless, or no frame header found):
+    the kinds the strict check in :meth:`_TiffSlideReader._verify_jpeg_tiles` understands."""
+    pos = 2 if stream[:2] == b"\xff\xd8" else 0
+    while pos + 4 <= len(stream):
+        if stream[pos] != 0xFF:
+            return None
+        marker = stream[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xC0, 0xC1, 0xC2):
+            return marker if pos + 4 < len(stream) and stream[pos + 4] == 8 else None
+        if marker in (0xDA, 0xD9) or 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return None  # scan or image end before a Huffman frame header, or another coding
+        pos += 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
+    return None
 
 
 class _ImageReader:
@@ -247,7 +352,19 @@ def _read_plain_image(path: Path) -> tuple[NDArray[np.uint8], str]:
         import tifffile
 
         try:
-            data = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape = tuple(int(n) for n in series.shape)
+                pixels = math.prod(shape[:-1]) if len(shape) >= 3 else math.prod(shape)
+                if pixels > MAX_UNTILED_PIXELS:
+                    raise SlideReadError(
+                        f"{path}: untiled image of shape {shape} ({pixels:,} pixels) is over the "
+                        f"limit of {MAX_UNTILED_PIXELS:,} pixels for an image read whole into "
+                        "memory; convert it to a tiled pyramidal TIFF"
+                    )
+                data = series.asarray()
+        except SlideReadError:
+            raise
         except Exception as exc:
             raise SlideOpenError(f"{path}: cannot read TIFF image: {exc}") from exc
         mode = f"{data.dtype}x{data.shape[-1] if data.ndim == 3 else 1}"
@@ -260,7 +377,13 @@ def _read_plain_image(path: Path) -> tuple[NDArray[np.uint8], str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only; PIL itself refuses a bomb here
+            width, height = img.size
+            if width * height > MAX_UNTILED_PIXELS:
+                raise SlideReadError(
+                    f"{path}: image of {width}x{height} ({width * height:,} pixels) is over the "
+                    f"limit of {MAX_UNTILED_PIXELS:,} pixels for an image read whole into memory"
+                )
             img.load()
             mode = img.mode
             if mode in ("P", "PA"):
@@ -273,18 +396,25 @@ def _read_plain_image(path: Path) -> tuple[NDArray[np.uint8], str]:
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except UnidentifiedImageError as exc:
         raise SlideOpenError(f"{path}: not an image any backend can open") from exc
+    except Image.DecompressionBombError as exc:
+        raise SlideReadError(
+            f"{path}: image is over the limit for an image read whole into memory ({exc})"
+        ) from exc
     except OSError as exc:
-        if isinstance(exc, UnsupportedFormatError):
+        if isinstance(exc, (UnsupportedFormatError, SlideReadError)):
             raise
         raise SlideOpenError(f"{path}: cannot read image: {exc}") from exc
     return np.ascontiguousarray(rgb), mode
 
 
 def _tiff_damage_hint(path: Path) -> str:
-    """Say so when a file starts like a TIFF but its directory chain runs past its end.
+    """Say so when a file starts like a TIFF but its directory chain is damaged.
 
     Walks the chain of image file directories (classic TIFF and BigTIFF) reading only their
-    headers; returns ``""`` for an intact chain or a file that is not a TIFF.
+    headers, with a visited set and at most :data:`MAX_TIFF_PAGES` directories, so a chain that
+    runs past the end of the file, loops back on itself or never ends is reported in
+    milliseconds (tifffile itself walks a looping chain forever). Returns ``""`` for an intact
+    chain or a file that is not a TIFF.
     """
     try:
         size = path.stat().st_size
@@ -300,10 +430,20 @@ def _tiff_damage_hint(path: Path) -> str:
                 count_size, entry_size, offset_size, offset = 8, 20, 8, int.from_bytes(head[8:16], order)
             else:
                 return ""
-            seen: set[int] = set()
+            seen: dict[int, int] = {}
             index = 0
-            while offset and offset not in seen and index < 100_000:
-                seen.add(offset)
+            while offset:
+                if offset in seen:
+                    return (
+                        f" (its TIFF directory chain loops: directory {index} would be directory "
+                        f"{seen[offset]} again, at byte {offset})"
+                    )
+                if index >= MAX_TIFF_PAGES:
+                    return (
+                        f" (its TIFF directory chain has more than {MAX_TIFF_PAGES} directories, "
+                        "the most wsi-norm reads)"
+                    )
+                seen[offset] = index
                 if offset + count_size > size:
                     return (
                         f" (the file looks truncated: TIFF directory {index} is at byte {offset} "
@@ -360,12 +500,34 @@ def _openslide_format(path: Path) -> str | None:
         return None
 
 
+def _largest_tiled_series(tif: Any) -> int | None:
+    """Index of the series whose full-resolution page is the largest tiled image, or None.
+
+    tifffile numbers series in file order, so a small stripped thumbnail written before the
+    slide would be series 0 and be read as the slide; the slide is the largest tiled image.
+    None also when the first image is untiled and larger than every tiled one (a plain
+    untiled image with a tiled preview stays an untiled image).
+    """
+    best: tuple[int, int] | None = None
+    first_pixels = 0
+    for index, series in enumerate(tif.series):
+        page = series.levels[0].keyframe
+        if page is None:
+            continue
+        pixels = int(page.imagewidth) * int(page.imagelength)
+        if index == 0:
+            first_pixels = pixels
+        if page.is_tiled and (best is None or pixels > best[1]):
+            best = (index, pixels)
+    return None if best is None or best[1] < first_pixels else best[0]
+
+
 def _is_tiled_tiff(path: Path) -> bool:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            return bool(tif.pages[0].is_tiled)  # type: ignore[union-attr]
+            return _largest_tiled_series(tif) is not None
     except Exception:  # not a TIFF, or a broken one: not ours to judge here
         return False
 
@@ -745,10 +907,7 @@ def open_slide(
     (960, 960, 3)
     """
     p = Path(path)
-    if not p.exists():
-        raise SlideOpenError(f"{p}: no such file")
-    if p.is_dir():
-        raise SlideOpenError(f"{p}: is a directory, not a slide file")
+    _check_regular_file(p)
     if _starts_like_tiff(p):
         hint = _tiff_damage_hint(p)
         if hint:
@@ -765,6 +924,27 @@ def open_slide(
             raise UnsupportedFormatError(f"{p}: tiffslide reads TIFF-family files only")
     log.debug("opening %s with %s", p, backend)
     return Slide(p, backend, mpp=mpp)
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse what is not a regular file before opening it: opening a FIFO blocks until a
+    writer appears, and a device or socket is no slide."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise SlideOpenError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise SlideOpenError(f"{path}: cannot stat it: {exc.strerror or exc}") from exc
+    if S_ISDIR(mode):
+        raise SlideOpenError(f"{path}: is a directory, not a slide file")
+    if not S_ISREG(mode):
+        kind = (
+            "a FIFO (named pipe)" if S_ISFIFO(mode)
+            else "a socket" if S_ISSOCK(mode)
+            else "a device" if S_ISCHR(mode) or S_ISBLK(mode)
+            else "a special file"
+        )
+        raise SlideOpenError(f"{path}: is {kind}, not a regular slide file")
 
 
 def _starts_like_tiff(path: Path) -> bool:

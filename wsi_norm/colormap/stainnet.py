@@ -433,9 +433,75 @@ def load_stainnet(path: str | os.PathLike[str]) -> StainNetWeights:
         raise WeightsError(f"{path}: {exc}") from exc
 
 
+MAX_WEIGHTS_BYTES = 64 << 20
+"""Most bytes a weights file may declare (all its tensors, or all entries of a ``.pth`` zip,
+uncompressed): StainNet's weights are 5 KB, so 64 MiB leaves room for a training checkpoint
+while a file that would expand to gigabytes is refused before anything is decompressed."""
+_MAX_COMPRESSION_RATIO = 100
+_MAX_ZIP_ENTRIES = 10_000
+_MAX_SAFETENSORS_HEADER = 1 << 20
+_SAFETENSORS_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def _check_torch_zip(path: Path) -> None:
+    """Check a ``.pth`` zip archive's directory before ``torch.load`` decompresses anything.
+
+    The sizes checked are those the zip's central directory declares (what a reader allocates):
+    their sum must stay under :data:`MAX_WEIGHTS_BYTES`, and no large entry may expand more than
+    100-fold (torch.save stores entries uncompressed; a deflate ratio near 1000 is a zip bomb).
+    A file that is not a zip (the legacy pickle format) is bounded by its own size.
+    """
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        if size > MAX_WEIGHTS_BYTES:
+            raise WeightsError(
+                f"{path}: {size:,} bytes, over the limit of {MAX_WEIGHTS_BYTES:,} for a weights file"
+            )
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (zip: {exc})") from exc
+    if len(entries) > _MAX_ZIP_ENTRIES:
+        raise WeightsError(f"{path}: {len(entries):,} zip entries; a StainNet checkpoint has about 8")
+    total = sum(e.file_size for e in entries)
+    if total > MAX_WEIGHTS_BYTES:
+        raise WeightsError(
+            f"{path}: its zip entries declare {total:,} bytes uncompressed, over the limit of "
+            f"{MAX_WEIGHTS_BYTES:,} for a weights file (StainNet's weights are 5 KB)"
+        )
+    for entry in entries:
+        if entry.file_size > (1 << 20) and entry.file_size > _MAX_COMPRESSION_RATIO * max(entry.compress_size, 1):
+            raise WeightsError(
+                f"{path}: zip entry {entry.filename!r} expands {entry.compress_size:,} -> "
+                f"{entry.file_size:,} bytes (over {_MAX_COMPRESSION_RATIO}x): refused as a zip bomb"
+            )
+
+
+def _unpickling_problem(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without its advice to switch it off."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (
+            f"its pickle asks for the global {found.group(1)}, which a plain state dict of "
+            "tensors never needs; refused (weights are loaded with weights_only=True, no code runs)"
+        )
+    for line in text.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and "weights_only" not in line and "Weights only load failed" not in line \
+                and not line.startswith("Check the documentation"):
+            return line
+    return type(exc).__name__
+
+
 def _read_torch_state(path: Path) -> Mapping[str, Any]:
     import torch
 
+    _check_torch_zip(path)
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except (
@@ -452,7 +518,10 @@ def _read_torch_state(path: Path) -> Mapping[str, Any]:
         TypeError,
         AttributeError,
     ) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False
+            first = _unpickling_problem(exc)
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
             f"{path}: not a PyTorch checkpoint that torch.load(weights_only=True) accepts ({first})"
         ) from exc
@@ -463,9 +532,78 @@ def _read_torch_state(path: Path) -> Mapping[str, Any]:
     return obj
 
 
+def _check_safetensors_header(path: Path) -> None:
+    """Check a ``.safetensors`` header against the file and StainNet before any tensor is read.
+
+    Reads the 8-byte header length and the JSON header only; every tensor must be one of
+    StainNet's six with its shape, a float dtype, byte offsets that match that shape and lie
+    inside the file, and all of them together under :data:`MAX_WEIGHTS_BYTES`.
+    """
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: not a readable safetensors file ({size} bytes, no header)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > min(_MAX_SAFETENSORS_HEADER, size - 8):
+            raise WeightsError(
+                f"{path}: not a readable safetensors file: header of {header_len:,} bytes declared "
+                f"(the file has {size:,} bytes; at most {_MAX_SAFETENSORS_HEADER:,} read)"
+            )
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file: its header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a readable safetensors file: its header is not a JSON object")
+    data_bytes = size - 8 - header_len
+    total = 0
+    tensors = {k.removeprefix("module."): (k, v) for k, v in header.items() if k != "__metadata__"}
+    for name, (key, _) in tensors.items():
+        if name not in _STATE_KEYS:
+            raise WeightsError(
+                f"{path}: not a StainNet (3-32-32-3) state dict: unexpected key {key!r} "
+                f"(expected {', '.join(_STATE_KEYS)})"
+            )
+    for name in (n for n in _STATE_KEYS if n in tensors):  # in layer order, as the messages read
+        key, info = tensors[name]
+        if not isinstance(info, dict):
+            raise WeightsError(f"{path}: tensor {key!r}: malformed header entry")
+        expected = _STATE_KEYS[name][1]
+        shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise WeightsError(f"{path}: tensor {key!r}: malformed shape {shape!r}")
+        if tuple(shape) != expected and not (len(expected) == 4 and tuple(shape) == expected[:2]):
+            raise WeightsError(
+                f"{path}: key {key!r} has shape {tuple(shape)}, expected {expected} "
+                f"(StainNet with {HIDDEN_CHANNELS} hidden channels; read from the header, nothing loaded)"
+            )
+        if dtype not in _SAFETENSORS_DTYPE_BYTES:
+            raise WeightsError(f"{path}: tensor {key!r} has dtype {dtype!r}; StainNet weights are floats")
+        nbytes = _SAFETENSORS_DTYPE_BYTES[dtype] * int(np.prod(shape))
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
+                and 0 <= offsets[0] <= offsets[1] and offsets[1] - offsets[0] == nbytes):
+            raise WeightsError(
+                f"{path}: tensor {key!r}: data_offsets {offsets!r} do not hold {nbytes} bytes "
+                f"of {dtype} {tuple(shape)}"
+            )
+        if offsets[1] > data_bytes:
+            raise WeightsError(
+                f"{path}: tensor {key!r} ends at byte {offsets[1]:,} of the data, but the file "
+                f"holds only {data_bytes:,} data bytes (truncated?)"
+            )
+        total += nbytes
+    if total > MAX_WEIGHTS_BYTES:
+        raise WeightsError(f"{path}: declares {total:,} bytes of tensors, over {MAX_WEIGHTS_BYTES:,}")
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, NDArray[Any]], StainNetMetadata]:
     from safetensors import SafetensorError, safe_open
 
+    _check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}

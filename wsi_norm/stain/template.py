@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 2
+MAX_TEMPLATE_BYTES = 16 << 20
+"""Largest template file read (16 MiB; a template is a few KB, a cohort's slide list more)."""
+_MAX_INT_DIGITS = 30
 _READABLE_VERSIONS = (1, 2)
 _META_KEYS = ("schema_version", "method", "params", "slides", "n_pixels", "seed",
               "aggregation", "wsi_norm_version", "created", "white_point", "reference")
@@ -157,6 +162,40 @@ def save_template(template: Template, path: str | Path) -> None:
     Path(path).write_text(json.dumps(template.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"a number of {len(text.lstrip('-'))} digits (at most {_MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a template may hold")
+
+
+def _read_json(p: Path) -> Any:
+    """The JSON document in ``p``, read with bounded size, number length and nesting."""
+    try:
+        mode = os.stat(p).st_mode
+        if not stat.S_ISREG(mode):
+            raise TemplateError(f"{p}: not a regular file; a template is a JSON file")
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_TEMPLATE_BYTES + 1)
+    except OSError as exc:
+        raise TemplateError(f"{p}: cannot read template: {exc}") from exc
+    if len(raw) > MAX_TEMPLATE_BYTES:
+        raise TemplateError(f"{p}: larger than {MAX_TEMPLATE_BYTES:,} bytes, the most a template may be")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=_parse_int, parse_constant=_parse_constant)
+    except json.JSONDecodeError as exc:
+        raise TemplateError(f"{p}: not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TemplateError(f"{p}: not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError:
+        raise TemplateError(f"{p}: not a template: JSON nested too deeply to parse") from None
+    except ValueError as exc:
+        raise TemplateError(f"{p}: not a valid template: {exc}") from exc
+
+
 def load_template(path: str | Path, *, method: str | None = None) -> Template:
     """Read and validate a template document (schema 2, or schema 1 with its stated default).
 
@@ -173,16 +212,13 @@ def load_template(path: str | Path, *, method: str | None = None) -> Template:
     Raises
     ------
     TemplateError
-        Unreadable file, invalid JSON, missing or unsupported schema version,
-        unknown method, method mismatch, missing or ill-shaped fields, a bad white point.
+        Unreadable or non-regular file, a file over :data:`MAX_TEMPLATE_BYTES`, invalid JSON
+        (also: an integer of more than 30 digits, NaN/Infinity, nesting too deep to parse),
+        missing or unsupported schema version, unknown method, method mismatch, missing or
+        ill-shaped fields, a bad white point.
     """
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise TemplateError(f"{p}: cannot read template: {exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TemplateError(f"{p}: not valid JSON: {exc}") from exc
+    doc = _read_json(p)
     if not isinstance(doc, dict):
         raise TemplateError(f"{p}: a template must be a JSON object, got {type(doc).__name__}")
     version = doc.get("schema_version")

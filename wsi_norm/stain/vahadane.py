@@ -179,7 +179,11 @@ def fit_vahadane(
             f"vahadane: only {len(od)} tissue pixels with OD norm >= beta={beta} "
             f"(of {len(pixels)} given); need at least {p.min_pixels}"
         )
-    init = fit_macenko(tissue, strong, white=w)
+    try:
+        init = fit_macenko(tissue, strong, white=w)
+    except FitError as exc:  # the Macenko start is part of this fit: say so under its name
+        detail = str(exc).removeprefix("macenko: ")
+        raise FitError(f"vahadane: its Macenko initialisation failed: {detail}") from exc
     gen = torch.Generator(device="cpu").manual_seed(int(p.seed))
     x = torch.from_numpy(od)
     if len(x) > p.max_fit_pixels:

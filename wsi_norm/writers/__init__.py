@@ -221,11 +221,13 @@ def read_level(path: str | Path, level: int) -> NDArray[np.uint8]:
 
         try:
             group = zarr.open_group(path, mode="r")
-            n_levels = len(list(group.array_keys()))
+            keys = sorted(group.array_keys(), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
         except (OSError, ValueError, KeyError) as exc:
             raise OutputError(f"{path}: cannot open zarr group: {exc}") from exc
-        if not 0 <= level < n_levels:
-            raise LevelError(f"{path}: level {level} requested, output has {n_levels}")
+        if str(level) not in keys:  # also a level missing from the middle (a deleted "1/")
+            raise LevelError(
+                f"{path}: level {level} requested, output has level(s) {', '.join(keys) or 'none'}"
+            )
         data = np.asarray(cast(Any, group[str(level)])[...])
         return np.ascontiguousarray(data.transpose(1, 2, 0))
     import tifffile
