@@ -45,8 +45,9 @@ from flows._common import (
 from flows._qc import _angles
 from flows.manifest import Manifest, SlideEntry, load_manifest
 from wsi_norm.errors import QCError
-from wsi_norm.pipeline import template_from_fits
+from wsi_norm.pipeline import FitOptions, template_from_fits
 from wsi_norm.runtime import return_freed_memory
+from wsi_norm.writers import WriterOptions
 
 __all__ = ["distance_rows", "harmonize_sites", "main", "measure_site"]
 
@@ -95,13 +96,31 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
     glass = "keep" if m.keep_glass else "target"
     done = []
     for fmt, out in entry.outputs.items():
-        if not output_is_current(out, source=entry.source, method=manifest.method, params=manifest.params,
-                                 target=target, weights=manifest.weights, seed=m.fit.seed, glass=glass,
-                                 n_pixels=m.fit.n_pixels):
+        if not output_is_current(
+            out,
+            source=entry.source,
+            method=manifest.method,
+            params=manifest.params,
+            target=target,
+            weights=manifest.weights,
+            glass=glass,
+            fit=FitOptions(n_pixels=m.fit.n_pixels, seed=m.fit.seed),
+        ):
             manifest.confine(out).parent.mkdir(parents=True, exist_ok=True)
-            normalize_slide(entry.source, out, method=manifest.method, target=target, params=manifest.params,
-                            weights=manifest.weights, overwrite=True, fmt=fmt, source_fit=source_fit,
-                            n_pixels=m.fit.n_pixels, seed=m.fit.seed, glass=glass, force=m.force)
+            normalize_slide(
+                entry.source,
+                out,
+                method=manifest.method,
+                target=target,
+                params=manifest.params,
+                weights=manifest.weights,
+                overwrite=True,
+                source_fit=source_fit,
+                glass=glass,
+                force=m.force,
+                fit=FitOptions(n_pixels=m.fit.n_pixels, seed=m.fit.seed),
+                writer=WriterOptions(fmt=fmt),
+            )
         done.append(str(out))
     return done
 

@@ -183,7 +183,7 @@ class FitSpec(_Strict):
     """Slide-wide fitting options."""
 
     n_pixels: int = Field(default=200_000, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
 
 class ManifestModel(_Strict):

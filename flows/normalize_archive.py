@@ -55,7 +55,9 @@ from wsi_norm.errors import (
     SlideOpenError,
     WsiNormError,
 )
+from wsi_norm.pipeline import FitOptions
 from wsi_norm.runtime import return_freed_memory
+from wsi_norm.writers import WriterOptions
 
 __all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
 
@@ -138,12 +140,11 @@ def normalize_task(entry: SlideEntry, fmt: str, manifest: Manifest, target: Any,
         weights=manifest.weights,
         overwrite=True,  # only reached when the output is missing or stale
         progress=progress,
-        fmt=fmt,
         source_fit=source_fit,
-        n_pixels=manifest.model.fit.n_pixels,
-        seed=manifest.model.fit.seed,
         glass="keep" if manifest.model.keep_glass else "target",
         force=manifest.model.force,
+        fit=FitOptions(n_pixels=manifest.model.fit.n_pixels, seed=manifest.model.fit.seed),
+        writer=WriterOptions(fmt=fmt),
     )
     get_run_logger().info("%s: wrote %s (%d progress updates)", entry.source.name, out, progress.updates)
     return result
@@ -167,10 +168,9 @@ def _is_current(entry: SlideEntry, manifest: Manifest, target: Any) -> bool:
             params=manifest.params,
             target=target,
             weights=manifest.weights,
-            seed=manifest.model.fit.seed,
             glass="keep" if manifest.model.keep_glass else "target",
-            n_pixels=manifest.model.fit.n_pixels,
-            fmt=fmt,
+            fit=FitOptions(n_pixels=manifest.model.fit.n_pixels, seed=manifest.model.fit.seed),
+            writer=WriterOptions(fmt=fmt),
         )
         for fmt, out in entry.outputs.items()
     ) and is_complete(manifest, entry)

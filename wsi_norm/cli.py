@@ -513,7 +513,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_normalize(args: argparse.Namespace) -> int:
-    from wsi_norm.pipeline import normalize_slide
+    from wsi_norm.pipeline import FitOptions, normalize_slide
+    from wsi_norm.writers import WriterOptions
 
     out = Path(args.output)
     needs_target = args.method not in ("none", "stainnet")
@@ -566,17 +567,14 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
             weights=args.weights,
             device=args.device,
             chunk_px=args.chunk_px,
-            n_pixels=args.n_pixels,
-            seed=args.seed,
             overwrite=args.overwrite,
             progress=progress,
-            tile_px=args.tile_px,
-            quality=args.quality,
-            compression=args.compression,
-            zarr_format=args.zarr_format,
             backend=args.backend,
             glass="keep" if args.keep_glass else "target",
             force=args.force,
+            fit=FitOptions(n_pixels=args.n_pixels, seed=args.seed),
+            writer=WriterOptions(tile_px=args.tile_px, quality=args.quality,
+                                 compression=args.compression, zarr_format=args.zarr_format),
         )
     t = result.timings
     print(f"{result.out}: {result.shape[1]}x{result.shape[0]} px, {args.method}, "

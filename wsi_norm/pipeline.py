@@ -38,6 +38,7 @@ from wsi_norm.stain import ALL_METHODS, METHODS
 from wsi_norm.stain.qc import ColourReference, QCReport, check_fit, check_mapped, colour_reference
 from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
 from wsi_norm.tissue.whitepoint import WhitePoint
+from wsi_norm.writers import WriterOptions
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -55,6 +56,8 @@ __all__ = [
     "output_is_current",
     "STAT_METHODS",
     "ALL_METHODS",
+    "FitOptions",
+    "WriterOptions",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,29 @@ def resolve_params(params: Any, *, seed: int | None = None, device: str | None =
     if device is not None:
         changes["device"] = device
     return dataclasses.replace(resolved, **changes) if changes else resolved
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How a slide's statistics are sampled: one value from the command line or a manifest to
+    :func:`fit_slide` (whose ``n_pixels`` and ``seed`` these are).
+
+    Attributes
+    ----------
+    n_pixels : int
+        Tissue pixels sampled slide-wide (:func:`wsi_norm.tissue.sample_tissue_pixels`).
+    seed : int
+        Seed of the sampling (and of the stochastic estimators).
+    """
+
+    n_pixels: int = DEFAULT_N_PIXELS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n_pixels, int) and self.n_pixels > 0):
+            raise ValueError(f"n_pixels must be a positive integer, got {self.n_pixels!r}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
 @dataclass(frozen=True)
@@ -424,37 +450,16 @@ def request_fingerprint(
 
 
 def _request_parts(
-    slide: Slide,
-    out: Path,
-    *,
-    method: str,
-    n_pixels: int,
-    seed: int,
-    glass: str,
-    fmt: str | None,
-    tile_px: int,
-    quality: int,
-    compression: str,
-    zarr_format: int,
+    slide: Slide, out: Path, *, method: str, fit: FitOptions, glass: str, writer: WriterOptions
 ) -> dict[str, Any]:
     """The fingerprint's ``fit``, ``writer`` and ``reading`` parts of one request."""
-    from wsi_norm.writers import infer_format
-
-    fit: dict[str, Any] | None = None
+    fit_part: dict[str, Any] | None = None
     if method in STAT_METHODS:
-        fit = {"n_pixels": int(n_pixels), "seed": int(seed)}
+        fit_part = {"n_pixels": fit.n_pixels, "seed": fit.seed}
     elif method == "stainnet" and glass == "keep":
-        fit = {"seed": int(seed), "white_point_sample": {"n_pixels": 10_000, "n_windows": 32}}
-    fmt = fmt or infer_format(out)
-    writer: dict[str, Any] = {"format": fmt}
-    if fmt == "tiff":
-        writer.update(tile_px=int(tile_px), compression=compression)
-        if compression == "jpeg":
-            writer["quality"] = int(quality)
-    else:
-        writer["zarr_format"] = int(zarr_format)
+        fit_part = {"seed": fit.seed, "white_point_sample": {"n_pixels": 10_000, "n_windows": 32}}
     reading = {"backend": slide.backend, "mpp": None if slide.mpp is None else list(slide.mpp)}
-    return {"fit": fit, "writer": writer, "reading": reading}
+    return {"fit": fit_part, "writer": writer.record(out), "reading": reading}
 
 
 def output_is_current(
@@ -465,15 +470,10 @@ def output_is_current(
     params: Any = None,
     target: Template | None = None,
     weights: PathLike | None = None,
-    seed: int = 0,
+    fit: FitOptions = FitOptions(),
+    writer: WriterOptions = WriterOptions(),
     backend: Backend | None = None,
     glass: Glass = "target",
-    n_pixels: int = DEFAULT_N_PIXELS,
-    fmt: str | None = None,
-    tile_px: int = 256,
-    quality: int = 90,
-    compression: str = "jpeg",
-    zarr_format: int = 3,
 ) -> bool:
     """True when ``out`` is a complete output that records the same request.
 
@@ -497,7 +497,7 @@ def output_is_current(
         log.info("%s: no readable provenance (%s); treating as stale", out, exc)
         return False
     slide = _as_slide(source, backend)
-    resolved = {} if method in ("none", "stainnet") else _params_dict(resolve_params(params, seed=seed))
+    resolved = {} if method in ("none", "stainnet") else _params_dict(resolve_params(params, seed=fit.seed))
     expected = request_fingerprint(
         slide.identity(),
         method=method,
@@ -505,8 +505,7 @@ def output_is_current(
         target=None if target is None else target.to_dict(),
         weights_sha256=_file_sha256(Path(weights)) if weights else None,
         glass=glass,
-        **_request_parts(slide, out, method=method, n_pixels=n_pixels, seed=seed, glass=glass, fmt=fmt,
-                         tile_px=tile_px, quality=quality, compression=compression, zarr_format=zarr_format),
+        **_request_parts(slide, out, method=method, fit=fit, glass=glass, writer=writer),
     )
     if record.get("fingerprint") != expected:
         log.info("%s: records another request (source, settings or target changed)", out)
@@ -731,17 +730,12 @@ def normalize_slide(
     reference: PathLike | Slide | None = None,
     params: Any = None,
     weights: PathLike | None = None,
+    fit: FitOptions = FitOptions(),
+    writer: WriterOptions = WriterOptions(),
     device: Device = "cpu",
     chunk_px: int = 1024,
-    n_pixels: int = DEFAULT_N_PIXELS,
-    seed: int = 0,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    fmt: str | None = None,
-    tile_px: int = 256,
-    quality: int = 90,
-    compression: str = "jpeg",
-    zarr_format: int = 3,
     backend: Backend | None = None,
     source_fit: SlideFit | None = None,
     glass: Glass = "target",
@@ -768,13 +762,13 @@ def normalize_slide(
     device : {"cpu", "cuda", "auto"}
     chunk_px : int
         Level-0 chunk side (rounded to whole source tiles). Does not change the output.
-    n_pixels, seed : int
-        Slide-wide sampling for the fits.
+    fit : FitOptions
+        Slide-wide sampling for the fits (and the target's, when fitted from ``reference``).
+    writer : WriterOptions
+        Format, TIFF tile, compression and quality, zarr format.
     overwrite : bool
         Replace an existing ``out``.
     progress : callable ``(done_chunks, total_chunks)``, optional
-    fmt, tile_px, quality, compression, zarr_format
-        Writer options (see :func:`wsi_norm.writers.write_pyramid`).
     backend : str, optional
         Slide reader.
     source_fit : SlideFit, optional
@@ -818,7 +812,7 @@ def normalize_slide(
     if glass not in ("target", "keep"):
         raise ValueError(f"glass must be 'target' or 'keep', got {glass!r}")
     template: Template | None = None
-    fit: SlideFit | None = None
+    slide_fit: SlideFit | None = None
     weights_sha: str | None = None
     resolved: dict[str, Any] = {}
     qc = QCReport(measures={"gate": "not applicable (no fitted statistics)"})
@@ -836,23 +830,23 @@ def normalize_slide(
         blend = None
         if glass == "keep":
             # only the white point is wanted: a few tissue windows (their glass) and the glass windows
-            source_white = sample_tissue_pixels(slide, n_pixels=10_000, n_windows=32, seed=seed).white
+            source_white = sample_tissue_pixels(slide, n_pixels=10_000, n_windows=32, seed=fit.seed).white
             whites = {"source": source_white.to_dict()}
             blend = GlassBlend.for_whites("keep", source_white.array, source_white.array)
         cmap = load_stainnet_map(weights, glass=blend)
         weights_sha = _file_sha256(Path(weights))
     else:
-        stain_params = resolve_params(params, seed=seed)
+        stain_params = resolve_params(params, seed=fit.seed)
         resolved = _params_dict(stain_params)
-        template = _load_target(method, target, reference, params=params, n_pixels=n_pixels,
-                                seed=seed, backend=backend, force=force)
+        template = _load_target(method, target, reference, params=params, n_pixels=fit.n_pixels,
+                                seed=fit.seed, backend=backend, force=force)
         if source_fit is not None:
-            _check_source_fit(source_fit, slide, method, resolved, n_pixels=n_pixels, seed=seed)
-        fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=n_pixels,
-                                      seed=seed)
-        cmap, qc = compile_checked(fit, template, stain_params, glass=glass, force=force,
+            _check_source_fit(source_fit, slide, method, resolved, n_pixels=fit.n_pixels, seed=fit.seed)
+        slide_fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=fit.n_pixels,
+                                            seed=fit.seed)
+        cmap, qc = compile_checked(slide_fit, template, stain_params, glass=glass, force=force,
                                    what=str(slide.path))
-        whites = {"source": fit.white.to_dict(), "target": template.white.to_dict()}
+        whites = {"source": slide_fit.white.to_dict(), "target": template.white.to_dict()}
     level0 = slide.to_dask(0, chunk_px=chunk_px)
     if dev == "cpu" and level0.shape[0] * level0.shape[1] >= _LUT_WORTH_PX and method != "none":
         cmap.lut()  # compile once here; every copy of the map in this process reuses it
@@ -869,16 +863,14 @@ def normalize_slide(
             target=None if template is None else template.to_dict(),
             weights_sha256=weights_sha,
             glass=glass,
-            **_request_parts(slide, out, method=method, n_pixels=n_pixels, seed=seed, glass=glass, fmt=fmt,
-                             tile_px=tile_px, quality=quality, compression=compression,
-                             zarr_format=zarr_format),
+            **_request_parts(slide, out, method=method, fit=fit, glass=glass, writer=writer),
         ),
         "method": method,
         "params": resolved,
         "source": {**identity, "backend": slide.backend, "vendor": slide.vendor,
                    "dimensions": list(slide.dimensions),
                    "mpp": list(slide.mpp) if slide.mpp else None},
-        "source_fit": None if fit is None else fit.to_dict(),
+        "source_fit": None if slide_fit is None else slide_fit.to_dict(),
         "target": None if template is None else template.to_dict(),
         "weights": None if weights is None else {"path": str(weights), "sha256": weights_sha},
         "device": dev,
@@ -895,20 +887,16 @@ def normalize_slide(
         out,
         mpp=slide.mpp,
         provenance=provenance,
-        fmt=fmt,  # type: ignore[arg-type]
         overwrite=overwrite,
-        tile_px=tile_px,
-        quality=quality,
-        compression=compression,
-        zarr_format=zarr_format,
         progress=progress,
+        **writer.kwargs(),
     )
     t_end = time.perf_counter()
     timings = {"fit_s": t_fit - t0, "write_s": t_end - t_fit, "total_s": t_end - t0}
     log.info("%s -> %s (%s) in %.1f s", slide.path, written, method, timings["total_s"])
     return NormalizeResult(
         out=written,
-        source_fit=fit,
+        source_fit=slide_fit,
         target=template,
         provenance=provenance,
         timings=timings,

@@ -28,9 +28,9 @@ import pytest
 import tifffile
 
 from wsi_norm.errors import OutputBusyError, OutputError
-from wsi_norm.pipeline import fit_slide, normalize_slide, output_is_current
+from wsi_norm.pipeline import FitOptions, fit_slide, normalize_slide, output_is_current
 from wsi_norm.slide import open_slide
-from wsi_norm.writers import read_level, read_provenance, write_pyramid
+from wsi_norm.writers import WriterOptions, read_level, read_provenance, write_pyramid
 from wsi_norm.writers.verify import output_facts, verify_output
 
 REPO = Path(__file__).resolve().parents[2]
@@ -268,13 +268,24 @@ def test_fit_settings_and_writer_options_are_part_of_the_request(slides: dict[st
 
     template = fit_template([slides["b"]], method="reinhard", n_pixels=20_000)
     out = tmp_path / "x.tif"
-    normalize_slide(slides["a"], out, method="reinhard", target=template, n_pixels=20_000, chunk_px=256)
-    assert output_is_current(out, source=slides["a"], method="reinhard", target=template, n_pixels=20_000)
-    assert not output_is_current(out, source=slides["a"], method="reinhard", target=template, n_pixels=30_000)
-    assert not output_is_current(out, source=slides["a"], method="reinhard", target=template, n_pixels=20_000,
-                                 seed=1)
-    assert not output_is_current(out, source=slides["a"], method="reinhard", target=template, n_pixels=20_000,
-                                 quality=80)
+    normalize_slide(slides["a"], out, method="reinhard", target=template, chunk_px=256, fit=FitOptions(n_pixels=20_000))
+    assert output_is_current(out, source=slides["a"], method="reinhard", target=template, fit=FitOptions(n_pixels=20_000))
+    assert not output_is_current(out, source=slides["a"], method="reinhard", target=template, fit=FitOptions(n_pixels=30_000))
+    assert not output_is_current(
+        out,
+        source=slides["a"],
+        method="reinhard",
+        target=template,
+        fit=FitOptions(n_pixels=20_000, seed=1),
+    )
+    assert not output_is_current(
+        out,
+        source=slides["a"],
+        method="reinhard",
+        target=template,
+        fit=FitOptions(n_pixels=20_000),
+        writer=WriterOptions(quality=80),
+    )
 
 
 def _edit_in_place(path: Path, *, keep_mtime: bool) -> None:
@@ -311,12 +322,24 @@ def test_a_source_fit_of_another_slide_or_sampling_is_refused(slides: dict[str, 
     template = fit_template([slides["b"]], method="reinhard", n_pixels=20_000)
     foreign = fit_slide(slides["b"], method="reinhard", n_pixels=20_000)
     with pytest.raises(ValueError, match=rf"a\.tiff: source_fit does not belong.*fitted on '{slides['b']}'"):
-        normalize_slide(slides["a"], tmp_path / "x.tif", method="reinhard", target=template,
-                        n_pixels=20_000, source_fit=foreign)
+        normalize_slide(
+            slides["a"],
+            tmp_path / "x.tif",
+            method="reinhard",
+            target=template,
+            source_fit=foreign,
+            fit=FitOptions(n_pixels=20_000),
+        )
     own = fit_slide(slides["a"], method="reinhard", n_pixels=20_000)
     with pytest.raises(ValueError, match=r"it sampled n_pixels=20000, this request asks for 30000"):
-        normalize_slide(slides["a"], tmp_path / "x.tif", method="reinhard", target=template,
-                        n_pixels=30_000, source_fit=own)
+        normalize_slide(
+            slides["a"],
+            tmp_path / "x.tif",
+            method="reinhard",
+            target=template,
+            source_fit=own,
+            fit=FitOptions(n_pixels=30_000),
+        )
     assert not (tmp_path / "x.tif").exists()
 
 

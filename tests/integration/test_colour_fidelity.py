@@ -16,6 +16,7 @@ from wsi_norm.color import luma
 from wsi_norm.errors import QCError, TemplateError
 from wsi_norm.metrics import psnr, stain_matrix_angles_deg
 from wsi_norm.pipeline import (
+    FitOptions,
     compile_checked,
     fit_slide,
     fit_template,
@@ -31,7 +32,7 @@ from wsi_norm.testing.synthetic import (
     render_region,
     rotate_stain_matrix,
 )
-from wsi_norm.writers import read_level, read_provenance
+from wsi_norm.writers import WriterOptions, read_level, read_provenance
 
 TARGET_WHITE = (241.0, 238.0, 244.0)
 
@@ -219,8 +220,14 @@ def test_h_heavy_slide_normalizes_without_turning_navy(condition_slides, tmp_pat
     generate_slide(ref, width=3072, height=3072, stain_matrix=RUIFROK_HE, seed=11, tile_px=512,
                    compression="deflate", tissue_fraction=0.45, texture="real", io=TARGET_WHITE)
     template = fit_template([ref], method="macenko", n_pixels=200_000)
-    out = normalize_slide(path, tmp_path / "out.tiff", method="macenko", target=template, n_pixels=200_000,
-                          compression="deflate")
+    out = normalize_slide(
+        path,
+        tmp_path / "out.tiff",
+        method="macenko",
+        target=template,
+        fit=FitOptions(n_pixels=200_000),
+        writer=WriterOptions(compression="deflate"),
+    )
     written = read_level(out.out, 0)
     truth = render_region(SyntheticParams(3072, 3072, seed=11, stain_matrix=RUIFROK_HE, io=TARGET_WHITE,
                                           tissue_fraction=0.45, texture="real"), x=0, y=0, width=3072, height=3072)
@@ -254,8 +261,14 @@ def test_two_scanners_glass_matches_the_target(tmp_path: Path, shared_data: Path
         assert np.abs(template.white.array - np.array(TARGET_WHITE)).max() <= 1.0
         outs = {}
         for name, path in slides.items():
-            res = normalize_slide(path, tmp_path / f"{name}-{method}.tiff", method=method, target=template,
-                                  n_pixels=100_000, compression="deflate")
+            res = normalize_slide(
+                path,
+                tmp_path / f"{name}-{method}.tiff",
+                method=method,
+                target=template,
+                fit=FitOptions(n_pixels=100_000),
+                writer=WriterOptions(compression="deflate"),
+            )
             outs[name] = read_level(res.out, 0)
         glass = concentrations(SyntheticParams(2048, 2048, seed=21, tissue_fraction=0.4, texture="real"),
                                x=0, y=0, width=2048, height=2048).sum(axis=-1) == 0
@@ -273,8 +286,15 @@ def test_two_scanners_glass_matches_the_target(tmp_path: Path, shared_data: Path
 def test_keep_glass_keeps_the_source_glass(condition_slides, tmp_path: Path) -> None:
     path, _ = condition_slides["tinted-glass"]
     template = fit_template([path], method="reinhard", n_pixels=100_000)
-    res = normalize_slide(path, tmp_path / "keep.tiff", method="reinhard", target=template, glass="keep",
-                          n_pixels=100_000, compression="deflate")
+    res = normalize_slide(
+        path,
+        tmp_path / "keep.tiff",
+        method="reinhard",
+        target=template,
+        glass="keep",
+        fit=FitOptions(n_pixels=100_000),
+        writer=WriterOptions(compression="deflate"),
+    )
     rgb = read_level(res.out, 0)
     glass = concentrations(SyntheticParams(3072, 3072, seed=11, tissue_fraction=0.45, texture="real"),
                            x=0, y=0, width=3072, height=3072).sum(axis=-1) == 0
@@ -286,8 +306,13 @@ def test_slide_without_glass_uses_the_recorded_fallback(shared_data: Path, tmp_p
     fit = fit_slide(shared_data / "he" / "torchstain-source.png", method="macenko")
     assert fit.white.source == "fallback" and fit.white.rgb == (240.0, 240.0, 240.0)
     template = fit_template([shared_data / "he" / "torchstain-target.png"], method="macenko")
-    res = normalize_slide(shared_data / "he" / "torchstain-source.png", tmp_path / "o.tiff", method="macenko",
-                          target=template, compression="deflate")
+    res = normalize_slide(
+        shared_data / "he" / "torchstain-source.png",
+        tmp_path / "o.tiff",
+        method="macenko",
+        target=template,
+        writer=WriterOptions(compression="deflate"),
+    )
     assert res.provenance["white_point"]["source"]["source"] == "fallback"
 
 
@@ -310,7 +335,7 @@ def test_planted_wrong_template_is_refused_with_numbers(real_maps, tmp_path: Pat
     with pytest.raises(QCError, match=r"CMU-1-Small-Region.*target: eosin vector \[-0\.20.*negative optical density"):
         normalize_slide(sample_svs, out, method="macenko", target=path)
     assert not out.exists() and not list(tmp_path.glob("out.tiff*"))
-    res = normalize_slide(sample_svs, out, method="macenko", target=path, force=True, compression="deflate")
+    res = normalize_slide(sample_svs, out, method="macenko", target=path, force=True, writer=WriterOptions(compression="deflate"))
     qc = read_provenance(res.out)["qc"]
     assert qc["forced"] and not qc["passed"] and any("negative optical density" in p for p in qc["problems"])
 
@@ -378,8 +403,15 @@ def test_implausible_reference_slide_is_refused_unless_forced(sample_svs: Path, 
     Image.fromarray(render_beer_lambert(conc, dab, io=240.0)).save(ref)
     out = tmp_path / "out.tiff"
     with pytest.raises(QCError, match=r"dab\.png: template refused by the QC gate: .*deg"):
-        normalize_slide(sample_svs, out, method="macenko", reference=ref, n_pixels=50_000)
+        normalize_slide(sample_svs, out, method="macenko", reference=ref, fit=FitOptions(n_pixels=50_000))
     assert not out.exists()
-    res = normalize_slide(sample_svs, out, method="macenko", reference=ref, n_pixels=50_000, force=True,
-                          compression="deflate")
+    res = normalize_slide(
+        sample_svs,
+        out,
+        method="macenko",
+        reference=ref,
+        force=True,
+        fit=FitOptions(n_pixels=50_000),
+        writer=WriterOptions(compression="deflate"),
+    )
     assert res.provenance["qc"]["forced"] and res.out.exists()

@@ -12,7 +12,7 @@ from PIL import Image
 from wsi_norm import FitError, OutputExistsError, TemplateError, open_slide
 from wsi_norm.cli import main
 from wsi_norm.metrics import psnr, ssim
-from wsi_norm.pipeline import fit_template, normalize_slide, output_is_current
+from wsi_norm.pipeline import FitOptions, fit_template, normalize_slide, output_is_current
 from wsi_norm.stain.template import load_template, save_template
 from wsi_norm.tissue.mask import is_background
 from wsi_norm.writers import read_level, read_provenance
@@ -51,8 +51,14 @@ def test_no_seams_tile_size_does_not_change_output(
     outs = []
     for tile in (256, 1024):
         out = tmp_path / f"{method}-{tile}.ome.zarr"
-        result = normalize_slide(sample_svs, out, method=method, target=template, chunk_px=tile,
-                                 n_pixels=100_000)
+        result = normalize_slide(
+            sample_svs,
+            out,
+            method=method,
+            target=template,
+            chunk_px=tile,
+            fit=FitOptions(n_pixels=100_000),
+        )
         assert result.provenance["chunk_px"] == ([240, 240] if tile == 256 else [960, 960])
         outs.append(read_level(out, 0))
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -69,7 +75,7 @@ def test_registered_pair_through_the_pipeline(pair: tuple[Path, Path], tmp_path:
     a, b = pair
     template = fit_template([b], method="macenko", n_pixels=200_000)
     out = tmp_path / "a-to-b.ome.zarr"
-    normalize_slide(a, out, method="macenko", target=template, n_pixels=200_000)
+    normalize_slide(a, out, method="macenko", target=template, fit=FitOptions(n_pixels=200_000))
     got = read_level(out, 0)
     want = open_slide(b).read_region(0, x=0, y=0, width=2048, height=1536)
     before = open_slide(a).read_region(0, x=0, y=0, width=2048, height=1536)
@@ -99,13 +105,13 @@ def test_output_is_current_tracks_the_request(pair: tuple[Path, Path], tmp_path:
     a, b = pair
     template = fit_template([b], method="reinhard", n_pixels=50_000)
     out = tmp_path / "a.tiff"
-    normalize_slide(a, out, method="reinhard", target=template, n_pixels=50_000)
-    assert output_is_current(out, source=a, method="reinhard", target=template, n_pixels=50_000)
+    normalize_slide(a, out, method="reinhard", target=template, fit=FitOptions(n_pixels=50_000))
+    assert output_is_current(out, source=a, method="reinhard", target=template, fit=FitOptions(n_pixels=50_000))
     # the sampling size decides the fit: another one is another request
     assert not output_is_current(out, source=a, method="reinhard", target=template)
     other = fit_template([a], method="reinhard", n_pixels=50_000)
-    assert not output_is_current(out, source=a, method="reinhard", target=other, n_pixels=50_000)
-    assert not output_is_current(out, source=b, method="reinhard", target=template, n_pixels=50_000)
+    assert not output_is_current(out, source=a, method="reinhard", target=other, fit=FitOptions(n_pixels=50_000))
+    assert not output_is_current(out, source=b, method="reinhard", target=template, fit=FitOptions(n_pixels=50_000))
     assert not output_is_current(tmp_path / "missing.tiff", source=a, method="reinhard",
                                  target=template)
 

@@ -20,6 +20,7 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -35,6 +36,7 @@ from .tiff import write_tiff
 
 __all__ = [
     "OutputFormat",
+    "WriterOptions",
     "infer_format",
     "pyramid_shapes",
     "read_level",
@@ -50,6 +52,73 @@ _SUFFIXES: tuple[tuple[str, OutputFormat], ...] = (
     (".tif", "tiff"),
     (".tiff", "tiff"),
 )
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """How an output is stored: one value from the command line or a manifest to the writer.
+
+    Attributes
+    ----------
+    fmt : {"ome-zarr", "tiff"} or None
+        Output format; None: from the output's suffix (:func:`infer_format`).
+    tile_px : int
+        TIFF tile side, a multiple of 16 (OpenSlide and QuPath read 256 and 512 best).
+    quality : int
+        TIFF JPEG quality, 1-100.
+    compression : {"jpeg", "deflate"}
+        TIFF tile compression (deflate is lossless).  OME-Zarr is always lossless.
+    zarr_format : {3, 2}
+        OME-Zarr on zarr v3 with NGFF 0.5, or zarr v2 with NGFF 0.4 for older viewers.
+
+    Raises
+    ------
+    ValueError
+        An option out of range, naming it.
+    """
+
+    fmt: OutputFormat | None = None
+    tile_px: int = 256
+    quality: int = 90
+    compression: Literal["jpeg", "deflate"] = "jpeg"
+    zarr_format: Literal[2, 3] = 3
+
+    def __post_init__(self) -> None:
+        if self.fmt not in (None, "ome-zarr", "tiff"):
+            raise ValueError(f"fmt must be 'ome-zarr', 'tiff' or None, got {self.fmt!r}")
+        if not (isinstance(self.tile_px, int) and self.tile_px >= 16 and self.tile_px % 16 == 0):
+            raise ValueError(f"tile_px must be a positive multiple of 16, got {self.tile_px!r}")
+        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
+            raise ValueError(f"quality must be an integer in 1..100, got {self.quality!r}")
+        if self.compression not in ("jpeg", "deflate"):
+            raise ValueError(f"compression must be 'jpeg' or 'deflate', got {self.compression!r}")
+        if self.zarr_format not in (2, 3):
+            raise ValueError(f"zarr_format must be 2 or 3, got {self.zarr_format!r}")
+
+    def format_of(self, out: str | Path) -> OutputFormat:
+        """The format ``out`` is written in: :attr:`fmt`, else from its suffix."""
+        return self.fmt or infer_format(out)
+
+    def record(self, out: str | Path) -> dict[str, Any]:
+        """The options that decide ``out``'s stored bytes (for fingerprints): the format and,
+        per format, only what it uses."""
+        fmt = self.format_of(out)
+        if fmt == "ome-zarr":
+            return {"format": fmt, "zarr_format": self.zarr_format}
+        rec: dict[str, Any] = {"format": fmt, "tile_px": self.tile_px, "compression": self.compression}
+        if self.compression == "jpeg":
+            rec["quality"] = self.quality
+        return rec
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`write_pyramid`."""
+        return {
+            "fmt": self.fmt,
+            "tile_px": self.tile_px,
+            "quality": self.quality,
+            "compression": self.compression,
+            "zarr_format": self.zarr_format,
+        }
 
 
 def infer_format(out: str | Path) -> OutputFormat:
