@@ -203,13 +203,10 @@ def harmonize_sites(
     from prefect.states import Completed, Failed
 
     from wsi_norm.cluster import dashboard_url, dask_client
-    from wsi_norm.errors import ManifestError
 
     logger = get_run_logger()
     m = load_manifest(manifest)
-    if m.method in ("none", "stainnet"):
-        raise ManifestError(f"{m.path}: harmonize-sites fits a template per site, method {m.method!r} fits nothing; "
-                            "run normalize-archive for it")
+    fitted = m.method not in ("none", "stainnet")  # those fit nothing: a fixed (identity or learned) map
     timeout_s = m.model.slide_timeout_s
     generate_missing(m)
     name = target or m.model.target or m.sites[0]
@@ -222,9 +219,13 @@ def harmonize_sites(
         entries = {site: list(m.site_slides(site)) for site in m.sites}
         fit_futures = {
             site: fit_site.with_options(timeout_seconds=timeout_s * len(entries[site])).submit(entries[site], m)
-            for site in m.sites
+            for site in (m.sites if fitted else ())
         }
-        fits: dict[str, list[tuple[SlideEntry, Any]]] = {}
+        # none / stainnet: every slide goes to normalization as it is (the target is measured
+        # from its site's sources, or read from the named template, for the distances only)
+        fits: dict[str, list[tuple[SlideEntry, Any]]] = (
+            {} if fitted else {site: [(entry, None) for entry in entries[site]] for site in m.sites}
+        )
         for site, future in fit_futures.items():
             fits[site] = []
             try:
@@ -239,18 +240,19 @@ def harmonize_sites(
                 else:
                     fits[site].append((entry, fit))
         for site, pairs in fits.items():
-            if pairs:
+            if pairs and fitted:
                 logger.info("site %s cohort template: %s", site, template_from_fits(
                     [f for _, f in pairs], params=m.params, seed=m.model.fit.seed).stats.to_dict())
-        if name in m.sites:
+        target_template = None
+        if name not in m.sites:
+            target_template = resolve_template(m, name)
+        elif fitted:
             if not fits[name]:
                 raise ValueError(f"{m.path}: target site {name!r} has no slide that could be fitted")
             target_template = template_from_fits([f for _, f in fits[name]], params=m.params, seed=m.model.fit.seed)
-        else:
-            target_template = resolve_template(m, name)
         normalize = normalize_to_target.with_options(timeout_seconds=timeout_s)
         jobs = {
-            (site, entry.source.name): normalize.submit(entry, m, target_template, fit)
+            (site, entry.source.name): normalize.submit(entry, m, target_template if fitted else None, fit)
             for site in m.sites
             for entry, fit in fits[site]
         }
@@ -272,6 +274,7 @@ def harmonize_sites(
     if name in m.sites:
         target_stats = before_stats[name]
     else:
+        assert target_template is not None  # a named template
         ref = target_template.reference
         target_stats = ColourStats(
             None if ref is None else ref.matrix.tolist(),

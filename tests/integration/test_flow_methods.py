@@ -274,18 +274,31 @@ def test_harmonize_sites_times_out_one_slide_and_finishes_the_others(
     assert not (tmp_path / "out" / "site-b" / "b.ome.zarr").exists()
 
 
-def test_harmonize_sites_refuses_a_method_that_fits_nothing(prefect_api: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["none", "stainnet"])
+def test_harmonize_sites_runs_the_methods_that_fit_nothing(
+    prefect_api: Path, tmp_path: Path, shared_data: Path, method: str
+) -> None:
+    """``none`` and ``stainnet`` fit no template: every slide is mapped as it is and the
+    distances to the target site are measured like every other method's. ``none`` is the
+    baseline: after equals before."""
     from flows.harmonize_sites import harmonize_sites
-    from wsi_norm.errors import ManifestError
 
     manifest = tmp_path / "data_manifest.yaml"
-    text = textwrap.dedent(HARMONIZE_TIMEOUT).replace("method: macenko", "method: none")
+    text = textwrap.dedent(HARMONIZE_TIMEOUT).replace("method: macenko", f"method: {method}")
+    if method == "stainnet":
+        text += f"roots: {{shared: {shared_data}}}\nweights: {shared_data / 'stainnet' / STAINNET_WEIGHTS}\n"
     manifest.write_text(text, encoding="utf-8")
-    state = harmonize_sites(manifest=str(manifest), return_state=True)
-    with pytest.raises(ManifestError, match=r"data_manifest\.yaml: harmonize-sites fits a template per site, "
-                       r"method 'none' fits nothing; run normalize-archive for it"):
-        state.result()
-    assert not (tmp_path / "gen").exists()
+    state = harmonize_sites(manifest=str(manifest), target="site-a", return_state=True)
+    assert state.is_completed(), state.message
+    rows = {r["site"]: r for r in state.result()}
+    for site in ("site-a", "site-b"):
+        assert (tmp_path / "out" / site / f"{site[-1]}.ome.zarr").is_dir()
+    b = rows["site-b"]
+    if method == "none":
+        assert b["lab_dist_after"] == pytest.approx(b["lab_dist_before"], abs=0.05), b
+        assert b["lab_dist_before"] > 1.0, b  # the sites differ: the baseline shows it
+    else:
+        assert b["lab_dist_after"] != pytest.approx(b["lab_dist_before"], abs=0.05), b  # recoloured
 
 
 # ------------------------------------------------------------------ clean shutdown
