@@ -29,9 +29,11 @@ test: $(STAMP)
 gpu-test: $(STAMP)
 	$(PY) -m pytest -q -m gpu
 
+# the gates `make test` runs first: ruff (pinned), the layers contract (.importlinter), mypy --strict
 lint: $(STAMP)
 	$(VENV)/bin/ruff check wsi_norm flows tests bench
-	$(VENV)/bin/mypy wsi_norm
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy --strict wsi_norm flows tests
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -52,6 +52,7 @@ __all__ = [
     "SITE_STAINS",
     "SyntheticParams",
     "SyntheticTruth",
+    "clear_caches",
     "concentrations",
     "generate_slide",
     "level_dimensions",
@@ -480,6 +481,13 @@ def _bank(texture: TextureKind) -> _texture.PatchBank:
             "(wsi-norm generate --texture procedural; manifest `texture: procedural`)"
         )
     return _cached_bank("real", tuple(paths))
+
+
+def clear_caches() -> None:
+    """Drop the generator's caches: the texture banks (real texture unmixed once per process,
+    tens of MB) and the slide layouts of the last few seeds."""
+    _cached_bank.cache_clear()
+    _cached_plan.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)
