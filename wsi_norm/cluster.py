@@ -65,7 +65,7 @@ def dask_client(
     address = scheduler or os.environ.get(SCHEDULER_ENV) or None
     if address:
         log.info("connecting to dask scheduler %s", address)
-        with Client(address) as client:
+        with Client(address) as client:  # type: ignore[no-untyped-call]  # distributed: unannotated
             yield client
         return
     try:
@@ -104,7 +104,7 @@ def _local_client(n: int, dashboard: bool, log_level: int) -> Iterator[Client]:
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     with (
-        LocalCluster(
+        LocalCluster(  # type: ignore[no-untyped-call]  # distributed: unannotated __init__
             n_workers=1,
             threads_per_worker=n,
             processes=False,
@@ -116,7 +116,7 @@ def _local_client(n: int, dashboard: bool, log_level: int) -> Iterator[Client]:
             scheduler_kwargs={"dashboard": dashboard},
             silence_logs=log_level,
         ) as cluster,
-        Client(cluster) as client,
+        Client(cluster) as client,  # type: ignore[no-untyped-call]  # distributed: unannotated
     ):
         log.info("local dask cluster: 1 in-process worker, %d threads", n)
         yield client

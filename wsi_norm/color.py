@@ -210,7 +210,7 @@ def _lab_from_channels(xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
         xp.where(c > 0.04045, ((xp.clip(c, 0.04045, None) + 0.055) / 1.055) ** 2.4, c / 12.92)
         for c in (r, g, b)
     ]
-    xyz = _linear3(*lin, _XYZ_FROM_RGB)
+    xyz = _linear3(lin[0], lin[1], lin[2], _XYZ_FROM_RGB)
     f = [
         xp.where(t > 0.008856, xp.clip(t, 0.008856, None) ** (1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
         for t in (xyz[0] / _WHITE_D65[0], xyz[1] / _WHITE_D65[1], xyz[2] / _WHITE_D65[2])
@@ -227,7 +227,7 @@ def _channels_from_lab(xp: ModuleType, lightness: Any, a: Any, b: Any) -> list[A
         w * xp.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787)
         for f, w in zip((fx, fy, fz), _WHITE_D65)
     ]
-    lin = _linear3(*xyz, _RGB_FROM_XYZ)
+    lin = _linear3(xyz[0], xyz[1], xyz[2], _RGB_FROM_XYZ)
     return [
         xp.clip(
             xp.where(c > 0.0031308, 1.055 * xp.clip(c, 0.0031308, None) ** (1.0 / 2.4) - 0.055, 12.92 * c),

@@ -140,4 +140,5 @@ def stain_matrix_angles_deg(m1: Any, m2: Any) -> NDArray[np.float64]:
         raise ValueError(f"stain matrices must both be (K, 3), got {a.shape} and {b.shape}")
     cross = np.linalg.norm(np.cross(a, b), axis=-1)
     dot = np.abs(np.sum(a * b, axis=-1))
-    return np.degrees(np.arctan2(cross, dot))
+    angles: NDArray[np.float64] = np.degrees(np.arctan2(cross, dot))
+    return angles

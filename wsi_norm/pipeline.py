@@ -342,7 +342,7 @@ def _aggregate_white(fits: Sequence[SlideFit]) -> WhitePoint:
         return fits[0].white
     rgb = np.median(np.stack([f.white.array for f in fits]), axis=0)
     measured = all(f.white.source == "glass" for f in fits)
-    return WhitePoint(tuple(rgb), "glass" if measured else "fallback",  # type: ignore[arg-type]
+    return WhitePoint(tuple(rgb), "glass" if measured else "fallback",
                       sum(f.white.n_pixels for f in fits))
 
 
@@ -553,13 +553,14 @@ def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu") -> da.Arr
     On ``cuda`` each chunk is moved to the GPU as uint8, mapped there, and moved back;
     the tasks ask for the ``GPU`` worker resource when the cluster declares one.
     """
-    import dask
+    from dask.base import annotate
 
+    # dask types Array.map_blocks through functools.wraps of the unannotated da.map_blocks
     if device == "cpu":
-        return array.map_blocks(_apply_block, cmap, dtype=np.uint8)
-    gpu = dask.annotate(resources={"GPU": 1}) if _cluster_has_gpu() else contextlib.nullcontext()
+        return array.map_blocks(_apply_block, cmap, dtype=np.uint8)  # type: ignore[arg-type,no-any-return]
+    gpu = annotate(resources={"GPU": 1}) if _cluster_has_gpu() else contextlib.nullcontext()
     with gpu:
-        return array.map_blocks(_apply_block_torch, cmap, device, dtype=np.uint8)
+        return array.map_blocks(_apply_block_torch, cmap, device, dtype=np.uint8)  # type: ignore[arg-type,no-any-return]
 
 
 def _cluster_has_gpu() -> bool:

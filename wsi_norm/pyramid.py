@@ -402,7 +402,7 @@ class LevelStore:
                     f"level {level}: block at ({row}, {col}) must be {rows[i + 1] - row} x {cols[j + 1] - col}, got {n} x {m}"
                 )
             offset = (row * w + (rows[i + 1] - row) * col) * 3
-        _pwrite_all(fd, memoryview(np.ascontiguousarray(pixels)).cast("B"), offset)
+        _pwrite_all(fd, np.ascontiguousarray(pixels).data.cast("B"), offset)
 
     def read(
         self, level: int, r0: int, r1: int, c0: int = 0, c1: int | None = None
@@ -416,11 +416,11 @@ class LevelStore:
         out = np.empty((r1 - r0, c1 - c0, 3), dtype=np.uint8)
         if level > self.depth:
             if c0 == 0 and c1 == w:
-                _pread_into(fd, memoryview(out).cast("B"), r0 * w * 3, self.path(level))
+                _pread_into(fd, out.data.cast("B"), r0 * w * 3, self.path(level))
             else:
                 for i in range(r1 - r0):
                     offset = ((r0 + i) * w + c0) * 3
-                    _pread_into(fd, memoryview(out[i]).cast("B"), offset, self.path(level))
+                    _pread_into(fd, out[i].data.cast("B"), offset, self.path(level))
             return out
         rows, cols = self.grid(level)
         for a, b in itertools.pairwise(rows):
@@ -432,7 +432,7 @@ class LevelStore:
                     continue
                 piece = np.empty((rb - ra, x1 - x0, 3), dtype=np.uint8)
                 offset = (a * w + (b - a) * x0 + (ra - a) * (x1 - x0)) * 3
-                _pread_into(fd, memoryview(piece).cast("B"), offset, self.path(level))
+                _pread_into(fd, piece.data.cast("B"), offset, self.path(level))
                 xa, xb = max(x0, c0), min(x1, c1)
                 out[ra - r0 : rb - r0, xa - c0 : xb - c0] = piece[:, xa - x0 : xb - x0]
         return out

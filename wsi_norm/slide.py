@@ -150,8 +150,8 @@ class _OpenSlideReader:
                 f"{path}: OpenSlide cannot open it: {exc}{_tiff_damage_hint(path)}"
             ) from exc
         props = dict(self._slide.properties)
-        self.properties = props
-        self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+        self.properties: Mapping[str, str] = props
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.vendor = props.get("openslide.vendor", "unknown")
         self.mpp = _parse_mpp(props, "openslide")
@@ -190,8 +190,8 @@ class _TiffSlideReader:
                 f"{path}: tiffslide cannot open it: {type(exc).__name__}: {exc}"
                 f"{_tiff_damage_hint(path)}"
             ) from exc
-        self.properties = {k: str(v) for k, v in props.items() if v is not None}
-        self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+        self.properties: Mapping[str, str] = {k: str(v) for k, v in props.items() if v is not None}
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.vendor = str(props.get("tiffslide.vendor") or "generic-tiff")
         self.mpp = _parse_mpp(self.properties, "tiffslide")
@@ -327,12 +327,12 @@ class _ImageReader:
         rgb, mode = _read_plain_image(path)
         self._rgb = rgb
         h, w = rgb.shape[:2]
-        self.level_dimensions = ((w, h),)
-        self.level_downsamples = (1.0,)
+        self.level_dimensions: tuple[tuple[int, int], ...] = ((w, h),)
+        self.level_downsamples: tuple[float, ...] = (1.0,)
         self.vendor = f"image/{path.suffix.lower().lstrip('.') or 'unknown'}"
-        self.properties = {"wsi_norm.image-mode": mode}
-        self.mpp = None
-        self.tile_sizes = (None,)
+        self.properties: Mapping[str, str] = {"wsi_norm.image-mode": mode}
+        self.mpp: tuple[float, float] | None = None
+        self.tile_sizes: tuple[tuple[int, int] | None, ...] = (None,)
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         h, w = self._rgb.shape[:2]
@@ -377,7 +377,8 @@ def _read_plain_image(path: Path) -> tuple[NDArray[np.uint8], str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:  # reads the header only; PIL itself refuses a bomb here
+        with Image.open(path) as opened:  # reads the header only; PIL itself refuses a bomb here
+            img: Image.Image = opened  # rebound below to a converted copy
             width, height = img.size
             if width * height > MAX_UNTILED_PIXELS:
                 raise SlideReadError(
@@ -477,8 +478,8 @@ def _tiff_truncation(path: Path) -> str | None:
     try:
         with tifffile.TiffFile(path) as tif:
             for index, page in enumerate(tif.pages):
-                offsets = np.asarray(page.dataoffsets, dtype=np.int64)  # type: ignore[union-attr]
-                counts = np.asarray(page.databytecounts, dtype=np.int64)  # type: ignore[union-attr]
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
                 if offsets.size and int((offsets + counts).max()) > size:
                     end = int((offsets + counts).max())
                     missing = int(((offsets + counts) > size).sum())
@@ -830,7 +831,8 @@ class Slide:
         chunks = (*self.chunk_shape(level, chunk_px=chunk_px), 3)
         stat = self.path.stat()
         token = tokenize(str(self.path), stat.st_size, stat.st_mtime_ns, self.backend, level, chunks)
-        return da.from_array(
+        # dask.array.from_array is unannotated (returns Any)
+        return da.from_array(  # type: ignore[no-untyped-call,no-any-return]
             _LevelSource(self, level),
             chunks=chunks,
             name=f"slide-{self.path.stem[:24]}-{token}",

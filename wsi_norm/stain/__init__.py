@@ -59,7 +59,7 @@ class MethodSpec:
     name: str
     fit: Callable[..., Any]
     aggregate: Callable[[list[Any]], Any]
-    stats: type
+    stats: type[Any]
     stain_matrix: bool
     """True when the statistics are stain vectors (fitted in optical density against the white
     point, so the fit takes the slide's white point)."""

@@ -116,11 +116,12 @@ class StainParams:
     def __post_init__(self) -> None:
         if self.white_point is not None and not 0.0 < self.white_point <= 255.0:
             raise ValueError(f"white_point must be in (0, 255] or None, got {self.white_point}")
-        if self.macenko_variant not in _VARIANT_DEFAULTS:
+        variant: str = self.macenko_variant  # any string at run time (manifests, old templates)
+        if variant not in _VARIANT_DEFAULTS:
             raise ValueError(
-                f"macenko_variant must be one of {sorted(_VARIANT_DEFAULTS)}, got {self.macenko_variant!r}"
+                f"macenko_variant must be one of {sorted(_VARIANT_DEFAULTS)}, got {variant!r}"
                 + (" (the 'robust' variant of wsi-norm 0.1 was removed: it put eosin 22-33 deg off on "
-                   "hematoxylin-heavy slides)" if self.macenko_variant == "robust" else "")
+                   "hematoxylin-heavy slides)" if variant == "robust" else "")
             )
         if not 0.0 <= self.alpha_ < 50.0:
             raise ValueError(f"alpha must be in [0, 50) percent, got {self.alpha}")
@@ -201,7 +202,8 @@ def tissue_pixels(pixels: NDArray[Any], *, name: str = "pixels") -> NDArray[Any]
     arr = _check_rgb_uint8(arr, name)
     if arr.ndim != 2:
         raise ValueError(f"{name} must have shape (N, 3), got {arr.shape}")
-    return arr[~is_background(arr)]
+    background: NDArray[np.bool_] = is_background(arr)
+    return arr[~background]
 
 
 def white_of(white: Any, params: StainParams) -> NDArray[np.float64]:

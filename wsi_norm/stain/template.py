@@ -242,7 +242,7 @@ def load_template(path: str | Path, *, method: str | None = None) -> Template:
         if not isinstance(slides, list) or not all(isinstance(s, dict) for s in slides):
             raise ValueError("'slides' must be a list of objects")
         if version == 1:
-            white = WhitePoint((TEXTBOOK_WHITE,) * 3, "template-v1")  # type: ignore[arg-type]
+            white = WhitePoint((TEXTBOOK_WHITE,) * 3, "template-v1")
             reference = None
         else:
             if "white_point" not in doc:

@@ -218,7 +218,8 @@ def teacher_pairs(
     slide = _open(source, backend)
     resolved = resolve_params(params, seed=seed)
     fit = fit_slide(slide, method=teacher, params=resolved, n_pixels=n_pixels, seed=seed)
-    return _map_pairs(slide, fit.pixels, teacher, fit.stats, fit.white.array, template, resolved)
+    return _map_pairs(slide, _kept_pixels(fit.pixels), teacher, fit.stats, fit.white.array, template,
+                      resolved)
 
 
 #: Glass pairs added per tissue pair: the student must learn glass too (StainNet maps every pixel);
@@ -230,6 +231,12 @@ def _glass_pixels(white: NDArray[np.float64], n: int, seed: int) -> NDArray[np.u
     """``n`` colours around a white point (+-3 levels per channel): the slide's glass."""
     rng = np.random.default_rng(seed)
     return np.clip(np.rint(white + rng.uniform(-3.0, 3.0, (n, 3))), 0, 255).astype(np.uint8)
+
+
+def _kept_pixels(pixels: NDArray[np.uint8] | None) -> NDArray[np.uint8]:
+    """``SlideFit.pixels`` of a fresh :func:`~wsi_norm.pipeline.fit_slide`, which always keeps them."""
+    assert pixels is not None, "fit_slide keeps the pixels it sampled"
+    return pixels
 
 
 def _map_pairs(
@@ -285,7 +292,8 @@ def registered_pairs(
     FitError
         The slides differ in size, or the source holds too little tissue.
     """
-    import dask
+    from dask.base import compute
+    from dask.delayed import delayed
 
     from wsi_norm.tissue.sampling import sample_tissue_pixels
 
@@ -302,10 +310,10 @@ def registered_pairs(
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, 2**31, size=len(windows))
     tasks = [
-        dask.delayed(_paired_window)(src, tgt, int(x), int(y), window_px, per_window, int(s))
+        delayed(_paired_window)(src, tgt, int(x), int(y), window_px, per_window, int(s))
         for (x, y), s in zip(windows, seeds, strict=True)
     ]
-    parts = dask.compute(*tasks)
+    parts = compute(*tasks)  # type: ignore[no-untyped-call]  # dask.base.compute is unannotated
     inputs = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, 3), np.uint8)
     targets = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, 3), np.uint8)
     if len(inputs) > n_pixels:
@@ -583,8 +591,8 @@ def distill_stainnet(
             for sl in slides]
     cohort = template_from_fits(fits, params=resolved, seed=seed).stats if scope == "cohort" else None
     pairs = [
-        _map_pairs(sl, fit.pixels, teacher, cohort if cohort is not None else fit.stats, fit.white.array,
-                   template, resolved)
+        _map_pairs(sl, _kept_pixels(fit.pixels), teacher, cohort if cohort is not None else fit.stats,
+                   fit.white.array, template, resolved)
         for sl, fit in zip(slides, fits, strict=True)
     ]
     return train_from_pairs(

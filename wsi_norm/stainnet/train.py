@@ -349,7 +349,7 @@ def train_stainnet(
                 err = (network_pixels(module, x_train[idx]) - t_train[idx]).abs().mean(dim=1)
                 batch_loss = (err * weight).sum()
                 opt.zero_grad(set_to_none=True)
-                (batch_loss / weight.sum()).backward()
+                (batch_loss / weight.sum()).backward()  # type: ignore[no-untyped-call]  # torch: unannotated
                 opt.step()
                 schedule.step()
                 loss_sum += batch_loss.detach()

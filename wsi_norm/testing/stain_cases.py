@@ -145,7 +145,8 @@ def render(conc: NDArray[np.floating], staining: Staining, *, residual: NDArray[
     if residual is not None:
         od = od + residual
     rgb = np.asarray(staining.white, dtype=np.float64) * np.exp(-od)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    out: NDArray[np.uint8] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return out
 
 
 def jpeg_roundtrip(rgb: NDArray[np.uint8], quality: int, subsampling: Subsampling) -> NDArray[np.uint8]:
@@ -247,6 +248,7 @@ def draw_case(index: int, *, size: int = 1024, residual: bool = False) -> Case:
     quality = None if rng.random() < 0.15 else int(rng.integers(70, 96))
     subsampling: Subsampling = "420" if rng.random() < 0.6 else "444"
     seed = int(rng.integers(1 << 30))
+    conc: NDArray[np.floating]  # float64 when generated, float32 when unmixed from a real crop
     if texture.startswith("gen"):
         fraction = 0.05 if composition == "sparse" else float(rng.uniform(0.2, 0.7))
         params = SyntheticParams(size, size, seed=seed, tissue_fraction=fraction,

@@ -71,7 +71,8 @@ Compression = Literal["jpeg", "deflate"]
 
 def _unit_rows(matrix: ArrayLike) -> NDArray[np.float64]:
     m = np.asarray(matrix, dtype=np.float64)
-    return m / np.linalg.norm(m, axis=1, keepdims=True)
+    unit: NDArray[np.float64] = m / np.linalg.norm(m, axis=1, keepdims=True)
+    return unit
 
 
 from wsi_norm.stain.base import RUIFROK_HE
@@ -124,7 +125,8 @@ def _check_stain_matrix(stain_matrix: ArrayLike) -> NDArray[np.float64]:
         raise ValueError("stain_matrix has a zero row")
     if np.all(np.abs(norms - 1.0) <= 4 * np.finfo(np.float64).eps):
         return m.copy()  # already unit: keep it bit for bit (registered pairs compare exactly)
-    return m / norms[:, None]
+    unit: NDArray[np.float64] = m / norms[:, None]
+    return unit
 
 
 def rotate_stain_matrix(
@@ -744,7 +746,8 @@ def _single_threaded_blas() -> contextlib.AbstractContextManager[object]:
         from threadpoolctl import threadpool_limits
     except ImportError:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    limits: contextlib.AbstractContextManager[object] = threadpool_limits(limits=1, user_api="blas")
+    return limits
 
 
 def _encoder(compression: Compression, quality: int) -> Callable[[NDArray[np.uint8]], bytes]:

@@ -99,7 +99,8 @@ class PatchBank:
 
 def _mean2x2(a: FloatArray) -> FloatArray:
     n, c, h, w = a.shape
-    return a.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5), dtype=np.float32)
+    mean: FloatArray = a.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5), dtype=np.float32)
+    return mean
 
 
 def _make_bank(
@@ -152,7 +153,7 @@ def _resize_rgb(rgb: NDArray[np.uint8], size_px: int) -> NDArray[np.uint8]:
 def real_bank(
     files: Sequence[Path],
     *,
-    unmix: Callable[[NDArray[np.uint8], FloatArray], FloatArray],
+    unmix: Callable[[NDArray[np.uint8], NDArray[np.float64]], FloatArray],
     n_patches: int = 40,
     min_tissue: float = 0.8,
 ) -> PatchBank:
@@ -250,7 +251,8 @@ def _smooth_noise(
     )
     if step > 1:
         field = zoom(field, step, order=1, mode="grid-wrap", grid_mode=True)[: shape[0], : shape[1]]
-    return (field - field.mean()) / (field.std() + 1e-12)
+    unit: FloatArray = (field - field.mean()) / (field.std() + 1e-12)
+    return unit
 
 
 def procedural_bank(*, n_patches: int = 40) -> PatchBank:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -222,8 +222,8 @@ def tissue_fraction(
     -------
     TissueStats
     """
-    import dask
     import dask.array as da
+    from dask.base import compute
 
     coarse = coarse or coarse_mask(slide)
     arr = slide.to_dask(0, chunk_px=chunk_px)
@@ -231,10 +231,12 @@ def tissue_fraction(
     selected = coarse.chunk_has_tissue(arr.shape[:2], (rows, cols))
     blocks = arr.blocks
     counts = [
-        da.map_blocks(_count_tissue, blocks[i, j], dtype=np.int64, chunks=(1, 1), drop_axis=2)
+        da.map_blocks(_count_tissue, blocks[i, j], dtype=np.int64, chunks=(1, 1), drop_axis=2)  # type: ignore[no-untyped-call]
         for i, j in zip(*np.nonzero(selected), strict=True)
     ]
-    total_tissue = int(sum(int(c.sum()) for c in dask.compute(*counts))) if counts else 0
+    # dask.base.compute is unannotated
+    computed: tuple[Any, ...] = compute(*counts) if counts else ()  # type: ignore[no-untyped-call]
+    total_tissue = int(sum(int(c.sum()) for c in computed))
     total_px = int(arr.shape[0]) * int(arr.shape[1])
     return TissueStats(
         fraction=total_tissue / total_px if total_px else 0.0,

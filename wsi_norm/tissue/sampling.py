@@ -199,7 +199,8 @@ def sample_tissue_pixels(
     and it biased Reinhard's statistics towards stroma; the 2 x 2 blocks above address JPEG where
     it acts, and every tissue pixel is now kept.
     """
-    import dask
+    from dask.base import compute
+    from dask.delayed import delayed
 
     if window_px < 2 or window_px % 2:
         raise ValueError(f"window_px must be even and >= 2, got {window_px}")
@@ -215,14 +216,14 @@ def sample_tissue_pixels(
     per_window = 4 * int(np.ceil(n_pixels / len(origins)))
     seeds = rng.integers(0, 2**31, size=len(origins) + len(glass_origins))
     tasks = [
-        dask.delayed(_sample_window)(slide, int(x), int(y), window_px, per_window, int(s))
+        delayed(_sample_window)(slide, int(x), int(y), window_px, per_window, int(s))
         for (x, y), s in zip(origins, seeds[: len(origins)], strict=True)
     ]
     glass_tasks = [
-        dask.delayed(_glass_of_window)(slide, int(x), int(y), window_px, int(s))
+        delayed(_glass_of_window)(slide, int(x), int(y), window_px, int(s))
         for (x, y), s in zip(glass_origins, seeds[len(origins):], strict=True)
     ]
-    parts, glass_parts = dask.compute(tasks, glass_tasks)
+    parts, glass_parts = compute(tasks, glass_tasks)  # type: ignore[no-untyped-call]  # dask: unannotated
     pixels = np.concatenate([p[0] for p in parts])
     blocks = np.concatenate([p[1] for p in parts])
     glass = np.concatenate([p[2] for p in parts] + list(glass_parts))

@@ -98,7 +98,7 @@ class WhitePoint:
     @classmethod
     def fixed(cls, value: float | ArrayLike) -> WhitePoint:
         """A user-chosen white point (one value for all channels, or three)."""
-        return cls(tuple(np.broadcast_to(np.asarray(value, dtype=np.float64), (3,))), "fixed")  # type: ignore[arg-type]
+        return cls(tuple(np.broadcast_to(np.asarray(value, dtype=np.float64), (3,))), "fixed")
 
     def to_dict(self) -> dict[str, Any]:
         """``{"rgb": [r, g, b], "source": ..., "n_pixels": n}`` (values rounded to 0.01)."""
@@ -167,6 +167,6 @@ def estimate_white_point(glass: ArrayLike, *, min_pixels: int = MIN_GLASS_PIXELS
     """
     px = np.asarray(glass).reshape(-1, 3)
     if len(px) < max(1, int(min_pixels)):
-        return WhitePoint((DEFAULT_WHITE,) * 3, "fallback", 0)  # type: ignore[arg-type]
+        return WhitePoint((DEFAULT_WHITE,) * 3, "fallback", 0)
     median = np.median(px.astype(np.float64), axis=0)
-    return WhitePoint(tuple(np.clip(median, 1.0, 255.0)), "glass", len(px))  # type: ignore[arg-type]
+    return WhitePoint(tuple(np.clip(median, 1.0, 255.0)), "glass", len(px))

@@ -38,7 +38,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import imagecodecs
@@ -67,18 +67,24 @@ def _encoder(compression: str, quality: int) -> Callable[[NDArray[np.uint8]], by
     """The tile encoder, byte-identical to tifffile's for the tags it writes."""
     if compression == "jpeg":
         subsampling = (1, 1) if quality >= 90 else (2, 2)
-        return functools.partial(
-            imagecodecs.jpeg_encode,
-            level=quality,
-            colorspace="RGB",
-            outcolorspace="YCBCR",
-            subsampling=subsampling,
+        # imagecodecs types the result "bytes | bytearray" for the ``out=`` case; without
+        # ``out`` it is bytes
+        return cast(
+            Callable[[NDArray[np.uint8]], bytes],
+            functools.partial(
+                imagecodecs.jpeg_encode,
+                level=quality,
+                colorspace="RGB",
+                outcolorspace="YCBCR",
+                subsampling=subsampling,
+            ),
         )
 
     def deflate(tile: NDArray[np.uint8]) -> bytes:
         return bytes(
             imagecodecs.deflate_encode(
-                imagecodecs.delta_encode(tile, axis=-2), level=_DEFLATE_LEVEL
+                # the stub says bytes-like only; any buffer (an ndarray here) is accepted
+                imagecodecs.delta_encode(tile, axis=-2), level=_DEFLATE_LEVEL  # type: ignore[arg-type]
             )
         )
 
@@ -264,7 +270,7 @@ def write_tiff(
                     for k, (h, w) in enumerate(shapes):
                         if k == 0:
                             cutter = _Level0Tiles((h, w), tile_px, encode, pool)
-                            tiles = (t for block in blocks for t in cutter.add(block))
+                            tiles: Iterator[bytes] = (t for block in blocks for t in cutter.add(block))
                         else:
                             tiles = _lower_bytes(store, k, tile_px, encode, pool)
                         resolution: dict[str, Any] = {}
