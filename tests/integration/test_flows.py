@@ -23,9 +23,11 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield home
+    with (
+        temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
+        yield home
 
 
 def _task_runs(flow_run_id: Any) -> list[Any]:

@@ -308,7 +308,7 @@ def test_manifest_sources_and_teacher_template(cohort: dict[str, Any]) -> None:
     )
     m = load_manifest(path)
     assert [p.name for p in manifest_sources(m, "ref")] == [f"site-b-{s}.tiff" for s in (1, 2, 3, 4)]
-    assert [p.name for p in manifest_sources(m, "ref", ["site-a"])][0] == "site-a-1.tiff"
+    assert manifest_sources(m, "ref", ["site-a"])[0].name == "site-a-1.tiff"
     with pytest.raises(ManifestError, match="unknown site"):
         manifest_sources(m, "ref", ["site-z"])
     assert manifest_target(m, None, "macenko").method == "macenko"

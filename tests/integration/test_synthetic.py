@@ -331,10 +331,14 @@ def test_one_seed_one_slide_without_real_data(tmp_path: Path, monkeypatch: pytes
 def test_procedural_texture_is_the_same_with_or_without_real_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kwargs = dict(width=512, height=512, tile_px=256, seed=3, texture="procedural", compression="deflate")
-    here = tifffile.imread(generate_slide(tmp_path / "a.tif", **kwargs).path)
+    def generate(path: Path) -> str:
+        return generate_slide(
+            path, width=512, height=512, tile_px=256, seed=3, texture="procedural", compression="deflate"
+        ).path
+
+    here = tifffile.imread(generate(tmp_path / "a.tif"))
     monkeypatch.setenv("WSI_NORM_DATA", str(tmp_path / "nowhere"))
-    elsewhere = tifffile.imread(generate_slide(tmp_path / "b.tif", **kwargs).path)
+    elsewhere = tifffile.imread(generate(tmp_path / "b.tif"))
     np.testing.assert_array_equal(here, elsewhere)
 
 
