@@ -17,6 +17,7 @@ import tiffslide
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from numpy.typing import NDArray
 
 from wsi_norm.errors import OutputExistsError, SlideOpenError
 from wsi_norm.testing import synthetic
@@ -52,8 +53,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
-def _gray(rgb: np.ndarray) -> np.ndarray:
-    return rgb.astype(np.float64) @ LUMA
+def _gray(rgb: np.ndarray) -> NDArray[np.float64]:
+    gray: NDArray[np.float64] = rgb.astype(np.float64) @ LUMA
+    return gray
 
 
 # ---------------------------------------------------------------- pure maps and stain sets
