@@ -21,7 +21,7 @@ import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytest
@@ -32,6 +32,10 @@ from wsi_norm.pipeline import FitOptions, fit_slide, normalize_slide, output_is_
 from wsi_norm.slide import open_slide
 from wsi_norm.writers import WriterOptions, read_level, read_provenance, write_pyramid
 from wsi_norm.writers.verify import output_facts, verify_output
+
+if TYPE_CHECKING:
+    # the flows return Any, so Flow.__call__(return_state=True) picks the async overload
+    from prefect import State
 
 REPO = Path(__file__).resolve().parents[2]
 FORMATS = ["x.ome.zarr", "x.tif"]
@@ -345,14 +349,16 @@ def test_a_source_fit_of_another_slide_or_sampling_is_refused(slides: dict[str, 
 
 # ------------------------------------------------------------------ the archive flow
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield home
+    with (
+        temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
+        yield home
 
 
 ARCHIVE = """
@@ -385,7 +391,7 @@ def _archive(tmp_path: Path, slides: dict[str, Path], n_pixels: int = 20_000) ->
 def _run(manifest: Path) -> tuple[Any, str]:
     from flows.normalize_archive import normalize_archive
 
-    state = normalize_archive(manifest=str(manifest), return_state=True)
+    state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     rows = state.result(raise_on_failure=False)
     assert isinstance(rows, list) and len(rows) == 1, rows
     return state, rows[0]["outcome"]

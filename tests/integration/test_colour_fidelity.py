@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from wsi_norm.color import luma
+from wsi_norm.colormap import ColorMap
 from wsi_norm.errors import QCError, TemplateError
 from wsi_norm.metrics import psnr, stain_matrix_angles_deg
 from wsi_norm.pipeline import (
     FitOptions,
+    SlideFit,
     compile_checked,
     fit_slide,
     fit_template,
@@ -24,9 +28,10 @@ from wsi_norm.pipeline import (
     template_from_fits,
 )
 from wsi_norm.stain.base import RUIFROK_HE
-from wsi_norm.stain.template import load_template, save_template
+from wsi_norm.stain.template import Template, load_template, save_template
 from wsi_norm.testing.synthetic import (
     SyntheticParams,
+    SyntheticTruth,
     concentrations,
     generate_slide,
     render_region,
@@ -41,11 +46,11 @@ TARGET_WHITE = (241.0, 238.0, 244.0)
 
 
 @pytest.fixture(scope="module")
-def real_maps(shared_data: Path) -> dict[str, tuple]:
+def real_maps(shared_data: Path) -> dict[str, tuple[SlideFit, Template]]:
     """Each method's fit of the real CMU slide and a template of the torchstain target patch."""
     src = shared_data / "slides" / "CMU-1-Small-Region.svs"
     tgt = shared_data / "he" / "torchstain-target.png"
-    out = {}
+    out: dict[str, tuple[SlideFit, Template]] = {}
     for method in ("macenko", "vahadane", "reinhard", "histmatch"):
         fit = fit_slide(src, method=method, n_pixels=100_000)
         template = template_from_fits([fit_slide(tgt, method=method, n_pixels=100_000)])
@@ -64,8 +69,9 @@ def _pairs(rng: np.random.Generator, n: int, low: int = 0, high: int = 256) -> t
     return a, b
 
 
-def _jump(cmap, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.abs(cmap.evaluate_numpy(a).astype(np.int32) - cmap.evaluate_numpy(b).astype(np.int32)).max(axis=1)
+def _jump(cmap: ColorMap, a: NDArray[np.uint8], b: NDArray[np.uint8]) -> NDArray[np.int32]:
+    jump: NDArray[np.int32] = np.abs(cmap.evaluate_numpy(a).astype(np.int32) - cmap.evaluate_numpy(b).astype(np.int32)).max(axis=1)
+    return jump
 
 
 # --------------------------------------------------------------------------- continuity
@@ -91,7 +97,9 @@ KEEP_BAND_BOUND = 6
 
 @pytest.mark.parametrize("method", sorted(CUBE_BOUND))
 @pytest.mark.parametrize("glass", ["target", "keep"])
-def test_every_map_is_continuous_over_the_cube(real_maps, method: str, glass: str) -> None:
+def test_every_map_is_continuous_over_the_cube(
+    real_maps: dict[str, tuple[SlideFit, Template]], method: str, glass: Literal["target", "keep"]
+) -> None:
     fit, template = real_maps[method]
     cmap, _ = compile_checked(fit, template, glass=glass, force=True)
     rng = np.random.default_rng(1)
@@ -120,7 +128,7 @@ def test_stainnet_is_continuous(shared_data: Path) -> None:
     assert _jump(cmap, a, b).max() <= 3
 
 
-def test_no_speckle_at_gray_200_on_the_real_slide(real_maps, sample_svs: Path) -> None:
+def test_no_speckle_at_gray_200_on_the_real_slide(real_maps: dict[str, tuple[SlideFit, Template]], sample_svs: Path) -> None:
     """Source pixels just below and just above gray 200 stay neighbours after the map (the old hard
     switch sent gray 196-200 to lavender and left 201-205 source pink)."""
     from wsi_norm.slide import open_slide
@@ -177,7 +185,17 @@ def test_published_stainnet_through_the_cli_equals_the_published_arithmetic(
 # --------------------------------------------------------------------------- known truth on whole slides
 
 # Generated slides (real texture, JPEG q80 4:2:0 tiles), each condition of the issue.
-CONDITIONS = {
+class _Condition(TypedDict):
+    conc_scale: tuple[float, float]
+    io: tuple[float, float, float]
+
+
+class _ConditionSlide(TypedDict):
+    matrix: NDArray[np.float64]
+    truth: SyntheticTruth
+
+
+CONDITIONS: dict[str, _Condition] = {
     "h-heavy": {"conc_scale": (1.25, 0.8), "io": (240.0, 240.0, 240.0)},
     "e-heavy": {"conc_scale": (0.7, 1.4), "io": (240.0, 240.0, 240.0)},
     "tinted-glass": {"conc_scale": (1.0, 1.0), "io": (228.0, 241.0, 252.0)},
@@ -185,7 +203,9 @@ CONDITIONS = {
 }
 
 
-def _condition_slide(tmp_path_factory: pytest.TempPathFactory, name: str, *, quality: int = 80) -> tuple[Path, dict]:
+def _condition_slide(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *, quality: int = 80
+) -> tuple[Path, _ConditionSlide]:
     spec = CONDITIONS[name]
     matrix = rotate_stain_matrix(RUIFROK_HE, 4.0, 6.0, seed=sorted(CONDITIONS).index(name) + 3)
     path = tmp_path_factory.mktemp(name) / f"{name}.tiff"
@@ -195,13 +215,15 @@ def _condition_slide(tmp_path_factory: pytest.TempPathFactory, name: str, *, qua
 
 
 @pytest.fixture(scope="module")
-def condition_slides(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, tuple[Path, dict]]:
+def condition_slides(
+    tmp_path_factory: pytest.TempPathFactory, shared_data: Path
+) -> dict[str, tuple[Path, _ConditionSlide]]:
     return {name: _condition_slide(tmp_path_factory, name) for name in CONDITIONS}
 
 
 @pytest.mark.parametrize("name", sorted(CONDITIONS))
 @pytest.mark.parametrize("method", ["macenko", "vahadane"])
-def test_known_truth_fits_within_the_goal(condition_slides, name: str, method: str) -> None:
+def test_known_truth_fits_within_the_goal(condition_slides: dict[str, tuple[Path, _ConditionSlide]], name: str, method: str) -> None:
     """Stain vectors within the issue's worst-case goal (5 deg after JPEG q80) and the white point
     within 2 levels of the glass the slide was rendered with."""
     path, info = condition_slides[name]
@@ -212,7 +234,7 @@ def test_known_truth_fits_within_the_goal(condition_slides, name: str, method: s
     assert np.abs(fit.white.array - np.array(CONDITIONS[name]["io"])).max() <= 2.0, fit.white
 
 
-def test_h_heavy_slide_normalizes_without_turning_navy(condition_slides, tmp_path: Path) -> None:
+def test_h_heavy_slide_normalizes_without_turning_navy(condition_slides: dict[str, tuple[Path, _ConditionSlide]], tmp_path: Path) -> None:
     """The issue's navy case: hematoxylin 1.25x, eosin 0.8x. Normalized to a Ruifrok-stained target of
     the same tissue, the output beats the un-normalized slide against the truth by a wide margin."""
     path, info = condition_slides["h-heavy"]
@@ -283,7 +305,7 @@ def test_two_scanners_glass_matches_the_target(tmp_path: Path, shared_data: Path
             np.testing.assert_allclose(np.median(raw["warm"][glass], axis=0), np.median(raw["cool"][glass], axis=0), atol=2)
 
 
-def test_keep_glass_keeps_the_source_glass(condition_slides, tmp_path: Path) -> None:
+def test_keep_glass_keeps_the_source_glass(condition_slides: dict[str, tuple[Path, _ConditionSlide]], tmp_path: Path) -> None:
     path, _ = condition_slides["tinted-glass"]
     template = fit_template([path], method="reinhard", n_pixels=100_000)
     res = normalize_slide(
@@ -319,7 +341,7 @@ def test_slide_without_glass_uses_the_recorded_fallback(shared_data: Path, tmp_p
 # --------------------------------------------------------------------------- the QC gate
 
 
-def test_planted_wrong_template_is_refused_with_numbers(real_maps, tmp_path: Path, sample_svs: Path) -> None:
+def test_planted_wrong_template_is_refused_with_numbers(real_maps: dict[str, tuple[SlideFit, Template]], tmp_path: Path, sample_svs: Path) -> None:
     """A template whose eosin was turned 40 deg (away from hematoxylin, in the stain plane) is refused
     before anything is written; the message names the slide, the stain and the angle; --force writes
     it anyway and records the failure."""
@@ -340,7 +362,7 @@ def test_planted_wrong_template_is_refused_with_numbers(real_maps, tmp_path: Pat
     assert qc["forced"] and not qc["passed"] and any("negative optical density" in p for p in qc["problems"])
 
 
-def test_cli_qc_failure_is_one_line_and_exit_2(real_maps, tmp_path: Path, sample_svs: Path, capsys) -> None:
+def test_cli_qc_failure_is_one_line_and_exit_2(real_maps: dict[str, tuple[SlideFit, Template]], tmp_path: Path, sample_svs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from wsi_norm.cli import main
 
     _, template = real_maps["macenko"]
@@ -355,7 +377,7 @@ def test_cli_qc_failure_is_one_line_and_exit_2(real_maps, tmp_path: Path, sample
     assert "white point [90.0, 240.0, 240.0]" in err[0] and "--force" in err[0]
 
 
-def test_implausible_fit_is_refused(real_maps) -> None:
+def test_implausible_fit_is_refused(real_maps: dict[str, tuple[SlideFit, Template]]) -> None:
     """A source fit whose eosin sits 6 deg from its hematoxylin (the robust estimator's failure) is
     refused by the fit check."""
     import dataclasses
@@ -371,7 +393,7 @@ def test_implausible_fit_is_refused(real_maps) -> None:
         compile_checked(bad, template, what="planted.svs")
 
 
-def test_template_without_white_point_and_v1_templates(real_maps, tmp_path: Path) -> None:
+def test_template_without_white_point_and_v1_templates(real_maps: dict[str, tuple[SlideFit, Template]], tmp_path: Path) -> None:
     _, template = real_maps["macenko"]
     doc = template.to_dict()
     del doc["white_point"]

@@ -11,19 +11,24 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    # the flows return Any, so Flow.__call__(return_state=True) picks the async overload
+    from prefect import State
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAINNET_WEIGHTS = "StainNet-Public_layer3_ch32.pth"
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
@@ -81,11 +86,11 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        state = normalize_archive(manifest=str(manifest), return_state=True)
+        state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     finally:
         running.clear()
         sampler.join()
-    rows = {r["slide"]: r for r in state.result(raise_on_failure=False)}
+    rows = {r["slide"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
     assert state.is_completed(), (state.message, rows)
     assert seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
     assert {s: r["outcome"] for s, r in rows.items()} == {"a-1.tiff": "normalized", "b-1.tiff": "normalized"}
@@ -105,8 +110,8 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
             assert prov["weights"]["sha256"] and np.abs(zarr0.astype(int) - source).mean() > 2.0  # recoloured
         assert (tmp_path / "out" / "qc" / site / stem / "metrics.json").is_file()
 
-    again = normalize_archive(manifest=str(manifest), return_state=True)
-    assert {r["slide"]: r["outcome"] for r in again.result(raise_on_failure=False)} == {
+    again = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
+    assert {r["slide"]: r["outcome"] for r in cast("list[dict[str, Any]]", again.result(raise_on_failure=False))} == {
         "a-1.tiff": "skipped (current)", "b-1.tiff": "skipped (current)"}
 
 
@@ -148,9 +153,9 @@ def test_a_slide_over_its_timeout_ends_failed_while_the_others_finish(
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent(TIMEOUT), encoding="utf-8")
     start = time.monotonic()
-    state = normalize_archive(manifest=str(manifest), return_state=True)
+    state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     seconds = time.monotonic() - start
-    rows = {r["slide"]: r for r in state.result(raise_on_failure=False)}
+    rows = {r["slide"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
     assert state.is_failed() and state.message == "1 of 2 slides failed", state.message
     assert rows["fast.tiff"]["outcome"] == "normalized"
     assert rows["slow.tiff"]["outcome"] == "failed"
@@ -265,7 +270,7 @@ def test_harmonize_sites_times_out_one_slide_and_finishes_the_others(
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent(HARMONIZE_TIMEOUT), encoding="utf-8")
     start = time.monotonic()
-    state = harmonize_sites(manifest=str(manifest), target="site-a", return_state=True)
+    state = cast("State[Any]", harmonize_sites(manifest=str(manifest), target="site-a", return_state=True))
     assert time.monotonic() - start < 200
     assert state.is_failed()
     assert state.message == ("1 slide(s) failed or need review: site-b/b.tiff: failed: timed out: took longer than "
@@ -288,9 +293,9 @@ def test_harmonize_sites_runs_the_methods_that_fit_nothing(
     if method == "stainnet":
         text += f"roots: {{shared: {shared_data}}}\nweights: {shared_data / 'stainnet' / STAINNET_WEIGHTS}\n"
     manifest.write_text(text, encoding="utf-8")
-    state = harmonize_sites(manifest=str(manifest), target="site-a", return_state=True)
+    state = cast("State[Any]", harmonize_sites(manifest=str(manifest), target="site-a", return_state=True))
     assert state.is_completed(), state.message
-    rows = {r["site"]: r for r in state.result()}
+    rows = {r["site"]: r for r in cast("list[dict[str, Any]]", state.result())}
     for site in ("site-a", "site-b"):
         assert (tmp_path / "out" / site / f"{site[-1]}.ome.zarr").is_dir()
     b = rows["site-b"]

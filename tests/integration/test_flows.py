@@ -7,25 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytest
 import yaml
 
+if TYPE_CHECKING:
+    # the flows return Any, so Flow.__call__(return_state=True) picks the async overload
+    from prefect import State
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield home
+    with (
+        temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
+        yield home
 
 
 def _task_runs(flow_run_id: Any) -> list[Any]:
@@ -86,9 +93,9 @@ def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent(ARCHIVE), encoding="utf-8")
 
-    state = normalize_archive(manifest=str(manifest), return_state=True)
+    state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     assert state.is_failed() and state.message == "1 of 3 slides failed"
-    rows = {r["slide"]: r for r in state.result(raise_on_failure=False)}
+    rows = {r["slide"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
     assert [rows[s]["outcome"] for s in ("a-1.tiff", "b-1.tiff", "bad.svs")] == ["normalized", "normalized", "failed"]
     assert "bad.svs" in rows["bad.svs"]["reason"] and "Error" in rows["bad.svs"]["reason"]
     outs = [tmp_path / "out" / "site-a" / "a-1.ome.zarr", tmp_path / "out" / "site-b" / "b-1.ome.zarr"]
@@ -113,8 +120,8 @@ def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect
     mtimes = [o.stat().st_mtime_ns for o in outs]
 
     # Second run: the two finished slides are current, the broken one fails again.
-    again = normalize_archive(manifest=str(manifest), return_state=True)
-    rows2 = {r["slide"]: r["outcome"] for r in again.result(raise_on_failure=False)}
+    again = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
+    rows2 = {r["slide"]: r["outcome"] for r in cast("list[dict[str, Any]]", again.result(raise_on_failure=False))}
     assert rows2 == {"a-1.tiff": "skipped (current)", "b-1.tiff": "skipped (current)", "bad.svs": "failed"}
     names2 = [t.name for t in _task_runs(again.state_details.flow_run_id)]
     assert not any(n.startswith(("normalize-slide", "qc-slide")) for n in names2)
@@ -161,9 +168,9 @@ def test_archive_flow_sends_a_slide_the_qc_gate_refuses_to_review(prefect_api: P
     Image.fromarray(render_beer_lambert(conc, dab, io=240.0)).save(tmp_path / "odd" / "dab.png")
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent(REVIEW), encoding="utf-8")
-    state = normalize_archive(manifest=str(manifest), return_state=True)
+    state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     assert state.is_failed() and state.message == "0 of 2 slides failed, 1 need review", state.message
-    rows = {r["slide"]: r for r in state.result(raise_on_failure=False)}
+    rows = {r["slide"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
     assert rows["a-1.tiff"]["outcome"] == "normalized"
     assert rows["dab.png"]["outcome"] == "needs review"
     assert "QC gate" in rows["dab.png"]["reason"] and "deg" in rows["dab.png"]["reason"], rows["dab.png"]
@@ -178,7 +185,7 @@ def test_invalid_manifest_stops_the_flow_before_any_work(prefect_api: Path, tmp_
 
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent(ARCHIVE).replace("concurrency: 2", "concurrency: 2\nwokers: 3"), encoding="utf-8")
-    state = normalize_archive(manifest=str(manifest), return_state=True)
+    state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     assert state.is_failed()
     with pytest.raises(ManifestError, match=r"data_manifest\.yaml:17: wokers: unknown key"):
         state.result()
@@ -213,10 +220,10 @@ def test_harmonize_sites_brings_every_site_to_the_target(prefect_api: Path, tmp_
     (tmp_path / "broken" / "truncated.svs").write_bytes(b"II*\x00" + bytes(200))  # a TIFF header, nothing more
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent(HARMONIZE), encoding="utf-8")
-    state = harmonize_sites(manifest=str(manifest), target="site-a", return_state=True)
+    state = cast("State[Any]", harmonize_sites(manifest=str(manifest), target="site-a", return_state=True))
     # one bad slide: reported, and every other slide and site still finishes
-    assert state.is_failed() and "truncated.svs" in state.message, state.message
-    rows = {r["site"]: r for r in state.result(raise_on_failure=False)}
+    assert state.is_failed() and "truncated.svs" in str(state.message), state.message
+    rows = {r["site"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
     assert (tmp_path / "out" / "site-c" / "c.ome.zarr").is_dir()
     for site in ("site-b", "site-c"):
         r = rows[site]

@@ -131,7 +131,7 @@ def test_plain_images_open_as_one_level_slides(shared_data: Path, tmp_path: Path
     assert slide.mpp is None
     rgba = np.asarray(Image.open(png))
     assert rgba.shape[2] == 4  # the file has alpha; it is dropped
-    rgb = slide.to_dask(0).compute()
+    rgb = slide.to_dask(0).compute()  # type: ignore[no-untyped-call]  # dask is unannotated
     np.testing.assert_array_equal(rgb, rgba[..., :3])
     assert open_slide(png, mpp=0.25).mpp == (0.25, 0.25)
 
@@ -141,7 +141,7 @@ def test_plain_images_open_as_one_level_slides(shared_data: Path, tmp_path: Path
 
     flat = tmp_path / "untiled.tif"
     tifffile.imwrite(flat, rgb)
-    np.testing.assert_array_equal(open_slide(flat).to_dask(0).compute(), rgb)
+    np.testing.assert_array_equal(open_slide(flat).to_dask(0).compute(), rgb)  # type: ignore[no-untyped-call]  # dask
 
 
 def test_non_ascii_file_name(sample_svs: Path, tmp_path: Path) -> None:
@@ -196,7 +196,7 @@ def test_corrupt_tile_data_fails_on_read(tmp_path: Path, backend: str) -> None:
     path.write_bytes(bytes(data))
     slide = open_slide(path, backend=backend)  # type: ignore[arg-type]
     with pytest.raises(SlideReadError, match=r"corrupt\.tif: cannot read level 0 region"):
-        slide.to_dask(0, chunk_px=256).compute(scheduler="sync")
+        slide.to_dask(0, chunk_px=256).compute(scheduler="sync")  # type: ignore[no-untyped-call]  # dask is unannotated
 
 
 def test_sixteen_bit_and_gray_images_are_refused(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from numpy.typing import NDArray
 from PIL import Image
 
 from wsi_norm.colormap.maps import GlassBlend
@@ -110,7 +111,7 @@ def test_published_state_dict_loads_strictly_into_module(shared_data: Path) -> N
     ]
 
 
-def _numpy_reference(w: Any, rgb: np.ndarray) -> np.ndarray:
+def _numpy_reference(w: Any, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """StainNet written out from the paper in numpy float32 (no torch): 1x1 convolutions as
     matrix products on channels-last pixels, the authors' scaling, truncation to uint8."""
     flat = rgb.reshape(-1, 3)
@@ -119,7 +120,8 @@ def _numpy_reference(w: Any, rgb: np.ndarray) -> np.ndarray:
     h = np.maximum(h @ w.conv1_weight.T + w.conv1_bias, np.float32(0.0))
     y = h @ w.conv2_weight.T + w.conv2_bias
     unit = np.clip(y * np.float32(0.5) + np.float32(0.5), np.float32(0.0), np.float32(1.0))
-    return (unit * np.float32(255.0)).astype(np.uint8).reshape(rgb.shape)
+    out: NDArray[np.uint8] = (unit * np.float32(255.0)).astype(np.uint8).reshape(rgb.shape)
+    return out
 
 
 def test_cpu_numpy_torch_and_lut_paths_agree(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ def test_three_slides_hold_out_the_last_slide_and_metadata_names_everything(
     teacher = compile_colormap("macenko", cohort_stats, cohort["template"].stats, source_white=held.white.array,
                                target_white=cohort["template"].white.array)
     # the slide's tissue and, 15 % as many, its glass (the student learns glass too)
+    assert held.pixels is not None  # narrows SlideFit.pixels (None only when the fit keeps no pixels)
     glass = _glass_pixels(held.white.array, int(0.15 * len(held.pixels)), seed=len(held.pixels))
     inputs, targets = pairs_from_teacher(np.concatenate([held.pixels, glass]), teacher.evaluate_numpy)
     assert heldout_l1(result.model, inputs, targets) == pytest.approx(result.val_loss, rel=1e-4)
@@ -247,7 +249,7 @@ def test_flow_tasks_via_fn(cohort: dict[str, Any], tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def prefect_api(tmp_path: Path) -> Any:
+def prefect_api(tmp_path: Path) -> Iterator[Path]:
     from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
@@ -282,9 +284,12 @@ def test_flow_run_writes_model_and_artifacts(cohort: dict[str, Any], tmp_path: P
     assert "bad.svs" in summary["failed"][0]
     assert load_stainnet(out).metadata.teacher == "macenko"
 
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None  # narrows the Optional for the client call
+
     async def read() -> list[Any]:
         async with get_client() as client:
-            return await read_flow_run_artifacts(client, state.state_details.flow_run_id)
+            return await read_flow_run_artifacts(client, run_id)
 
     artifacts = {a.key: a for a in asyncio.run(read()) if a.key}
     assert {LOSSES_KEY, SUMMARY_KEY} <= set(artifacts)
@@ -308,7 +313,7 @@ def test_manifest_sources_and_teacher_template(cohort: dict[str, Any]) -> None:
     )
     m = load_manifest(path)
     assert [p.name for p in manifest_sources(m, "ref")] == [f"site-b-{s}.tiff" for s in (1, 2, 3, 4)]
-    assert [p.name for p in manifest_sources(m, "ref", ["site-a"])][0] == "site-a-1.tiff"
+    assert manifest_sources(m, "ref", ["site-a"])[0].name == "site-a-1.tiff"
     with pytest.raises(ManifestError, match="unknown site"):
         manifest_sources(m, "ref", ["site-z"])
     assert manifest_target(m, None, "macenko").method == "macenko"

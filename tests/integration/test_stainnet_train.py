@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from numpy.typing import NDArray
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -32,25 +33,27 @@ OTHER_STAINS = np.stack([_unit([0.55, 0.76, 0.35]), _unit([0.20, 0.95, 0.24])])
 CONC_SCALE = np.array([1.3, 0.75])
 
 
-def _od(rgb: np.ndarray) -> np.ndarray:
-    return -np.log((rgb.astype(np.float64) + 1.0) / IO)
+def _od(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
+    od: NDArray[np.float64] = -np.log((rgb.astype(np.float64) + 1.0) / IO)
+    return od
 
 
-def _render(conc: np.ndarray, stains: np.ndarray) -> np.ndarray:
+def _render(conc: NDArray[np.float64], stains: NDArray[np.float64]) -> NDArray[np.uint8]:
     """Beer-Lambert: I = io * exp(-C @ M) (with the +1 of the OD convention), as uint8."""
     return np.clip(np.rint(IO * np.exp(-conc @ stains) - 1.0), 0, 255).astype(np.uint8)
 
 
-def _restain_teacher(rgb: np.ndarray) -> np.ndarray:
+def _restain_teacher(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """Analytic Macenko-form map, glass kept: C = OD pinv(M_src) * scale; I' = io exp(-C M_tgt)."""
     out = _render(_od(rgb) @ np.linalg.pinv(RUIFROK) * CONC_SCALE, OTHER_STAINS)
     return np.where(is_background(rgb)[..., None], rgb, out)
 
 
-def _concentrations(path: Path) -> np.ndarray:
+def _concentrations(path: Path) -> NDArray[np.float64]:
     """H and E concentrations of a real H&E patch, unmixed with Ruifrok's vectors (>= 0)."""
     rgb = np.asarray(Image.open(path).convert("RGBA"))[..., :3]
-    return np.clip(_od(rgb) @ np.linalg.pinv(RUIFROK), 0.0, None)
+    conc: NDArray[np.float64] = np.clip(_od(rgb) @ np.linalg.pinv(RUIFROK), 0.0, None)
+    return conc
 
 
 def _teacher_and_images(shared_data: Path, teacher_kind: str) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -99,9 +102,10 @@ def test_distilled_stainnet_reproduces_teacher_on_held_out_image(
     student = StainNetMap(result.model).apply(test_image)
     teacher = teacher_map(test_image)
     tissue = ~is_background(test_image)
-    psnr_tissue = peak_signal_noise_ratio(teacher[tissue], student[tissue], data_range=255)
-    psnr_identity = peak_signal_noise_ratio(teacher[tissue], test_image[tissue], data_range=255)
-    ssim = structural_similarity(teacher, student, channel_axis=-1, data_range=255)
+    # scikit-image's metrics are unannotated (no-untyped-call)
+    psnr_tissue = peak_signal_noise_ratio(teacher[tissue], student[tissue], data_range=255)  # type: ignore[no-untyped-call]
+    psnr_identity = peak_signal_noise_ratio(teacher[tissue], test_image[tissue], data_range=255)  # type: ignore[no-untyped-call]
+    ssim = structural_similarity(teacher, student, channel_axis=-1, data_range=255)  # type: ignore[no-untyped-call]
     print(
         f"distillation ({teacher_kind}): PSNR (tissue) {psnr_tissue:.2f} dB "
         f"(identity {psnr_identity:.2f} dB), SSIM {ssim:.4f}, "

@@ -17,6 +17,7 @@ import tiffslide
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from numpy.typing import NDArray
 
 from wsi_norm.errors import OutputExistsError, SlideOpenError
 from wsi_norm.testing import synthetic
@@ -52,8 +53,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
-def _gray(rgb: np.ndarray) -> np.ndarray:
-    return rgb.astype(np.float64) @ LUMA
+def _gray(rgb: np.ndarray) -> NDArray[np.float64]:
+    gray: NDArray[np.float64] = rgb.astype(np.float64) @ LUMA
+    return gray
 
 
 # ---------------------------------------------------------------- pure maps and stain sets
@@ -331,10 +333,14 @@ def test_one_seed_one_slide_without_real_data(tmp_path: Path, monkeypatch: pytes
 def test_procedural_texture_is_the_same_with_or_without_real_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kwargs = dict(width=512, height=512, tile_px=256, seed=3, texture="procedural", compression="deflate")
-    here = tifffile.imread(generate_slide(tmp_path / "a.tif", **kwargs).path)
+    def generate(path: Path) -> str:
+        return generate_slide(
+            path, width=512, height=512, tile_px=256, seed=3, texture="procedural", compression="deflate"
+        ).path
+
+    here = tifffile.imread(generate(tmp_path / "a.tif"))
     monkeypatch.setenv("WSI_NORM_DATA", str(tmp_path / "nowhere"))
-    elsewhere = tifffile.imread(generate_slide(tmp_path / "b.tif", **kwargs).path)
+    elsewhere = tifffile.imread(generate(tmp_path / "b.tif"))
     np.testing.assert_array_equal(here, elsewhere)
 
 

@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from wsi_norm.errors import OutputError, OutputExistsError
 from wsi_norm.pyramid import LevelStore
@@ -105,13 +107,17 @@ def test_read_only_folder(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyP
         assert _leftovers(folder) == []
 
 
-def _failing(image: np.ndarray, chunks: int, fail_at: tuple[int, int]) -> da.Array:
-    def compute(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+def _failing(image: NDArray[np.uint8], chunks: int, fail_at: tuple[int, int]) -> da.Array:
+    def compute(
+        block: NDArray[np.uint8], block_info: dict[int, dict[str, Any]] | None = None
+    ) -> NDArray[np.uint8]:
         if tuple(block_info[0]["chunk-location"][:2]) == fail_at:  # type: ignore[index]
             raise RuntimeError("injected fault in chunk")
         return block
 
-    return da.from_array(image, chunks=(chunks, chunks, 3)).map_blocks(compute, dtype=np.uint8)
+    source = da.from_array(image, chunks=(chunks, chunks, 3))  # type: ignore[no-untyped-call]  # dask is unannotated
+    failing: da.Array = source.map_blocks(compute, dtype=np.uint8)
+    return failing
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -202,7 +208,8 @@ def test_sigkill_zarr_then_resume_is_bit_identical(tmp_path: Path) -> None:
 
     def ready() -> bool:
         try:
-            return json.loads(marker.read_text())["level0_rows"] >= 512
+            progress: dict[str, int] = json.loads(marker.read_text())
+            return progress["level0_rows"] >= 512
         except (OSError, ValueError):
             return False
 

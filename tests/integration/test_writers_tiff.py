@@ -6,11 +6,13 @@ import json
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import pytest
 import tifffile
+from numpy.typing import NDArray
 
 from wsi_norm.pyramid import reference_pyramid
 from wsi_norm.testing.data import data_dir
@@ -28,17 +30,18 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def slide_pixels() -> np.ndarray:
+def slide_pixels() -> NDArray[np.uint8]:
     tiffslide = pytest.importorskip("tiffslide")
     with tiffslide.TiffSlide(SLIDE) as slide:
-        return slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+        pixels: NDArray[np.uint8] = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+        return pixels
 
 
 @pytest.fixture(scope="module")
 def slide_tiff(tmp_path_factory: pytest.TempPathFactory, slide_pixels: np.ndarray) -> Path:
     out = tmp_path_factory.mktemp("tiff") / "cmu.tif"
     return write_pyramid(
-        da.from_array(slide_pixels, chunks=(960, 960, 3)), out, mpp=MPP, provenance=PROVENANCE
+        da.from_array(slide_pixels, chunks=(960, 960, 3)), out, mpp=MPP, provenance=PROVENANCE  # type: ignore[no-untyped-call]  # dask is unannotated
     )
 
 
@@ -46,7 +49,9 @@ _COUNTS: dict[str, Counter[tuple[int, int]]] = {}
 _LOCK = threading.Lock()
 
 
-def _count_chunk(block: np.ndarray, block_info: dict | None = None, *, tag: str) -> np.ndarray:
+def _count_chunk(
+    block: NDArray[np.uint8], block_info: dict[int, dict[str, Any]] | None = None, *, tag: str
+) -> NDArray[np.uint8]:
     loc = block_info[0]["chunk-location"]  # type: ignore[index]
     with _LOCK:
         _COUNTS[tag][(loc[0], loc[1])] += 1
@@ -122,7 +127,7 @@ def test_deflate_uneven_chunks_exact_one_pass(tmp_path: Path) -> None:
     image = rng.integers(0, 256, (9100, 2500, 3), dtype=np.uint8)
     tag = "tiff-deflate"
     _COUNTS[tag] = Counter()
-    array = da.from_array(image, chunks=(650, 400, 3)).map_blocks(
+    array = da.from_array(image, chunks=(650, 400, 3)).map_blocks(  # type: ignore[no-untyped-call]  # dask is unannotated
         _count_chunk, dtype=np.uint8, tag=tag
     )
     out = write_pyramid(

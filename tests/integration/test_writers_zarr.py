@@ -7,11 +7,13 @@ import threading
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from numpy.typing import NDArray
 
 from wsi_norm.pyramid import reference_pyramid
 from wsi_norm.testing.data import data_dir
@@ -24,16 +26,17 @@ PROVENANCE = {"method": "none", "source": {"name": "CMU-1-Small-Region.svs", "si
 
 
 @pytest.fixture(scope="module")
-def slide_pixels() -> np.ndarray:
+def slide_pixels() -> NDArray[np.uint8]:
     tiffslide = pytest.importorskip("tiffslide")
     with tiffslide.TiffSlide(SLIDE) as slide:
-        return slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+        pixels: NDArray[np.uint8] = slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+        return pixels
 
 
 @pytest.fixture(scope="module")
 def slide_zarr(tmp_path_factory: pytest.TempPathFactory, slide_pixels: np.ndarray) -> Path:
     out = tmp_path_factory.mktemp("zarr") / "cmu.ome.zarr"
-    array = da.from_array(slide_pixels, chunks=(960, 960, 3))  # 4 x 240-px source tiles
+    array = da.from_array(slide_pixels, chunks=(960, 960, 3))  # type: ignore[no-untyped-call]  # dask is unannotated; 4 x 240-px source tiles
     return write_pyramid(array, out, mpp=MPP, provenance=PROVENANCE)
 
 
@@ -41,7 +44,9 @@ _COUNTS: dict[str, Counter[tuple[int, int]]] = {}
 _LOCK = threading.Lock()
 
 
-def _count_chunk(block: np.ndarray, block_info: dict | None = None, *, tag: str) -> np.ndarray:
+def _count_chunk(
+    block: NDArray[np.uint8], block_info: dict[int, dict[str, Any]] | None = None, *, tag: str
+) -> NDArray[np.uint8]:
     loc = block_info[0]["chunk-location"]  # type: ignore[index]
     with _LOCK:
         _COUNTS[tag][(loc[0], loc[1])] += 1
@@ -53,7 +58,7 @@ def _counting(
 ) -> tuple[da.Array, Counter[tuple[int, int]]]:
     tag = f"zarr-{len(_COUNTS)}"
     _COUNTS[tag] = Counter()
-    array = da.from_array(image, chunks=(*chunks, 3)).map_blocks(
+    array = da.from_array(image, chunks=(*chunks, 3)).map_blocks(  # type: ignore[no-untyped-call]  # dask is unannotated
         _count_chunk, dtype=np.uint8, tag=tag
     )
     return array, _COUNTS[tag]
@@ -220,7 +225,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path) -> None:
             raise KeyboardInterrupt  # as a Ctrl-C would: the .partial is kept
 
     out = tmp_path / "b" / "x.ome.zarr"
-    first = da.from_array(image, chunks=(512, 512, 3))
+    first = da.from_array(image, chunks=(512, 512, 3))  # type: ignore[no-untyped-call]  # dask is unannotated
     with pytest.raises(KeyboardInterrupt):
         write_pyramid(
             first, out, mpp=MPP, provenance=PROVENANCE, chunk_px=512, progress=stop_after_two_bands

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from numpy.typing import NDArray
 from skimage.color import lab2rgb, rgb2lab
 
 from wsi_norm.color import is_background, lab_to_rgb, luma, od_to_rgb, rgb_to_lab, rgb_to_od
@@ -15,12 +16,12 @@ from wsi_norm.color import is_background, lab_to_rgb, luma, od_to_rgb, rgb_to_la
 
 @given(arrays(np.uint8, st.tuples(st.integers(1, 50), st.just(3))),
        st.tuples(st.floats(200.0, 255.0), st.floats(200.0, 255.0), st.floats(200.0, 255.0)))
-def test_od_round_trip(rgb, white):
+def test_od_round_trip(rgb: NDArray[np.uint8], white: tuple[float, float, float]) -> None:
     back = od_to_rgb(rgb_to_od(rgb, white=white), white=white)
     assert np.array_equal(np.rint(back).astype(np.uint8), rgb)
 
 
-def test_od_values_and_torch_twin():
+def test_od_values_and_torch_twin() -> None:
     rgb = np.array([[239, 0, 120]], dtype=np.uint8)
     od = rgb_to_od(rgb, white=239.0)
     np.testing.assert_allclose(od, [[0.0, np.log(240.0), np.log(240 / 121)]], atol=1e-12)
@@ -29,7 +30,7 @@ def test_od_values_and_torch_twin():
     np.testing.assert_allclose(od_t.numpy(), od, atol=1e-6)
 
 
-def test_glass_has_zero_od_in_every_channel_whatever_the_tint():
+def test_glass_has_zero_od_in_every_channel_whatever_the_tint() -> None:
     white = (231.0, 244.0, 252.0)
     glass = np.array([[231, 244, 252]], dtype=np.uint8)
     np.testing.assert_allclose(rgb_to_od(glass, white=white), 0.0, atol=1e-12)
@@ -39,7 +40,7 @@ def test_glass_has_zero_od_in_every_channel_whatever_the_tint():
         rgb_to_od(glass, white=(0.0, 240.0, 240.0))
 
 
-def test_lab_matches_skimage():
+def test_lab_matches_skimage() -> None:
     rng = np.random.default_rng(0)
     rgb = rng.random((500, 3))
     np.testing.assert_allclose(rgb_to_lab(rgb), rgb2lab(rgb[None])[0], atol=1e-8)
@@ -48,7 +49,7 @@ def test_lab_matches_skimage():
     np.testing.assert_allclose(lab_to_rgb(torch.from_numpy(lab)).numpy(), rgb, atol=1e-6)
 
 
-def test_luma_and_background_boundary():
+def test_luma_and_background_boundary() -> None:
     assert luma(np.array([100, 200, 50], dtype=np.uint8)) == 0.299 * 100 + 0.587 * 200 + 0.114 * 50
     grey200 = np.array([[200, 200, 200], [201, 201, 201]], dtype=np.uint8)
     assert is_background(grey200).tolist() == [False, True]

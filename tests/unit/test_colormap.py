@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from numpy.typing import NDArray
 from test_stain_macenko import load_he
 
-from wsi_norm.colormap import compile_colormap
+from wsi_norm.colormap import ColorMap, compile_colormap
 from wsi_norm.colormap.maps import GlassBlend
 from wsi_norm.errors import FitError
 from wsi_norm.stain import METHODS, StainParams, fit_stats
@@ -23,7 +24,7 @@ SRC_WHITE, TGT_WHITE = (236.0, 232.0, 246.0), (241.0, 238.0, 244.0)
 
 
 @pytest.fixture(scope="module")
-def maps():
+def maps() -> dict[str, ColorMap]:
     src = load_he("source").reshape(-1, 3)
     tgt = load_he("target").reshape(-1, 3)
     out = {m: compile_colormap(m, fit_stats(m, src, FAST), fit_stats(m, tgt, FAST), source_white=SRC_WHITE,
@@ -35,7 +36,7 @@ def maps():
 
 
 @pytest.fixture(scope="module")
-def probe():
+def probe() -> NDArray[np.uint8]:
     rng = np.random.default_rng(0)
     real = load_he("source")[:128, :128]
     rand = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
@@ -44,7 +45,7 @@ def probe():
 
 
 @pytest.mark.parametrize("method", METHODS + ("none", "keep"))
-def test_lut_is_bit_identical_to_numpy(maps, probe, method):
+def test_lut_is_bit_identical_to_numpy(maps: dict[str, ColorMap], probe: NDArray[np.uint8], method: str) -> None:
     cmap = maps[method]
     assert np.array_equal(cmap.apply(probe), cmap.evaluate_numpy(probe))
     # a slice of the whole table, against direct evaluation of the same colours
@@ -55,7 +56,7 @@ def test_lut_is_bit_identical_to_numpy(maps, probe, method):
 
 
 @pytest.mark.parametrize("method", METHODS + ("keep",))
-def test_torch_agrees_with_numpy(maps, probe, method):
+def test_torch_agrees_with_numpy(maps: dict[str, ColorMap], probe: NDArray[np.uint8], method: str) -> None:
     cmap = maps[method]
     ref = cmap.evaluate_numpy(probe).astype(int)
     f32 = cmap.apply_torch(torch.from_numpy(probe)).numpy().astype(int)
@@ -68,7 +69,7 @@ def test_torch_agrees_with_numpy(maps, probe, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_glass_goes_to_the_target_white_and_tissue_changes(maps, probe, method):
+def test_glass_goes_to_the_target_white_and_tissue_changes(maps: dict[str, ColorMap], probe: NDArray[np.uint8], method: str) -> None:
     glass = np.array([[SRC_WHITE]], dtype=np.uint8)
     assert np.abs(maps[method].apply(glass).astype(int) - np.array(TGT_WHITE)).max() <= 1
     out = maps[method].apply(probe)
@@ -76,7 +77,7 @@ def test_glass_goes_to_the_target_white_and_tissue_changes(maps, probe, method):
     assert out.dtype == np.uint8 and out.shape == probe.shape
 
 
-def test_keep_glass_keeps_it_and_blends_smoothly(maps):
+def test_keep_glass_keeps_it_and_blends_smoothly(maps: dict[str, ColorMap]) -> None:
     cmap = maps["keep"]
     glass = np.array([[SRC_WHITE]], dtype=np.uint8)
     assert np.array_equal(cmap.apply(glass), glass)
@@ -86,19 +87,19 @@ def test_keep_glass_keeps_it_and_blends_smoothly(maps):
     assert steps <= 3
 
 
-def test_glass_blend_band_and_validation():
+def test_glass_blend_band_and_validation() -> None:
     blend = GlassBlend.for_whites("target", (250.0, 250.0, 250.0), (240.0, 240.0, 240.0))
     assert blend.lo == 226.0 and blend.hi == 244.0
     dim = GlassBlend.for_whites("keep", (205.0, 205.0, 205.0))
     assert dim.lo == 200.0 and dim.hi == 208.0
     with pytest.raises(ValueError, match="glass mode"):
-        GlassBlend("sideways", (240.0,) * 3, (240.0,) * 3, 200.0, 220.0)
+        GlassBlend("sideways", (240.0,) * 3, (240.0,) * 3, 200.0, 220.0)  # type: ignore[arg-type]  # invalid on purpose
     with pytest.raises(ValueError, match="glass band"):
         GlassBlend("keep", (240.0,) * 3, (240.0,) * 3, 190.0, 220.0)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_black_maps_to_finite_not_all_black(maps, method):
+def test_black_maps_to_finite_not_all_black(maps: dict[str, ColorMap], method: str) -> None:
     black = np.zeros((4, 4, 3), np.uint8)
     out = maps[method].evaluate_numpy(black)
     assert out.dtype == np.uint8
@@ -107,7 +108,7 @@ def test_black_maps_to_finite_not_all_black(maps, method):
 
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
-def test_whole_tile_equals_subtiles(maps, method):
+def test_whole_tile_equals_subtiles(maps: dict[str, ColorMap], method: str) -> None:
     img = load_he("source")[:300, :301]
     cmap = maps[method]
     whole = cmap.apply(img)
@@ -117,7 +118,7 @@ def test_whole_tile_equals_subtiles(maps, method):
     assert np.array_equal(whole, parts)
 
 
-def test_pickle_is_small_before_lut_and_equal_after(maps, probe):
+def test_pickle_is_small_before_lut_and_equal_after(maps: dict[str, ColorMap], probe: NDArray[np.uint8]) -> None:
     cmap = maps["macenko"]
     cmap.lut()
     blob = pickle.dumps(cmap)
@@ -127,19 +128,19 @@ def test_pickle_is_small_before_lut_and_equal_after(maps, probe):
     assert np.array_equal(clone.apply(probe), cmap.apply(probe))
 
 
-def test_singular_stain_matrix_raises():
-    good = MacenkoStats(stain_matrix=[[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]], max_conc=[1.0, 1.0])
+def test_singular_stain_matrix_raises() -> None:
+    good = MacenkoStats(stain_matrix=np.array([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]]), max_conc=np.array([1.0, 1.0]))
     v = np.array([0.6, 0.7, 0.3]) / np.linalg.norm([0.6, 0.7, 0.3])
     w = np.array([0.6, 0.7, 0.31]) / np.linalg.norm([0.6, 0.7, 0.31])
-    singular = MacenkoStats(stain_matrix=np.stack([v, w]), max_conc=[1.0, 1.0])
+    singular = MacenkoStats(stain_matrix=np.stack([v, w]), max_conc=np.array([1.0, 1.0]))
     with pytest.raises(FitError, match="only 0.[0-9]+ deg apart"):
         compile_colormap("macenko", singular, good)
     with pytest.raises(FitError, match="deg apart"):
         compile_colormap("macenko", good, singular)
 
 
-def test_wrong_stats_type_and_method():
-    good = MacenkoStats(stain_matrix=[[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]], max_conc=[1.0, 1.0])
+def test_wrong_stats_type_and_method() -> None:
+    good = MacenkoStats(stain_matrix=np.array([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]]), max_conc=np.array([1.0, 1.0]))
     with pytest.raises(TypeError, match="expected ReinhardStats"):
         compile_colormap("reinhard", good, good)
     with pytest.raises(ValueError, match="unknown method 'foo'"):
@@ -152,20 +153,20 @@ _M = _M / np.linalg.norm(_M, axis=1, keepdims=True)
 
 @settings(max_examples=30, deadline=None)
 @given(arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9), st.just(3))))
-def test_dtype_and_shape_preserved(rgb):
-    cmap = compile_colormap("macenko", MacenkoStats(stain_matrix=_M, max_conc=[1.5, 1.0]),
-                            MacenkoStats(stain_matrix=_M, max_conc=[1.0, 0.8]))
+def test_dtype_and_shape_preserved(rgb: NDArray[np.uint8]) -> None:
+    cmap = compile_colormap("macenko", MacenkoStats(stain_matrix=_M, max_conc=np.array([1.5, 1.0])),
+                            MacenkoStats(stain_matrix=_M, max_conc=np.array([1.0, 0.8])))
     out = cmap.evaluate_numpy(rgb)
     assert out.dtype == np.uint8 and out.shape == rgb.shape
 
 
 @settings(max_examples=30, deadline=None)
 @given(arrays(np.float64, (50, 2), elements=st.floats(0.0, 2.0)))
-def test_self_map_is_identity_on_stain_plane(conc):
+def test_self_map_is_identity_on_stain_plane(conc: NDArray[np.float64]) -> None:
     from wsi_norm.color import od_to_rgb
 
     white = (236.0, 243.0, 249.0)
     rgb = np.clip(np.rint(od_to_rgb(conc @ _M, white=white)), 0, 255).astype(np.uint8)
-    stats = MacenkoStats(stain_matrix=_M, max_conc=[1.5, 1.0])
+    stats = MacenkoStats(stain_matrix=_M, max_conc=np.array([1.5, 1.0]))
     out = compile_colormap("macenko", stats, stats, source_white=white, target_white=white).evaluate_numpy(rgb)
     assert np.abs(out.astype(int) - rgb).max() <= 2

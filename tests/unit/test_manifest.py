@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,9 @@ def test_good_manifest_resolves_globs_outputs_and_templates(project: Path) -> No
         (lambda t: t.replace("output_root: out\n", ""), 1, r"output_root: required key is missing"),
     ],
 )
-def test_manifest_errors_name_key_and_line(project: Path, edit, line: int, match: str) -> None:
+def test_manifest_errors_name_key_and_line(
+    project: Path, edit: Callable[[str], str], line: int, match: str
+) -> None:
     path = _write(project, edit(GOOD))
     with pytest.raises(ManifestError, match=rf"^{path}:{line}: {match}"):
         load_manifest(path)

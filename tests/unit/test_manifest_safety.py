@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -162,12 +163,19 @@ print(json.dumps({"error": error, "seconds": seconds, "peak_rss_bytes": hwm_kib 
 """
 
 
-def _load_in_child(path: Path) -> dict[str, object]:
+class _ChildResult(TypedDict):
+    error: str | None
+    seconds: float
+    peak_rss_bytes: int
+
+
+def _load_in_child(path: Path) -> _ChildResult:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, timeout=300,
                           env=env, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: _ChildResult = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def test_yaml_alias_bomb_is_refused_at_once_with_bounded_memory(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,7 +20,7 @@ torchstain = pytest.importorskip("torchstain")
 
 
 @pytest.mark.parametrize("name", ["source", "target"])
-def test_textbook_macenko_agrees_with_torchstain(name):
+def test_textbook_macenko_agrees_with_torchstain(name: str) -> None:
     img = load_he(name)
     norm = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
     norm.fit(img)
@@ -30,7 +32,7 @@ def test_textbook_macenko_agrees_with_torchstain(name):
     assert np.all(angles < 2.0), angles
 
 
-def test_normalise_source_to_target_all_methods(tmp_path):
+def test_normalise_source_to_target_all_methods(tmp_path: Path) -> None:
     src, tgt = load_he("source"), load_he("target")
     src_tissue = ~is_background(src)
     results = {}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
 from wsi_norm.pyramid import (
     Block,
@@ -28,7 +29,7 @@ from wsi_norm.pyramid import (
 )
 
 
-def _mean_2x2_float(image: np.ndarray) -> np.ndarray:
+def _mean_2x2_float(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """Independent reference: mean over the pixels that exist, rounded half up."""
     h, w, _ = image.shape
     padded = np.zeros((h + h % 2, w + w % 2, 3))
@@ -37,7 +38,8 @@ def _mean_2x2_float(image: np.ndarray) -> np.ndarray:
     count[:h, :w] = 1
     total = padded[0::2, 0::2] + padded[1::2, 0::2] + padded[0::2, 1::2] + padded[1::2, 1::2]
     n = count[0::2, 0::2] + count[1::2, 0::2] + count[0::2, 1::2] + count[1::2, 1::2]
-    return np.floor(total / n + 0.5).astype(np.uint8)
+    mean: NDArray[np.uint8] = np.floor(total / n + 0.5).astype(np.uint8)
+    return mean
 
 
 # Module-level so that distributed pickles the chunk function by reference and an
@@ -46,7 +48,9 @@ _COUNTS: dict[str, Counter[tuple[int, int]]] = {}
 _COUNTS_LOCK = threading.Lock()
 
 
-def _count_chunk(block: np.ndarray, block_info: dict | None = None, *, tag: str) -> np.ndarray:
+def _count_chunk(
+    block: NDArray[np.uint8], block_info: dict[int, dict[str, Any]] | None = None, *, tag: str
+) -> NDArray[np.uint8]:
     loc = block_info[0]["chunk-location"]  # type: ignore[index]
     with _COUNTS_LOCK:
         _COUNTS[tag][(loc[0], loc[1])] += 1
@@ -59,7 +63,7 @@ def _counting_array(
     """Wrap ``image`` in a dask array whose chunk function counts its calls."""
     tag = f"counter-{len(_COUNTS)}"
     _COUNTS[tag] = Counter()
-    source = da.from_array(image, chunks=(*chunks, 3))
+    source = da.from_array(image, chunks=(*chunks, 3))  # type: ignore[no-untyped-call]  # dask is unannotated
     return source.map_blocks(_count_chunk, dtype=np.uint8, tag=tag), _COUNTS[tag]
 
 
@@ -120,7 +124,7 @@ def test_downsample_keeps_constant_and_extremes() -> None:
 
 def test_downsample_rejects_wrong_input() -> None:
     with pytest.raises(TypeError, match="uint8"):
-        downsample_2x(np.zeros((4, 4, 3), dtype=np.float32))  # type: ignore[arg-type]
+        downsample_2x(np.zeros((4, 4, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         downsample_2x(np.zeros((4, 4), dtype=np.uint8))
 
@@ -159,7 +163,8 @@ def _assemble(blocks: list[Block], shape: tuple[int, ...]) -> np.ndarray:
 def test_iter_blocks_uneven_chunks_matches_eager_reference(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (2701, 2333, 3), dtype=np.uint8)
-    array = da.from_array(image, chunks=(333, 500, 3))  # odd chunk rows: bands of two chunks
+    # odd chunk rows: bands of two chunks (dask is unannotated: no-untyped-call)
+    array = da.from_array(image, chunks=(333, 500, 3))  # type: ignore[no-untyped-call]
     row_edges = block_edges(array.chunks[0], target=300)
     col_edges = block_edges(array.chunks[1], target=300)
     assert row_edges[:3] == [0, 666, 1332] and col_edges[:3] == [0, 500, 1000]
@@ -178,7 +183,7 @@ def test_iter_blocks_uneven_chunks_matches_eager_reference(tmp_path: Path) -> No
 def test_iter_blocks_deep_levels_from_misaligned_chunks(tmp_path: Path) -> None:
     # 960-px chunks (4 Aperio tiles) align to 2**6 only: levels 7.. come from full-width rows
     image = np.random.default_rng(6).integers(0, 256, (3000, 70_000 // 8, 3), dtype=np.uint8)
-    array = da.from_array(image, chunks=(960, 960, 3))
+    array = da.from_array(image, chunks=(960, 960, 3))  # type: ignore[no-untyped-call]  # dask is unannotated
     row_edges = block_edges(array.chunks[0], target=960)
     col_edges = block_edges(array.chunks[1], target=960)
     shapes = pyramid_shapes(*image.shape[:2], max_px=60)
@@ -315,7 +320,7 @@ def test_level_store_round_trips_blocks_and_refuses_outside(tmp_path: Path) -> N
         np.testing.assert_array_equal(store.read(2, 10, 40, 5, 30), levels[2][10:40, 5:30])
 
 
-def _noise_chunk(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+def _noise_chunk(block: NDArray[np.uint8], block_info: dict[int, dict[str, Any]] | None = None) -> NDArray[np.uint8]:
     seed = block_info[0]["chunk-location"]  # type: ignore[index]
     return np.random.default_rng(list(seed)).integers(0, 256, block.shape, dtype=np.uint8)
 

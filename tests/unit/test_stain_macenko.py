@@ -9,6 +9,7 @@ import io
 
 import numpy as np
 import pytest
+from numpy.typing import ArrayLike, NDArray
 from PIL import Image
 
 from wsi_norm.color import is_background, od_to_rgb, rgb_to_od
@@ -25,22 +26,22 @@ from wsi_norm.tissue.sampling import tissue_blocks
 WHITE = 239.0
 
 
-def fit_macenko(pixels, params=None):
+def fit_macenko(pixels: NDArray[np.generic], params: StainParams | None = None) -> MacenkoStats:
     return _fit_macenko(pixels, params, white=WHITE)
 
 DATA = data_dir()
 
 
-def _unit(v):
-    v = np.asarray(v, dtype=np.float64)
-    return v / np.linalg.norm(v)
+def _unit(v: ArrayLike) -> NDArray[np.float64]:
+    a = np.asarray(v, dtype=np.float64)
+    return a / np.linalg.norm(a)
 
 
-def _rotate(v, toward, deg):
-    v, t = _unit(v), _unit(toward)
-    t = _unit(t - v * (t @ v))
+def _rotate(v: ArrayLike, toward: ArrayLike, deg: float) -> NDArray[np.float64]:
+    u, t = _unit(v), _unit(toward)
+    t = _unit(t - u * (t @ u))
     a = np.radians(deg)
-    return _unit(np.cos(a) * v + np.sin(a) * t)
+    return _unit(np.cos(a) * u + np.sin(a) * t)
 
 
 RUIFROK_H = _unit([0.65, 0.70, 0.29])
@@ -53,11 +54,12 @@ STAIN_SETS = {
 }
 
 
-def load_he(name: str) -> np.ndarray:
-    return np.asarray(Image.open(DATA / "he" / f"torchstain-{name}.png"))[..., :3].copy()
+def load_he(name: str) -> NDArray[np.uint8]:
+    rgb: NDArray[np.uint8] = np.asarray(Image.open(DATA / "he" / f"torchstain-{name}.png"))[..., :3].copy()
+    return rgb
 
 
-def concentrations_from(img: np.ndarray) -> np.ndarray:
+def concentrations_from(img: NDArray[np.uint8]) -> NDArray[np.float64]:
     """Real texture as a (H, W, 2) concentration map with single-stain regions.
 
     The image is unmixed with its own textbook Macenko fit (alpha = 3 %); negative
@@ -67,33 +69,41 @@ def concentrations_from(img: np.ndarray) -> np.ndarray:
     px = img.reshape(-1, 3)
     stats = fit_macenko(px, StainParams(macenko_variant="textbook", alpha=3.0))
     conc = rgb_to_od(px, white=WHITE) @ np.linalg.pinv(stats.stain_matrix)
-    return np.clip(conc, 0, None).reshape(img.shape[:2] + (2,))
+    out: NDArray[np.float64] = np.clip(conc, 0, None).reshape(img.shape[:2] + (2,))
+    return out
 
 
-def render(conc: np.ndarray, stain_matrix: np.ndarray, white: float = WHITE) -> np.ndarray:
+def render(
+    conc: NDArray[np.float64], stain_matrix: NDArray[np.float64], white: float = WHITE
+) -> NDArray[np.uint8]:
     """Beer-Lambert: rgb = (white + 1) * exp(-conc @ M) - 1 (the inverse of our OD), uint8."""
-    return np.clip(np.rint(od_to_rgb(conc @ stain_matrix, white=white)), 0, 255).astype(np.uint8)
+    rgb: NDArray[np.uint8] = np.clip(np.rint(od_to_rgb(conc @ stain_matrix, white=white)), 0, 255).astype(np.uint8)
+    return rgb
 
 
-def jpeg90(img: np.ndarray) -> np.ndarray:
+def jpeg90(img: NDArray[np.uint8]) -> NDArray[np.uint8]:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=90, subsampling=2)  # 4:2:0 chroma
-    return np.asarray(Image.open(buf)).copy()
+    decoded: NDArray[np.uint8] = np.asarray(Image.open(buf)).copy()
+    return decoded
 
 
-def tissue(img: np.ndarray) -> np.ndarray:
+def tissue(img: NDArray[np.uint8]) -> NDArray[np.uint8]:
     px = img.reshape(-1, 3)
-    return px[~is_background(px)]
+    kept: NDArray[np.uint8] = px[~is_background(px)]
+    return kept
 
 
 @pytest.fixture(scope="module")
-def conc_maps():
+def conc_maps() -> dict[str, NDArray[np.float64]]:
     return {name: concentrations_from(load_he(name)) for name in ("source", "target")}
 
 
 @pytest.mark.parametrize("image", ["source", "target"])
 @pytest.mark.parametrize("stain_set", sorted(STAIN_SETS))
-def test_default_macenko_recovers_known_vectors(conc_maps, image, stain_set):
+def test_default_macenko_recovers_known_vectors(
+    conc_maps: dict[str, NDArray[np.float64]], image: str, stain_set: str
+) -> None:
     truth = STAIN_SETS[stain_set]
     img = render(conc_maps[image], truth)
     strong = stain_matrix_angles_deg(fit_macenko(tissue(img)).stain_matrix, truth)
@@ -111,7 +121,7 @@ def test_default_macenko_recovers_known_vectors(conc_maps, image, stain_set):
 
 
 @pytest.mark.parametrize("image", ["source", "target"])
-def test_agrees_with_textbook_on_clean_slides_unmixed_by_construction(image):
+def test_agrees_with_textbook_on_clean_slides_unmixed_by_construction(image: str) -> None:
     """A real patch unmixed by the textbook estimator itself and re-rendered, uncompressed, in the
     same basis (its stains are the textbook's by construction): the default variant agrees with a
     plain textbook Macenko within 1 deg."""
@@ -126,7 +136,7 @@ def test_agrees_with_textbook_on_clean_slides_unmixed_by_construction(image):
     assert np.all(stain_matrix_angles_deg(strong, textbook) <= 1.0)
 
 
-def test_textbook_beta_rule_loses_eosin_and_the_default_does_not(conc_maps):
+def test_textbook_beta_rule_loses_eosin_and_the_default_does_not(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     truth = STAIN_SETS["e10_blue"]
     img = render(conc_maps["target"], truth)
     textbook = stain_matrix_angles_deg(
@@ -136,7 +146,7 @@ def test_textbook_beta_rule_loses_eosin_and_the_default_does_not(conc_maps):
     assert textbook[1] > 3.0 and strong[1] < 1.0, (textbook, strong)
 
 
-def test_hematoxylin_heavy_keeps_eosin(conc_maps):
+def test_hematoxylin_heavy_keeps_eosin(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     """wsi-norm 0.1's 'robust' variant took the angles of the slide's strongest pixels and put eosin
     22-33 deg off on hematoxylin-heavy slides; the default picks the strongest pixels per side."""
     truth = STAIN_SETS["e10_red"]
@@ -145,17 +155,17 @@ def test_hematoxylin_heavy_keeps_eosin(conc_maps):
     strong = stain_matrix_angles_deg(fit_macenko(tissue(img)).stain_matrix, truth)
     assert np.all(strong <= 1.5), strong
     with pytest.raises(ValueError, match="'robust' variant of wsi-norm 0.1 was removed"):
-        StainParams(macenko_variant="robust")
+        StainParams(macenko_variant="robust")  # type: ignore[arg-type]  # invalid on purpose: the runtime check
 
 
-def test_stats_are_ordered_unit_and_positive(conc_maps):
+def test_stats_are_ordered_unit_and_positive(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     stats = fit_macenko(tissue(render(conc_maps["source"], STAIN_SETS["ruifrok"])))
     np.testing.assert_allclose(np.linalg.norm(stats.stain_matrix, axis=1), 1.0, atol=1e-12)
     assert stats.stain_matrix[0, 0] > stats.stain_matrix[1, 0]  # hematoxylin first
     assert np.all(stats.max_conc > 0)
 
 
-def test_registered_pair_normalises_to_target(conc_maps):
+def test_registered_pair_normalises_to_target(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     from wsi_norm.metrics import psnr, ssim
 
     conc = conc_maps["source"]
@@ -171,13 +181,13 @@ def test_registered_pair_normalises_to_target(conc_maps):
     assert after[0] > before[0] + 5
 
 
-def test_no_tissue_raises():
+def test_no_tissue_raises() -> None:
     glass = np.full((5000, 3), 235, dtype=np.uint8)
     with pytest.raises(FitError, match=r"only 0 tissue pixels .* need at least 1000"):
         fit_macenko(glass)
 
 
-def test_single_stain_raises(conc_maps):
+def test_single_stain_raises(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     conc = conc_maps["source"].copy()
     conc[..., 1] = 0.0  # hematoxylin only
     img = render(conc, STAIN_SETS["ruifrok"])
@@ -185,7 +195,7 @@ def test_single_stain_raises(conc_maps):
         fit_macenko(tissue(img))
 
 
-def test_black_pixels_do_not_break_the_fit(conc_maps):
+def test_black_pixels_do_not_break_the_fit(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     img = render(conc_maps["source"], STAIN_SETS["ruifrok"]).reshape(-1, 3).copy()
     img[:500] = 0  # pure black
     stats = fit_macenko(tissue(img))
@@ -193,7 +203,7 @@ def test_black_pixels_do_not_break_the_fit(conc_maps):
     assert np.all(stain_matrix_angles_deg(stats.stain_matrix, STAIN_SETS["ruifrok"]) < 2.0)
 
 
-def test_wrong_dtype_and_shape():
+def test_wrong_dtype_and_shape() -> None:
     with pytest.raises(TypeError, match="uint8"):
         fit_macenko(np.zeros((10, 3), dtype=np.int16))
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
@@ -202,10 +212,10 @@ def test_wrong_dtype_and_shape():
         fit_macenko(np.full((10, 3), 300.0))
 
 
-def test_aggregate_is_median_and_renormalised():
-    a = MacenkoStats(stain_matrix=order_stains(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])), max_conc=[1.0, 0.5])
-    b = MacenkoStats(stain_matrix=order_stains(np.array([[0.60, 0.75, 0.30], [0.10, 0.95, 0.20]])), max_conc=[2.0, 1.0])
-    c = MacenkoStats(stain_matrix=order_stains(np.array([[0.70, 0.65, 0.25], [0.05, 0.98, 0.15]])), max_conc=[3.0, 0.7])
+def test_aggregate_is_median_and_renormalised() -> None:
+    a = MacenkoStats(stain_matrix=order_stains(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])), max_conc=np.array([1.0, 0.5]))
+    b = MacenkoStats(stain_matrix=order_stains(np.array([[0.60, 0.75, 0.30], [0.10, 0.95, 0.20]])), max_conc=np.array([2.0, 1.0]))
+    c = MacenkoStats(stain_matrix=order_stains(np.array([[0.70, 0.65, 0.25], [0.05, 0.98, 0.15]])), max_conc=np.array([3.0, 0.7]))
     agg = aggregate_macenko([a, b, c])
     np.testing.assert_allclose(agg.max_conc, [2.0, 0.7])
     np.testing.assert_allclose(np.linalg.norm(agg.stain_matrix, axis=1), 1.0)

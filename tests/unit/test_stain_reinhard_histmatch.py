@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from skimage.color import rgb2lab
 from test_stain_macenko import load_he
 
 from wsi_norm.color import is_background
-from wsi_norm.colormap import compile_colormap
+from wsi_norm.colormap import HistogramMap, compile_colormap
 from wsi_norm.errors import FitError
 from wsi_norm.stain import fit_stats
 from wsi_norm.stain.histmatch import HistMatchStats, aggregate_histmatch, fit_histmatch
 from wsi_norm.stain.reinhard import ReinhardStats, aggregate_reinhard, fit_reinhard
 
 
-def _tissue(img):
+def _tissue(img: NDArray[np.uint8]) -> NDArray[np.uint8]:
     px = img.reshape(-1, 3)
-    return px[~is_background(px)]
+    kept: NDArray[np.uint8] = px[~is_background(px)]
+    return kept
 
 
-def test_reinhard_stats_match_skimage_lab():
+def test_reinhard_stats_match_skimage_lab() -> None:
     px = _tissue(load_he("source"))
     stats = fit_reinhard(px)
     lab = rgb2lab(px[None].astype(np.float64) / 255.0)[0]
@@ -28,7 +32,7 @@ def test_reinhard_stats_match_skimage_lab():
     np.testing.assert_allclose(stats.std, lab.std(0), atol=1e-6)
 
 
-def test_reinhard_map_moves_lab_stats_to_target():
+def test_reinhard_map_moves_lab_stats_to_target() -> None:
     src, tgt = load_he("source"), load_he("target")
     s, t = fit_reinhard(_tissue(src)), fit_reinhard(_tissue(tgt))
     out = compile_colormap("reinhard", s, t).apply(src)
@@ -38,7 +42,7 @@ def test_reinhard_map_moves_lab_stats_to_target():
     assert np.all(np.abs(lab.mean(0) - t.mean) < 0.25 * np.abs(s.mean - t.mean) + 1.0), (lab.mean(0), s.mean, t.mean)
 
 
-def test_histmatch_map_matches_target_quantiles():
+def test_histmatch_map_matches_target_quantiles() -> None:
     src, tgt = load_he("source"), load_he("target")
     s, t = fit_histmatch(_tissue(src)), fit_histmatch(_tissue(tgt))
     out = compile_colormap("histmatch", s, t).apply(src)
@@ -51,18 +55,18 @@ def test_histmatch_map_matches_target_quantiles():
         assert np.all(np.abs(q_out - q_tgt) <= 3), (c, q_out, q_tgt, q_src)
 
 
-def test_histmatch_tables_are_monotone_and_self_identity():
+def test_histmatch_tables_are_monotone_and_self_identity() -> None:
     s = fit_histmatch(_tissue(load_he("source")))
-    cmap = compile_colormap("histmatch", s, s)
+    cmap = cast(HistogramMap, compile_colormap("histmatch", s, s))
     assert np.all(np.diff(cmap.tables.astype(int), axis=1) >= 0)
     occupied = s.hist > 0
     assert np.array_equal(cmap.tables[occupied], np.nonzero(occupied)[1].astype(np.uint8))
 
 
-def test_aggregates():
-    a = ReinhardStats(mean=[60, 20, -10], std=[10, 5, 4])
-    b = ReinhardStats(mean=[70, 10, -20], std=[12, 6, 2])
-    c = ReinhardStats(mean=[80, 30, -15], std=[11, 7, 3])
+def test_aggregates() -> None:
+    a = ReinhardStats(mean=np.array([60.0, 20.0, -10.0]), std=np.array([10.0, 5.0, 4.0]))
+    b = ReinhardStats(mean=np.array([70.0, 10.0, -20.0]), std=np.array([12.0, 6.0, 2.0]))
+    c = ReinhardStats(mean=np.array([80.0, 30.0, -15.0]), std=np.array([11.0, 7.0, 3.0]))
     agg = aggregate_reinhard([a, b, c])
     np.testing.assert_allclose(agg.mean, [70, 20, -15])
     np.testing.assert_allclose(agg.std, [11, 6, 3])
@@ -73,11 +77,11 @@ def test_aggregates():
 
 
 @pytest.mark.parametrize("method", ["reinhard", "histmatch"])
-def test_no_tissue_raises(method):
+def test_no_tissue_raises(method: str) -> None:
     with pytest.raises(FitError, match=f"{method}: only 0 tissue pixels"):
         fit_stats(method, np.full((2000, 3), 230, dtype=np.uint8))
 
 
-def test_reinhard_constant_image_raises():
+def test_reinhard_constant_image_raises() -> None:
     with pytest.raises(FitError, match="constant Lab channel"):
         fit_reinhard(np.full((2000, 3), 120, dtype=np.uint8))

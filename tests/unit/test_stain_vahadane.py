@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from numpy.typing import NDArray
 from test_stain_macenko import (
     STAIN_SETS,
     WHITE,
@@ -29,12 +30,12 @@ N_REF = 3000  # pixels given to both solvers in the comparison (scikit-learn is 
 
 
 @pytest.fixture(scope="module")
-def conc_maps():
+def conc_maps() -> dict[str, NDArray[np.float64]]:
     """The real patches' concentration maps (the same as test_stain_macenko's)."""
     return {name: concentrations_from(load_he(name)) for name in ("source", "target")}
 
 
-def _reference_dictionary(od: np.ndarray, seed: int) -> np.ndarray:
+def _reference_dictionary(od: NDArray[np.float64], seed: int) -> NDArray[np.float64]:
     from sklearn.decomposition import DictionaryLearning
 
     with warnings.catch_warnings():
@@ -47,7 +48,9 @@ def _reference_dictionary(od: np.ndarray, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("stain_set", ["ruifrok", "e10_blue"])
-def test_solver_matches_scikit_learn_on_the_same_objective(conc_maps, stain_set):
+def test_solver_matches_scikit_learn_on_the_same_objective(
+    conc_maps: dict[str, NDArray[np.float64]], stain_set: str
+) -> None:
     """Without debiasing, at scikit-learn's lambda = 0.1, our solver reaches the same dictionary
     as scikit-learn's DictionaryLearning (or a better one: closer to the truth)."""
     truth = STAIN_SETS[stain_set]
@@ -66,7 +69,9 @@ def test_solver_matches_scikit_learn_on_the_same_objective(conc_maps, stain_set)
 
 @pytest.mark.parametrize("stain_set", ["ruifrok", "e10_blue"])
 @pytest.mark.parametrize("compressed", [False, True])
-def test_default_vahadane_recovers_known_vectors(conc_maps, stain_set, compressed):
+def test_default_vahadane_recovers_known_vectors(
+    conc_maps: dict[str, NDArray[np.float64]], stain_set: str, compressed: bool
+) -> None:
     """The default (lambda = 0.01, debiased), on 2 x 2 block means as the pipeline fits.
 
     Measured on this patch: hematoxylin 2.3-2.6 deg off uncompressed and 6.3-6.5 deg after JPEG q90
@@ -85,14 +90,14 @@ def test_default_vahadane_recovers_known_vectors(conc_maps, stain_set, compresse
     assert ours[0] <= (7.0 if compressed else 3.0), ours
 
 
-def test_sparse_code_is_optimal():
+def test_sparse_code_is_optimal() -> None:
     gen = torch.Generator().manual_seed(1)
     od = torch.rand(2000, 3, generator=gen, dtype=torch.float64) * 2
     d = torch.tensor(STAIN_SETS["ruifrok"], dtype=torch.float64)
     conc = sparse_code(od, d, 0.1)
     assert bool((conc >= 0).all())
 
-    def obj(c):
+    def obj(c: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((od - c @ d) ** 2).sum(1) + 0.1 * c.sum(1)
 
     base = obj(conc)
@@ -101,14 +106,14 @@ def test_sparse_code_is_optimal():
         assert bool((obj(moved) >= base - 1e-12).all())
 
 
-def test_vahadane_is_deterministic(conc_maps):
+def test_vahadane_is_deterministic(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     px = tissue(render(conc_maps["target"], STAIN_SETS["e10_red"]))
     p = StainParams(seed=3, max_fit_pixels=5000)
     a, b = fit_vahadane(px, p, white=WHITE), fit_vahadane(px, p, white=WHITE)
     assert np.array_equal(a.stain_matrix, b.stain_matrix) and np.array_equal(a.max_conc, b.max_conc)
 
 
-def test_vahadane_registered_pair(conc_maps):
+def test_vahadane_registered_pair(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     conc = conc_maps["source"]
     src_img = render(conc, STAIN_SETS["ruifrok"])
     tgt_img = render(conc, STAIN_SETS["e10_red"])
@@ -123,14 +128,14 @@ def test_vahadane_registered_pair(conc_maps):
     assert after[0] >= 30.0 and after[1] >= 0.95, (before, after)
 
 
-def test_vahadane_no_tissue():
+def test_vahadane_no_tissue() -> None:
     with pytest.raises(FitError, match="vahadane: only 0 tissue pixels"):
         fit_vahadane(np.full((3000, 3), 250, dtype=np.uint8))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_vahadane_on_gpu_matches_cpu(conc_maps):
+def test_vahadane_on_gpu_matches_cpu(conc_maps: dict[str, NDArray[np.float64]]) -> None:
     px = tissue(render(conc_maps["source"], STAIN_SETS["ruifrok"]))
     cpu = fit_vahadane(px, StainParams(max_fit_pixels=5000), white=WHITE)
     gpu = fit_vahadane(px, StainParams(max_fit_pixels=5000, device="cuda"), white=WHITE)
