@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["dask_client", "dashboard_url", "SCHEDULER_ENV", "has_gpu_workers"]
+__all__ = ["SCHEDULER_ENV", "dashboard_url", "dask_client", "has_gpu_workers"]
 
 log = logging.getLogger(__name__)
 

@@ -9,19 +9,19 @@ caller would expect, so ``except OSError`` still catches an unreadable file.
 from __future__ import annotations
 
 __all__ = [
-    "WsiNormError",
-    "SlideOpenError",
-    "UnsupportedFormatError",
-    "SlideReadError",
-    "LevelError",
     "FitError",
-    "QCError",
-    "TemplateError",
-    "OutputExistsError",
-    "OutputError",
-    "OutputBusyError",
-    "WeightsError",
+    "LevelError",
     "ManifestError",
+    "OutputBusyError",
+    "OutputError",
+    "OutputExistsError",
+    "QCError",
+    "SlideOpenError",
+    "SlideReadError",
+    "TemplateError",
+    "UnsupportedFormatError",
+    "WeightsError",
+    "WsiNormError",
 ]
 
 

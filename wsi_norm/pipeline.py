@@ -46,18 +46,18 @@ if TYPE_CHECKING:
     from wsi_norm.stain.template import Template
 
 __all__ = [
-    "SlideFit",
+    "ALL_METHODS",
+    "STAT_METHODS",
+    "FitOptions",
     "NormalizeResult",
+    "SlideFit",
+    "WriterOptions",
     "fit_slide",
     "fit_template",
-    "template_from_fits",
     "normalize_slide",
-    "request_fingerprint",
     "output_is_current",
-    "STAT_METHODS",
-    "ALL_METHODS",
-    "FitOptions",
-    "WriterOptions",
+    "request_fingerprint",
+    "template_from_fits",
 ]
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def fit_slide(
         method=method,
         stats=stats,
         identity={**slide.identity(), "mpp": list(slide.mpp) if slide.mpp else None},
-        n_pixels=int(len(sample.pixels)),
+        n_pixels=len(sample.pixels),
         seed=seed,
         tissue_fraction=sample.coarse_fraction,
         params=_params_dict(resolved),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from wsi_norm.testing.data import data_dir
 
-__all__ = ["SampleSlide", "find_sample_slide", "CMU_SMALL_REGION_SHA256", "shared_data_dir"]
+__all__ = ["CMU_SMALL_REGION_SHA256", "SampleSlide", "find_sample_slide", "shared_data_dir"]
 
 log = logging.getLogger(__name__)
 

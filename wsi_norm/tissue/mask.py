@@ -28,12 +28,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKGROUND_GRAY",
-    "gray",
-    "is_background",
-    "tissue_mask",
     "CoarseMask",
     "coarse_mask",
+    "gray",
+    "is_background",
     "tissue_fraction",
+    "tissue_mask",
 ]
 
 log = logging.getLogger(__name__)

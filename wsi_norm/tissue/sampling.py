@@ -23,6 +23,7 @@ scheduler or thread count.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -37,7 +38,7 @@ from wsi_norm.tissue.whitepoint import WhitePoint, estimate_white_point, glass_c
 if TYPE_CHECKING:
     from wsi_norm.slide import Slide
 
-__all__ = ["TissueSample", "sample_tissue_pixels", "tissue_blocks", "DEFAULT_N_PIXELS"]
+__all__ = ["DEFAULT_N_PIXELS", "TissueSample", "sample_tissue_pixels", "tissue_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def _stratified(origins: NDArray[np.int64], k: int, rng: np.random.Generator) ->
     if len(origins) <= k:
         return origins
     edges = np.linspace(0, len(origins), k + 1)
-    picks = [int(lo + rng.random() * (hi - lo)) for lo, hi in zip(edges[:-1], edges[1:])]
+    picks = [int(lo + rng.random() * (hi - lo)) for lo, hi in itertools.pairwise(edges)]
     return origins[np.minimum(picks, len(origins) - 1)]
 
 
