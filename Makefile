@@ -31,7 +31,7 @@ gpu-test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check wsi_norm flows tests bench
-	$(VENV)/bin/mypy wsi_norm
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
