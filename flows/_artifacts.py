@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 import numpy as np
@@ -154,7 +154,10 @@ class ProgressArtifact:
         self._lock = threading.Lock()
         self._last_time = 0.0
         self._last_pct = 0.0
-        self.artifact_id: UUID = create_progress_artifact(progress=0.0, key=key, description=description)
+        # async_dispatch is typed "UUID | Coroutine"; called from sync code it returns the UUID
+        self.artifact_id = cast(
+            UUID, create_progress_artifact(progress=0.0, key=key, description=description)
+        )
 
     def __call__(self, done: int, total: int) -> None:
         from prefect.artifacts import update_progress_artifact

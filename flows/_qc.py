@@ -88,7 +88,8 @@ def stain_plot(stats: dict[str, ColourStats], *, target: NDArray[np.float64] | N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.0, 3.2))
-    for (label, s), colour in zip(stats.items(), plt.cm.tab10.colors, strict=False):
+    # matplotlib's stubs type cm.tab10 as Colormap; it is a ListedColormap (a tuple of colours)
+    for (label, s), colour in zip(stats.items(), plt.cm.tab10.colors, strict=False):  # type: ignore[attr-defined]
         if s.stain_matrix is None:
             continue
         m = np.asarray(s.stain_matrix)

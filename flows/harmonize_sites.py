@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from prefect import flow, get_run_logger, task
@@ -45,9 +45,12 @@ from flows._common import (
 from flows._qc import _angles
 from flows.manifest import Manifest, SlideEntry, load_manifest
 from wsi_norm.errors import QCError
-from wsi_norm.pipeline import FitOptions, template_from_fits
+from wsi_norm.pipeline import FitOptions, Glass, template_from_fits
 from wsi_norm.runtime import return_freed_memory
 from wsi_norm.writers import WriterOptions
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
 
 __all__ = ["distance_rows", "harmonize_sites", "main", "measure_site"]
 
@@ -93,7 +96,7 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
     from wsi_norm.pipeline import normalize_slide, output_is_current
 
     m = manifest.model
-    glass = "keep" if m.keep_glass else "target"
+    glass: Glass = "keep" if m.keep_glass else "target"
     done = []
     for fmt, out in entry.outputs.items():
         if not output_is_current(
@@ -135,13 +138,13 @@ def distance_rows(
         if before[site] is None or after[site] is None or target.stain_matrix is None:
             rows.append({**row, "note": "no slide of this site could be measured"})
             continue
-        for when, stats in (("before", before[site]), ("after", after[site])):
+        b, a = before[site], after[site]
+        assert b is not None and a is not None
+        for when, stats in (("before", b), ("after", a)):
             h, e = _angles(stats.stain_matrix, target.stain_matrix)
             row[f"h_angle_{when}_deg"] = round(h, 3)
             row[f"e_angle_{when}_deg"] = round(e, 3)
             row[f"lab_dist_{when}"] = round(float(np.linalg.norm(np.subtract(stats.lab_mean, target.lab_mean))), 3)
-        b, a = before[site], after[site]
-        assert b is not None and a is not None
         row["lab_mean_before"] = [round(v, 2) for v in b.lab_mean]
         row["lab_mean_after"] = [round(v, 2) for v in a.lab_mean]
         row["white_point_before"] = [round(v, 1) for v in (b.white_point or [])]
@@ -314,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    state = harmonize_sites(manifest=args.manifest, target=args.target, scheduler=args.scheduler,
-                            dashboard=args.dashboard, return_state=True)
+    # Prefect's overloads type a flow returning Any, called with return_state=True, as an
+    # Awaitable; this flow is sync and returns its final State
+    state = cast("State[Any]", harmonize_sites(manifest=args.manifest, target=args.target, scheduler=args.scheduler,
+                                               dashboard=args.dashboard, return_state=True))
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, list):
         print(markdown_table(rows))

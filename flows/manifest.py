@@ -221,7 +221,7 @@ class SlideEntry:
     site : str
     source : Path
         Resolved source slide path (may not exist yet if it is generated).
-    outputs : dict[str, Path]
+    outputs : dict[OutputFormatName, Path]
         Output path per format (``"ome-zarr"``, ``"tiff"``).
     generated : bool
         Whether the manifest's ``generate`` section renders this slide.
@@ -231,7 +231,7 @@ class SlideEntry:
 
     site: str
     source: Path
-    outputs: dict[str, Path]
+    outputs: dict[OutputFormatName, Path]
     generated: bool
     line: int
 
@@ -407,7 +407,7 @@ def parse_manifest(text: str, *, path: str | os.PathLike[str]) -> Manifest:
 # --------------------------------------------------------------------------- YAML
 
 
-class _ManifestLoader(yaml.SafeLoader):
+class _ManifestLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no stubs here: SafeLoader is Any
     """``yaml.SafeLoader`` that refuses anchors and aliases, and deep nesting, while composing.
 
     The check runs on each parser event before its node is built, so an alias bomb is refused
@@ -679,7 +679,7 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
                 if source in seen_here:
                     continue  # a slide matched by two patterns of one site is one slide
                 seen_here.add(source)
-                outputs: dict[str, Path] = {fmt: output_root / site / (_stem(source) + FORMAT_SUFFIXES[fmt]) for fmt in model.formats}
+                outputs: dict[OutputFormatName, Path] = {fmt: output_root / site / (_stem(source) + FORMAT_SUFFIXES[fmt]) for fmt in model.formats}
                 for out in outputs.values():
                     if out in outputs_seen:
                         raise r.error(loc, f"duplicate output path {out} (also written for {outputs_seen[out]})")

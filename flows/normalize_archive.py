@@ -33,20 +33,21 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 
 from flows import configure_process
 from flows._artifacts import artifact_key, markdown_table
 from flows._common import SlideOutcome, generate_missing, resolve_template, scheduler_address
 from flows._completion import completion_path, is_complete, write_completion
 from flows._qc import publish_slide_qc
-from flows.manifest import Manifest, SlideEntry, load_manifest
+from flows.manifest import Manifest, OutputFormatName, SlideEntry, load_manifest
 from wsi_norm.errors import (
     ManifestError,
     OutputBusyError,
@@ -118,7 +119,7 @@ def fit_task(source: str, method: str, params: dict[str, Any], n_pixels: int, se
 
 
 @task(name="normalize-slide", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_permanent)
-def normalize_task(entry: SlideEntry, fmt: str, manifest: Manifest, target: Any, source_fit: Any) -> Any:
+def normalize_task(entry: SlideEntry, fmt: OutputFormatName, manifest: Manifest, target: Any, source_fit: Any) -> Any:
     """Normalize one slide and write one output format (``wsi_norm.pipeline.normalize_slide``; I/O, retried)."""
     from flows._artifacts import ProgressArtifact
     from wsi_norm.pipeline import normalize_slide
@@ -324,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with tags(f"method:{m.method}", *(f"site:{s}" for s in m.sites)):
-        state = normalize_archive(manifest=args.manifest, scheduler=args.scheduler, dashboard=args.dashboard,
-                                  return_state=True)
+        # Prefect's overloads type a flow returning Any, called with return_state=True, as an
+        # Awaitable; this flow is sync and returns its final State
+        state = cast("State[Any]", normalize_archive(manifest=args.manifest, scheduler=args.scheduler,
+                                                     dashboard=args.dashboard, return_state=True))
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, list):
         for row in rows:
