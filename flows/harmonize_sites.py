@@ -133,13 +133,12 @@ def distance_rows(
 ) -> list[dict[str, Any]]:
     """Per site: stain-vector angles (H, E; degrees) and Lab distance to the target, before and after."""
     rows = []
-    for site in before:
+    for site, b in before.items():
         row: dict[str, Any] = {"site": site}
-        if before[site] is None or after[site] is None or target.stain_matrix is None:
+        a = after[site]
+        if b is None or a is None or target.stain_matrix is None:
             rows.append({**row, "note": "no slide of this site could be measured"})
             continue
-        b, a = before[site], after[site]
-        assert b is not None and a is not None
         for when, stats in (("before", b), ("after", a)):
             h, e = _angles(stats.stain_matrix, target.stain_matrix)
             row[f"h_angle_{when}_deg"] = round(h, 3)
