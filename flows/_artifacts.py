@@ -12,7 +12,7 @@ import io
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
@@ -160,15 +160,31 @@ class ProgressArtifact:
         )
 
     def __call__(self, done: int, total: int) -> None:
+        self.report(100.0 if total <= 0 else 100.0 * done / total)
+
+    def report(self, pct: float, description: str | None = None, *, force: bool = False) -> None:
+        """Set the percentage (and optionally the description); throttled unless ``force``."""
         from prefect.artifacts import update_progress_artifact
 
-        pct = 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
+        pct = min(100.0, max(0.0, pct))
         now = time.monotonic()
         with self._lock:
             final = pct >= 100.0 and self._last_pct < 100.0
-            if not final and (now - self._last_time < self.min_interval_s or pct - self._last_pct < self.min_step_pct):
+            if not (final or force) and (
+                now - self._last_time < self.min_interval_s or pct - self._last_pct < self.min_step_pct
+            ):
                 return
             self._last_time = now
             self._last_pct = pct
             self.updates += 1
-        update_progress_artifact(self.artifact_id, progress=pct)
+        update_progress_artifact(self.artifact_id, progress=pct, description=description)
+
+    def part(self, index: int, parts: int) -> Callable[[int, int], None]:
+        """A ``progress(done, total)`` callback for part ``index`` of ``parts`` equal parts of
+        this artifact (one slide's outputs: each output's tiles move its share)."""
+
+        def progress(done: int, total: int) -> None:
+            share = 1.0 if total <= 0 else min(1.0, done / total)
+            self.report(100.0 * (index + share) / parts)
+
+        return progress

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SlideOutcome:
-    """What happened to one slide in a flow run (one row of the summary artifact)."""
+    """What happened to one slide in a flow run (one row of the run's summary table)."""
 
     site: str
     slide: str
@@ -45,12 +45,47 @@ class SlideOutcome:
     reason: str = ""
     outputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    qc: dict[str, Any] = field(default_factory=dict)
+    """Key QC numbers of a normalized slide (:func:`flows._qc.summary_numbers`)."""
 
     def row(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["outputs"] = ", ".join(self.outputs)
-        d["seconds"] = round(self.seconds, 2)
-        return d
+        """The table row: every column present for every slide (the full reason, never cut)."""
+        return {
+            "site": self.site,
+            "slide": self.slide,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "qc_gate": self.qc.get("qc_gate", ""),
+            "ssim_source": self.qc.get("ssim_source", ""),
+            "lab_dist_after": self.qc.get("lab_dist_after", ""),
+            "angles_after_deg": self.qc.get("angles_after_deg", ""),
+            "seconds": round(self.seconds, 1),
+            "outputs": ", ".join(self.outputs),
+        }
+
+
+class RunFailed(Exception):
+    """How a flow run with failed slides ends: its message is the run's, ``rows`` its table.
+
+    A failed Prefect state must carry an exception (a list there makes the engine report
+    "Unexpected result for failed state"); this one also carries the summary rows, which
+    :func:`state_rows` reads back.
+    """
+
+    def __init__(self, message: str, rows: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RunFailed, (str(self), self.rows))
+
+
+def state_rows(state: Any) -> list[dict[str, Any]]:
+    """The summary rows of a finished flow run's state, completed or failed."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, RunFailed):
+        return result.rows
+    return list(result) if isinstance(result, list) else []
 
 
 def scheduler_address(scheduler: str | None) -> str | None:

@@ -1,14 +1,17 @@
 """Per-slide QC of a normalized slide: metrics, and the artifacts that show them.
 
-Metrics, on the source thumbnail and the output's matching pyramid level:
+One report per slide (a markdown artifact under the stable key ``qc-<site>-<slide>``, so its
+history across nightly runs is one click; the same files under ``<output_root>/qc/``):
 
 * **SSIM Source** (Kang et al., StainNet, Front. Med. 2021): structural similarity between
-  the normalized image and its source, on grayscale; near 1 means structure is kept.
-* **stain-vector angle to the template**: Macenko vectors measured on the output's tissue
-  pixels against the template's, degrees (hematoxylin, eosin).
-* **Lab distance to the template**: Euclidean distance of tissue Lab means, when the
-  template records one.
-* PSNR needs a ground truth, which an archive does not have: reported as ``n/a``.
+  the normalized thumbnail and its source's, on grayscale; near 1 means structure is kept.
+* **stain-vector angles to the template** (hematoxylin, eosin; degrees) and the **Lab
+  distance** of tissue means to the template's reference, before and after, measured by
+  :func:`flows._common.colour_stats` (textbook Macenko, a measurement independent of the
+  fitting estimator) on the finest level of at most 4096 px a side: harmonize-sites measures
+  the same way, so the numbers agree.
+* the QC gate's verdict (✓ passed, ✗ failed or forced past, with its reasons).
+* PSNR needs a ground truth, which an archive does not have: not reported.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from flows._artifacts import artifact_key, figure_data_uri, markdown_table, png_data_uri
-from flows._common import ColourStats, colour_stats, read_output_thumbnail, seq_str
+from flows._common import ColourStats, colour_stats, read_output_thumbnail
 from flows.manifest import Manifest, SlideEntry
 
-__all__ = ["publish_slide_qc", "slide_qc_metrics", "ssim_source", "stain_plot"]
+__all__ = ["labelled_pair", "publish_slide_qc", "ssim_source", "stain_plot", "summary_numbers"]
 
 THUMB_PX = 512
+REPORT_PX = 360
+"""Longest side of each of the report's before/after images."""
+REPORT_IMAGE_BYTES = 90_000
+"""PNG budget of the report's before/after image (quantised and shrunk to fit)."""
 
 
 def _gray(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
@@ -62,58 +69,93 @@ def _angles(a: Any, b: Any) -> list[float]:
     return [float(x) for x in stain_angles_deg(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))]
 
 
-def slide_qc_metrics(
-    before: NDArray[np.uint8], after: NDArray[np.uint8], *, target_matrix: NDArray[np.float64] | None
-) -> tuple[dict[str, Any], ColourStats, ColourStats]:
-    """QC metrics of one slide from its source and output thumbnails (same shape)."""
-    src = colour_stats(before)
-    out = colour_stats(after)
-    metrics: dict[str, Any] = {
-        "ssim_source": round(ssim_source(before, after), 4),
-        "psnr_gt_db": "n/a (no ground truth)",
-        "lab_mean_before": seq_str(src.lab_mean, 2),
-        "lab_mean_after": seq_str(out.lab_mean, 2),
-    }
-    if target_matrix is not None and src.stain_matrix is not None and out.stain_matrix is not None:
-        metrics["angle_to_template_before_deg"] = seq_str(_angles(src.stain_matrix, target_matrix), 2)
-        metrics["angle_to_template_after_deg"] = seq_str(_angles(out.stain_matrix, target_matrix), 2)
-    return metrics, src, out
-
-
 def stain_plot(stats: dict[str, ColourStats], *, target: NDArray[np.float64] | None, title: str) -> str:
-    """A PNG data URI: stain vectors (OD, red-green vs blue) of each entry and the target."""
+    """A PNG data URI: the hematoxylin and eosin vectors (optical density: red - green against
+    blue) of each entry and of the template, every point labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.0, 3.2))
-    # matplotlib's stubs type cm.tab10 as Colormap; it is a ListedColormap (a tuple of colours)
-    for (label, s), colour in zip(stats.items(), plt.cm.tab10.colors, strict=False):  # type: ignore[attr-defined]
-        if s.stain_matrix is None:
-            continue
-        m = np.asarray(s.stain_matrix)
-        ax.scatter(m[:, 0] - m[:, 1], m[:, 2], color=colour, label=label, s=30)
+    fig, ax = plt.subplots(figsize=(4.4, 3.4))
+    entries = [(label, np.asarray(s.stain_matrix)) for label, s in stats.items() if s.stain_matrix is not None]
     if target is not None:
-        ax.scatter(target[:, 0] - target[:, 1], target[:, 2], marker="x", color="k", s=60, label="template")
+        entries.append(("template", np.asarray(target)))
+    # matplotlib's stubs type cm.tab10 as Colormap; it is a ListedColormap (a tuple of colours)
+    for (label, m), colour in zip(entries, plt.cm.tab10.colors, strict=False):  # type: ignore[attr-defined]
+        marker = "x" if label == "template" else "o"
+        xs, ys = m[:, 0] - m[:, 1], m[:, 2]
+        ax.scatter(xs, ys, color="k" if label == "template" else colour, marker=marker, s=40, label=label)
+        for x, y, stain in zip(xs, ys, ("H", "E"), strict=True):
+            ax.annotate(stain, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("OD red - OD green")
     ax.set_ylabel("OD blue")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title}: stain vectors (H hematoxylin, E eosin)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return figure_data_uri(fig)
 
 
+def labelled_pair(before: NDArray[np.uint8], after: NDArray[np.uint8], *, side: int = REPORT_PX) -> NDArray[np.uint8]:
+    """``before | after`` side by side, each at most ``side`` px and captioned above."""
+    from PIL import Image, ImageDraw
+
+    def fit(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        h, w = rgb.shape[:2]
+        scale = min(1.0, side / max(h, w))
+        return _resize(rgb, (max(1, round(h * scale)), max(1, round(w * scale))))
+
+    a, b = fit(before), fit(after)
+    band, gap = 18, 8
+    canvas = Image.new("RGB", (a.shape[1] + gap + b.shape[1], band + max(a.shape[0], b.shape[0])), "white")
+    canvas.paste(Image.fromarray(a), (0, band))
+    canvas.paste(Image.fromarray(b), (a.shape[1] + gap, band))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 3), "before (source)", fill="black")
+    draw.text((a.shape[1] + gap + 2, 3), "after (normalized)", fill="black")
+    return np.asarray(canvas)
+
+
+def _fmt(value: Any) -> str:
+    """A value for a person: numbers rounded (3 significant digits, at most 2 decimals),
+    sequences as ``a, b, c``, mappings as ``k: v; ...``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 100 else f"{round(value, 2):g}"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def summary_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The key QC numbers of one slide for the run's table (rounded, with the gate's mark)."""
+    return {
+        "qc_gate": metrics["qc_gate"],
+        "ssim_source": metrics["ssim_source"],
+        "lab_dist_after": metrics.get("lab_dist_after", ""),
+        "angles_after_deg": metrics.get("angle_to_template_after_deg", ""),
+    }
+
+
 def publish_slide_qc(
     entry: SlideEntry, *, manifest: Manifest, target: Any, results: list[Any], seconds: float
 ) -> dict[str, Any]:
-    """Compute QC of one normalized slide and publish its artifacts; returns the metrics."""
-    from prefect.artifacts import (
-        create_image_artifact,
-        create_markdown_artifact,
-        create_table_artifact,
-    )
+    """Compute QC of one normalized slide, publish its one report artifact, write its files.
 
+    The colour numbers come from :func:`flows._common.colour_stats` of
+    :func:`~flows._common.read_source_for_measure` / ``read_output_for_measure``: the same
+    measurement, at the same resolution, that harmonize-sites reports. SSIM compares the
+    display thumbnails.
+    Returns the metrics.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows._common import read_output_for_measure, read_source_for_measure
     from wsi_norm.slide import open_slide
 
     start = time.perf_counter()
@@ -122,44 +164,59 @@ def publish_slide_qc(
     first_out = next(iter(entry.outputs.values()))
     after = _resize(read_output_thumbnail(first_out, min_px=THUMB_PX), before.shape[:2])
     target_matrix = _template_stain_matrix(target)
-    metrics, src, out = slide_qc_metrics(before, after, target_matrix=target_matrix)
+    src = colour_stats(read_source_for_measure(entry.source))
+    out = colour_stats(read_output_for_measure(first_out))
+    metrics: dict[str, Any] = {
+        "ssim_source": round(ssim_source(before, after), 3),
+        "lab_mean_before": [round(v, 1) for v in src.lab_mean],
+        "lab_mean_after": [round(v, 1) for v in out.lab_mean],
+    }
+    ref = getattr(target, "reference", None)
+    if ref is not None:
+        for when, stats in (("before", src), ("after", out)):
+            metrics[f"lab_dist_{when}"] = round(float(np.linalg.norm(np.subtract(stats.lab_mean, ref.lab_mean))), 2)
+    if target_matrix is not None and src.stain_matrix is not None and out.stain_matrix is not None:
+        metrics["angle_to_template_before_deg"] = [round(a, 1) for a in _angles(src.stain_matrix, target_matrix)]
+        metrics["angle_to_template_after_deg"] = [round(a, 1) for a in _angles(out.stain_matrix, target_matrix)]
     gate = results[0].provenance.get("qc", {}) if results else {}
-    metrics["qc_gate"] = ("forced past: " if gate.get("forced") else "failed: ") + "; ".join(gate["problems"]) \
-        if gate.get("problems") else "passed"
+    if gate.get("problems"):
+        metrics["qc_gate"] = ("✗ forced past: " if gate.get("forced") else "✗ failed: ") + "; ".join(gate["problems"])
+    elif gate.get("measures", {}).get("gate") is not None:
+        metrics["qc_gate"] = "n/a (no fitted statistics)"
+    else:
+        metrics["qc_gate"] = "✓ passed"
     for name in ("source_white_point", "mapped_lab_distance", "mapped_overshoot_deg"):
         if name in gate.get("measures", {}):
             metrics[f"gate_{name}"] = gate["measures"][name]
     metrics["qc_seconds"] = round(time.perf_counter() - start, 2)
 
-    key = artifact_key("qc", entry.site, entry.name)
-    pair = np.concatenate([before, np.full((before.shape[0], 8, 3), 255, np.uint8), after], axis=1)
-    thumbs = png_data_uri(pair, max_px=2 * 200 + 8)
+    pair = labelled_pair(before, after)
+    thumbs = png_data_uri(pair, max_px=pair.shape[1], max_bytes=REPORT_IMAGE_BYTES)
     plot = stain_plot({"source": src, "output": out}, target=target_matrix, title=entry.source.name)
-    create_image_artifact(thumbs, key=key + "-thumbs", description=f"{entry.source.name}: before | after")
-    create_image_artifact(plot, key=key + "-stains", description=f"{entry.source.name}: stain vectors")
-    create_table_artifact([{"metric": k, "value": v} for k, v in metrics.items()], key=key + "-metrics",
-                          description=f"QC of {entry.source.name}")
-
     fit = getattr(results[0], "source_fit", None) if results else None
-    fit_stats = fit.stats.to_dict() if fit is not None else {}
+    timings = getattr(results[0], "timings", {}) if results else {}
+    rows = [{"measure": k, "value": _fmt(v)} for k, v in metrics.items()]
     lines = [
         f"# {entry.site} / {entry.source.name}",
         "",
-        f"- method: `{manifest.method}`, params: `{manifest.params}`",
-        f"- template: `{manifest.model.target or 'method default'}`",
-        f"- tissue fraction: {getattr(fit, 'tissue_fraction', float('nan')):.3f}",
-        f"- fitted source statistics: `{fit_stats}`",
-        f"- wall time: {seconds:.1f} s (fit + normalize + write), QC {metrics['qc_seconds']} s",
-        f"- timings: `{getattr(results[0], 'timings', {}) if results else {}}`",
+        (f"- method **{manifest.method}**, template **{manifest.model.target or 'method default'}**; "
+         f"QC gate: **{metrics['qc_gate']}**"),
+        f"- tissue (coarse mask, gray <= 200): {getattr(fit, 'tissue_fraction', float('nan')):.1%} of the slide",
+        (f"- time: {seconds:.1f} s (fit + normalize + write; fit {timings.get('fit_s', float('nan')):.1f} s), "
+         f"QC {metrics['qc_seconds']:.1f} s"),
         "- outputs: " + ", ".join(f"`{p}`" for p in entry.outputs.values()),
         "",
-        markdown_table([{"metric": k, "value": v} for k, v in metrics.items()]),
+        markdown_table(rows),
+        "",
+        ("Colour numbers: textbook Macenko and CIE Lab of tissue, measured on the source and on the output "
+         "(the same measurement harmonize-sites reports); angles are to the template's stain vectors, degrees."),
         "",
         f"![before | after]({thumbs})",
         "",
         f"![stain vectors]({plot})",
     ]
-    create_markdown_artifact("\n".join(lines), key=key, description=f"QC summary of {entry.source.name}")
+    create_markdown_artifact("\n".join(lines), key=artifact_key("qc", entry.site, entry.name),
+                             description=f"QC report of {entry.site}/{entry.source.name}")
     metrics["qc_dir"] = str(_write_qc_files(manifest, entry, pair=pair, plot=plot, metrics=metrics,
                                             summary=lines[:-4]))
     return metrics

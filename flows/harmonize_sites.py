@@ -35,12 +35,14 @@ from flows import configure_process
 from flows._artifacts import figure_data_uri, markdown_table
 from flows._common import (
     ColourStats,
+    RunFailed,
     colour_stats,
     generate_missing,
     read_output_for_measure,
     read_source_for_measure,
     resolve_template,
     scheduler_address,
+    state_rows,
 )
 from flows._qc import _angles
 from flows.manifest import Manifest, SlideEntry, load_manifest
@@ -220,7 +222,8 @@ def harmonize_sites(
             logger.info("dask dashboard: %s", dashboard_url(client))
         entries = {site: list(m.site_slides(site)) for site in m.sites}
         fit_futures = {
-            site: fit_site.with_options(timeout_seconds=timeout_s * len(entries[site])).submit(entries[site], m)
+            site: fit_site.with_options(timeout_seconds=timeout_s * len(entries[site]),
+                                        task_run_name=f"fit site {site}", tags=[f"site:{site}"]).submit(entries[site], m)
             for site in (m.sites if fitted else ())
         }
         # none / stainnet: every slide goes to normalization as it is (the target is measured
@@ -252,9 +255,11 @@ def harmonize_sites(
             if not fits[name]:
                 raise ValueError(f"{m.path}: target site {name!r} has no slide that could be fitted")
             target_template = template_from_fits([f for _, f in fits[name]], params=m.params, seed=m.model.fit.seed)
-        normalize = normalize_to_target.with_options(timeout_seconds=timeout_s)
         jobs = {
-            (site, entry.source.name): normalize.submit(entry, m, target_template if fitted else None, fit)
+            (site, entry.source.name): normalize_to_target.with_options(
+                timeout_seconds=timeout_s, task_run_name=f"normalize {site}/{entry.source.name}",
+                tags=[f"site:{site}", f"method:{m.method}"],
+            ).submit(entry, m, target_template if fitted else None, fit)
             for site in m.sites
             for entry, fit in fits[site]
         }
@@ -269,8 +274,10 @@ def harmonize_sites(
         for p in problems:
             logger.error("%s", p)
         first_fmt = {site: [p for p in paths if p.endswith(".ome.zarr")] or paths for site, paths in written.items()}
-        before = {site: measure_site.submit([str(e.source) for e, _ in fits[site]], outputs=False) for site in m.sites}
-        after = {site: measure_site.submit(first_fmt[site], outputs=True) for site in m.sites}
+        before = {site: measure_site.with_options(task_run_name=f"measure {site} sources").submit(
+            [str(e.source) for e, _ in fits[site]], outputs=False) for site in m.sites}
+        after = {site: measure_site.with_options(task_run_name=f"measure {site} outputs").submit(
+            first_fmt[site], outputs=True) for site in m.sites}
         before_stats = {s: f.result() for s, f in before.items()}
         after_stats = {s: f.result() for s, f in after.items()}
     if name in m.sites:
@@ -295,7 +302,8 @@ def harmonize_sites(
         key="harmonize-sites-summary",
     )
     if problems:
-        return Failed(message=f"{len(problems)} slide(s) failed or need review: {'; '.join(problems)}", data=rows)
+        message = f"{len(problems)} slide(s) failed or need review: {'; '.join(problems)}"
+        return Failed(message=message, data=RunFailed(message, rows))
     return Completed(message=f"{len(rows)} sites harmonized to {name}", data=rows)
 
 
@@ -320,9 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     # Awaitable; this flow is sync and returns its final State
     state = cast("State[Any]", harmonize_sites(manifest=args.manifest, target=args.target, scheduler=args.scheduler,
                                                dashboard=args.dashboard, return_state=True))
-    rows = state.result(raise_on_failure=False)
-    if isinstance(rows, list):
-        print(markdown_table(rows))
+    print(markdown_table(state_rows(state)))
     print(f"state: {state.name}")
     return 0 if state.is_completed() else 1
 

@@ -31,7 +31,8 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, cast
 
@@ -43,10 +44,17 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed
 
 from flows import configure_process
-from flows._artifacts import artifact_key, markdown_table
-from flows._common import SlideOutcome, generate_missing, resolve_template, scheduler_address
+from flows._artifacts import ProgressArtifact, artifact_key, markdown_table
+from flows._common import (
+    RunFailed,
+    SlideOutcome,
+    generate_missing,
+    resolve_template,
+    scheduler_address,
+    state_rows,
+)
 from flows._completion import completion_path, is_complete, write_completion
-from flows._qc import publish_slide_qc
+from flows._qc import publish_slide_qc, summary_numbers
 from flows.manifest import Manifest, OutputFormatName, SlideEntry, load_manifest
 from wsi_norm.errors import (
     ManifestError,
@@ -64,6 +72,7 @@ __all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
 
 FLOW_NAME = "normalize-archive"
 SUMMARY_KEY = "normalize-archive-summary"
+PROGRESS_KEY = "normalize-archive-progress"
 #: Outcome of a slide whose outputs another run is writing (not a failure, nothing written).
 BUSY = "skipped (busy)"
 
@@ -119,9 +128,12 @@ def fit_task(source: str, method: str, params: dict[str, Any], n_pixels: int, se
 
 
 @task(name="normalize-slide", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_permanent)
-def normalize_task(entry: SlideEntry, fmt: OutputFormatName, manifest: Manifest, target: Any, source_fit: Any) -> Any:
-    """Normalize one slide and write one output format (``wsi_norm.pipeline.normalize_slide``; I/O, retried)."""
-    from flows._artifacts import ProgressArtifact
+def normalize_task(
+    entry: SlideEntry, fmt: OutputFormatName, manifest: Manifest, target: Any, source_fit: Any,
+    progress: Callable[[int, int], None] | None = None,
+) -> Any:
+    """Normalize one slide and write one output format (``wsi_norm.pipeline.normalize_slide``; I/O,
+    retried); ``progress(done, total)`` hears of its level-0 chunks."""
     from wsi_norm.pipeline import normalize_slide
 
     out = manifest.confine(entry.outputs[fmt])  # no link planted under output_root since validation
@@ -129,9 +141,6 @@ def normalize_task(entry: SlideEntry, fmt: OutputFormatName, manifest: Manifest,
         out.parent.mkdir(parents=True, exist_ok=True)  # the manifest's output layout
     except OSError as exc:
         raise OutputError(f"{out.parent}: cannot create the output folder: {exc}") from exc
-    progress = ProgressArtifact(
-        artifact_key("progress", entry.site, entry.name, fmt), description=f"tiles of {entry.source.name} -> {out.name}"
-    )
     result = normalize_slide(
         entry.source,
         out,
@@ -147,7 +156,7 @@ def normalize_task(entry: SlideEntry, fmt: OutputFormatName, manifest: Manifest,
         fit=FitOptions(n_pixels=manifest.model.fit.n_pixels, seed=manifest.model.fit.seed),
         writer=WriterOptions(fmt=fmt),
     )
-    get_run_logger().info("%s: wrote %s (%d progress updates)", entry.source.name, out, progress.updates)
+    get_run_logger().info("%s: wrote %s", entry.source.name, out)
     return result
 
 
@@ -197,9 +206,12 @@ def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOu
     """Skip a current slide, or run fit -> normalize -> QC as nested task runs, then record it complete.
 
     The slide's output claims are held throughout: a slide another run holds is "skipped (busy)".
+    A slide that is worked on gets two artifacts: its progress (every output's tiles, reaching
+    100 %) and its QC report.
     """
     logger = get_run_logger()
     outputs = [str(p) for p in entry.outputs.values()]
+    label = f"{entry.site}/{entry.source.name}"
     try:
         with _claim_outputs(entry):
             if _is_current(entry, manifest, target):
@@ -208,20 +220,47 @@ def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOu
             completion_path(manifest, entry).unlink(missing_ok=True)  # no longer true from here on
             start = time.perf_counter()
             m = manifest.model
+            progress = ProgressArtifact(
+                artifact_key("progress", entry.site, entry.name),
+                description=f"{label}: level-0 tiles written, {len(entry.outputs)} output(s)",
+            )
             source_fit = None  # none and stainnet fit nothing: a fixed (identity or learned) map
             if manifest.method not in ("none", "stainnet"):
-                source_fit = fit_task(
+                source_fit = fit_task.with_options(task_run_name=f"fit {label}")(
                     str(entry.source), manifest.method, manifest.params, m.fit.n_pixels, m.fit.seed
                 )
-            normalize = normalize_task.with_options(retries=m.retries, retry_delay_seconds=m.retry_delay_s)
-            results = [normalize(entry, fmt, manifest, target, source_fit) for fmt in entry.outputs]
+            results = []
+            for k, fmt in enumerate(entry.outputs):
+                normalize = normalize_task.with_options(
+                    retries=m.retries, retry_delay_seconds=m.retry_delay_s, task_run_name=f"write {label} ({fmt})"
+                )
+                results.append(normalize(entry, fmt, manifest, target, source_fit, progress.part(k, len(entry.outputs))))
             seconds = time.perf_counter() - start
-            metrics = qc_task(entry, manifest, target, results, seconds)
+            metrics = qc_task.with_options(task_run_name=f"qc {label}")(entry, manifest, target, results, seconds)
             write_completion(manifest, entry, qc_dir=metrics["qc_dir"])  # last: outputs and QC are done
     except OutputBusyError as exc:
         logger.warning("%s: skipped: %s", entry.source.name, exc)
         return SlideOutcome(entry.site, entry.source.name, BUSY, reason=str(exc), outputs=outputs)
-    return SlideOutcome(entry.site, entry.source.name, "normalized", outputs=outputs, seconds=seconds)
+    return SlideOutcome(entry.site, entry.source.name, "normalized", outputs=outputs, seconds=seconds,
+                        qc=summary_numbers(metrics))
+
+
+def _run_progress(done: int, total: int, counts: dict[str, int], elapsed_s: float) -> tuple[float, str]:
+    """The run's progress: percentage and a line (done, by outcome, remaining, ETA)."""
+    parts = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()) if n)
+    line = f"{done} of {total} slides done" + (f" ({parts})" if parts else "")
+    if 0 < done < total:
+        eta = elapsed_s / done * (total - done)
+        line += f"; {total - done} remaining, ETA {_duration(eta)}"
+    return (100.0 if total == 0 else 100.0 * done / total), line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @flow(name=FLOW_NAME, log_prints=False)
@@ -261,12 +300,17 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         target = prepare_target(m, m.model.target)
         pending = list(m.slides)
         running: dict[PrefectFuture[Any], SlideEntry] = {}
+        run_progress = ProgressArtifact(PROGRESS_KEY, description=f"0 of {len(pending)} slides done",
+                                        min_interval_s=2.0, min_step_pct=0.0)
+        started = time.monotonic()
         while pending or running:
             while pending and len(running) < m.model.concurrency:
                 entry = pending.pop(0)
-                task_tags = [f"site:{entry.site}", f"method:{m.method}"]
-                future = process_slide.with_options(tags=task_tags, timeout_seconds=m.model.slide_timeout_s).submit(
-                    entry, m, target)
+                future = process_slide.with_options(
+                    tags=[f"site:{entry.site}", f"method:{m.method}"],
+                    task_run_name=f"normalize {entry.site}/{entry.source.name}",
+                    timeout_seconds=m.model.slide_timeout_s,
+                ).submit(entry, m, target)
                 running[future] = entry
             done = next(as_completed(list(running)))
             entry = running.pop(done)
@@ -286,6 +330,9 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
                 reason = f"{type(exc).__name__}: {exc}"
                 logger.error("%s: failed: %s", entry.source, reason)
                 outcomes.append(SlideOutcome(entry.site, entry.source.name, "failed", reason=reason))
+            counts = Counter(o.outcome for o in outcomes)
+            pct, line = _run_progress(len(outcomes), len(m.slides), counts, time.monotonic() - started)
+            run_progress.report(pct, line, force=not (pending or running))
     order = {(s.site, s.source.name): i for i, s in enumerate(m.slides)}
     outcomes.sort(key=lambda o: order[(o.site, o.slide)])
     rows = [o.row() for o in outcomes]
@@ -300,7 +347,8 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     )
     if n_failed or n_review:
         review = f", {n_review} need review" if n_review else ""
-        return Failed(message=f"{n_failed} of {len(rows)} slides failed{review}", data=rows)
+        message = f"{n_failed} of {len(rows)} slides failed{review}"
+        return Failed(message=message, data=RunFailed(message, rows))
     return Completed(message=f"{len(rows)} slides done", data=rows)
 
 
@@ -324,15 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     except WsiNormError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with tags(f"method:{m.method}", *(f"site:{s}" for s in m.sites)):
+    with tags(f"method:{m.method}"):  # sites are tagged per slide task, not on the whole run
         # Prefect's overloads type a flow returning Any, called with return_state=True, as an
         # Awaitable; this flow is sync and returns its final State
         state = cast("State[Any]", normalize_archive(manifest=args.manifest, scheduler=args.scheduler,
                                                      dashboard=args.dashboard, return_state=True))
-    rows = state.result(raise_on_failure=False)
-    if isinstance(rows, list):
-        for row in rows:
-            print(f"{row['outcome']:>18}  {row['site']}/{row['slide']}  {row['outputs'] or row['reason']}")
+    for row in state_rows(state):
+        print(f"{row['outcome']:>18}  {row['site']}/{row['slide']}  {row['outputs'] or row['reason']}")
     print(f"outputs:   {m.output_root}/<site>/")
     print(f"QC images and metrics: {m.output_root / 'qc'}/<site>/<slide>/ (before_after.png, "
           "stain_vectors.png, metrics.json, summary.md)")

@@ -170,12 +170,14 @@ def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_s
         _stop(serve)
     assert flow_run.state.is_completed(), log.read_text()[-4000:]
     assert (tmp_path / "out" / "site-b" / "s-1.tiff").is_file()
-    names = sorted(t.name.rsplit("-", 1)[0] for t in task_runs)
-    for expected in ("fit-slide", "normalize-slide", "qc-slide", "process-slide", "load-manifest", "generate-slides"):
+    names = sorted(t.name for t in task_runs)
+    for expected in ("fit site-b/s-1.tiff", "write site-b/s-1.tiff (tiff)", "qc site-b/s-1.tiff",
+                     "normalize site-b/s-1.tiff"):
         assert expected in names, names
+    assert any(n.startswith("load-manifest") for n in names) and any(n.startswith("generate-slides") for n in names)
     keys = {a.key: a for a in artifacts}
     assert keys["normalize-archive-summary"].type == "table"
-    assert keys["qc-site-b-s-1-thumbs"].data.startswith("data:image/png;base64,")
+    assert "![before | after](data:image/png;base64," in keys["qc-site-b-s-1"].data
 
     from playwright.sync_api import sync_playwright
 
@@ -199,7 +201,7 @@ def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_s
         finally:
             browser.close()
     assert "Can't connect" not in text
-    for key in ("normalize-archive-summary", "qc-site-b-s-1", "qc-site-b-s-1-thumbs"):
+    for key in ("normalize-archive-summary", "normalize-archive-progress", "qc-site-b-s-1", "progress-site-b-s-1"):
         assert key in text, key
     assert shot.stat().st_size > 20_000
     shutil.copy(log, ARTIFACTS_DIR / "serve.log")

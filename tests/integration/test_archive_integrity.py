@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from flows._common import state_rows
 from wsi_norm.errors import OutputBusyError, OutputError
 from wsi_norm.pipeline import FitOptions, fit_slide, normalize_slide, output_is_current
 from wsi_norm.slide import open_slide
@@ -392,7 +393,7 @@ def _run(manifest: Path) -> tuple[Any, str]:
     from flows.normalize_archive import normalize_archive
 
     state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
-    rows = state.result(raise_on_failure=False)
+    rows = state_rows(state)
     assert isinstance(rows, list) and len(rows) == 1, rows
     return state, rows[0]["outcome"]
 
@@ -475,7 +476,7 @@ def test_archive_reports_a_slide_another_run_is_writing_as_busy(prefect_api: Pat
         state, outcome = _run(manifest)
         assert outcome == "skipped (busy)"
         assert state.is_completed(), state.message  # busy is not a failure
-        row = state.result(raise_on_failure=False)[0]
+        row = state_rows(state)[0]
         assert f"another run is writing {out}" in row["reason"] and f"pid {first.pid}" in row["reason"]
         assert not (out.parent / "a.tiff").exists()  # the flow wrote none of the slide's outputs
         assert (out.parent / "a.ome.zarr.partial").exists()  # and left the other run's work alone

@@ -19,6 +19,8 @@ import numpy as np
 import psutil
 import pytest
 
+from flows._common import state_rows
+
 if TYPE_CHECKING:
     # the flows return Any, so Flow.__call__(return_state=True) picks the async overload
     from prefect import State
@@ -90,7 +92,7 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
     finally:
         running.clear()
         sampler.join()
-    rows = {r["slide"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
+    rows = {r["slide"]: r for r in state_rows(state)}
     assert state.is_completed(), (state.message, rows)
     assert seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
     assert {s: r["outcome"] for s, r in rows.items()} == {"a-1.tiff": "normalized", "b-1.tiff": "normalized"}
@@ -111,7 +113,7 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
         assert (tmp_path / "out" / "qc" / site / stem / "metrics.json").is_file()
 
     again = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
-    assert {r["slide"]: r["outcome"] for r in cast("list[dict[str, Any]]", again.result(raise_on_failure=False))} == {
+    assert {r["slide"]: r["outcome"] for r in state_rows(again)} == {
         "a-1.tiff": "skipped (current)", "b-1.tiff": "skipped (current)"}
 
 
@@ -155,7 +157,7 @@ def test_a_slide_over_its_timeout_ends_failed_while_the_others_finish(
     start = time.monotonic()
     state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     seconds = time.monotonic() - start
-    rows = {r["slide"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
+    rows = {r["slide"]: r for r in state_rows(state)}
     assert state.is_failed() and state.message == "1 of 2 slides failed", state.message
     assert rows["fast.tiff"]["outcome"] == "normalized"
     assert rows["slow.tiff"]["outcome"] == "failed"
@@ -295,7 +297,7 @@ def test_harmonize_sites_runs_the_methods_that_fit_nothing(
     manifest.write_text(text, encoding="utf-8")
     state = cast("State[Any]", harmonize_sites(manifest=str(manifest), target="site-a", return_state=True))
     assert state.is_completed(), state.message
-    rows = {r["site"]: r for r in cast("list[dict[str, Any]]", state.result())}
+    rows = {r["site"]: r for r in state_rows(state)}
     for site in ("site-a", "site-b"):
         assert (tmp_path / "out" / site / f"{site[-1]}.ome.zarr").is_dir()
     b = rows["site-b"]

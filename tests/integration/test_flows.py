@@ -85,7 +85,8 @@ retry_delay_s: 0
 
 
 def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect_api: Path, tmp_path: Path) -> None:
-    from flows.normalize_archive import SUMMARY_KEY, normalize_archive
+    from flows._common import state_rows
+    from flows.normalize_archive import PROGRESS_KEY, SUMMARY_KEY, normalize_archive
 
     (tmp_path / "broken").mkdir()
     rng = np.random.default_rng(0)
@@ -95,7 +96,7 @@ def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect
 
     state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     assert state.is_failed() and state.message == "1 of 3 slides failed"
-    rows = {r["slide"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
+    rows = {r["slide"]: r for r in state_rows(state)}
     assert [rows[s]["outcome"] for s in ("a-1.tiff", "b-1.tiff", "bad.svs")] == ["normalized", "normalized", "failed"]
     assert "bad.svs" in rows["bad.svs"]["reason"] and "Error" in rows["bad.svs"]["reason"]
     outs = [tmp_path / "out" / "site-a" / "a-1.ome.zarr", tmp_path / "out" / "site-b" / "b-1.ome.zarr"]
@@ -106,26 +107,36 @@ def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect
     summary = artifacts[SUMMARY_KEY]
     assert summary.type == "table"
     assert {"a-1.tiff", "b-1.tiff", "bad.svs"} <= {r["slide"] for r in yaml.safe_load(summary.data)}
-    for key in ("qc-site-a-a-1", "qc-site-b-b-1"):
-        assert artifacts[key].type == "markdown" and "ssim_source" in artifacts[key].data
-        assert artifacts[key + "-thumbs"].type == "image"
-        assert artifacts[key + "-thumbs"].data.startswith("data:image/png;base64,")
-        assert len(artifacts[key + "-thumbs"].data) < 60_000  # tens of kB
-        assert artifacts[key + "-metrics"].type == "table"
-    assert artifacts["progress-site-a-a-1-ome-zarr"].type == "progress"
-    assert float(artifacts["progress-site-a-a-1-ome-zarr"].data) == 100.0
+    for slide in ("a-1", "b-1"):
+        site = "site-" + slide[0]
+        report = artifacts[f"qc-{site}-{slide}"]
+        assert report.type == "markdown" and "ssim_source" in report.data and "✓ passed" in report.data
+        assert "![before | after](data:image/png;base64," in report.data
+        assert "![stain vectors](data:image/png;base64," in report.data
+        assert len(report.data) < 250_000  # a readable report, not a dump
+        progress = artifacts[f"progress-{site}-{slide}"]
+        assert progress.type == "progress" and float(progress.data) == 100.0
+        # at most two artifacts per slide: its progress and its report
+        assert sorted(k for k in artifacts if k.endswith(f"-{site}-{slide}")) == [
+            f"progress-{site}-{slide}", f"qc-{site}-{slide}"]
+        assert rows[f"{slide}.tiff"]["qc_gate"] == "✓ passed" and 0.5 < rows[f"{slide}.tiff"]["ssim_source"] <= 1
+    assert float(artifacts[PROGRESS_KEY].data) == 100.0
+    assert artifacts[PROGRESS_KEY].description.startswith("3 of 3 slides done (1 failed, 2 normalized)")
+    assert len(artifacts) <= 2 * 3 + 3  # two per slide, the run's table, summary and progress
     names = [t.name for t in _task_runs(run_id)]
-    assert sum(n.startswith("normalize-slide") for n in names) == 2
-    assert sum(n.startswith("process-slide") for n in names) == 3
+    assert sorted(n for n in names if n.startswith("normalize ")) == [
+        "normalize site-a/a-1.tiff", "normalize site-b/b-1.tiff", "normalize site-b/bad.svs"]
+    assert sorted(n for n in names if n.startswith("write ")) == [
+        "write site-a/a-1.tiff (ome-zarr)", "write site-b/b-1.tiff (ome-zarr)"]
     mtimes = [o.stat().st_mtime_ns for o in outs]
 
     # Second run: the two finished slides are current, the broken one fails again.
     again = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
-    rows2 = {r["slide"]: r["outcome"] for r in cast("list[dict[str, Any]]", again.result(raise_on_failure=False))}
+    rows2 = {r["slide"]: r["outcome"] for r in state_rows(again)}
     assert rows2 == {"a-1.tiff": "skipped (current)", "b-1.tiff": "skipped (current)", "bad.svs": "failed"}
     names2 = [t.name for t in _task_runs(again.state_details.flow_run_id)]
-    assert not any(n.startswith(("normalize-slide", "qc-slide")) for n in names2)
-    assert sum(n.startswith("fit-slide") for n in names2) == 1  # only the broken slide is tried again
+    assert not any(n.startswith(("write ", "qc ")) for n in names2)
+    assert [n for n in names2 if n.startswith("fit ")] == ["fit site-b/bad.svs"]  # only it is tried again
     assert [o.stat().st_mtime_ns for o in outs] == mtimes
 
 
