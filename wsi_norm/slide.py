@@ -33,7 +33,8 @@ premultiplied RGBA is composited over white (transparent areas outside the scann
 become white glass), tiffslide's RGB is used as is.
 
 Thread safety: region reads may run concurrently from dask's threads (OpenSlide handles are
-thread-safe; tiffslide decodes through tifffile's locked file handle). A :class:`Slide` pickles
+thread-safe; tiffslide decodes through tifffile's locked file handle; zarr arrays are read-only
+and read concurrently). A :class:`Slide` pickles
 as its path and options; the file is reopened lazily in the receiving process.
 """
 
@@ -971,7 +972,7 @@ class Slide:
     Attributes
     ----------
     path : Path
-        The file.
+        The file, or the OME-Zarr folder.
     backend : {"openslide", "tiffslide", "image", "ome-zarr"}
         The reader in use.
     """
