@@ -567,6 +567,12 @@ class _OmeZarrReader:
             sub = ds.get("path") if isinstance(ds, dict) else None
             if not isinstance(sub, str) or not sub or ".." in Path(sub).parts or Path(sub).is_absolute():
                 raise UnsupportedFormatError(f"{path}: NGFF dataset {k} has no usable path ({sub!r})")
+            for name in ("zarr.json", ".zarray"):
+                meta = image / sub / name
+                if meta.is_file() and meta.stat().st_size > MAX_NGFF_METADATA_BYTES:
+                    raise SlideOpenError(
+                        f"{meta}: zarr metadata larger than {MAX_NGFF_METADATA_BYTES:,} bytes, the most read"
+                    )
             try:
                 self._arrays.append(zarr.open_array(image / sub, mode="r"))
             except Exception as exc:  # zarr raises many types for a missing or broken array
@@ -600,6 +606,13 @@ class _OmeZarrReader:
                 raise UnsupportedFormatError(
                     f"{where}: axes {', '.join(f'{n}={s}' for n, s in extra.items())} are not "
                     "single; wsi-norm reads one 2-D RGB image"
+                )
+            chunk_px = int(arr.chunks[self._yx_c[0]]) * int(arr.chunks[self._yx_c[1]])
+            if chunk_px > MAX_UNTILED_PIXELS:
+                raise UnsupportedFormatError(
+                    f"{where}: chunks of {arr.chunks[self._yx_c[1]]} x {arr.chunks[self._yx_c[0]]} px "
+                    f"({chunk_px:,} pixels) are over the limit of {MAX_UNTILED_PIXELS:,} pixels a "
+                    "region read may decode; rechunk the image"
                 )
             h, w = shape[self._yx_c[0]], shape[self._yx_c[1]]
             if h <= 0 or w <= 0 or (dims and (w > dims[-1][0] or h > dims[-1][1])):

@@ -143,16 +143,16 @@ def _ngff_image(path: Path, pixels: np.ndarray, axes: list[dict[str, Any]], scal
     return path
 
 
-def test_other_ngff_layouts(tmp_path: Path) -> None:
+def test_other_ngff_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
     um = {"type": "space", "unit": "micrometer"}
     yxc = _ngff_image(tmp_path / "yxc.zarr", rgb,
                       [{"name": "y", **um}, {"name": "x", **um}, {"name": "c", "type": "channel"}],
                       [0.25, 0.5, 1.0])
-    slide = open_slide(yxc)
-    assert slide.dimensions == (60, 40) and slide.mpp == (0.5, 0.25)
-    np.testing.assert_array_equal(slide.read_region(0, x=0, y=0, width=60, height=40), rgb)
+    with open_slide(yxc) as slide:  # closed: the chunk-limit check below opens it afresh
+        assert slide.dimensions == (60, 40) and slide.mpp == (0.5, 0.25)
+        np.testing.assert_array_equal(slide.read_region(0, x=0, y=0, width=60, height=40), rgb)
 
     tczyx = rgb.transpose(2, 0, 1)[None, :, None]
     five = _ngff_image(tmp_path / "tczyx.zarr", tczyx,
@@ -172,6 +172,11 @@ def test_other_ngff_layouts(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedFormatError, match=r"uint16 pixels"):
         open_slide(_ngff_image(tmp_path / "u16.zarr", rgb, [{"name": "y"}, {"name": "x"}, {"name": "c"}],
                                [1.0, 1.0, 1.0], dtype=np.uint16))
+    # a read decodes whole chunks: one chunk larger than an untiled image may be is refused
+    monkeypatch.setattr("wsi_norm.slide.MAX_UNTILED_PIXELS", 1000)
+    with pytest.raises(UnsupportedFormatError, match=r"chunks of 60 x 40 px \(2,400 pixels\) are over"):
+        open_slide(yxc)
+    monkeypatch.undo()
     with pytest.raises(UnsupportedFormatError, match=r"axes z=2 are not single"):
         open_slide(_ngff_image(tmp_path / "z2.zarr", np.stack([rgb, rgb]),
                                [{"name": "z"}, {"name": "y"}, {"name": "x"}, {"name": "c"}],
