@@ -108,10 +108,10 @@ _MPP = _float_in(0.0, low_open=True)
 def _add_slide_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
-        choices=("openslide", "tiffslide", "image"),
+        choices=("openslide", "tiffslide", "image", "ome-zarr"),
         default=None,
         help="slide reader (default: OpenSlide for files it knows, tiffslide for other tiled "
-        "TIFFs, the image reader for PNG/JPEG/untiled TIFF)",
+        "TIFFs, the image reader for PNG/JPEG/untiled TIFF, ome-zarr for an OME-Zarr folder)",
     )
     p.add_argument("--mpp", type=_MPP, default=None,
                    help="microns per pixel (x = y) to assume at level 0, replacing what the file "
@@ -164,8 +164,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "level_downsamples": list(slide.level_downsamples),
         "tile_size": [list(t) if t else None for t in map(slide.tile_size, range(slide.level_count))],
         "mpp": list(slide.mpp) if slide.mpp else None,
+        "objective_power": slide.objective_power,
         "chunk_shape": list(slide.chunk_shape(0)),
+        "scanner": slide.scanner_metadata(),
     }
+    record = slide.provenance
+    if record is not None:
+        facts["provenance"] = record
     if not args.no_tissue:
         with _cluster(args):
             coarse = coarse_mask(slide)
@@ -184,6 +189,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"backend    {slide.backend}  (vendor: {slide.vendor})",
         f"size       {w} x {h} px  ({w * h / 1e6:.1f} MP)",
         f"mpp        {mpp}",
+        f"objective  {_power_text(slide.objective_power)}",
         f"levels     {slide.level_count}",
     ]
     for level, ((lw, lh), ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
@@ -196,10 +202,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
             f"tissue     {facts['tissue_fraction']:.1%} of pixels (gray <= 200; "
             f"{read} of {total} chunks hold tissue)"
         )
+    lines += _output_lines(slide.scanner_metadata(), record)
     if args.properties:
         lines += [f"  {k} = {v}" for k, v in sorted(slide.properties.items())]
     print("\n".join(lines))
     return 0
+
+
+def _power_text(power: Any) -> str:
+    return f"{power:g}x" if isinstance(power, (int, float)) else "none recorded"
+
+
+def _output_lines(scanner: dict[str, Any], record: dict[str, Any] | None) -> list[str]:
+    """``info`` lines on the scanner and, for a wsi-norm output, on the run that wrote it."""
+    props = scanner.get("properties") or {}
+    model = next((props[k] for k in ("aperio.ScanScope ID", "tiff.Model", "tiff.Make") if k in props), None)
+    lines = [f"scanner    {scanner.get('vendor')}" + (f", {model}" if model else "")
+             + (f" ({len(props)} properties kept)" if props else "")]
+    if record is None:
+        return lines
+    source = record.get("source") or {}
+    written = record.get("written") or {}
+    mpp = source.get("mpp")
+    mpp_text = f"{mpp[0]:.4g} um/px" if isinstance(mpp, list) and mpp else "no MPP"
+    lines[0] += "  (of the source, as recorded)"
+    lines.insert(0, f"source     {source.get('name')}  ({scanner.get('vendor')}, "
+                    f"{_power_text(scanner.get('objective_power'))}, {mpp_text})")
+    lines.insert(0, f"written by {record.get('tool', 'wsi-norm')} {record.get('wsi_norm_version', '?')}, "
+                    f"method {record.get('method')}, {written.get('format')}, {written.get('created')}")
+    return lines
 
 
 def _cmd_mask(args: argparse.Namespace) -> int:
@@ -819,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--dry-run", action="store_true", help="check the options, do nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
-    p.add_argument("--backend", choices=("openslide", "tiffslide", "image"), default=None,
+    p.add_argument("--backend", choices=("openslide", "tiffslide", "image", "ome-zarr"), default=None,
                    help="slide reader (default: chosen per file)")
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_stainnet_train)

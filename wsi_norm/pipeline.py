@@ -350,14 +350,18 @@ def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: in
     """A template from slide fits already made: one slide's statistics, white point and colour
     reference, or the robust aggregate (:func:`wsi_norm.stain.aggregate_stats`, medians) of several.
 
+    The template records each slide by file name and content hashes
+    (:func:`wsi_norm.stain.template.slide_entry`; never its path) and only the parameters the
+    method reads (:func:`wsi_norm.stain.method_params`).
+
     Raises
     ------
     ValueError
         No fits, or fits of different methods.
     """
     from wsi_norm import __version__
-    from wsi_norm.stain import aggregate_stats
-    from wsi_norm.stain.template import Template
+    from wsi_norm.stain import aggregate_stats, method_params
+    from wsi_norm.stain.template import Template, slide_entry
 
     if not fits:
         raise ValueError("a template needs at least one slide fit")
@@ -370,8 +374,8 @@ def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: in
         stats=stats,
         white=_aggregate_white(fits),
         reference=ColourReference.median([f.reference for f in fits]),
-        params=_params_dict(resolve_params(params, seed=seed)),
-        slides=[f.identity for f in fits],
+        params=method_params(method, resolve_params(params, seed=seed)),
+        slides=[slide_entry(f.identity) for f in fits],
         n_pixels=sum(f.n_pixels for f in fits),
         seed=seed,
         wsi_norm_version=__version__,
@@ -870,7 +874,9 @@ def normalize_slide(
         "params": resolved,
         "source": {**identity, "backend": slide.backend, "vendor": slide.vendor,
                    "dimensions": list(slide.dimensions),
-                   "mpp": list(slide.mpp) if slide.mpp else None},
+                   "mpp": list(slide.mpp) if slide.mpp else None,
+                   "objective_power": slide.objective_power,
+                   "scanner": slide.scanner_metadata()},
         "source_fit": None if slide_fit is None else slide_fit.to_dict(),
         "target": None if template is None else template.to_dict(),
         "weights": None if weights is None else {"path": str(weights), "sha256": weights_sha},

@@ -1,4 +1,4 @@
-"""Open a whole-slide image (OpenSlide, tiffslide, or a plain image) and read it lazily.
+"""Open a whole-slide image (OpenSlide, tiffslide, OME-Zarr, or a plain image) and read it lazily.
 
 :func:`open_slide` returns a :class:`Slide`: levels, dimensions, downsamples, MPP, vendor,
 properties, region reads, and :meth:`Slide.to_dask`, a lazy ``(H, W, 3) uint8`` dask array
@@ -17,19 +17,31 @@ Backends
     A plain image (PNG, JPEG, an untiled TIFF) held in memory as a one-level slide, so a
     reference image or a patch can stand wherever a slide can. Alpha is dropped; MPP is None
     unless given.
+``ome-zarr``
+    An NGFF multiscale image folder (OME-Zarr 0.5 on zarr v3, 0.4 on zarr v2), such as
+    wsi-norm's own OME-Zarr outputs: RGB(A) uint8 with axes ``(c, y, x)``, ``(y, x, c)`` or
+    ``(t, c, z, y, x)`` (other axes of length 1); MPP from the level-0 ``scale`` of ``x`` and
+    ``y`` when their unit is a length (micrometer, ...). The only backend that opens a folder.
+
+wsi-norm's outputs are slides like any other: their pyramidal TIFFs open with OpenSlide
+(generic TIFF) or tiffslide, their OME-Zarr folders with ``ome-zarr``. :attr:`Slide.provenance`
+returns the record an output carries, and :meth:`Slide.scanner_metadata` the acquisition
+metadata (vendor, objective power, MPP, scanner properties) of the slide it was made from.
 
 Both slide backends return the same pixels for the same region of the same file: OpenSlide's
 premultiplied RGBA is composited over white (transparent areas outside the scanned region
 become white glass), tiffslide's RGB is used as is.
 
 Thread safety: region reads may run concurrently from dask's threads (OpenSlide handles are
-thread-safe; tiffslide decodes through tifffile's locked file handle). A :class:`Slide` pickles
+thread-safe; tiffslide decodes through tifffile's locked file handle; zarr arrays are read-only
+and read concurrently). A :class:`Slide` pickles
 as its path and options; the file is reopened lazily in the receiving process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -50,13 +62,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backend", "BACKENDS", "Slide", "open_slide", "DEFAULT_CHUNK_PX", "MAX_TIFF_PAGES",
-    "MAX_UNTILED_PIXELS",
+    "MAX_UNTILED_PIXELS", "MAX_NGFF_LEVELS", "MAX_NGFF_METADATA_BYTES", "MAX_SCANNER_PROPERTIES",
 ]
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["openslide", "tiffslide", "image"]
-BACKENDS: tuple[Backend, ...] = ("openslide", "tiffslide", "image")
+Backend = Literal["openslide", "tiffslide", "image", "ome-zarr"]
+BACKENDS: tuple[Backend, ...] = ("openslide", "tiffslide", "image", "ome-zarr")
 DEFAULT_CHUNK_PX = 1024
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 _TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".scn", ".bif", ".qptiff"}
@@ -96,6 +108,8 @@ class _Reader(Protocol):
     vendor: str
     mpp: tuple[float, float] | None
     tile_sizes: tuple[tuple[int, int] | None, ...]
+    record: Mapping[str, Any] | None
+    """The wsi-norm provenance record the file carries (it is a wsi-norm output), else None."""
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]: ...
 
@@ -124,6 +138,66 @@ def _tile_sizes(props: Mapping[str, str], prefix: str, n: int) -> tuple[tuple[in
         else:
             sizes.append((w, h) if w > 0 and h > 0 else None)
     return tuple(sizes)
+
+
+#: Key of the provenance record in an output's metadata (``wsi_norm.writers.provenance.PROVENANCE_KEY``;
+#: repeated here because reading sits below writing in the layers).
+_RECORD_KEY = "wsi_norm"
+_MAX_RECORD_CHARS = 4 << 20
+#: Scanner-property name prefixes kept from a source (the vendor namespaces OpenSlide and
+#: tiffslide use), and single properties kept besides them.
+_VENDOR_PREFIXES = (
+    "aperio.", "dicom.", "hamamatsu.", "leica.", "mirax.", "olympus.", "philips.", "sakura.",
+    "ventana.", "zeiss.",
+)
+_KEPT_PROPERTIES = (
+    "openslide.vendor", "openslide.objective-power", "openslide.mpp-x", "openslide.mpp-y",
+    "tiffslide.vendor", "tiffslide.objective-power", "tiffslide.mpp-x", "tiffslide.mpp-y",
+    "tiff.Make", "tiff.Model", "tiff.Software", "tiff.DateTime",
+)
+_OBJECTIVE_KEYS = ("openslide.objective-power", "tiffslide.objective-power", "aperio.AppMag")
+MAX_SCANNER_PROPERTIES = 64
+"""Most scanner properties :meth:`Slide.scanner_metadata` keeps (the kept ones first, then the
+vendor's, by name); each value is cut to :data:`_MAX_PROPERTY_CHARS` characters."""
+_MAX_PROPERTY_CHARS = 512
+
+
+def _record_from_description(text: str | None) -> Mapping[str, Any] | None:
+    """The provenance record of a wsi-norm TIFF output: its level-0 ImageDescription is the JSON
+    text ``{"wsi_norm": record}``. None for any other description."""
+    if not text or not text.startswith('{"' + _RECORD_KEY + '"') or len(text) > _MAX_RECORD_CHARS:
+        return None
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    record = doc.get(_RECORD_KEY) if isinstance(doc, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def _objective_power(props: Mapping[str, str]) -> float | None:
+    for key in _OBJECTIVE_KEYS:
+        try:
+            value = float(props[key])
+        except (KeyError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def _scanner_properties(props: Mapping[str, str]) -> tuple[dict[str, str], int]:
+    """The whitelisted properties (bounded) and how many matching ones were left out."""
+    kept = [k for k in _KEPT_PROPERTIES if props.get(k) not in (None, "", "None")]
+    vendor = sorted(k for k in props if k.startswith(_VENDOR_PREFIXES) and "[" not in k)
+    names = kept + vendor
+    out = {}
+    for key in names[:MAX_SCANNER_PROPERTIES]:
+        value = str(props[key])
+        if len(value) > _MAX_PROPERTY_CHARS:
+            value = value[:_MAX_PROPERTY_CHARS] + f"... ({len(value)} characters)"
+        out[key] = value
+    return out, max(0, len(names) - MAX_SCANNER_PROPERTIES)
 
 
 def _rgba_over_white(rgba: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -156,6 +230,7 @@ class _OpenSlideReader:
         self.vendor = props.get("openslide.vendor", "unknown")
         self.mpp = _parse_mpp(props, "openslide")
         self.tile_sizes = _tile_sizes(props, "openslide", len(self.level_dimensions))
+        self.record = _record_from_description(props.get("tiff.ImageDescription"))
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         import openslide
@@ -196,6 +271,7 @@ class _TiffSlideReader:
         self.vendor = str(props.get("tiffslide.vendor") or "generic-tiff")
         self.mpp = _parse_mpp(self.properties, "tiffslide")
         self.tile_sizes = _tile_sizes(self.properties, "tiffslide", len(self.level_dimensions))
+        self.record = _record_from_description(self.properties.get("tiff.ImageDescription"))
         self._check_pixels(path)
         self._fd = os.open(path, os.O_RDONLY)  # os.pread on it is thread-safe, no lock needed
         self._verified: set[tuple[int, int]] = set()
@@ -333,6 +409,7 @@ class _ImageReader:
         self.properties: Mapping[str, str] = {"wsi_norm.image-mode": mode}
         self.mpp: tuple[float, float] | None = None
         self.tile_sizes: tuple[tuple[int, int] | None, ...] = (None,)
+        self.record: Mapping[str, Any] | None = None
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         h, w = self._rgb.shape[:2]
@@ -344,6 +421,269 @@ class _ImageReader:
 
     def close(self) -> None:
         pass
+
+
+# ---------------------------------------------------------------- OME-Zarr (NGFF 0.4 / 0.5)
+MAX_NGFF_METADATA_BYTES = 16 << 20
+"""Largest zarr metadata document (``zarr.json``, ``.zattrs``) read when opening an OME-Zarr image."""
+MAX_NGFF_LEVELS = 64
+"""Most multiscale levels (datasets) an OME-Zarr image may list."""
+#: NGFF (UDUNITS) length units and their size in micrometres: the scale of x and y gives MPP.
+_LENGTH_UNITS_UM = {
+    "micrometer": 1.0, "micron": 1.0, "nanometer": 1e-3, "angstrom": 1e-4,
+    "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6,
+}
+
+
+def _read_zarr_document(path: Path) -> dict[str, Any]:
+    """One zarr metadata JSON document, read with a size bound; SlideOpenError names the file."""
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_NGFF_METADATA_BYTES + 1)
+    except OSError as exc:
+        raise SlideOpenError(f"{path}: cannot read zarr metadata: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_NGFF_METADATA_BYTES:
+        raise SlideOpenError(
+            f"{path}: zarr metadata larger than {MAX_NGFF_METADATA_BYTES:,} bytes, the most read"
+        )
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise SlideOpenError(f"{path}: zarr metadata is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise SlideOpenError(f"{path}: zarr metadata is not a JSON object")
+    return doc
+
+
+def _zarr_group_attributes(path: Path) -> dict[str, Any] | None:
+    """The attributes of the zarr group at ``path`` (v3 ``zarr.json`` or v2 ``.zattrs``), or None
+    when ``path`` holds no zarr group metadata at all."""
+    if (path / "zarr.json").is_file():
+        doc = _read_zarr_document(path / "zarr.json")
+        if doc.get("node_type") != "group":
+            raise UnsupportedFormatError(
+                f"{path}: a zarr {doc.get('node_type') or 'node'}, not a group; an OME-Zarr image "
+                "is a group with NGFF multiscales metadata"
+            )
+        attrs = doc.get("attributes", {})
+    elif (path / ".zattrs").is_file():
+        attrs = _read_zarr_document(path / ".zattrs")
+    elif (path / ".zgroup").is_file():
+        attrs = {}
+    else:
+        return None
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def _ngff_image(path: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """``(image_folder, attributes, multiscale)`` of the NGFF image at ``path``.
+
+    Reads NGFF 0.5 (attributes under ``"ome"``) and 0.4 (at the root); a bioformats2raw
+    container is followed to its first image (``0/``).  Only the first multiscale is read.
+    """
+    attrs = _zarr_group_attributes(path)
+    if attrs is None:
+        raise SlideOpenError(
+            f"{path}: is a directory but not an OME-Zarr image (no zarr.json, .zattrs or .zgroup); "
+            "a slide is a file, or an NGFF (OME-Zarr) image folder"
+        )
+    nested = attrs.get("ome")
+    ome: dict[str, Any] = nested if isinstance(nested, dict) else attrs
+    if "multiscales" not in ome and "bioformats2raw.layout" in ome and (path / "0").is_dir():
+        return _ngff_image(path / "0")
+    for kind in ("plate", "well"):
+        if kind in ome:
+            raise UnsupportedFormatError(
+                f"{path}: an NGFF {kind}, not an image; open one of its images' folders instead"
+            )
+    multiscales = ome.get("multiscales")
+    if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
+        raise UnsupportedFormatError(
+            f"{path}: a zarr group without NGFF 'multiscales' metadata: not an OME-Zarr image"
+        )
+    return path, attrs, multiscales[0]
+
+
+def _ngff_axes(path: Path, multiscale: Mapping[str, Any], ndim: int) -> list[dict[str, Any]]:
+    """The multiscale's axes as ``{"name", "type", "unit"}`` dicts (NGFF 0.3 lists names only;
+    NGFF 0.1/0.2 have no axes and mean t, c, z, y, x)."""
+    axes = multiscale.get("axes")
+    if axes is None and ndim == 5:
+        axes = ["t", "c", "z", "y", "x"]
+    if not isinstance(axes, list) or len(axes) != ndim:
+        raise UnsupportedFormatError(
+            f"{path}: NGFF axes {axes!r} do not match the {ndim} dimensions of level 0"
+        )
+    out = []
+    for axis in axes:
+        entry = {"name": axis} if isinstance(axis, str) else axis
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise UnsupportedFormatError(f"{path}: NGFF axis {axis!r} has no name")
+        out.append({"name": entry["name"].lower(), "type": entry.get("type"), "unit": entry.get("unit")})
+    return out
+
+
+def _ngff_scale(transforms: Any, ndim: int) -> list[float] | None:
+    """The product of the ``scale`` transformations in an NGFF list, or None when there is none."""
+    if not isinstance(transforms, list):
+        return None
+    scale: list[float] | None = None
+    for t in transforms:
+        values = t.get("scale") if isinstance(t, dict) and t.get("type") == "scale" else None
+        if isinstance(values, list) and len(values) == ndim:
+            try:
+                factors = [float(v) for v in values]
+            except (TypeError, ValueError):
+                return None
+            scale = factors if scale is None else [a * b for a, b in zip(scale, factors, strict=True)]
+    return scale
+
+
+class _OmeZarrReader:
+    """An NGFF (OME-Zarr 0.4 on zarr v2, 0.5 on zarr v3) multiscale RGB uint8 image.
+
+    Axes may be ``(c, y, x)``, ``(y, x, c)`` or ``(t, c, z, y, x)``: ``y`` and ``x`` are the
+    image, a channel axis of 3 (RGB) or 4 (RGBA, alpha dropped) is the colour, any other axis
+    must have length 1.  Levels are the multiscale's datasets, largest first; each read
+    fetches only the zarr chunks under the region (never a whole level).
+    """
+
+    def __init__(self, path: Path) -> None:
+        import zarr
+
+        self._path = path
+        image, attrs, multiscale = _ngff_image(path)
+        datasets = multiscale.get("datasets")
+        if not isinstance(datasets, list) or not datasets:
+            raise UnsupportedFormatError(f"{path}: NGFF multiscales list no datasets (levels)")
+        if len(datasets) > MAX_NGFF_LEVELS:
+            raise UnsupportedFormatError(
+                f"{path}: {len(datasets)} NGFF datasets, more than the {MAX_NGFF_LEVELS} levels read"
+            )
+        self._arrays: list[Any] = []
+        for k, ds in enumerate(datasets):
+            sub = ds.get("path") if isinstance(ds, dict) else None
+            if not isinstance(sub, str) or not sub or ".." in Path(sub).parts or Path(sub).is_absolute():
+                raise UnsupportedFormatError(f"{path}: NGFF dataset {k} has no usable path ({sub!r})")
+            for name in ("zarr.json", ".zarray"):
+                meta = image / sub / name
+                if meta.is_file() and meta.stat().st_size > MAX_NGFF_METADATA_BYTES:
+                    raise SlideOpenError(
+                        f"{meta}: zarr metadata larger than {MAX_NGFF_METADATA_BYTES:,} bytes, the most read"
+                    )
+            try:
+                self._arrays.append(zarr.open_array(image / sub, mode="r"))
+            except Exception as exc:  # zarr raises many types for a missing or broken array
+                raise SlideOpenError(
+                    f"{path}: cannot open level {k} (zarr array {sub!r}): {type(exc).__name__}: {exc}"
+                ) from exc
+        first = self._arrays[0]
+        axes = _ngff_axes(path, multiscale, first.ndim)
+        names = [a["name"] for a in axes]
+        channel = [i for i, a in enumerate(axes) if a["type"] == "channel" or a["name"] == "c"]
+        if "y" not in names or "x" not in names or len(channel) != 1 or len(set(names)) != len(names):
+            raise UnsupportedFormatError(
+                f"{path}: NGFF axes {','.join(names)}: wsi-norm reads y, x and one channel axis (RGB)"
+            )
+        self._yx_c = (names.index("y"), names.index("x"), channel[0])
+        dims: list[tuple[int, int]] = []
+        for k, arr in enumerate(self._arrays):
+            shape = tuple(int(n) for n in arr.shape)
+            where = f"{path}: level {k} (array {datasets[k]['path']!r})"
+            if arr.dtype != np.uint8:
+                raise UnsupportedFormatError(f"{where}: {arr.dtype} pixels; wsi-norm reads 8-bit RGB")
+            if len(shape) != len(names):
+                raise UnsupportedFormatError(f"{where}: {len(shape)} dimensions, the axes name {len(names)}")
+            if shape[channel[0]] not in (3, 4):
+                raise UnsupportedFormatError(
+                    f"{where}: {shape[channel[0]]} channel(s); wsi-norm reads RGB (3) or RGBA (4)"
+                )
+            extra = {n: s for i, (n, s) in enumerate(zip(names, shape, strict=True))
+                     if i not in self._yx_c and s != 1}
+            if extra:
+                raise UnsupportedFormatError(
+                    f"{where}: axes {', '.join(f'{n}={s}' for n, s in extra.items())} are not "
+                    "single; wsi-norm reads one 2-D RGB image"
+                )
+            chunk_px = int(arr.chunks[self._yx_c[0]]) * int(arr.chunks[self._yx_c[1]])
+            if chunk_px > MAX_UNTILED_PIXELS:
+                raise UnsupportedFormatError(
+                    f"{where}: chunks of {arr.chunks[self._yx_c[1]]} x {arr.chunks[self._yx_c[0]]} px "
+                    f"({chunk_px:,} pixels) are over the limit of {MAX_UNTILED_PIXELS:,} pixels a "
+                    "region read may decode; rechunk the image"
+                )
+            h, w = shape[self._yx_c[0]], shape[self._yx_c[1]]
+            if h <= 0 or w <= 0 or (dims and (w > dims[-1][0] or h > dims[-1][1])):
+                raise UnsupportedFormatError(
+                    f"{where}: {w} x {h} px; NGFF levels must be non-empty and shrink level by level"
+                )
+            dims.append((w, h))
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(dims)
+        w0, h0 = dims[0]
+        # as OpenSlide computes it: the mean of the width and height ratios
+        self.level_downsamples: tuple[float, ...] = tuple((w0 / w + h0 / h) / 2 for w, h in dims)
+        self.tile_sizes: tuple[tuple[int, int] | None, ...] = tuple(
+            (int(a.chunks[self._yx_c[1]]), int(a.chunks[self._yx_c[0]])) for a in self._arrays
+        )
+        self.mpp = self._mpp(multiscale, datasets[0], axes)
+        self.vendor = "ome-zarr"
+        version = (attrs.get("ome") or {}).get("version") if isinstance(attrs.get("ome"), dict) else None
+        props = {
+            "ngff.version": str(version or multiscale.get("version") or "unknown"),
+            "ngff.axes": ",".join(names),
+            "ngff.name": str(multiscale.get("name", "")),
+            "ngff.zarr-format": str(first.metadata.zarr_format),
+            "ngff.image-path": str(image.relative_to(path)) if image != path else ".",
+        }
+        for k, ds in enumerate(datasets):
+            props[f"ngff.level[{k}].path"] = str(ds["path"])
+        record = attrs.get(_RECORD_KEY)
+        self.record: Mapping[str, Any] | None = record if isinstance(record, dict) else None
+        self.properties: Mapping[str, str] = props
+
+    def _mpp(self, multiscale: Mapping[str, Any], dataset: Mapping[str, Any],
+             axes: list[dict[str, Any]]) -> tuple[float, float] | None:
+        """Level-0 pixel size from the dataset's (and the multiscale's) scale, in micrometres."""
+        n = len(axes)
+        scale = _ngff_scale(dataset.get("coordinateTransformations"), n)
+        outer = _ngff_scale(multiscale.get("coordinateTransformations"), n)
+        if scale is None:
+            return None
+        if outer is not None:
+            scale = [a * b for a, b in zip(scale, outer, strict=True)]
+        y, x, _ = self._yx_c
+        units = [_LENGTH_UNITS_UM.get(str(axes[i]["unit"]).lower()) for i in (x, y)]
+        if units[0] is None or units[1] is None:
+            return None  # pixels without a physical unit (or an unknown one)
+        mpp = (scale[x] * units[0], scale[y] * units[1])
+        return mpp if all(math.isfinite(v) and v > 0 for v in mpp) else None
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
+        w, h = self.level_dimensions[level]
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, w), min(y + height, h)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        iy, ix, ic = self._yx_c
+        arr = self._arrays[level]
+        index: list[Any] = [0] * arr.ndim
+        index[iy], index[ix], index[ic] = slice(y0, y1), slice(x0, x1), slice(0, 3)
+        try:
+            region = np.asarray(arr[tuple(index)])
+        except Exception as exc:  # codec and store errors of any type
+            raise SlideReadError(
+                f"{self._path}: cannot read level {level} region x={x} y={y} "
+                f"{width}x{height}: {type(exc).__name__}: {exc}"
+            ) from exc
+        order = sorted((iy, ix, ic))  # the axes left after integer indexing, in file order
+        region = np.moveaxis(region, [order.index(iy), order.index(ix), order.index(ic)], [0, 1, 2])
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = region
+        return out
+
+    def close(self) -> None:
+        self._arrays = []
 
 
 def _read_plain_image(path: Path) -> tuple[NDArray[np.uint8], str]:
@@ -558,8 +898,18 @@ _HANDLES_LOCK = threading.RLock()  # re-entrant: __del__ may run during a GC ins
 
 
 def _handle_key(path: Path, backend: Backend, mpp: tuple[float, float] | None) -> _HandleKey:
-    stat = path.stat()
+    stat = _version_stat(path)
     return (backend, str(path), mpp, stat.st_size, stat.st_mtime_ns)
+
+
+def _version_stat(path: Path) -> os.stat_result:
+    """The stat that changes when ``path`` is replaced: the file's own, or for a zarr folder its
+    root metadata document's (an output is replaced whole, by rename, so that is new too)."""
+    if path.is_dir():
+        for name in ("zarr.json", ".zattrs", ".zgroup"):
+            if (path / name).is_file():
+                return (path / name).stat()
+    return path.stat()
 
 
 def _acquire_reader(key: _HandleKey, path: Path, backend: Backend) -> _Reader:
@@ -571,6 +921,8 @@ def _acquire_reader(key: _HandleKey, path: Path, backend: Backend) -> _Reader:
                 reader = _OpenSlideReader(path)
             elif backend == "tiffslide":
                 reader = _TiffSlideReader(path)
+            elif backend == "ome-zarr":
+                reader = _OmeZarrReader(path)
             else:
                 reader = _ImageReader(path, None)
             entry = (reader, 0)
@@ -633,8 +985,8 @@ class Slide:
     Attributes
     ----------
     path : Path
-        The file.
-    backend : {"openslide", "tiffslide", "image"}
+        The file, or the OME-Zarr folder.
+    backend : {"openslide", "tiffslide", "image", "ome-zarr"}
         The reader in use.
     """
 
@@ -714,6 +1066,60 @@ class Slide:
         """All metadata properties the backend exposes, as strings."""
         return dict(self._reader.properties)
 
+    @property
+    def provenance(self) -> dict[str, Any] | None:
+        """The provenance record of a wsi-norm output (its TIFF ImageDescription or OME-Zarr
+        ``wsi_norm`` attribute), or None for any other slide."""
+        record = self._reader.record
+        return None if record is None else dict(record)
+
+    @property
+    def objective_power(self) -> float | None:
+        """Objective magnification the slide was scanned at (20.0 for 20x), or None when unknown.
+
+        Read from ``openslide.objective-power``, ``tiffslide.objective-power`` or
+        ``aperio.AppMag``; for a wsi-norm output, the one recorded of its source.
+        """
+        recorded = self._recorded_scanner()
+        if recorded is None:
+            return _objective_power(self._reader.properties)
+        value = recorded.get("objective_power")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+    def _recorded_scanner(self) -> Mapping[str, Any] | None:
+        record = self._reader.record
+        source = record.get("source") if record is not None else None
+        scanner = source.get("scanner") if isinstance(source, Mapping) else None
+        return scanner if isinstance(scanner, Mapping) else None
+
+    def scanner_metadata(self) -> dict[str, Any]:
+        """What the slide's scanner recorded, bounded, for provenance.
+
+        Returns
+        -------
+        dict
+            ``{"vendor", "objective_power", "mpp", "properties", "properties_left_out"}``:
+            the format vendor, the objective power (float or None), the file's level-0 MPP
+            ``[x, y]`` (or None; not an ``mpp`` override), and at most
+            :data:`MAX_SCANNER_PROPERTIES` properties: ``openslide.``/``tiffslide.`` vendor,
+            objective power and MPP, ``tiff.Make``/``Model``/``Software``/``DateTime``, then
+            the vendor's own (``aperio.*``, ``hamamatsu.*``, ...) by name; values longer than
+            512 characters are cut. For a wsi-norm output, the metadata recorded of the slide
+            it was made from (so it survives a chain of runs); ``{"from_record": True}`` says so.
+        """
+        recorded = self._recorded_scanner()
+        if recorded is not None:
+            return {**dict(recorded), "from_record": True}
+        props, left_out = _scanner_properties(self._reader.properties)
+        mpp = self._reader.mpp
+        return {
+            "vendor": self.vendor,
+            "objective_power": _objective_power(self._reader.properties),
+            "mpp": None if mpp is None else [mpp[0], mpp[1]],
+            "properties": props,
+            "properties_left_out": left_out,
+        }
+
     def tile_size(self, level: int = 0) -> tuple[int, int] | None:
         """The file's own tile size ``(width, height)`` at ``level``, or None if untiled."""
         self._check_level(level)
@@ -738,12 +1144,19 @@ class Slide:
         restored is not detected.  ``header_sha256`` (the first MiB alone) stays for
         records that compare copies of a file (a copy has another mtime).
 
+        A folder (OME-Zarr) is identified by its files: total size, latest mtime, a hash of
+        its root metadata document (``header_sha256``) and a sampled hash over the listing
+        of every file (relative path and size), every zarr metadata document and the first
+        64 KiB of up to :data:`_SAMPLE_BLOCKS` evenly spaced chunk files.
+
         Returns
         -------
         dict
             ``{"name", "path", "size_bytes", "mtime_ns", "header_sha256", "header_bytes",
             "sampled_sha256", "sample"}``.
         """
+        if self.path.is_dir():
+            return _folder_identity(self.path)
         st = self.path.stat()
         size = st.st_size
         header = hashlib.sha256()
@@ -829,7 +1242,7 @@ class Slide:
 
         self._check_level(level)
         chunks = (*self.chunk_shape(level, chunk_px=chunk_px), 3)
-        stat = self.path.stat()
+        stat = _version_stat(self.path)
         token = tokenize(str(self.path), stat.st_size, stat.st_mtime_ns, self.backend, level, chunks)
         # dask.array.from_array is unannotated (returns Any)
         return da.from_array(  # type: ignore[no-untyped-call,no-any-return]
@@ -883,10 +1296,11 @@ def open_slide(
     Parameters
     ----------
     path : path-like
-        The file.
-    backend : {"openslide", "tiffslide", "image"}, optional
+        The file, or an OME-Zarr (NGFF image) folder.
+    backend : {"openslide", "tiffslide", "image", "ome-zarr"}, optional
         Reader to use. Default: OpenSlide for every file it recognises, tiffslide for other
-        tiled TIFFs, the in-memory image reader for PNG/JPEG and untiled TIFFs.
+        tiled TIFFs, the in-memory image reader for PNG/JPEG and untiled TIFFs, ``ome-zarr``
+        for a folder.
     mpp : float or (float, float), optional
         Microns per pixel ``(x, y)`` to use instead of what the file says (or for an image
         that records none).
@@ -898,7 +1312,7 @@ def open_slide(
     Raises
     ------
     SlideOpenError
-        The file is missing or no backend can open it.
+        The file is missing or no backend can open it, or a folder is not an NGFF image.
     UnsupportedFormatError
         It opens but is not 8-bit RGB, or the chosen backend does not read this format.
 
@@ -909,7 +1323,18 @@ def open_slide(
     (960, 960, 3)
     """
     p = Path(path)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if _is_folder(p):
+        if backend not in (None, "ome-zarr"):
+            raise SlideOpenError(
+                f"{p}: is a directory; backend {backend!r} reads files (only 'ome-zarr' reads a folder)"
+            )
+        log.debug("opening %s with ome-zarr", p)
+        return Slide(p, "ome-zarr", mpp=mpp)
     _check_regular_file(p)
+    if backend == "ome-zarr":
+        raise UnsupportedFormatError(f"{p}: is a file; the 'ome-zarr' backend reads an NGFF image folder")
     if _starts_like_tiff(p):
         hint = _tiff_damage_hint(p)
         if hint:
@@ -919,13 +1344,59 @@ def open_slide(
             raise SlideOpenError(f"{p}: {problem}")
     if backend is None:
         backend = _choose_backend(p)
-    elif backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     elif backend == "tiffslide" and not _is_tiled_tiff(p):
         if p.suffix.lower() not in _TIFF_SUFFIXES:
             raise UnsupportedFormatError(f"{p}: tiffslide reads TIFF-family files only")
     log.debug("opening %s with %s", p, backend)
     return Slide(p, backend, mpp=mpp)
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False  # _check_regular_file says why
+
+
+def _folder_identity(path: Path) -> dict[str, Any]:
+    """:meth:`Slide.identity` of a folder (an OME-Zarr image): see there."""
+    files: list[tuple[str, int, int]] = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            st = os.stat(full, follow_symlinks=False)
+            if S_ISREG(st.st_mode):
+                files.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    metadata_names = {"zarr.json", ".zattrs", ".zarray", ".zgroup"}
+    meta = [f for f in files if os.path.basename(f[0]) in metadata_names]
+    chunks = [f for f in files if os.path.basename(f[0]) not in metadata_names]
+    step = max(1, math.ceil(len(chunks) / _SAMPLE_BLOCKS))
+    picked = chunks[::step]
+    if chunks and picked[-1] != chunks[-1]:
+        picked.append(chunks[-1])
+    sampled = hashlib.sha256()
+    for rel, size, _ in files:
+        sampled.update(f"{rel}\0{size}\n".encode())
+    for rel, _, _ in meta:
+        with open(path / rel, "rb") as fh:
+            sampled.update(fh.read(MAX_NGFF_METADATA_BYTES))
+    for rel, _, _ in picked:
+        with open(path / rel, "rb") as fh:
+            sampled.update(fh.read(_SAMPLE_BLOCK_BYTES))
+    root_doc = next((path / n for n in ("zarr.json", ".zattrs", ".zgroup") if (path / n).is_file()), None)
+    head = b"" if root_doc is None else root_doc.read_bytes()[:_HEADER_HASH_BYTES]
+    return {
+        "name": path.name,
+        "path": str(path),
+        "size_bytes": sum(f[1] for f in files),
+        "mtime_ns": max((f[2] for f in files), default=path.stat().st_mtime_ns),
+        "header_sha256": hashlib.sha256(head).hexdigest(),
+        "header_bytes": len(head),
+        "sampled_sha256": sampled.hexdigest(),
+        "sample": f"folder: listing of {len(files)} files, {len(meta)} zarr metadata documents, "
+        f"first {_SAMPLE_BLOCK_BYTES >> 10} KiB of {len(picked)} chunk files",
+    }
 
 
 def _check_regular_file(path: Path) -> None:
@@ -938,7 +1409,7 @@ def _check_regular_file(path: Path) -> None:
     except OSError as exc:
         raise SlideOpenError(f"{path}: cannot stat it: {exc.strerror or exc}") from exc
     if S_ISDIR(mode):
-        raise SlideOpenError(f"{path}: is a directory, not a slide file")
+        raise SlideOpenError(f"{path}: is a directory, not a slide file or an OME-Zarr image")
     if not S_ISREG(mode):
         kind = (
             "a FIFO (named pipe)" if S_ISFIFO(mode)

@@ -48,6 +48,7 @@ __all__ = [
     "fit_reinhard",
     "fit_stats",
     "fit_vahadane",
+    "method_params",
     "stats_from_dict",
     "stats_type",
 ]
@@ -63,16 +64,34 @@ class MethodSpec:
     stain_matrix: bool
     """True when the statistics are stain vectors (fitted in optical density against the white
     point, so the fit takes the slide's white point)."""
+    params: tuple[str, ...]
+    """The :class:`StainParams` fields the method's fit reads (``white_point`` for every method: the
+    pipeline measures or fixes the white point with it); what its templates record. ``device``
+    (where the work ran) is never recorded."""
+
+
+# The fields each fit reads (see fit_<method>): Vahadane starts from the strong Macenko variant,
+# so it reads that variant's knobs but not ``macenko_variant``.
+_MACENKO_PARAMS = ("white_point", "macenko_variant", "alpha", "beta", "edge_band", "edge_strong",
+                   "max_od", "max_conc_percentile", "min_pixels", "min_stain_angle_deg")
+_VAHADANE_PARAMS = ("white_point", "alpha", "beta", "edge_band", "edge_strong", "max_od",
+                    "l1_penalty", "debias", "max_conc_percentile", "min_pixels",
+                    "min_stain_angle_deg", "seed", "max_fit_pixels", "iterations")
+_PIXEL_STATS_PARAMS = ("white_point", "min_pixels")
 
 
 #: The registry: every other list of method names derives from it.
 REGISTRY: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("macenko", fit_macenko, aggregate_macenko, MacenkoStats, stain_matrix=True),
-        MethodSpec("vahadane", fit_vahadane, aggregate_vahadane, VahadaneStats, stain_matrix=True),
-        MethodSpec("reinhard", fit_reinhard, aggregate_reinhard, ReinhardStats, stain_matrix=False),
-        MethodSpec("histmatch", fit_histmatch, aggregate_histmatch, HistMatchStats, stain_matrix=False),
+        MethodSpec("macenko", fit_macenko, aggregate_macenko, MacenkoStats, stain_matrix=True,
+                   params=_MACENKO_PARAMS),
+        MethodSpec("vahadane", fit_vahadane, aggregate_vahadane, VahadaneStats, stain_matrix=True,
+                   params=_VAHADANE_PARAMS),
+        MethodSpec("reinhard", fit_reinhard, aggregate_reinhard, ReinhardStats, stain_matrix=False,
+                   params=_PIXEL_STATS_PARAMS),
+        MethodSpec("histmatch", fit_histmatch, aggregate_histmatch, HistMatchStats,
+                   stain_matrix=False, params=_PIXEL_STATS_PARAMS),
     )
 }
 METHODS = tuple(REGISTRY)
@@ -100,6 +119,14 @@ def default_params(method: str) -> StainParams:
     """Default parameters of a method (one :class:`StainParams` serves all methods)."""
     check_method(method, allow_none=True)
     return StainParams()
+
+
+def method_params(method: str, params: StainParams | None = None) -> dict[str, Any]:
+    """The fields of ``params`` (default :class:`StainParams`) that ``method`` reads, as plain JSON
+    values: what a template of that method records (:attr:`MethodSpec.params`)."""
+    check_method(method)
+    values = (params or StainParams()).to_dict()
+    return {name: values[name] for name in REGISTRY[method].params}
 
 
 def fit_stats(

@@ -16,14 +16,25 @@ Schema (``SCHEMA_VERSION = 2``), one JSON object::
                       "n_pixels": 51234},
       "reference": {"lab_mean": [L, a, b],   # what the QC gate compares a normalized slide with:
                     "stain_matrix": [[...], [...]]},  # tissue Lab mean, Macenko stain vectors
-      "params": {...},                       # StainParams used for the fit
-      "slides": [{"name": ..., ...}, ...],   # the slide(s) the template was fitted from
+      "params": {...},                       # the StainParams fields this method reads (see below)
+      "slides": [{"name": "a.svs",           # the slide(s) the template was fitted from: file
+                  "size_bytes": 1234,        #   name (never a path), size, the sampled and
+                  "sampled_sha256": "...",   #   first-MiB SHA-256 of Slide.identity(), and
+                  "header_sha256": "...",    #   the level-0 MPP [x, y] it was read with
+                  "mpp": [0.5, 0.5]}, ...],
       "n_pixels": 1000000,                   # tissue pixels sampled (total over slides)
       "seed": 0,                             # sampling seed
       "aggregation": null,                   # null for one slide, else e.g. "median"
       "wsi_norm_version": "0.2.0",
       "created": "2026-11-29T12:00:00+00:00" # ISO 8601, UTC
     }
+
+``params`` holds only the fields the method's fit reads
+(:attr:`wsi_norm.stain.MethodSpec.params`: Macenko its variant, percentiles and thresholds;
+Vahadane its sparse-coding knobs, seed and the Macenko start's thresholds; Reinhard and histogram
+matching ``white_point`` and ``min_pixels``), so a template does not carry another method's
+settings. Templates written before this rule (every StainParams field, slides with their
+``path``) still load, and keep what they recorded.
 
 Schema 1 (wsi-norm 0.1) files still load: they have no white point, and their stain vectors
 were fitted with ``Io = 240`` in ``-log((I + 1) / Io)``, i.e. white point 239 in every channel;
@@ -50,7 +61,7 @@ from typing import Any
 
 from wsi_norm.color import TEXTBOOK_WHITE
 from wsi_norm.errors import TemplateError
-from wsi_norm.stain import METHODS, stats_from_dict
+from wsi_norm.stain import METHODS, method_params, stats_from_dict
 from wsi_norm.stain.qc import ColourReference
 from wsi_norm.tissue.whitepoint import WhitePoint
 
@@ -60,6 +71,7 @@ __all__ = [
     "Template",
     "load_template",
     "save_template",
+    "slide_entry",
     "utc_now",
     "wsi_norm_version",
 ]
@@ -69,6 +81,9 @@ MAX_TEMPLATE_BYTES = 16 << 20
 """Largest template file read (16 MiB; a template is a few KB, a cohort's slide list more)."""
 _MAX_INT_DIGITS = 30
 _READABLE_VERSIONS = (1, 2)
+#: What a template records of each slide (from :meth:`wsi_norm.slide.Slide.identity` and the MPP):
+#: content, not location.
+SLIDE_KEYS = ("name", "size_bytes", "sampled_sha256", "header_sha256", "mpp")
 _META_KEYS = ("schema_version", "method", "params", "slides", "n_pixels", "seed",
               "aggregation", "wsi_norm_version", "created", "white_point", "reference")
 
@@ -88,6 +103,15 @@ def wsi_norm_version() -> str:
         return "unknown"
 
 
+def slide_entry(identity: dict[str, Any]) -> dict[str, Any]:
+    """A template's record of one slide: the :data:`SLIDE_KEYS` of its identity (file name and
+    content hashes; no path, no modification time)."""
+    entry = {k: identity[k] for k in SLIDE_KEYS if k in identity}
+    if "name" in entry:
+        entry["name"] = Path(str(entry["name"])).name
+    return entry
+
+
 def utc_now() -> str:
     """Current UTC time as ISO 8601 with seconds."""
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -105,9 +129,10 @@ class Template:
         The target's glass intensity per channel: normalized slides are rendered into it.
     reference : ColourReference or None
         Tissue colour statistics of the target for the QC gate (None for schema-1 files).
-    params : dict
-        The StainParams used for the fit, as recorded (``StainParams.to_dict()``).
-    slides : list of dict, e.g. ``[{"name": "a.svs", "size_bytes": ..., "sha256": "..."}]``
+    params : dict or StainParams
+        The parameters of the fit; a StainParams is reduced to the fields ``method`` reads
+        (:func:`wsi_norm.stain.method_params`), a dict is kept as given (as read from a file).
+    slides : list of dict, e.g. ``[slide_entry(slide.identity())]`` (name, size, hashes)
     n_pixels : int, tissue pixels sampled
     seed : int, sampling seed
     wsi_norm_version : str
@@ -141,7 +166,10 @@ class Template:
             to_dict = getattr(self.params, "to_dict", None)
             if to_dict is None:
                 raise TypeError(f"params must be a dict or StainParams, got {type(self.params).__name__}")
-            object.__setattr__(self, "params", dict(to_dict()))
+            from wsi_norm.stain.base import StainParams
+
+            params = self.params if isinstance(self.params, StainParams) else StainParams.from_dict(to_dict())
+            object.__setattr__(self, "params", method_params(self.method, params))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see the module docstring), always in the current schema."""

@@ -10,7 +10,16 @@ software versions, the UTC creation time and the output's own description
 * TIFF: as the ImageDescription of the first IFD (level 0), the JSON text
   ``{"wsi_norm": <record>}`` (ASCII, non-ASCII characters escaped).
 
-:func:`read_provenance` returns the record from either.
+:func:`read_provenance` returns the record from either, and
+:attr:`wsi_norm.slide.Slide.provenance` from an output opened as a slide.
+
+Source metadata: :func:`wsi_norm.pipeline.normalize_slide` records the source's
+acquisition metadata in ``record["source"]``: ``mpp``, ``objective_power``, ``vendor``
+and ``scanner`` (:meth:`wsi_norm.slide.Slide.scanner_metadata`: vendor, objective power,
+MPP and at most 64 whitelisted scanner properties such as ``aperio.AppMag`` or
+``aperio.ScanScope ID``, each cut to 512 characters).  Besides the record, the MPP
+also sits where each format keeps it: the TIFF's XResolution/YResolution (pixels per
+centimetre) and the NGFF axes' ``micrometer`` unit with one ``scale`` per level.
 """
 
 from __future__ import annotations
