@@ -50,7 +50,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 import numpy as np
 from numpy.typing import NDArray
@@ -61,8 +61,16 @@ if TYPE_CHECKING:
     import dask.array as da
 
 __all__ = [
-    "Backend", "BACKENDS", "Slide", "open_slide", "DEFAULT_CHUNK_PX", "MAX_TIFF_PAGES",
-    "MAX_UNTILED_PIXELS", "MAX_NGFF_LEVELS", "MAX_NGFF_METADATA_BYTES", "MAX_SCANNER_PROPERTIES",
+    "BACKENDS",
+    "DEFAULT_CHUNK_PX",
+    "MAX_NGFF_LEVELS",
+    "MAX_NGFF_METADATA_BYTES",
+    "MAX_SCANNER_PROPERTIES",
+    "MAX_TIFF_PAGES",
+    "MAX_UNTILED_PIXELS",
+    "Backend",
+    "Slide",
+    "open_slide",
 ]
 
 log = logging.getLogger(__name__)
@@ -238,7 +246,7 @@ class _OpenSlideReader:
         ds = self.level_downsamples[level]
         try:
             region = self._slide.read_region(
-                (int(round(x * ds)), int(round(y * ds))), level, (width, height)
+                (round(x * ds), round(y * ds)), level, (width, height)
             )
         except openslide.OpenSlideError as exc:
             raise SlideReadError(
@@ -306,7 +314,7 @@ class _TiffSlideReader:
         ds = self.level_downsamples[level]
         try:
             region = self._slide.read_region(
-                (int(round(x * ds)), int(round(y * ds))), level, (width, height), as_array=True
+                (round(x * ds), round(y * ds)), level, (width, height), as_array=True
             )
         except Exception as exc:  # decoder and short-read errors of any type
             raise SlideReadError(
@@ -827,7 +835,7 @@ def _tiff_truncation(path: Path) -> str | None:
                         f"truncated: {missing} of {offsets.size} tiles/strips of TIFF directory "
                         f"{index} end beyond the file (need {end} bytes, file has {size})"
                     )
-    except Exception:  # not parseable as TIFF: the backends will say why
+    except Exception:  # noqa: BLE001 - not parseable as TIFF: the backends will say why
         return None
     return None
 
@@ -869,7 +877,7 @@ def _is_tiled_tiff(path: Path) -> bool:
     try:
         with tifffile.TiffFile(path) as tif:
             return _largest_tiled_series(tif) is not None
-    except Exception:  # not a TIFF, or a broken one: not ours to judge here
+    except Exception:  # noqa: BLE001 - not a TIFF, or a broken one: not ours to judge here
         return False
 
 
@@ -1011,7 +1019,7 @@ class Slide:
         w, h = self.dimensions
         return f"Slide({str(self.path)!r}, backend={self.backend!r}, {w}x{h}, levels={self.level_count})"
 
-    def __enter__(self) -> Slide:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1344,9 +1352,8 @@ def open_slide(
             raise SlideOpenError(f"{p}: {problem}")
     if backend is None:
         backend = _choose_backend(p)
-    elif backend == "tiffslide" and not _is_tiled_tiff(p):
-        if p.suffix.lower() not in _TIFF_SUFFIXES:
-            raise UnsupportedFormatError(f"{p}: tiffslide reads TIFF-family files only")
+    elif backend == "tiffslide" and not _is_tiled_tiff(p) and p.suffix.lower() not in _TIFF_SUFFIXES:
+        raise UnsupportedFormatError(f"{p}: tiffslide reads TIFF-family files only")
     log.debug("opening %s with %s", p, backend)
     return Slide(p, backend, mpp=mpp)
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
+from flows._common import state_rows
+
 if TYPE_CHECKING:
     # the flows return Any, so Flow.__call__(return_state=True) picks the async overload
     from prefect import State
@@ -181,7 +183,7 @@ def test_archive_flow_sends_a_slide_the_qc_gate_refuses_to_review(prefect_api: P
     manifest.write_text(textwrap.dedent(REVIEW), encoding="utf-8")
     state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     assert state.is_failed() and state.message == "0 of 2 slides failed, 1 need review", state.message
-    rows = {r["slide"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
+    rows = {r["slide"]: r for r in state_rows(state)}
     assert rows["a-1.tiff"]["outcome"] == "normalized"
     assert rows["dab.png"]["outcome"] == "needs review"
     assert "QC gate" in rows["dab.png"]["reason"] and "deg" in rows["dab.png"]["reason"], rows["dab.png"]
@@ -234,7 +236,7 @@ def test_harmonize_sites_brings_every_site_to_the_target(prefect_api: Path, tmp_
     state = cast("State[Any]", harmonize_sites(manifest=str(manifest), target="site-a", return_state=True))
     # one bad slide: reported, and every other slide and site still finishes
     assert state.is_failed() and "truncated.svs" in str(state.message), state.message
-    rows = {r["site"]: r for r in cast("list[dict[str, Any]]", state.result(raise_on_failure=False))}
+    rows = {r["site"]: r for r in state_rows(state)}
     assert (tmp_path / "out" / "site-c" / "c.ome.zarr").is_dir()
     for site in ("site-b", "site-c"):
         r = rows[site]
