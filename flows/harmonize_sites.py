@@ -47,7 +47,6 @@ from flows.manifest import Manifest, SlideEntry, load_manifest
 from wsi_norm.errors import QCError
 from wsi_norm.pipeline import FitOptions, template_from_fits
 from wsi_norm.runtime import return_freed_memory
-from wsi_norm.writers import WriterOptions
 
 __all__ = ["distance_rows", "harmonize_sites", "main", "measure_site"]
 
@@ -105,6 +104,7 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
             weights=manifest.weights,
             glass=glass,
             fit=FitOptions(n_pixels=m.fit.n_pixels, seed=m.fit.seed),
+            writer=manifest.writer(fmt),
         ):
             manifest.confine(out).parent.mkdir(parents=True, exist_ok=True)
             normalize_slide(
@@ -119,7 +119,7 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
                 glass=glass,
                 force=m.force,
                 fit=FitOptions(n_pixels=m.fit.n_pixels, seed=m.fit.seed),
-                writer=WriterOptions(fmt=fmt),
+                writer=manifest.writer(fmt),
             )
         done.append(str(out))
     return done
