@@ -49,7 +49,6 @@ from flows.manifest import Manifest, SlideEntry, load_manifest
 from wsi_norm.errors import QCError
 from wsi_norm.pipeline import FitOptions, Glass, template_from_fits
 from wsi_norm.runtime import return_freed_memory
-from wsi_norm.writers import WriterOptions
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import State
@@ -110,6 +109,7 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
             weights=manifest.weights,
             glass=glass,
             fit=FitOptions(n_pixels=m.fit.n_pixels, seed=m.fit.seed),
+            writer=manifest.writer(fmt),
         ):
             manifest.confine(out).parent.mkdir(parents=True, exist_ok=True)
             normalize_slide(
@@ -124,7 +124,7 @@ def normalize_to_target(entry: SlideEntry, manifest: Manifest, target: Any, sour
                 glass=glass,
                 force=m.force,
                 fit=FitOptions(n_pixels=m.fit.n_pixels, seed=m.fit.seed),
-                writer=WriterOptions(fmt=fmt),
+                writer=manifest.writer(fmt),
             )
         done.append(str(out))
     return done

@@ -35,6 +35,10 @@ Schema, version 1
     StainNet weights file (only for ``method: stainnet``).
 ``formats``
     Non-empty list of ``ome-zarr`` and/or ``tiff``.
+``zarr_codec``
+    OME-Zarr compression, lossless Blosc: ``lz4`` or ``zstd`` with an optional level 1..9
+    (``zstd:5``), as ``wsi-norm normalize --zarr-codec``; default: the writer's
+    (:data:`wsi_norm.writers.DEFAULT_ZARR_CODEC`).  A change makes existing outputs stale.
 ``fit``
     ``n_pixels`` (tissue pixels sampled slide-wide) and ``seed``.
 ``templates``, ``target``
@@ -86,12 +90,15 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wsi_norm.errors import ManifestError, OutputError
+
+if TYPE_CHECKING:
+    from wsi_norm.writers import WriterOptions
 
 __all__ = [
     "FORMAT_SUFFIXES",
@@ -196,6 +203,7 @@ class ManifestModel(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
     formats: list[OutputFormatName] = Field(default_factory=lambda: list[OutputFormatName](["ome-zarr"]), min_length=1)
+    zarr_codec: str | None = Field(default=None, description="OME-Zarr Blosc codec, e.g. 'zstd:5'; None: the writer's default")
     fit: FitSpec = Field(default_factory=FitSpec)
     templates: dict[str, TemplateSpec] = Field(default_factory=dict)
     target: str | None = None
@@ -207,6 +215,16 @@ class ManifestModel(_Strict):
     retries: int = Field(default=1, ge=0, le=20)
     retry_delay_s: float = Field(default=2.0, ge=0)
     slide_timeout_s: float = Field(default=4 * 3600.0, gt=0)
+
+    @field_validator("zarr_codec")
+    @classmethod
+    def _known_zarr_codec(cls, value: str | None) -> str | None:
+        """Checked (and written canonically, ``zstd`` -> ``zstd:5``) by the writers' own parser."""
+        if value is None:
+            return None
+        from wsi_norm.writers import parse_zarr_codec  # local: only when the key is given
+
+        return str(parse_zarr_codec(value))
 
 
 # --------------------------------------------------------------------------- resolved form
@@ -303,6 +321,18 @@ class Manifest:
     @property
     def sites(self) -> tuple[str, ...]:
         return tuple(self.model.sites)
+
+    def writer(self, fmt: str) -> WriterOptions:
+        """How an output of format ``fmt`` is stored: the manifest's ``zarr_codec`` (if given)
+        and the writer's defaults otherwise."""
+        # local: keeps this module importable without numpy
+        from wsi_norm.writers import WriterOptions
+
+        if fmt not in FORMAT_SUFFIXES:
+            raise ValueError(f"unknown output format {fmt!r}; use {', '.join(FORMAT_SUFFIXES)}")
+        if self.model.zarr_codec is None:
+            return WriterOptions(fmt=cast(OutputFormatName, fmt))
+        return WriterOptions(fmt=cast(OutputFormatName, fmt), zarr_codec=self.model.zarr_codec)
 
     def site_slides(self, site: str) -> tuple[SlideEntry, ...]:
         """The slides of one site, in manifest order."""

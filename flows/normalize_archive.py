@@ -66,7 +66,6 @@ from wsi_norm.errors import (
 )
 from wsi_norm.pipeline import FitOptions
 from wsi_norm.runtime import return_freed_memory
-from wsi_norm.writers import WriterOptions
 
 __all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
 
@@ -154,7 +153,7 @@ def normalize_task(
         glass="keep" if manifest.model.keep_glass else "target",
         force=manifest.model.force,
         fit=FitOptions(n_pixels=manifest.model.fit.n_pixels, seed=manifest.model.fit.seed),
-        writer=WriterOptions(fmt=fmt),
+        writer=manifest.writer(fmt),
     )
     get_run_logger().info("%s: wrote %s", entry.source.name, out)
     return result
@@ -180,7 +179,7 @@ def _is_current(entry: SlideEntry, manifest: Manifest, target: Any) -> bool:
             weights=manifest.weights,
             glass="keep" if manifest.model.keep_glass else "target",
             fit=FitOptions(n_pixels=manifest.model.fit.n_pixels, seed=manifest.model.fit.seed),
-            writer=WriterOptions(fmt=fmt),
+            writer=manifest.writer(fmt),
         )
         for fmt, out in entry.outputs.items()
     ) and is_complete(manifest, entry)

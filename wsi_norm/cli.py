@@ -104,6 +104,20 @@ _QUALITY = _int_in(1, 100)
 _TILE_PX = _int_in(16, multiple_of=16)
 _MPP = _float_in(0.0, low_open=True)
 
+# WriterOptions' default, spelled here so that building the parser does not import the
+# writers (zarr, dask: ~1 s); tests/integration/test_zarr_codecs.py checks they agree.
+_ZARR_CODEC_DEFAULT = "lz4:5"
+
+
+def _zarr_codec(text: str) -> str:
+    """An argparse ``type``: an OME-Zarr codec (:func:`wsi_norm.writers.parse_zarr_codec`), canonical."""
+    from wsi_norm.writers import parse_zarr_codec  # only when a normalize command is parsed
+
+    try:
+        return str(parse_zarr_codec(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 def _add_slide_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -605,7 +619,8 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
             force=args.force,
             fit=FitOptions(n_pixels=args.n_pixels, seed=args.seed),
             writer=WriterOptions(tile_px=args.tile_px, quality=args.quality,
-                                 compression=args.compression, zarr_format=args.zarr_format),
+                                 compression=args.compression, zarr_format=args.zarr_format,
+                                 zarr_codec=args.zarr_codec),
         )
     t = result.timings
     print(f"{result.out}: {result.shape[1]}x{result.shape[0]} px, {args.method}, "
@@ -793,6 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TIFF tile compression (deflate is lossless)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
                    help="3: OME-NGFF 0.5 on zarr v3; 2: NGFF 0.4 on zarr v2 for older viewers")
+    p.add_argument("--zarr-codec", type=_zarr_codec, default=_ZARR_CODEC_DEFAULT, metavar="NAME[:LEVEL]",
+                   help="OME-Zarr compression, lossless Blosc: lz4 or zstd with a level 1-9 (e.g. zstd:5; "
+                   "higher is smaller and slower); no lossy codec (none that common viewers decode)")
     p.add_argument("--keep-glass", action="store_true",
                    help="keep the source's glass colour (blended smoothly over a band of luma) "
                    "instead of rendering glass in the target's white point")

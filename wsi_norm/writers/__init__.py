@@ -30,14 +30,17 @@ from numpy.typing import NDArray
 
 from ..errors import LevelError, OutputError
 from ..pyramid import pyramid_shapes
-from .ome_zarr import write_ome_zarr
+from .ome_zarr import DEFAULT_ZARR_CODEC, ZarrCodec, parse_zarr_codec, write_ome_zarr
 from .provenance import read_provenance, software_versions
 from .tiff import write_tiff
 
 __all__ = [
+    "DEFAULT_ZARR_CODEC",
     "OutputFormat",
     "WriterOptions",
+    "ZarrCodec",
     "infer_format",
+    "parse_zarr_codec",
     "pyramid_shapes",
     "read_level",
     "read_provenance",
@@ -46,6 +49,8 @@ __all__ = [
 ]
 
 OutputFormat = Literal["ome-zarr", "tiff"]
+
+_LEGACY_ZARR_CODEC = "lz4:5"  # the only OME-Zarr codec before WriterOptions.zarr_codec
 
 _SUFFIXES: tuple[tuple[str, OutputFormat], ...] = (
     (".zarr", "ome-zarr"),
@@ -70,11 +75,18 @@ class WriterOptions:
         TIFF tile compression (deflate is lossless).  OME-Zarr is always lossless.
     zarr_format : {3, 2}
         OME-Zarr on zarr v3 with NGFF 0.5, or zarr v2 with NGFF 0.4 for older viewers.
+    zarr_codec : str
+        OME-Zarr compression, lossless Blosc: ``"lz4:N"`` or ``"zstd:N"``, level N in 1..9
+        (a bare ``"lz4"`` / ``"zstd"`` is level 5); kept in canonical form (``"zstd:5"``).
+        Default :data:`DEFAULT_ZARR_CODEC`.  See :func:`parse_zarr_codec` for why there is
+        no lossy choice.
 
     Raises
     ------
     ValueError
         An option out of range, naming it.
+    TypeError
+        ``zarr_codec`` is not a string.
     """
 
     fmt: OutputFormat | None = None
@@ -82,6 +94,7 @@ class WriterOptions:
     quality: int = 90
     compression: Literal["jpeg", "deflate"] = "jpeg"
     zarr_format: Literal[2, 3] = 3
+    zarr_codec: str = DEFAULT_ZARR_CODEC
 
     def __post_init__(self) -> None:
         if self.fmt not in (None, "ome-zarr", "tiff"):
@@ -94,6 +107,11 @@ class WriterOptions:
             raise ValueError(f"compression must be 'jpeg' or 'deflate', got {self.compression!r}")
         if self.zarr_format not in (2, 3):
             raise ValueError(f"zarr_format must be 2 or 3, got {self.zarr_format!r}")
+        try:
+            codec = parse_zarr_codec(self.zarr_codec)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"zarr_codec: {exc}") from None
+        object.__setattr__(self, "zarr_codec", str(codec))  # canonical: "zstd" -> "zstd:5"
 
     def format_of(self, out: str | Path) -> OutputFormat:
         """The format ``out`` is written in: :attr:`fmt`, else from its suffix."""
@@ -101,10 +119,16 @@ class WriterOptions:
 
     def record(self, out: str | Path) -> dict[str, Any]:
         """The options that decide ``out``'s stored bytes (for fingerprints): the format and,
-        per format, only what it uses."""
+        per format, only what it uses.
+
+        The OME-Zarr codec is recorded only when it is not ``"lz4:5"``, the one codec of
+        outputs written before the option existed, so those stay current."""
         fmt = self.format_of(out)
         if fmt == "ome-zarr":
-            return {"format": fmt, "zarr_format": self.zarr_format}
+            rec_zarr: dict[str, Any] = {"format": fmt, "zarr_format": self.zarr_format}
+            if self.zarr_codec != _LEGACY_ZARR_CODEC:
+                rec_zarr["zarr_codec"] = self.zarr_codec
+            return rec_zarr
         rec: dict[str, Any] = {"format": fmt, "tile_px": self.tile_px, "compression": self.compression}
         if self.compression == "jpeg":
             rec["quality"] = self.quality
@@ -118,6 +142,7 @@ class WriterOptions:
             "quality": self.quality,
             "compression": self.compression,
             "zarr_format": self.zarr_format,
+            "zarr_codec": self.zarr_codec,
         }
 
 
@@ -154,6 +179,7 @@ def write_pyramid(
     quality: int = 90,
     compression: str = "jpeg",
     zarr_format: int = 3,
+    zarr_codec: str | ZarrCodec = DEFAULT_ZARR_CODEC,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write an RGB image and its 2x2-mean pyramid to OME-Zarr or pyramidal TIFF.
@@ -192,9 +218,12 @@ def write_pyramid(
         TIFF JPEG quality (1-100).
     compression : {"jpeg", "deflate"}, optional
         TIFF tile compression; deflate is lossless.  OME-Zarr is always
-        lossless (Blosc-LZ4).
+        lossless (``zarr_codec``).
     zarr_format : {3, 2}, optional
         OME-Zarr on zarr v3 with NGFF 0.5 (default), or zarr v2 with NGFF 0.4.
+    zarr_codec : str, optional
+        OME-Zarr Blosc compression, ``"lz4:N"`` or ``"zstd:N"`` (N in 1..9); default
+        :data:`DEFAULT_ZARR_CODEC`.  Checked for every format, used by OME-Zarr.
     progress : callable ``(done_chunks, total_chunks)``, optional
         Called from the calling thread as level-0 chunks complete.
 
@@ -234,6 +263,10 @@ def write_pyramid(
         raise ValueError(f"array is empty: shape {array.shape}")
     if mpp is not None and not (len(mpp) == 2 and all(float(v) > 0 for v in mpp)):
         raise ValueError(f"mpp must be two positive numbers (mpp_x, mpp_y) or None, got {mpp!r}")
+    try:
+        codec = parse_zarr_codec(zarr_codec)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"zarr_codec: {exc}") from None
     if fmt == "ome-zarr":
         return write_ome_zarr(
             array,
@@ -243,6 +276,7 @@ def write_pyramid(
             overwrite=overwrite,
             chunk_px=chunk_px,
             zarr_format=zarr_format,
+            zarr_codec=codec,
             progress=progress,
         )
     if fmt == "tiff":

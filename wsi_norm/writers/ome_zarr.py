@@ -17,11 +17,19 @@ so each shard is written completely in a single write (no read-modify-write),
 a slide has 12 times fewer files than with unsharded chunks, and memory is a
 few shards whatever the slide's size.  Lower levels are spilled to raw files
 beside the output (``OUT.levels.partial``) while level 0 streams, and written
-shard by shard at the end.  Compression
-is Blosc-LZ4 (lossless, clevel 5, no shuffle: uint8 has nothing to shuffle).
-On H&E chunks it encoded at ~1.1 GB/s with ratio 2.5 against zstd-3's
-~85 MB/s at ratio 2.9 (one thread, same chunks): zstd would have made the
-compressor, not the slide reader, the bottleneck of a normalisation run.
+shard by shard at the end.
+
+Compression
+-----------
+Lossless Blosc, chosen by ``zarr_codec`` (:func:`parse_zarr_codec`): ``"lz4:N"`` or
+``"zstd:N"`` with a level N in 1..9, no shuffle (uint8 has nothing to byte-shuffle).
+Blosc is the one compressor every common OME-Zarr reader decodes, on zarr v2 and v3
+(zarr-python / ome-zarr-py / napari, zarrita.js and numcodecs.js in vizarr / Viv,
+Neuroglancer, Bio-Formats).  There is no lossy choice: zarr has no standard image
+codec yet (a ``jpeg`` codec for zarr v3 was still a proposal in zarr-extensions in
+2026), and imagecodecs' numcodecs ``imagecodecs_jpeg`` is decoded only by Python
+readers that import imagecodecs and register it, not by web viewers or Bio-Formats.
+The default is :data:`DEFAULT_ZARR_CODEC`; see BENCHMARKS.md for the measurements.
 
 Resume
 ------
@@ -45,8 +53,9 @@ import os
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import dask.array as da
 import numpy as np
@@ -58,15 +67,106 @@ from ..pyramid import LevelStore, block_edges, iter_blocks, pyramid_shapes
 from .atomic import atomic_output, claim_output, partial_path, remove_path
 from .provenance import PROVENANCE_KEY, build_record
 
-__all__ = ["auto_chunk_px", "ngff_metadata", "write_ome_zarr"]
+__all__ = [
+    "DEFAULT_ZARR_CODEC",
+    "ZARR_CODEC_NAMES",
+    "ZarrCodec",
+    "auto_chunk_px",
+    "ngff_metadata",
+    "parse_zarr_codec",
+    "write_ome_zarr",
+]
 
 logger = logging.getLogger(__name__)
 
 _PROGRESS_FILE = "wsi_norm_progress.json"
 _SHARD_CHUNKS = 2  # shard side in chunks
-_BLOSC_CNAME: Final = "lz4"
-_BLOSC_CLEVEL: Final = 5
 _CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
+
+ZARR_CODEC_NAMES: Final = ("lz4", "zstd")
+"""Blosc compressors an OME-Zarr output may use (``zarr_codec`` is ``NAME`` or ``NAME:LEVEL``)."""
+
+_DEFAULT_LEVEL: Final = 5
+
+DEFAULT_ZARR_CODEC: Final = "lz4:5"
+"""The default OME-Zarr compression (chosen by ``bench/bench_zarr_codecs.py``, see BENCHMARKS.md)."""
+
+
+@dataclass(frozen=True)
+class ZarrCodec:
+    """A lossless Blosc compressor for OME-Zarr chunks.
+
+    Attributes
+    ----------
+    cname : {"lz4", "zstd"}
+        Blosc's inner compressor.
+    clevel : int
+        Compression level, 1 (fastest) to 9 (smallest).
+    """
+
+    cname: Literal["lz4", "zstd"]
+    clevel: int
+
+    def __post_init__(self) -> None:
+        if self.cname not in ZARR_CODEC_NAMES:
+            raise ValueError(f"zarr codec must be one of {', '.join(ZARR_CODEC_NAMES)}, got {self.cname!r}")
+        if not (isinstance(self.clevel, int) and not isinstance(self.clevel, bool) and 1 <= self.clevel <= 9):
+            raise ValueError(f"zarr codec level must be an integer in 1..9, got {self.clevel!r}")
+
+    def __str__(self) -> str:
+        return f"{self.cname}:{self.clevel}"
+
+    def v3(self) -> BloscCodec:
+        """The zarr v3 ``blosc`` codec."""
+        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle="noshuffle", typesize=1)
+
+    def v2(self) -> Any:
+        """The numcodecs ``Blosc`` compressor of a zarr v2 array."""
+        from numcodecs import Blosc
+
+        return Blosc(cname=self.cname, clevel=self.clevel, shuffle=Blosc.NOSHUFFLE)
+
+
+def parse_zarr_codec(value: str | ZarrCodec) -> ZarrCodec:
+    """Parse an OME-Zarr compression setting: ``"lz4"``, ``"zstd"``, ``"lz4:N"`` or ``"zstd:N"``.
+
+    Parameters
+    ----------
+    value : str or ZarrCodec
+        A Blosc compressor name (:data:`ZARR_CODEC_NAMES`), optionally with ``:LEVEL``,
+        1 (fastest) to 9 (smallest); a bare name takes level 5.  Case and surrounding
+        spaces are ignored.
+
+    Returns
+    -------
+    ZarrCodec
+
+    Raises
+    ------
+    ValueError
+        Not of that form; the message names the value and what is allowed.
+    TypeError
+        Not a string.
+
+    Examples
+    --------
+    >>> str(parse_zarr_codec("zstd:3")), str(parse_zarr_codec("LZ4"))
+    ('zstd:3', 'lz4:5')
+    """
+    if isinstance(value, ZarrCodec):
+        return value
+    allowed = "lz4 or zstd, optionally with a level 1..9 (e.g. 'zstd:5'); lossless Blosc, no lossy codec"
+    if not isinstance(value, str):
+        raise TypeError(f"zarr codec must be a string, {allowed}; got {value!r}")
+    name, sep, level_text = value.strip().lower().partition(":")
+    if name not in ZARR_CODEC_NAMES:
+        raise ValueError(f"unknown zarr codec {value!r}: use {allowed}")
+    level = _DEFAULT_LEVEL
+    if sep:
+        if not (level_text.isascii() and level_text.isdigit() and 1 <= int(level_text) <= 9):
+            raise ValueError(f"zarr codec {value!r}: the level must be an integer in 1..9")
+        level = int(level_text)
+    return ZarrCodec(cast(Literal["lz4", "zstd"], name), level)
 
 
 def ngff_metadata(
@@ -184,7 +284,7 @@ def _write_marker(partial: Path, fingerprint: str, rows: int) -> None:
 
 
 def _create_arrays(
-    group: Any, shapes: list[tuple[int, int]], *, chunk_px: int, zarr_format: int
+    group: Any, shapes: list[tuple[int, int]], *, chunk_px: int, zarr_format: int, codec: ZarrCodec
 ) -> list[Any]:
     arrays = []
     for k, (h, w) in enumerate(shapes):
@@ -196,18 +296,12 @@ def _create_arrays(
             ]
             kwargs = {
                 "shards": (3, *shard),
-                "compressors": BloscCodec(
-                    cname=_BLOSC_CNAME, clevel=_BLOSC_CLEVEL, shuffle="noshuffle", typesize=1
-                ),
+                "compressors": codec.v3(),
                 "dimension_names": ["c", "y", "x"],
             }
         else:
-            from numcodecs import Blosc
-
             kwargs = {
-                "compressors": Blosc(
-                    cname=_BLOSC_CNAME, clevel=_BLOSC_CLEVEL, shuffle=Blosc.NOSHUFFLE
-                ),
+                "compressors": codec.v2(),
                 "chunk_key_encoding": {"name": "v2", "separator": "/"},
             }
         arrays.append(
@@ -267,6 +361,7 @@ def write_ome_zarr(
     overwrite: bool = False,
     chunk_px: int | None = None,
     zarr_format: int = 3,
+    zarr_codec: str | ZarrCodec = DEFAULT_ZARR_CODEC,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write ``array`` and its pyramid to an OME-Zarr folder, atomically.
@@ -287,6 +382,9 @@ def write_ome_zarr(
         Chunk side in pixels; default :func:`auto_chunk_px`.
     zarr_format : {3, 2}
         3 writes NGFF 0.5 (sharded), 2 writes NGFF 0.4.
+    zarr_codec : str or ZarrCodec
+        Lossless Blosc compression, ``"lz4:N"`` or ``"zstd:N"`` (:func:`parse_zarr_codec`);
+        named in every array's metadata (``zarr.json`` / ``.zarray``).
     progress : callable ``(done_chunks, total_chunks)``, optional
         Called as level-0 chunks of ``array`` complete.
 
@@ -299,7 +397,10 @@ def write_ome_zarr(
     ------
     OutputExistsError, OutputError
         See :func:`wsi_norm.writers.atomic.atomic_output`.
+    ValueError
+        An invalid ``zarr_format``, ``chunk_px`` or ``zarr_codec``.
     """
+    codec = parse_zarr_codec(zarr_codec)
     if zarr_format not in (2, 3):
         raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format}")
     if chunk_px is None:
@@ -310,7 +411,7 @@ def write_ome_zarr(
     options = {
         "chunk_px": chunk_px,
         "zarr_format": zarr_format,
-        "compression": f"blosc-{_BLOSC_CNAME}-{_BLOSC_CLEVEL}",
+        "compression": f"blosc-{codec.cname}-{codec.clevel}",
     }
     if zarr_format == 3:
         options["shard_chunks"] = _SHARD_CHUNKS
@@ -334,6 +435,7 @@ def write_ome_zarr(
                     fingerprint=fingerprint,
                     chunk_px=chunk_px,
                     zarr_format=zarr_format,
+                    codec=codec,
                     edges=(row_edges, col_edges),
                     store_dir=store_dir,
                     progress=progress,
@@ -360,6 +462,7 @@ def _write_levels(
     fingerprint: str,
     chunk_px: int,
     zarr_format: int,
+    codec: ZarrCodec,
     edges: tuple[list[int], list[int]],
     store_dir: Path,
     progress: Callable[[int, int], None] | None,
@@ -376,7 +479,9 @@ def _write_levels(
             arrays: list[Any] = [group[str(k)] for k in range(len(shapes))]
         else:
             group = zarr.open_group(partial, mode="w", zarr_format=zarr_format)  # type: ignore[arg-type]
-            arrays = _create_arrays(group, shapes, chunk_px=chunk_px, zarr_format=zarr_format)
+            arrays = _create_arrays(
+                group, shapes, chunk_px=chunk_px, zarr_format=zarr_format, codec=codec
+            )
             _write_marker(partial, fingerprint, 0)
     level0 = arrays[0]
 
