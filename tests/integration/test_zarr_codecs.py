@@ -85,8 +85,8 @@ def test_stronger_codec_stores_fewer_bytes(tmp_path: Path, crop: np.ndarray) -> 
 def test_zstd_output_is_valid_ngff_for_ome_zarr_py_and_models(
     tmp_path: Path, crop: np.ndarray, zarr_format: int
 ) -> None:
-    from ome_zarr.io import parse_url  # type: ignore[import-untyped]
-    from ome_zarr.reader import Reader  # type: ignore[import-untyped]
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
 
     out = write_pyramid(crop, tmp_path / "z.ome.zarr", mpp=(0.5, 0.5), provenance={}, chunk_px=256,
                         zarr_format=zarr_format, zarr_codec="zstd:5")
