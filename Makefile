@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m flows.demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 	  || ( [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null ) \
 	  || echo "note: no chromium; the Prefect UI browser test needs Debian's chromium package"
