@@ -201,7 +201,7 @@ def publish_slide_qc(
         "",
         (f"- method **{manifest.method}**, template **{manifest.model.target or 'method default'}**; "
          f"QC gate: **{metrics['qc_gate']}**"),
-        f"- tissue (coarse mask, gray <= 200): {getattr(fit, 'tissue_fraction', float('nan')):.1%} of the slide",
+        f"- tissue: {getattr(fit, 'tissue_fraction', float('nan')):.1%} of the slide (gray <= 200, as `wsi-norm info`)",
         (f"- time: {seconds:.1f} s (fit + normalize + write; fit {timings.get('fit_s', float('nan')):.1f} s), "
          f"QC {metrics['qc_seconds']:.1f} s"),
         "- outputs: " + ", ".join(f"`{p}`" for p in entry.outputs.values()),

@@ -186,11 +186,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if record is not None:
         facts["provenance"] = record
     if not args.no_tissue:
-        with _cluster(args):
-            coarse = coarse_mask(slide)
-            stats = tissue_fraction(slide, coarse=coarse)
-        facts["tissue_fraction"] = stats.fraction
-        facts["tissue_chunks"] = [stats.chunks_read, stats.chunks_total]
+        coarse = coarse_mask(slide)
+        facts["tissue_fraction"] = coarse.fraction
+        if args.exact:
+            with _cluster(args):
+                stats = tissue_fraction(slide, coarse=coarse)
+            facts["tissue_fraction_level0"] = stats.fraction
+            facts["tissue_chunks"] = [stats.chunks_read, stats.chunks_total]
     if args.properties or args.json:
         facts["properties"] = slide.properties
     if args.json:
@@ -211,11 +213,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         tile_s = f"tiles {tile[0]}x{tile[1]}" if tile else "untiled"
         lines.append(f"  [{level}] {lw} x {lh}  downsample {ds:.4g}  {tile_s}")
     if "tissue_fraction" in facts:
+        lines.append(f"tissue     {facts['tissue_fraction']:.1%} of the slide (gray <= 200 on the coarse view)")
+    if "tissue_fraction_level0" in facts:
         read, total = facts["tissue_chunks"]
-        lines.append(
-            f"tissue     {facts['tissue_fraction']:.1%} of pixels (gray <= 200; "
-            f"{read} of {total} chunks hold tissue)"
-        )
+        lines.append(f"           {facts['tissue_fraction_level0']:.1%} of level-0 pixels "
+                     f"(--exact; {read} of {total} chunks hold tissue)")
     lines += _output_lines(slide.scanner_metadata(), record)
     if args.properties:
         lines += [f"  {k} = {v}" for k, v in sorted(slide.properties.items())]
@@ -266,14 +268,16 @@ def _cmd_mask(args: argparse.Namespace) -> int:
         thumb = slide.thumbnail(args.max_px)[: coarse.mask.shape[0], : coarse.mask.shape[1]]
         tint = np.array([0, 160, 0], dtype=np.float32)
         img = thumb.astype(np.float32)
-        img[coarse.mask] = 0.6 * img[coarse.mask] + 0.4 * tint
+        img[coarse.tissue] = 0.6 * img[coarse.tissue] + 0.4 * tint
         Image.fromarray(img.round().astype(np.uint8)).save(out)
+        shown = "green tint = tissue"
     else:
-        Image.fromarray((coarse.mask * 255).astype(np.uint8), mode="L").save(out)
+        Image.fromarray((coarse.tissue * 255).astype(np.uint8), mode="L").save(out)
+        shown = "white = tissue"
     print(
-        f"{out}: coarse tissue mask {coarse.mask.shape[1]}x{coarse.mask.shape[0]} "
-        f"(white = tissue, 1 px = {coarse.downsample[0]:.2f} level-0 px), "
-        f"tissue {coarse.fraction:.1%}"
+        f"{out}: coarse tissue mask {coarse.tissue.shape[1]}x{coarse.tissue.shape[0]} "
+        f"({shown}, 1 px = {coarse.downsample[0]:.2f} level-0 px), "
+        f"tissue {coarse.fraction:.1%} of the slide (gray <= 200)"
     )
     return 0
 
@@ -742,6 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--properties", action="store_true", help="list all properties")
     p.add_argument("--no-tissue", action="store_true", help="skip the tissue fraction")
+    p.add_argument("--exact", action="store_true",
+                   help="also count tissue pixels at level 0 (reads every tissue chunk)")
     _add_slide_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_info)

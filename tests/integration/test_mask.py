@@ -160,7 +160,7 @@ def test_gigapixel_tissue_fraction_memory_is_bounded(giant_slide: Path) -> None:
     code = (
         "import json, resource, sys\n"
         "from wsi_norm.cli import main\n"
-        "rc = main(['info', sys.argv[1], '--json'])\n"
+        "rc = main(['info', sys.argv[1], '--json', '--exact'])\n"
         # VmHWM: this process image's peak RSS (ru_maxrss would include the forking parent's)
         "hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
         "print('RSS', hwm, file=sys.stderr)\n"
@@ -179,4 +179,27 @@ def test_gigapixel_tissue_fraction_memory_is_bounded(giant_slide: Path) -> None:
     rss_mib = int(proc.stderr.split("RSS")[-1]) / 1024
     assert facts["dimensions"] == [51_200, 51_200]
     assert 0.002 < facts["tissue_fraction"] < 0.05
+    assert 0.002 < facts["tissue_fraction_level0"] < 0.05
     assert rss_mib < 1500, f"peak RSS {rss_mib:.0f} MiB for a 2.6-gigapixel slide"
+
+
+def test_one_tissue_fraction_everywhere(sample_svs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``info``, ``mask`` and a fit (the flows' QC reports the fit's) give the same number: the
+    gray <= 200 share of the coarse view; ``info --exact`` adds the level-0 count, labelled."""
+    import json
+
+    from wsi_norm.cli import main
+    from wsi_norm.pipeline import fit_slide
+
+    with open_slide(sample_svs) as slide:
+        expected = coarse_mask(slide).fraction
+    assert 0.25 < expected < 0.40
+    assert main(["info", str(sample_svs), "--json", "--exact"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["tissue_fraction"] == expected
+    assert abs(facts["tissue_fraction_level0"] - expected) < 0.03  # same rule, finer pixels
+    assert main(["mask", str(sample_svs), "-o", str(tmp_path / "m.png"), "--overlay"]) == 0
+    line = capsys.readouterr().out
+    assert f"tissue {expected:.1%} of the slide" in line and "green tint = tissue" in line
+    fit = fit_slide(sample_svs, method="macenko", n_pixels=20_000)
+    assert fit.tissue_fraction == expected

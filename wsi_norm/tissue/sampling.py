@@ -68,7 +68,7 @@ class TissueSample:
         Side of the windows.
     seed : int
     coarse_fraction : float
-        Tissue share of the coarse mask (dilated, so an upper estimate).
+        The slide's tissue fraction (:attr:`wsi_norm.tissue.mask.CoarseMask.fraction`).
     """
 
     pixels: NDArray[np.uint8]
