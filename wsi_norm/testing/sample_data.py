@@ -188,5 +188,5 @@ def find_sample_slide(cache: Path) -> SampleSlide:
 
     path = cache / _GENERATED
     if not path.is_file():
-        generate_slide(path, width=4096, height=4096, seed=0, texture="procedural")
+        generate_slide(path, width=2048, height=2048, seed=0, texture="procedural")
     return _generated(path)
