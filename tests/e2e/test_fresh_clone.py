@@ -8,9 +8,10 @@ finder's PyPI step fails as it would with no network and the generated fallback 
 
 The commands are read from the fenced code blocks of README.md and deploy/README.md, so a
 command edited there is the command tested. Two are adapted for time, and say so: the
-``generate`` example's 50,000² becomes 1,024², and ``stainnet train`` runs 2 epochs. The
-stack commands of deploy/README.md (server, worker, deployment run) are not run here;
-``tests/e2e/test_prefect_server.py`` covers a real server.
+``generate`` example's 50,000² becomes 1,024², and ``stainnet train`` runs 2 epochs.
+deploy/README.md's stack block runs on free ports (``PREFECT_PORT``, ``DASK_PORT``), and the
+nightly deployment's run is awaited through the REST API. ``--serve`` is
+``tests/e2e/test_prefect_server.py``'s.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -282,3 +287,53 @@ def test_harmonize_sites_in_fresh_clone(clone: Path, env: dict[str, str],
     for site in ("cmu", "site-b"):  # measured before and after, not "could not be measured"
         lab_after = float(rows[site][header.index("lab_dist_after")])
         assert lab_after < float(rows[site][header.index("lab_dist_before")]) or lab_after < 5.0, rows[site]
+
+
+# --------------------------------------------------------------------------- deploy/README.md: the stack
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _flow_runs(api_url: str) -> list[dict[str, Any]]:
+    request = urllib.request.Request(f"{api_url}/flow_runs/filter", method="POST",
+                                     data=json.dumps({"limit": 20}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        runs: list[dict[str, Any]] = json.load(response)
+        return runs
+
+
+def test_deploy_stack_runs_the_nightly_deployment(clone: Path, env: dict[str, str],
+                                                  archive_run: subprocess.CompletedProcess[str]) -> None:
+    """deploy/README.md's stack block, as written, on free ports: the nightly deployment's run
+    of the committed manifest (worker and dask cluster from the clone) ends Completed."""
+    (block,) = (body for _, body in fenced_blocks((clone / "deploy" / "README.md").read_text(encoding="utf-8"))
+                if "start_stack.sh" in body)
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines() if line.strip()]
+    assert lines == ["deploy/start_stack.sh", "source .stack/env",
+                     "prefect deployment run normalize-archive/nightly", "deploy/stop_stack.sh"]
+    start, source, deploy_run, stop = lines
+    stack_env = {**env, "PREFECT_PORT": str(_free_port()), "DASK_PORT": str(_free_port()),
+                 "DASK_WORKERS": "1", "DASK_THREADS": "2"}
+    api_url = f"http://127.0.0.1:{stack_env['PREFECT_PORT']}/api"
+    try:
+        script = f"set -euo pipefail\n{start}\n{source}\n{deploy_run}\n"
+        run(["bash", "-c", script], cwd=clone, env=stack_env, timeout=600)
+        deadline = time.monotonic() + 600
+        state = ""
+        while time.monotonic() < deadline:
+            runs = [r for r in _flow_runs(api_url) if r.get("deployment_id")]
+            state = runs[0]["state_type"] if len(runs) == 1 else ""
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(3)
+        assert state == "COMPLETED", (runs, (clone / ".stack" / "logs" / "prefect-worker.log").read_text()[-4000:])
+        assert runs[0]["state"]["message"] == "5 slides done"
+    finally:
+        subprocess.run(["bash", "-c", stop], cwd=clone, env=stack_env, timeout=120, check=False)
+    assert not list((clone / ".stack" / "pids").glob("*.pid"))
