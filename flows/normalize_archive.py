@@ -48,6 +48,7 @@ from flows._artifacts import ProgressArtifact, artifact_key, markdown_table
 from flows._common import (
     RunFailed,
     SlideOutcome,
+    fetch_samples,
     generate_missing,
     resolve_template,
     scheduler_address,
@@ -100,6 +101,16 @@ def _retry_unless_permanent(task: Any, task_run: Any, state: State) -> bool:
 def load_manifest_task(path: str) -> Manifest:
     """Validate the manifest (before any work) and resolve its slides."""
     return load_manifest(path)
+
+
+@task(name="fetch-sample", cache_policy=NO_CACHE)
+def fetch_sample_task(manifest: Manifest) -> Manifest:
+    """Fetch or generate the public sample slide a site names, when missing (I/O)."""
+    m = fetch_samples(manifest)
+    for entry in m.slides:
+        if entry.sample:
+            get_run_logger().info("sample slide of site %s: %s", entry.site, entry.source)
+    return m
 
 
 @task(name="generate-slides", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_retry_unless_permanent)
@@ -286,6 +297,8 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
 
     logger = get_run_logger()
     m = load_manifest_task(manifest)
+    if any(s.sample for s in m.slides):
+        m = fetch_sample_task(m)
     if m.model.target is None and m.method not in ("none", "stainnet"):
         raise ManifestError(
             f"{m.path}: method {m.method!r} needs a target: declare a template and name it in 'target'"

@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import configure_process
 from flows._artifacts import markdown_table
-from flows._common import generate_missing, resolve_template, scheduler_address
+from flows._common import fetch_samples, generate_missing, resolve_template, scheduler_address
 from flows.manifest import Manifest, load_manifest
 from wsi_norm.errors import ManifestError, OutputError, WsiNormError
 from wsi_norm.runtime import return_freed_memory
@@ -254,7 +254,7 @@ def train_stainnet_flow(
         raise OutputExistsError(f"{out}: exists; pass overwrite=True to replace it")
     with dask_client(scheduler_address(scheduler)):
         if manifest is not None:
-            m = load_manifest(manifest)
+            m = fetch_samples(load_manifest(manifest))
             if m.generated:
                 generate_missing(m)
             name = target or m.model.target
