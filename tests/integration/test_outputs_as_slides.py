@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,10 @@ def outputs(tmp_path_factory: pytest.TempPathFactory, sample_svs: Path) -> dict[
 
 
 def _mask_fraction(stdout: str) -> float:
-    return float(stdout.rsplit("tissue ", 1)[1].strip().rstrip("%")) / 100
+    """The tissue fraction of ``wsi-norm mask``'s line ("... tissue 31.4% of the slide ...")."""
+    match = re.search(r"tissue (\d+(?:\.\d+)?)% of the slide", stdout)
+    assert match, stdout
+    return float(match.group(1)) / 100
 
 
 @pytest.mark.parametrize("fmt", ["ome-zarr", "tiff"])
