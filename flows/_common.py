@@ -201,8 +201,11 @@ def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> Col
     implements it; wsi-norm fits with its default variant), in optical density against the
     images' own white point (measured from their glass, :mod:`wsi_norm.tissue.whitepoint`; the
     fallback when they show none), so a tinted scanner does not read as a stain difference.
+    Too little stained tissue for stain vectors (the estimator's FitError) is a measurement
+    that cannot be made: ``stain_matrix`` and ``conc_p99`` are None, the Lab mean stays.
     """
     from wsi_norm.color import rgb_to_lab
+    from wsi_norm.errors import FitError
     from wsi_norm.stain.base import StainParams, tissue_pixels
     from wsi_norm.stain.macenko import fit_macenko
     from wsi_norm.tissue.whitepoint import estimate_white_point, glass_candidates
@@ -212,11 +215,15 @@ def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> Col
     white = estimate_white_point(glass)
     tissue = tissue_pixels(np.concatenate([np.ascontiguousarray(im).reshape(-1, 3) for im in batch]))
     lab = np.asarray(rgb_to_lab(tissue), dtype=np.float64)
-    stats = fit_macenko(tissue, StainParams(macenko_variant="textbook"), white=white.array)
+    try:
+        stats = fit_macenko(tissue, StainParams(macenko_variant="textbook"), white=white.array)
+    except FitError as exc:
+        log.info("colour measurement without stain vectors: %s", exc)
+        stats = None
     return ColourStats(
-        stain_matrix=np.asarray(stats.stain_matrix, dtype=np.float64).tolist(),
-        lab_mean=lab.mean(axis=0).tolist(),
-        conc_p99=np.asarray(stats.max_conc, dtype=np.float64).tolist(),
+        stain_matrix=None if stats is None else np.asarray(stats.stain_matrix, dtype=np.float64).tolist(),
+        lab_mean=lab.mean(axis=0).tolist() if len(lab) else [float("nan")] * 3,
+        conc_p99=None if stats is None else np.asarray(stats.max_conc, dtype=np.float64).tolist(),
         n_pixels=int(tissue.shape[0]),
         white_point=list(white.rgb),
     )

@@ -143,7 +143,8 @@ def distance_rows(
             rows.append({**row, "note": "no slide of this site could be measured"})
             continue
         for when, stats in (("before", b), ("after", a)):
-            h, e = _angles(stats.stain_matrix, target.stain_matrix)
+            # too little stained tissue to measure stain vectors: reported as nan, not a crash
+            h, e = (float("nan"),) * 2 if stats.stain_matrix is None else _angles(stats.stain_matrix, target.stain_matrix)
             row[f"h_angle_{when}_deg"] = round(h, 3)
             row[f"e_angle_{when}_deg"] = round(e, 3)
             row[f"lab_dist_{when}"] = round(float(np.linalg.norm(np.subtract(stats.lab_mean, target.lab_mean))), 3)

@@ -276,3 +276,27 @@ def test_deploy_files_parse() -> None:
     for d in deployments:
         module, func = d["entrypoint"].split(":")
         assert f"def {func}(" in (REPO_ROOT / module).read_text(encoding="utf-8")
+
+
+def test_colour_measurement_of_almost_no_tissue_is_not_an_error() -> None:
+    """A slide with too few stained pixels for stain vectors (found at 500 slides: QC failed a
+    slide whose output was written): the measurement says so (None), the Lab mean stays."""
+    from flows._common import colour_stats
+    from flows.harmonize_sites import distance_rows
+
+    rgb = np.full((256, 256, 3), 238, np.uint8)
+    rgb[:12, :12] = (150, 90, 160)  # 144 tissue pixels: fewer than the estimator needs
+    stats = colour_stats(rgb)
+    assert stats.stain_matrix is None and stats.conc_p99 is None
+    assert stats.n_pixels == 144 and np.isfinite(stats.lab_mean).all()
+    target = colour_stats(np.asarray(_he_like(), dtype=np.uint8))
+    rows = distance_rows({"s": stats}, {"s": stats}, target)
+    assert np.isnan(rows[0]["h_angle_before_deg"]) and np.isfinite(rows[0]["lab_dist_after"])
+
+
+def _he_like() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    h = rng.uniform(0, 1.2, (128, 128, 1)) * np.array([0.65, 0.70, 0.29])
+    e = rng.uniform(0, 1.0, (128, 128, 1)) * np.array([0.07, 0.99, 0.11])
+    out: np.ndarray = np.clip(240 * np.exp(-(h + e)), 0, 255).round()
+    return out
