@@ -17,6 +17,8 @@ What it measures, per archive size N (``--sizes``):
   constants (server round trips at start, dask cluster start, summary) removed.
 * **peak_rss_mib**: ``VmHWM`` of the flow's child process (``/proc/self/status``, so the
   parent's peak does not leak in), and ``rss_end_mib`` (``VmRSS`` after the flow returned).
+* **http**: every HTTP request of the flow process to the server, by route: count and seconds
+  (blocking calls of the slide threads and the background log and event batches alike).
 * **artifacts**: every artifact of the flow run read back from the server (``POST
   /api/artifacts/filter`` page by page), total and per-slide.
 
@@ -28,7 +30,8 @@ work is tiny, so orchestration dominates) and TIFF output, half the slides in ea
 The server is ``prefect server start`` on a free 127.0.0.1 port with its own PREFECT_HOME
 under ``--workdir`` (or ``--api-url`` to use a running one).  ``--profile`` runs the flow of the
 first size under cProfile in every thread (``threading.setprofile``) and prints the top entries
-by cumulative time.
+by cumulative time; ``--trace-memory`` runs the flow of the last size under ``tracemalloc`` and
+prints the largest allocations still alive after the flow returned (with their tracebacks).
 
 Example::
 
@@ -180,8 +183,52 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def child_main(manifest: str, result_path: str, profile: bool) -> int:
+_UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def _count_http(calls: dict[str, list[float]]) -> None:
+    """Count every HTTP request of this process and its time, by method and route (UUIDs as
+    ``{id}``), in ``calls`` (route -> [count, seconds]); requests of background threads (log and
+    event batches) are counted too."""
+    import re
+    import threading
+
+    import httpx
+
+    lock = threading.Lock()
+
+    def key(request: httpx.Request) -> str:
+        return f"{request.method} {re.sub(_UUID_RE, '{id}', request.url.path)}"
+
+    def add(route: str, seconds: float) -> None:
+        with lock:
+            entry = calls.setdefault(route, [0.0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+
+    sync_send, async_send = httpx.Client.send, httpx.AsyncClient.send
+
+    def send(self: httpx.Client, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        t0 = time.perf_counter()
+        try:
+            return sync_send(self, request, **kwargs)
+        finally:
+            add(key(request), time.perf_counter() - t0)
+
+    async def asend(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        t0 = time.perf_counter()
+        try:
+            return await async_send(self, request, **kwargs)
+        finally:
+            add(key(request), time.perf_counter() - t0)
+
+    httpx.Client.send = send  # type: ignore[method-assign]
+    httpx.AsyncClient.send = asend  # type: ignore[method-assign]
+
+
+def child_main(manifest: str, result_path: str, profile: bool, trace_memory: bool = False) -> int:
     """Run the flow once in this (fresh) process and write its figures as JSON."""
+    import tracemalloc
     from typing import cast
 
     from prefect.client.schemas.objects import State
@@ -191,6 +238,8 @@ def child_main(manifest: str, result_path: str, profile: bool) -> int:
     from flows.normalize_archive import normalize_archive
 
     configure_process()
+    http: dict[str, list[float]] = {}
+    _count_http(http)
     profiler = None
     if profile:
         import cProfile
@@ -200,6 +249,8 @@ def child_main(manifest: str, result_path: str, profile: bool) -> int:
         # one profiler for every thread: Prefect runs submitted task runs in worker threads
         threading.setprofile(lambda *a: profiler.enable() if profiler is not None else None)
         profiler.enable()
+    if trace_memory:
+        tracemalloc.start(25)
     start = time.perf_counter()
     state = cast("State[Any]", normalize_archive(manifest=manifest, return_state=True))
     wall_s = time.perf_counter() - start
@@ -207,6 +258,12 @@ def child_main(manifest: str, result_path: str, profile: bool) -> int:
         profiler.disable()
         profiler.dump_stats(result_path + ".prof")
     rows = state_rows(state)
+    retained: list[str] = []
+    if trace_memory:
+        snapshot = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        retained = [f"{stat.size / 2**20:8.2f} MiB {stat.count:8d} blocks\n" + "\n".join(stat.traceback.format()[-12:])
+                    for stat in snapshot.statistics("traceback")[:12]]
     result = {
         "wall_s": wall_s,
         "state": state.name,
@@ -216,18 +273,24 @@ def child_main(manifest: str, result_path: str, profile: bool) -> int:
         "rss_end_kib": _proc_status_kib("VmRSS"),
         "outcomes": {o: sum(r["outcome"] == o for r in rows) for o in {r["outcome"] for r in rows}},
         "rows": len(rows),
+        "retained_after_flow": retained,
+        "http": {route: {"count": int(c), "seconds": round(t, 3)} for route, (c, t) in
+                 sorted(http.items(), key=lambda item: -item[1][1])},
     }
     Path(result_path).write_text(json.dumps(result), encoding="utf-8")
     return 0
 
 
-def run_flow(env: dict[str, str], manifest: Path, *, profile: bool, timeout_s: float) -> dict[str, Any]:
+def run_flow(env: dict[str, str], manifest: Path, *, profile: bool, timeout_s: float,
+             trace_memory: bool = False) -> dict[str, Any]:
     """The flow run of ``manifest`` in a fresh child process; its figures."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(manifest), str(result)]
         if profile:
             cmd.append("--profile")
+        if trace_memory:
+            cmd.append("--trace-memory")
         log = manifest.with_name("flow.log")
         with log.open("wb") as out:
             proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -315,9 +378,9 @@ def leaf_tasks_per_slide(method: str) -> int:
 
 
 def measure(env: dict[str, str], manifest: Path, n: int, *, method: str, concurrency: int,
-            profile: bool = False, timeout_s: float = 3600.0) -> dict[str, Any]:
+            profile: bool = False, trace_memory: bool = False, timeout_s: float = 3600.0) -> dict[str, Any]:
     """Run ``manifest`` (``n`` slides) once and return every figure of the module docstring."""
-    figures = run_flow(env, manifest, profile=profile, timeout_s=timeout_s)
+    figures = run_flow(env, manifest, profile=profile, timeout_s=timeout_s, trace_memory=trace_memory)
     figures.update(asyncio.run(read_run(env["PREFECT_API_URL"], figures["flow_run_id"],
                                         expected_leaf_tasks=n * leaf_tasks_per_slide(method))))
     figures["n"] = n
@@ -353,11 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/archive-scale"))
     parser.add_argument("--api-url", default=None, help="use this running server instead of starting one")
     parser.add_argument("--profile", action="store_true", help="profile the flow of the first size")
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="tracemalloc in the flow process: print what is still allocated after the flow of the "
+                             "last size (slow; its timings are not comparable)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=2, metavar=("MANIFEST", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child_main(args.child[0], args.child[1], args.profile)
+        return child_main(args.child[0], args.child[1], args.profile, args.trace_memory)
 
     workdir: Path = args.workdir.resolve()
     t0 = time.perf_counter()
@@ -374,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = workdir / f"{args.method}-c{args.concurrency}-n{n}-{int(time.time())}"
                 manifest = write_manifest(run_dir, slides[:n], method=args.method, concurrency=args.concurrency)
                 fig = measure(env, manifest, n, method=args.method, concurrency=args.concurrency,
-                              profile=args.profile and k == 0)
+                              profile=args.profile and k == 0,
+                              trace_memory=args.trace_memory and k == len(args.sizes) - 1)
                 results.append(fig)
                 print(f"N={n:4d}  wall {fig['wall_s']:7.1f} s  work {fig['work_s']:6.1f} s  "
                       f"overhead {fig['overhead_s_per_slide']:.3f} s/slide  peak RSS {fig['peak_rss_mib']:6.0f} MiB  "
@@ -382,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({fig['artifacts_per_slide']:.2f}/slide)  {fig['state']}: {fig['message']}", flush=True)
                 if "profile" in fig:
                     print_profile(fig["profile"])
+                for block in fig.pop("retained_after_flow", []):
+                    print(block)
     ns = [float(r["n"]) for r in results]
     summary = {
         "marginal_s_per_slide": slope(ns, [r["wall_s"] - r["work_s"] / r["concurrency"] for r in results]),
