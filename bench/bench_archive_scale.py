@@ -30,8 +30,9 @@ work is tiny, so orchestration dominates) and TIFF output, half the slides in ea
 The server is ``prefect server start`` on a free 127.0.0.1 port with its own PREFECT_HOME
 under ``--workdir`` (or ``--api-url`` to use a running one).  ``--profile`` runs the flow of the
 first size under cProfile in every thread (``threading.setprofile``) and prints the top entries
-by cumulative time; ``--trace-memory`` runs the flow of the last size under ``tracemalloc`` and
-prints the largest allocations still alive after the flow returned (with their tracebacks).
+by cumulative time; ``--trace-memory`` runs every flow under ``tracemalloc`` and prints
+the source lines whose allocations are still alive after the flow returned, largest first
+(compare two sizes to see what grows with N).
 
 Example::
 
@@ -250,7 +251,7 @@ def child_main(manifest: str, result_path: str, profile: bool, trace_memory: boo
         threading.setprofile(lambda *a: profiler.enable() if profiler is not None else None)
         profiler.enable()
     if trace_memory:
-        tracemalloc.start(25)
+        tracemalloc.start(1)
     start = time.perf_counter()
     state = cast("State[Any]", normalize_archive(manifest=manifest, return_state=True))
     wall_s = time.perf_counter() - start
@@ -262,8 +263,8 @@ def child_main(manifest: str, result_path: str, profile: bool, trace_memory: boo
     if trace_memory:
         snapshot = tracemalloc.take_snapshot()
         tracemalloc.stop()
-        retained = [f"{stat.size / 2**20:8.2f} MiB {stat.count:8d} blocks\n" + "\n".join(stat.traceback.format()[-12:])
-                    for stat in snapshot.statistics("traceback")[:12]]
+        retained = [f"{stat.size / 2**20:8.2f} MiB {stat.count:8d} blocks  {stat.traceback.format()[0].strip()}"
+                    for stat in snapshot.statistics("lineno")[:25]]
     result = {
         "wall_s": wall_s,
         "state": state.name,
@@ -359,6 +360,7 @@ async def read_run(api_url: str, flow_run_id: str, *, expected_leaf_tasks: int, 
         "artifacts": len(artifacts),
         "artifacts_by_type": kinds,
         "artifact_keys": sorted({a["key"] for a in artifacts if a["key"]}),
+        "artifact_ids": {a["key"]: a["id"] for a in artifacts if a["key"]},
     }
 
 
@@ -417,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-url", default=None, help="use this running server instead of starting one")
     parser.add_argument("--profile", action="store_true", help="profile the flow of the first size")
     parser.add_argument("--trace-memory", action="store_true",
-                        help="tracemalloc in the flow process: print what is still allocated after the flow of the "
-                             "last size (slow; its timings are not comparable)")
+                        help="tracemalloc in the flow process: print the lines whose allocations are still alive "
+                             "after the flow, for every size (slow; its timings are not comparable)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=2, metavar=("MANIFEST", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 manifest = write_manifest(run_dir, slides[:n], method=args.method, concurrency=args.concurrency)
                 fig = measure(env, manifest, n, method=args.method, concurrency=args.concurrency,
                               profile=args.profile and k == 0,
-                              trace_memory=args.trace_memory and k == len(args.sizes) - 1)
+                              trace_memory=args.trace_memory)
                 results.append(fig)
                 print(f"N={n:4d}  wall {fig['wall_s']:7.1f} s  work {fig['work_s']:6.1f} s  "
                       f"overhead {fig['overhead_s_per_slide']:.3f} s/slide  peak RSS {fig['peak_rss_mib']:6.0f} MiB  "
