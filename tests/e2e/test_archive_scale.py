@@ -37,6 +37,7 @@ HALF, FULL = 30, 60
 OVERHEAD_BOUND_S = 1.5
 RSS_GROWTH_BOUND_MIB = 25.0
 CONSTANT_ARTIFACTS = 3
+FLOW = "normalize-archive"
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -112,34 +113,35 @@ def test_ui_shows_the_run_and_its_artifacts(
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
         def visit(name: str, wait_for: list[str]) -> None:
-            """Wait for every text of ``wait_for``, then keep the page's text and a screenshot
-            (taken also when a wait fails, as evidence)."""
+            """Wait for every text of ``wait_for`` (each loads on its own), then keep the page's
+            text and a screenshot (taken also when a wait fails, as evidence)."""
             try:
                 for text in wait_for:
-                    page.get_by_text(text).first.wait_for(timeout=60_000)
+                    page.get_by_text(text, exact=text == FLOW).first.wait_for(timeout=60_000)
             finally:
                 texts[name] = page.inner_text("body")
                 page.screenshot(path=str(shots[name]), full_page=True)
 
         try:
             page.goto(f"{ui}/runs/flow-run/{run['flow_run_id']}")
-            visit("flow-run", [run["flow_run_name"], "Completed"])
+            visit("flow-run", [run["flow_run_name"], "Completed", FLOW, f"{3 * FULL + 2} Task runs"])
             page.get_by_text("Artifacts", exact=True).first.click()
             visit("artifacts", ["normalize-archive-summary", f"{FULL} of {FULL} slides done"])
             # one slide's report under its stable key: every run's version (HALF's and FULL's)
             page.goto(f"{ui}/artifacts/key/qc-site-a-s-0000")
             visit("qc-report", ["QC report of site-a/s-0000.tiff", run["flow_run_name"]])
             page.goto(f"{ui}/artifacts/artifact/{run['artifact_ids']['normalize-archive-summary']}")
-            visit("summary", ["s-0000.tiff"])
+            visit("summary", ["s-0000.tiff", f"{FULL} slides, 0 failed"])
         finally:
             browser.close()
     assert not any("Can't connect" in text for text in texts.values())
-    assert run["flow_run_name"] in texts["flow-run"] and "normalize-archive" in texts["flow-run"]
+    for text in (run["flow_run_name"], FLOW, "Completed"):
+        assert text in texts["flow-run"], text
     # the run's artifacts tab: the run-level ones, the run's progress at 100 %, then the task runs' ones
     for text in ("normalize-archive-summary", "normalize-archive-progress", "normalize-archive-summary-md",
                  f"{FULL} of {FULL} slides done ({FULL} normalized)", "Task runs"):
         assert text in texts["artifacts"], text
     assert "qc-site-a-s-0000" in texts["qc-report"] and run["flow_run_name"] in texts["qc-report"]
-    assert "normalize-archive-summary" in texts["summary"] and "normalized" in texts["summary"]
+    assert f"{FULL} slides, 0 failed, 0 need review" in texts["summary"] and "normalized" in texts["summary"]
     for shot in shots.values():
         assert shot.stat().st_size > 20_000, shot
