@@ -11,91 +11,20 @@ task runs and artifacts back, then opens ``/runs/flow-run/<id>`` in headless Chr
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS_DIR = REPO_ROOT / "tests" / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a process started here in its own session (and its children), by its group id."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def _wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prefect server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} not up after {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A Prefect server on a free 127.0.0.1 port with its own PREFECT_HOME; yields its environment."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api,
-        PREFECT_UI_API_URL=api,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    log = home / "server.log"
-    prefect_bin = str(Path(sys.executable).with_name("prefect"))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        _wait_http(f"{api}/health", timeout_s=120, proc=proc, log=log)
-        yield env
-    finally:
-        _stop(proc)
 
 
 async def _run_deployment(env: dict[str, str], name: str, timeout_s: float) -> tuple[Any, list[Any], list[Any]]:
@@ -139,9 +68,10 @@ async def _run_deployment(env: dict[str, str], name: str, timeout_s: float) -> t
             return flow_run, task_runs, artifacts
 
 
-def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_server: dict[str, str], tmp_path: Path) -> None:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium (never `playwright install`)")
+def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(
+    prefect_server: dict[str, str], tmp_path: Path, chromium: dict[str, Any], evidence_dir: Path,
+    stop_process: Callable[[subprocess.Popen[bytes]], None],
+) -> None:
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent("""
         version: 1
@@ -167,7 +97,7 @@ def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_s
     try:
         flow_run, task_runs, artifacts = asyncio.run(_run_deployment(prefect_server, "normalize-archive/e2e", 240))
     finally:
-        _stop(serve)
+        stop_process(serve)
     assert flow_run.state.is_completed(), log.read_text()[-4000:]
     assert (tmp_path / "out" / "site-b" / "s-1.tiff").is_file()
     names = sorted(t.name for t in task_runs)
@@ -182,10 +112,9 @@ def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_s
     from playwright.sync_api import sync_playwright
 
     ui = prefect_server["PREFECT_API_URL"].removesuffix("/api")
-    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
-    shot = ARTIFACTS_DIR / "prefect-ui-flow-run.png"
+    shot = evidence_dir / "prefect-ui-flow-run.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(**chromium)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
@@ -204,4 +133,4 @@ def test_served_archive_flow_runs_on_a_real_server_and_shows_in_the_ui(prefect_s
     for key in ("normalize-archive-summary", "normalize-archive-progress", "qc-site-b-s-1", "progress-site-b-s-1"):
         assert key in text, key
     assert shot.stat().st_size > 20_000
-    shutil.copy(log, ARTIFACTS_DIR / "serve.log")
+    shutil.copy(log, evidence_dir / "serve.log")
