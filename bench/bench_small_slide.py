@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
-def _run(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+def _run(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
     """Wall and CPU (user + system) seconds of one child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd outside any checkout: ``python -m`` puts the working folder before PYTHONPATH
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -50,8 +51,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench-out-small")
     args = ap.parse_args()
 
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    args.slide, args.reference = str(Path(args.slide).resolve()), str(Path(args.reference).resolve())
     py = sys.executable
     base_env = {k: v for k, v in os.environ.items() if k != "WSI_NORM_SCHEDULER"}
 
@@ -59,7 +61,7 @@ def main() -> None:
         target = ["--reference", args.reference] if method != "none" else []
         command = [py, "-m", "wsi_norm.cli", "normalize", args.slide, "--method", method, *target,
                    "-o", str(work / f"{tag}-{method}.tiff"), "-q", "--overwrite"]
-        return command, {**base_env, "PYTHONPATH": str(root)}
+        return command, {**base_env, "PYTHONPATH": str(root.resolve())}
 
     for method in args.methods.split(","):
         commands: dict[str, tuple[list[str], dict[str, str]]] = {"wsi-norm": wsi_norm(REPO, method, "now")}
@@ -71,7 +73,7 @@ def main() -> None:
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
         for round_ in range(args.rounds + 1):
             for name, (command, env) in commands.items():
-                result = _run(command, env)
+                result = _run(command, env, work)
                 if round_:  # round 0 warms the file cache and numba's
                     runs[name].append(result)
         print(f"\n{method}: {Path(args.slide).name}, {args.rounds} rounds after one warm-up")
