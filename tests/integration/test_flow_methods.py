@@ -364,15 +364,17 @@ def test_harmonize_sites_runs_the_methods_that_fit_nothing(
 # ------------------------------------------------------------------ clean shutdown
 
 
-def test_cli_error_inside_the_cluster_is_one_line(cli_slide: Path, tmp_path: Path) -> None:
-    """A tile that fails to decode mid-run: one line naming the file, no worker traceback."""
+@pytest.mark.parametrize("small_slide_px", [None, 1], ids=["threads", "cluster"])
+def test_cli_error_inside_the_cluster_is_one_line(cli_slide: Path, tmp_path: Path, small_slide_px: int | None) -> None:
+    """A tile that fails to decode mid-run: one line naming the file, no worker traceback; on the
+    threaded scheduler (a small slide) and in the embedded cluster (threshold lowered)."""
     data = bytearray(cli_slide.read_bytes())
     for at in range(len(data) // 20, len(data) * 6 // 10, 5000):
         data[at:at + 200] = b"\xff" * 200
     corrupt = tmp_path / "corrupt.tiff"
     corrupt.write_bytes(bytes(data))
     done, _ = _watch_cli(["normalize", str(corrupt), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q"],
-                         tmp_path)
+                         tmp_path, small_slide_px=small_slide_px)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"wsi-norm: error: {corrupt}: cannot read level 0 region"), lines
