@@ -6,6 +6,11 @@ loops release the GIL). ``scheduler="tcp://host:8786"`` (or ``WSI_NORM_SCHEDULER
 existing cluster instead: dask-jobqueue on SLURM, the dask Kubernetes operator, or any
 ``dask scheduler`` with workers (see ``deploy/``). GPU workers declare a ``GPU`` resource.
 
+Small slides (level 0 under :data:`SMALL_SLIDE_PX`) need no cluster: starting one and importing
+``distributed`` cost more than their whole computation. :func:`dask_scheduler` lets an entry point
+run them on dask's threaded scheduler instead (the same threads, in this process, no sockets);
+the results are the same whatever the scheduler.
+
 Local services listen on loopback only. The local cluster talks ``inproc://`` (no socket), but
 ``distributed`` always starts an HTTP server for the scheduler and one per worker, by default on
 every interface (the scheduler's on port 8787, with the dashboard); here both are bound to
@@ -18,18 +23,80 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["SCHEDULER_ENV", "dashboard_url", "dask_client", "has_gpu_workers"]
+__all__ = [
+    "SCHEDULER_ENV",
+    "SMALL_SLIDE_PX",
+    "active_client",
+    "dashboard_url",
+    "dask_client",
+    "dask_scheduler",
+    "has_gpu_workers",
+]
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_ENV = "WSI_NORM_SCHEDULER"
 LOOPBACK = "127.0.0.1"
+#: Level-0 pixels (256^3, about 16.7 MP) from which a slide is worth an embedded cluster; below,
+#: :func:`dask_scheduler` may run it on dask's threaded scheduler.
+SMALL_SLIDE_PX = 256**3
+
+
+def active_client() -> Client | None:
+    """The ``distributed`` client active in this process, or None; never imports ``distributed``
+    (a process that has not imported it has no client)."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_client
+
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def dask_scheduler(
+    scheduler: str | None = None, *, threads: int | None = None, dashboard: bool = False,
+    log_level: int = logging.WARNING, embedded_cluster: bool = True,
+) -> Iterator[Client | None]:
+    """Where a command's array work runs, for the duration of a ``with`` block.
+
+    As :func:`dask_client` (same parameters), except that with ``embedded_cluster=False`` and
+    nothing asking for a cluster (no ``scheduler``, no ``WSI_NORM_SCHEDULER``, no ``dashboard``,
+    no client already active) no cluster is started: the block runs on dask's threaded
+    scheduler (``threads`` threads, default: the number of CPUs), imports no ``distributed``
+    and opens no socket, and None is yielded. Entry points pass
+    ``embedded_cluster=pixels >= SMALL_SLIDE_PX``.
+
+    Yields
+    ------
+    distributed.Client or None
+        None on the threaded scheduler.
+    """
+    address = scheduler or os.environ.get(SCHEDULER_ENV) or None
+    if embedded_cluster or address or dashboard or active_client() is not None:
+        with dask_client(scheduler, threads=threads, dashboard=dashboard, log_level=log_level) as client:
+            yield client
+        return
+    import dask
+    import dask.threaded
+
+    # the scheduler as a function, not the name "threads": dask resolves a name (or no setting)
+    # by importing distributed to look for a client
+    settings: dict[str, object] = {"scheduler": dask.threaded.get}
+    if threads is not None:
+        settings["num_workers"] = threads
+    with dask.config.set(settings):
+        log.info("dask threaded scheduler, %s threads", threads or "default")
+        yield None
 
 
 @contextlib.contextmanager

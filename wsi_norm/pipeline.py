@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 
 #: Methods fitted from slides (the stain registry, :data:`wsi_norm.stain.METHODS`).
 STAT_METHODS = METHODS
-# A slide with at least as many pixels as the 256^3 table has entries is mapped through it.
+# A slide with at least as many pixels as the 256^3 table has entries is mapped through it
+# (built once, before the graph runs); a smaller one is evaluated directly, chunk by chunk.
 _LUT_WORTH_PX = 256**3
 Device = Literal["cpu", "cuda", "auto"]
 Glass = Literal["target", "keep"]
@@ -551,34 +552,37 @@ def _apply_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
     return np.asarray(cmap.apply(block))
 
 
-def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu") -> da.Array:
+def _evaluate_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
+    # the map's definition; its table holds exactly these values, so a table built meanwhile
+    # (another slide's run in this process) gives the same bytes
+    return np.asarray(cmap.apply(block) if cmap.has_cached_lut() else cmap.evaluate_numpy(block))
+
+
+def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: bool = False) -> da.Array:
     """Map a colour map over every chunk of an ``(H, W, 3) uint8`` dask array (lazy).
 
     On ``cuda`` each chunk is moved to the GPU as uint8, mapped there, and moved back;
     the tasks ask for the ``GPU`` worker resource when the cluster declares one.
+    ``direct=True`` (CPU) evaluates the map on each chunk's pixels instead of building its
+    256^3 table: cheaper for an image of fewer than 256^3 pixels, and bit-identical
+    (the table is built from the same evaluation, :meth:`~wsi_norm.colormap.ColorMap.lut`).
     """
     from dask.base import annotate
 
     # dask types Array.map_blocks through functools.wraps of the unannotated da.map_blocks
     if device == "cpu":
-        return array.map_blocks(_apply_block, cmap, dtype=np.uint8)  # type: ignore[arg-type,no-any-return]
+        apply = _evaluate_block if direct else _apply_block
+        return array.map_blocks(apply, cmap, dtype=np.uint8)  # type: ignore[arg-type,no-any-return]
     gpu = annotate(resources={"GPU": 1}) if _cluster_has_gpu() else contextlib.nullcontext()
     with gpu:
         return array.map_blocks(_apply_block_torch, cmap, device, dtype=np.uint8)  # type: ignore[arg-type,no-any-return]
 
 
 def _cluster_has_gpu() -> bool:
-    try:
-        from distributed import get_client
-    except ImportError:
-        return False
-    try:
-        client = get_client()
-    except ValueError:
-        return False
-    from wsi_norm.cluster import has_gpu_workers
+    from wsi_norm.cluster import active_client, has_gpu_workers
 
-    return has_gpu_workers(client)
+    client = active_client()
+    return client is not None and has_gpu_workers(client)
 
 
 def _load_target(
@@ -853,11 +857,13 @@ def normalize_slide(
                                    what=str(slide.path))
         whites = {"source": slide_fit.white.to_dict(), "target": template.white.to_dict()}
     level0 = slide.to_dask(0, chunk_px=chunk_px)
-    if dev == "cpu" and level0.shape[0] * level0.shape[1] >= _LUT_WORTH_PX and method != "none":
+    small = level0.shape[0] * level0.shape[1] < _LUT_WORTH_PX
+    if dev == "cpu" and not small and method != "none":
         cmap.lut()  # compile once here; every copy of the map in this process reuses it
     t_fit = time.perf_counter()
 
-    normalized = apply_colormap(level0, cmap, device=dev)
+    # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries
+    normalized = apply_colormap(level0, cmap, device=dev, direct=small and method != "none")
     provenance: dict[str, Any] = {
         "tool": "wsi-norm",
         "wsi_norm_version": __version__,

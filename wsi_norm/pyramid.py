@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from collections import deque
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -479,6 +480,10 @@ class _Chain:
 
 
 def _default_client() -> Any | None:
+    """The default ``distributed`` client, or None; never imports ``distributed`` (a process
+    that has not imported it has no client, and the import alone costs ~0.5 s)."""
+    if "distributed" not in sys.modules:
+        return None
     try:
         from distributed import default_client
     except ImportError:  # pragma: no cover - distributed is a dependency

@@ -194,11 +194,41 @@ def test_local_cluster_listens_on_loopback_only_and_serves_no_dashboard() -> Non
     assert url.startswith("http://127.0.0.1:")
 
 
-def _watch_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str], set[tuple[str, int]]]:
-    """Run ``wsi-norm ARGS`` and collect every socket it listens on while it runs."""
-    exe = shutil.which("wsi-norm") or str(Path(sys.executable).with_name("wsi-norm"))
+def test_dask_scheduler_runs_small_work_on_threads_and_a_dashboard_on_a_cluster() -> None:
+    import dask
+    import dask.threaded
+    from dask.base import compute
+    from dask.delayed import delayed
+
+    from wsi_norm.cluster import active_client, dask_scheduler
+
+    with dask_scheduler(embedded_cluster=False) as client:
+        assert client is None and active_client() is None
+        assert dask.config.get("scheduler") is dask.threaded.get
+        assert compute(delayed(sum)([1, 2])) == (3,)
+    with dask_scheduler(embedded_cluster=False, dashboard=True, threads=1) as client:
+        assert client is not None and active_client() is client
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert active_client() is None
+
+
+def _watch_cli(args: list[str], cwd: Path, *, small_slide_px: int | None = None
+               ) -> tuple[subprocess.CompletedProcess[str], set[tuple[str, int]]]:
+    """Run ``wsi-norm ARGS`` and collect every socket it listens on while it runs.
+
+    With ``small_slide_px`` the command runs as ``python -c`` with
+    :data:`wsi_norm.cluster.SMALL_SLIDE_PX` set to it (1: every slide gets the embedded
+    cluster), and its last stdout line says whether ``distributed`` was imported."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([exe, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env.pop("WSI_NORM_SCHEDULER", None)
+    if small_slide_px is None:
+        command = [shutil.which("wsi-norm") or str(Path(sys.executable).with_name("wsi-norm")), *args]
+    else:
+        code = ("import sys, wsi_norm.cluster as c; c.SMALL_SLIDE_PX = int(sys.argv[1]); "
+                "from wsi_norm.cli import main; code = main(sys.argv[2:]); "
+                "print('distributed imported:', 'distributed' in sys.modules); sys.exit(code)")
+        command = [sys.executable, "-c", code, str(small_slide_px), *args]
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: set[tuple[str, int]] = set()
     watched = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -221,15 +251,38 @@ def cli_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cli_run_listens_on_loopback_only(cli_slide: Path, tmp_path: Path) -> None:
+    # the embedded cluster, as a slide of 16.7 MP or more gets it (this one is small: the
+    # threshold is lowered so that the cluster starts)
     done, seen = _watch_cli(["normalize", str(cli_slide), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q"],
-                            tmp_path)
+                            tmp_path, small_slide_px=1)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "distributed imported: True", done.stdout
     assert seen, "no listening socket seen: the run ended before one was sampled"
     assert {ip for ip, _ in seen} == {"127.0.0.1"}, seen
     assert "already in use" not in done.stderr and "dashboard" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("method", ["none", "macenko"])
+def test_cli_small_slide_starts_no_cluster_and_listens_on_nothing(
+    cli_slide: Path, tmp_path: Path, shared_data: Path, method: str
+) -> None:
+    from wsi_norm.cluster import SMALL_SLIDE_PX
+    from wsi_norm.slide import open_slide
+
+    width, height = open_slide(cli_slide).dimensions
+    assert width * height < SMALL_SLIDE_PX
+    target = ["--reference", str(shared_data / "he" / "torchstain-target.png")] if method != "none" else []
+    done, seen = _watch_cli(["normalize", str(cli_slide), "--method", method, *target,
+                             "-o", str(tmp_path / "o.tiff"), "-q"], tmp_path, small_slide_px=SMALL_SLIDE_PX)
+    assert done.returncode == 0, done.stderr
+    # no distributed import: no cluster, no scheduler, no worker, no HTTP server
+    assert done.stdout.splitlines()[-1] == "distributed imported: False", done.stdout
+    assert seen == set(), seen
+    assert "dashboard" not in done.stderr, done.stderr
+
+
 def test_cli_dashboard_only_when_asked_and_on_loopback(cli_slide: Path, tmp_path: Path) -> None:
+    # a small slide: --dashboard starts the embedded cluster all the same
     done, seen = _watch_cli(["normalize", str(cli_slide), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q",
                              "--dashboard"], tmp_path)
     assert done.returncode == 0, done.stderr
@@ -311,15 +364,17 @@ def test_harmonize_sites_runs_the_methods_that_fit_nothing(
 # ------------------------------------------------------------------ clean shutdown
 
 
-def test_cli_error_inside_the_cluster_is_one_line(cli_slide: Path, tmp_path: Path) -> None:
-    """A tile that fails to decode mid-run: one line naming the file, no worker traceback."""
+@pytest.mark.parametrize("small_slide_px", [None, 1], ids=["threads", "cluster"])
+def test_cli_error_inside_the_cluster_is_one_line(cli_slide: Path, tmp_path: Path, small_slide_px: int | None) -> None:
+    """A tile that fails to decode mid-run: one line naming the file, no worker traceback; on the
+    threaded scheduler (a small slide) and in the embedded cluster (threshold lowered)."""
     data = bytearray(cli_slide.read_bytes())
     for at in range(len(data) // 20, len(data) * 6 // 10, 5000):
         data[at:at + 200] = b"\xff" * 200
     corrupt = tmp_path / "corrupt.tiff"
     corrupt.write_bytes(bytes(data))
     done, _ = _watch_cli(["normalize", str(corrupt), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q"],
-                         tmp_path)
+                         tmp_path, small_slide_px=small_slide_px)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"wsi-norm: error: {corrupt}: cannot read level 0 region"), lines

@@ -71,6 +71,22 @@ def test_no_seams_tile_size_does_not_change_output(
     assert np.abs(np.median(outs[0][glass], axis=0) - np.array(template.white.rgb)).max() <= 2
 
 
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_small_slide_direct_map_equals_the_table(sample_svs: Path, shared_data: Path, method: str) -> None:
+    # a slide under 256^3 px is mapped by direct evaluation per chunk, a larger one through the
+    # 256^3 table: the same bytes, here on uneven chunks of the real slide
+    from wsi_norm.pipeline import apply_colormap, compile_checked, fit_slide
+
+    template = fit_template([shared_data / "he" / "torchstain-target.png"], method=method, n_pixels=100_000)
+    slide = open_slide(sample_svs)
+    cmap, _ = compile_checked(fit_slide(slide, method=method, n_pixels=100_000), template)
+    level0 = slide.to_dask(0, chunk_px=500)
+    direct = apply_colormap(level0, cmap, direct=True).compute()
+    cmap.lut()
+    table = apply_colormap(level0, cmap).compute()
+    assert direct.shape == (2967, 2220, 3) and np.array_equal(direct, table)
+
+
 def test_registered_pair_through_the_pipeline(pair: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = pair
     template = fit_template([b], method="macenko", n_pixels=200_000)

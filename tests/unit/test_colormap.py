@@ -56,6 +56,18 @@ def test_lut_is_bit_identical_to_numpy(maps: dict[str, ColorMap], probe: NDArray
 
 
 @pytest.mark.parametrize("method", METHODS + ("keep",))
+def test_direct_evaluation_over_several_slabs_is_the_table(maps: dict[str, ColorMap], method: str) -> None:
+    # evaluate_numpy works in slabs of 2**16 pixels: an image of one full slab and a partial one
+    # (real H&E and random colours) gets exactly the table's values, pixel by pixel
+    cmap = maps[method]
+    rng = np.random.default_rng(7)
+    real = np.tile(load_he("source"), (2, 2, 1))[:250, :200]
+    img = np.concatenate([real, rng.integers(0, 256, (100, 200, 3), dtype=np.uint8)])  # 70,000 px
+    lut = cmap.lut()
+    assert np.array_equal(cmap.evaluate_numpy(img), lut[img[..., 0], img[..., 1], img[..., 2]])
+
+
+@pytest.mark.parametrize("method", METHODS + ("keep",))
 def test_torch_agrees_with_numpy(maps: dict[str, ColorMap], probe: NDArray[np.uint8], method: str) -> None:
     cmap = maps[method]
     ref = cmap.evaluate_numpy(probe).astype(int)

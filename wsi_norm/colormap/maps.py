@@ -149,6 +149,7 @@ class GlassBlend:
         return [m + s * (q - m) for m, q in zip(mapped, self.glass(r, g, b))]
 
 _LUT_BLOCK_BITS = 16  # colours per LUT block: 2**16 (one value of R)
+_EVAL_SLAB_PX = 1 << _LUT_BLOCK_BITS  # pixels per slab of direct evaluation
 # Mapped optical density is clipped to this range before exp: far beyond 8-bit output either way.
 _OD_MIN, _OD_MAX = -5.0, 30.0
 
@@ -234,11 +235,15 @@ class ColorMap:
         """
         arr = _check_uint8_rgb(rgb)
         flat = arr.reshape(-1, 3)
-        planar = np.ascontiguousarray(flat.T, dtype=np.float64)  # (3, N), contiguous channels
-        mapped = self._evaluate_channels(np, planar[0], planar[1], planar[2])
         out = np.empty_like(flat)
-        for c in range(3):
-            out[:, c] = np.clip(np.rint(mapped[c]), 0.0, 255.0).astype(np.uint8)
+        # slabs of 2**16 pixels (the LUT's blocks): the float64 temporaries stay in cache, 3-4x
+        # faster than whole tiles; every operation is per element, so the values are the same
+        for start in range(0, flat.shape[0], _EVAL_SLAB_PX):
+            part = flat[start : start + _EVAL_SLAB_PX]
+            planar = np.ascontiguousarray(part.T, dtype=np.float64)  # (3, n), contiguous channels
+            mapped = self._evaluate_channels(np, planar[0], planar[1], planar[2])
+            for c in range(3):
+                out[start : start + _EVAL_SLAB_PX, c] = np.clip(np.rint(mapped[c]), 0.0, 255.0).astype(np.uint8)
         return out.reshape(arr.shape)
 
     # -- LUT -----------------------------------------------------------------

@@ -115,7 +115,8 @@ def _luma_x1000(rgb: NDArray[np.uint8]) -> NDArray[np.int32]:
     return x[..., 0] * 299 + x[..., 1] * 587 + x[..., 2] * 114
 
 
-def _range_filter(values: NDArray[np.int32], size: int) -> NDArray[np.int32]:
+def _range_filter(values: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
+    """max - min over each ``size x size`` neighbourhood (edges repeated), for 8-bit values."""
     from scipy import ndimage
 
     return np.asarray(
@@ -145,9 +146,12 @@ def glass_candidates(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
     weighted = _luma_x1000(arr)
     tissue = weighted < BACKGROUND_WEIGHTED_MIN
     near_tissue = ndimage.binary_dilation(tissue, iterations=TISSUE_MARGIN_PX) if tissue.any() else tissue
-    gray = (weighted + 500) // 1000
+    away = ~near_tissue
+    if not away.any():  # a window of tissue: nothing to test for flatness
+        return np.empty((0, 3), dtype=np.uint8)
+    gray = ((weighted + 500) // 1000).astype(np.uint8)  # rounded luma, 0..255
     flat = _range_filter(gray, 7) <= FLAT_RANGE
-    return np.ascontiguousarray(arr[flat & ~near_tissue])
+    return np.ascontiguousarray(arr[flat & away])
 
 
 def estimate_white_point(glass: ArrayLike, *, min_pixels: int = MIN_GLASS_PIXELS) -> WhitePoint:

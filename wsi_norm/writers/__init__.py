@@ -30,9 +30,9 @@ from numpy.typing import NDArray
 
 from ..errors import LevelError, OutputError
 from ..pyramid import pyramid_shapes
-from .ome_zarr import DEFAULT_ZARR_CODEC, ZarrCodec, parse_zarr_codec, write_ome_zarr
 from .provenance import read_provenance, software_versions
 from .tiff import write_tiff
+from .zarr_codec import DEFAULT_ZARR_CODEC, ZarrCodec, parse_zarr_codec
 
 __all__ = [
     "DEFAULT_ZARR_CODEC",
@@ -268,6 +268,8 @@ def write_pyramid(
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"zarr_codec: {exc}") from None
     if fmt == "ome-zarr":
+        from .ome_zarr import write_ome_zarr  # zarr only when an OME-Zarr is written
+
         return write_ome_zarr(
             array,
             out,

@@ -1,0 +1,89 @@
+"""The sampler's fast window helpers give exactly what their plain definitions give.
+
+``tissue_blocks`` sums the four 8-bit pixels of a block in integers and ``glass_candidates``
+filters 8-bit luma and skips windows with no pixel away from tissue (see their modules); the
+fitted statistics, and so every output pixel, depend on these bytes, so the tests compare them
+bit for bit with the straightforward formulas on real and random windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from wsi_norm.color import BACKGROUND_WEIGHTED_MIN
+from wsi_norm.tissue.mask import tissue_mask
+from wsi_norm.tissue.sampling import tissue_blocks
+from wsi_norm.tissue.whitepoint import FLAT_RANGE, TISSUE_MARGIN_PX, glass_candidates
+
+
+def _blocks_by_definition(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+    h, w = (rgb.shape[0] // 2) * 2, (rgb.shape[1] // 2) * 2
+    cut = rgb[:h, :w]
+    tissue = tissue_mask(cut).reshape(h // 2, 2, w // 2, 2).all(axis=(1, 3))
+    means = cut.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3), dtype=np.float32)
+    return np.ascontiguousarray(means[tissue])
+
+
+def _glass_by_definition(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    x = rgb.astype(np.int32)
+    weighted = x[..., 0] * 299 + x[..., 1] * 587 + x[..., 2] * 114
+    tissue = weighted < BACKGROUND_WEIGHTED_MIN
+    near = ndimage.binary_dilation(tissue, iterations=TISSUE_MARGIN_PX) if tissue.any() else tissue
+    gray = (weighted + 500) // 1000
+    spread = ndimage.maximum_filter(gray, 7, mode="nearest") - ndimage.minimum_filter(gray, 7, mode="nearest")
+    return np.ascontiguousarray(rgb[(spread <= FLAT_RANGE) & ~near])
+
+
+def _windows(slide_rgb: NDArray[np.uint8], n: int, seed: int) -> list[NDArray[np.uint8]]:
+    """Real crops of odd and even sizes, random noise, brightened crops and flat glass."""
+    rng = np.random.default_rng(seed)
+    h, w = slide_rgb.shape[:2]
+    out = []
+    for _ in range(n):
+        wh, ww = int(rng.integers(1, 260)), int(rng.integers(1, 260))
+        y, x = int(rng.integers(0, h - wh)), int(rng.integers(0, w - ww))
+        win = np.ascontiguousarray(slide_rgb[y : y + wh, x : x + ww])
+        kind = rng.random()
+        if kind < 0.15:
+            win = rng.integers(0, 256, win.shape, dtype=np.uint8)
+        elif kind < 0.3:
+            win = np.clip(win.astype(np.int16) + 70, 0, 255).astype(np.uint8)
+        elif kind < 0.35:
+            win = np.full_like(win, 236) + rng.integers(0, 3, win.shape, dtype=np.uint8)
+        out.append(win)
+    return out
+
+
+@pytest.fixture
+def cmu_rgb(sample_svs: Path) -> NDArray[np.uint8]:
+    from wsi_norm.slide import open_slide
+
+    slide = open_slide(sample_svs)
+    w, h = slide.dimensions
+    return slide.read_region(0, x=0, y=0, width=w, height=h)
+
+
+def test_tissue_blocks_is_the_float32_block_mean_bit_for_bit(cmu_rgb: NDArray[np.uint8]) -> None:
+    n_blocks = 0
+    for win in _windows(cmu_rgb, 150, seed=1):
+        ours, ref = tissue_blocks(win), _blocks_by_definition(win)
+        assert ours.dtype == ref.dtype == np.float32 and ours.shape == ref.shape
+        assert ours.tobytes() == ref.tobytes()
+        n_blocks += len(ours)
+    assert n_blocks > 100_000  # tissue was there to compare
+
+
+def test_glass_candidates_are_the_rule_pixel_for_pixel(cmu_rgb: NDArray[np.uint8]) -> None:
+    n_glass = empty = 0
+    for win in _windows(cmu_rgb, 150, seed=2):
+        ours, ref = glass_candidates(win), _glass_by_definition(win)
+        assert ours.dtype == ref.dtype == np.uint8 and ours.shape == ref.shape
+        assert ours.tobytes() == ref.tobytes()
+        n_glass += len(ours)
+        empty += len(ours) == 0
+    assert n_glass > 100_000 and empty > 10  # both glass and all-tissue windows were compared
