@@ -205,7 +205,7 @@ def test_dask_scheduler_runs_small_work_on_threads_and_a_dashboard_on_a_cluster(
     with dask_scheduler(embedded_cluster=False) as client:
         assert client is None and active_client() is None
         assert dask.config.get("scheduler") is dask.threaded.get
-        assert compute(delayed(sum)([1, 2])) == (3,)
+        assert compute(delayed(sum)([1, 2])) == (3,)  # type: ignore[no-untyped-call]
     with dask_scheduler(embedded_cluster=False, dashboard=True, threads=1) as client:
         assert client is not None and active_client() is client
         assert client.submit(sum, [1, 2]).result() == 3

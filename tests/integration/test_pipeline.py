@@ -81,9 +81,9 @@ def test_small_slide_direct_map_equals_the_table(sample_svs: Path, shared_data: 
     slide = open_slide(sample_svs)
     cmap, _ = compile_checked(fit_slide(slide, method=method, n_pixels=100_000), template)
     level0 = slide.to_dask(0, chunk_px=500)
-    direct = apply_colormap(level0, cmap, direct=True).compute()
+    direct = apply_colormap(level0, cmap, direct=True).compute()  # type: ignore[no-untyped-call]
     cmap.lut()
-    table = apply_colormap(level0, cmap).compute()
+    table = apply_colormap(level0, cmap).compute()  # type: ignore[no-untyped-call]
     assert direct.shape == (2967, 2220, 3) and np.array_equal(direct, table)
 
 
