@@ -186,7 +186,15 @@ def _local_client(n: int, dashboard: bool, log_level: int) -> Iterator[Client]:
         Client(cluster) as client,  # type: ignore[no-untyped-call]  # distributed: unannotated
     ):
         log.info("local dask cluster: 1 in-process worker, %d threads", n)
-        yield client
+        try:
+            yield client
+        except BaseException:
+            # Ctrl-C or an error with tasks in flight: the cluster closes under them, and each
+            # cancelled task would log "Async instruction ... ended with CancelledError". That is
+            # the shutdown the caller asked for, not news; the caller's levels come back on exit.
+            for name in _DISTRIBUTED_LOGGERS:
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            raise
 
 
 def dashboard_url(client: Client) -> str:
