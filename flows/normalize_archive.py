@@ -28,13 +28,14 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -42,6 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed
+from prefect.utilities.annotations import quote
 
 from flows import configure_process
 from flows._artifacts import ProgressArtifact, artifact_key, markdown_table
@@ -75,6 +77,7 @@ SUMMARY_KEY = "normalize-archive-summary"
 PROGRESS_KEY = "normalize-archive-progress"
 #: Outcome of a slide whose outputs another run is writing (not a failure, nothing written).
 BUSY = "skipped (busy)"
+T = TypeVar("T")
 
 
 def _retry_unless_permanent(task: Any, task_run: Any, state: State) -> bool:
@@ -129,15 +132,19 @@ def prepare_target(manifest: Manifest, name: str | None) -> Any:
     return resolve_template(manifest, name)
 
 
-@task(name="fit-slide", cache_policy=NO_CACHE)
-def fit_task(source: str, method: str, params: dict[str, Any], n_pixels: int, seed: int) -> Any:
-    """Slide-wide fit of the source statistics (``wsi_norm.pipeline.fit_slide``)."""
+# Task-run names are templates of the tasks' own parameters: a per-slide ``with_options`` copies
+# the task, and each copy re-reads the function's source (~50 ms a slide on these machines).
+@task(name="fit-slide", cache_policy=NO_CACHE, task_run_name="fit {label}")
+def fit_task(label: str, source: str, method: str, params: dict[str, Any], n_pixels: int, seed: int) -> Any:
+    """Slide-wide fit of the source statistics (``wsi_norm.pipeline.fit_slide``); ``label`` names
+    the task run (``site/slide``)."""
     from wsi_norm.pipeline import fit_slide
 
     return fit_slide(source, method=method, params=params, n_pixels=n_pixels, seed=seed)
 
 
-@task(name="normalize-slide", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_permanent)
+@task(name="normalize-slide", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_permanent,
+      task_run_name="write {entry.site}/{entry.source.name} ({fmt})")
 def normalize_task(
     entry: SlideEntry, fmt: OutputFormatName, manifest: Manifest, target: Any, source_fit: Any,
     progress: Callable[[int, int], None] | None = None,
@@ -170,7 +177,7 @@ def normalize_task(
     return result
 
 
-@task(name="qc-slide", cache_policy=NO_CACHE)
+@task(name="qc-slide", cache_policy=NO_CACHE, task_run_name="qc {entry.site}/{entry.source.name}")
 def qc_task(entry: SlideEntry, manifest: Manifest, target: Any, results: list[Any], seconds: float) -> dict[str, Any]:
     """QC metrics and artifacts of one normalized slide."""
     return publish_slide_qc(entry, manifest=manifest, target=target, results=results, seconds=seconds)
@@ -211,7 +218,19 @@ def _claim_outputs(entry: SlideEntry) -> Iterator[None]:
         yield
 
 
-@task(name="process-slide", cache_policy=NO_CACHE)
+def _unvisited(value: T) -> T:
+    """``value`` wrapped in Prefect's ``quote``: passed to a task as it is, without Prefect walking
+    it for futures (typed as the value: the task receives the value itself)."""
+    return cast(T, quote(value))
+
+
+@functools.cache
+def _normalize_with_retries(retries: int, delay_s: float) -> Any:
+    """``normalize_task`` with a manifest's retries: one copy per setting and process."""
+    return normalize_task.with_options(retries=retries, retry_delay_seconds=delay_s)
+
+
+@task(name="process-slide", cache_policy=NO_CACHE, task_run_name="normalize {entry.site}/{entry.source.name}")
 def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOutcome:
     """Skip a current slide, or run fit -> normalize -> QC as nested task runs, then record it complete.
 
@@ -236,17 +255,15 @@ def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOu
             )
             source_fit = None  # none and stainnet fit nothing: a fixed (identity or learned) map
             if manifest.method not in ("none", "stainnet"):
-                source_fit = fit_task.with_options(task_run_name=f"fit {label}")(
-                    str(entry.source), manifest.method, manifest.params, m.fit.n_pixels, m.fit.seed
-                )
+                source_fit = fit_task(label, str(entry.source), manifest.method, _unvisited(manifest.params), m.fit.n_pixels,
+                                      m.fit.seed)
             results = []
+            normalize = _normalize_with_retries(m.retries, m.retry_delay_s)
             for k, fmt in enumerate(entry.outputs):
-                normalize = normalize_task.with_options(
-                    retries=m.retries, retry_delay_seconds=m.retry_delay_s, task_run_name=f"write {label} ({fmt})"
-                )
-                results.append(normalize(entry, fmt, manifest, target, source_fit, progress.part(k, len(entry.outputs))))
+                results.append(normalize(entry, fmt, _unvisited(manifest), _unvisited(target), _unvisited(source_fit),
+                                         progress.part(k, len(entry.outputs))))
             seconds = time.perf_counter() - start
-            metrics = qc_task.with_options(task_run_name=f"qc {label}")(entry, manifest, target, results, seconds)
+            metrics = qc_task(entry, _unvisited(manifest), _unvisited(target), _unvisited(results), seconds)
             write_completion(manifest, entry, qc_dir=metrics["qc_dir"])  # last: outputs and QC are done
     except OutputBusyError as exc:
         logger.warning("%s: skipped: %s", entry.source.name, exc)
@@ -313,16 +330,17 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         pending = list(m.slides)
         running: dict[PrefectFuture[Any], SlideEntry] = {}
         run_progress = ProgressArtifact(PROGRESS_KEY, description=f"0 of {len(pending)} slides done",
-                                        min_interval_s=2.0, min_step_pct=0.0)
+                                        min_interval_s=2.0, min_step_pct=0.0, create_now=True)
         started = time.monotonic()
+        process = process_slide.with_options(timeout_seconds=m.model.slide_timeout_s)  # once a run
         while pending or running:
             while pending and len(running) < m.model.concurrency:
                 entry = pending.pop(0)
-                future = process_slide.with_options(
-                    tags=[f"site:{entry.site}", f"method:{m.method}"],
-                    task_run_name=f"normalize {entry.site}/{entry.source.name}",
-                    timeout_seconds=m.model.slide_timeout_s,
-                ).submit(entry, m, target)
+                with tags(f"site:{entry.site}", f"method:{m.method}"):  # this slide's task runs only
+                    # quote(): Prefect would otherwise walk every parameter for futures on each
+                    # task run, and the manifest holds every slide (0.1 s a slide at 40 slides,
+                    # growing with the archive); the nested task runs quote theirs too
+                    future = process.submit(entry, _unvisited(m), _unvisited(target))
                 running[future] = entry
             done = next(as_completed(list(running)))
             entry = running.pop(done)

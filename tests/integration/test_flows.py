@@ -130,6 +130,15 @@ def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect
         "normalize site-a/a-1.tiff", "normalize site-b/b-1.tiff", "normalize site-b/bad.svs"]
     assert sorted(n for n in names if n.startswith("write ")) == [
         "write site-a/a-1.tiff (ome-zarr)", "write site-b/b-1.tiff (ome-zarr)"]
+    # each slide's task runs carry its own site's tag (and the method's), never another site's
+    tagged = 0
+    for t in _task_runs(run_id):
+        if t.name.endswith("site-a/a-1.tiff") or "site-a/a-1.tiff " in t.name:
+            assert {"site:site-a", "method:macenko"} <= set(t.tags) and "site:site-b" not in t.tags, (t.name, t.tags)
+            tagged += 1
+        if t.name.endswith("site-b/b-1.tiff") or "site-b/b-1.tiff " in t.name:
+            assert "site:site-b" in t.tags and "site:site-a" not in t.tags, (t.name, t.tags)
+    assert tagged == 4  # normalize, fit, write, qc of a-1
     mtimes = [o.stat().st_mtime_ns for o in outs]
 
     # Second run: the two finished slides are current, the broken one fails again.
