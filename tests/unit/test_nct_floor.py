@@ -120,3 +120,23 @@ def test_projection_to_a_gigapixel() -> None:
     assert nct._hours_per_gp(1.0) == pytest.approx(3814.697 / 3600, rel=1e-6)
     # one direction of the relu3_1 field on a 512^2 pair: 128^2 x 128^2 pairs x 256 channels
     assert nct._field_flops("relu3_1") == 2.0 * 128**4 * 256
+
+
+def test_measure_and_summary_on_tiny_tiles() -> None:
+    """The benchmark's plumbing on 32x32 tiles: measured and projected levels, floor arithmetic."""
+    tiles = np.stack([_rgb(32, 32, 7), _rgb(32, 32, 8)])
+    result = nct.measure(torch.device("cpu"), tiles, _rgb(32, 32, 9), field_levels=2, repeats=1)
+    fields = result["fields"]
+    assert list(fields) == list(nct.LEVELS)
+    assert [f["measured"] for f in fields.values()] == [True, True, False, False, False]
+    assert all(f["seconds"] > 0 for f in fields.values())
+    summary = nct.summarize(result, {"direct": 0.5, "lut": 0.001})
+    to_relu2 = sum(fields[lv]["seconds"] for lv in nct.LEVELS[:4])
+    assert summary["floor_s_per_tile"] == pytest.approx(result["features_s"] + to_relu2)
+    assert summary["projected_levels"] == ["relu3_1", "relu2_1", "relu1_1"]
+    assert summary["floor_over_stainnet"]["lut"] == pytest.approx(
+        summary["floor_s_per_tile"] / 0.001
+    )
+    assert summary["floor_over_stainnet_goal"] == pytest.approx(
+        summary["floor_s_per_tile"] * 20_000
+    )
