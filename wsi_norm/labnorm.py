@@ -43,8 +43,9 @@ Precision: the Lab math runs in float32 (float64 for float64 input) even under
 
 References
 ----------
-T. Ke et al., "LStainNorm: ... learnable stain normalization" (LabPreNorm), Medical Image
-Analysis, 2025.  E. Reinhard et al., "Color transfer between images", IEEE CG&A 21(5), 2001.
+Ke et al., Medical Image Analysis, 2025: LStainNorm's learnable Lab pre-normalization layer
+(LabPreNorm); its attention fusion of colour spaces (SA3) is not per-pixel and is not built here.
+E. Reinhard et al., "Color transfer between images", IEEE CG&A 21(5), 2001, doi:10.1109/38.946629.
 
 Examples
 --------

@@ -385,3 +385,14 @@ def test_bad_inputs_are_clear_errors() -> None:
         given(x, TARGET_MEAN, TARGET_STD, 300.0)
     with pytest.raises(ValueError, match="stats must be one of"):
         LabNorm(TARGET_MEAN, TARGET_STD, stats="tile")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_within_one_level(source_image: NDArray[np.uint8]) -> None:
+    tiles = _crops(source_image, 4, 64, seed=6)
+    for stats in ("tissue", "all"):
+        layer = LabNorm(TARGET_MEAN, TARGET_STD, stats=stats, white=TARGET_WHITE)
+        with torch.no_grad():
+            cpu = _levels(layer(_batch(tiles)))
+            cuda = _levels(layer.to("cuda")(_batch(tiles).to("cuda")).cpu())
+        assert np.abs(cpu - cuda).max() <= 1
