@@ -75,7 +75,7 @@ from wsi_norm.color import (
     _lab_from_channels,
     _white_channels,
 )
-from wsi_norm.colormap.maps import GlassBlend
+from wsi_norm.colormap.maps import GlassBlend, GlassMode
 from wsi_norm.errors import TemplateError
 from wsi_norm.pipeline import SlideFit
 from wsi_norm.stain.base import StainParams
@@ -87,7 +87,6 @@ from wsi_norm.tissue.whitepoint import WhitePoint
 __all__ = ["EPS", "LabNorm", "StatsMode", "fit_tensors"]
 
 StatsMode = Literal["tissue", "all", "given"]
-GlassMode = Literal["target", "keep"]
 #: The paper's guard in the denominator, ``sigma_s + EPS`` (per-tile modes only).
 EPS = 1e-7
 _MODES = ("tissue", "all", "given")
@@ -217,6 +216,13 @@ class LabNorm(nn.Module):
     ----------
     delta_mean : (3,) Parameter, Lab units, starts at 0
     delta_log_std : (3,) Parameter, starts at 0; ``sigma_t = sigma_0 * exp(delta_log_std)``
+
+    Notes
+    -----
+    ``state_dict()`` holds ``mean0``, ``std0`` (buffers) and the two deltas; the options above
+    are constructor arguments, and :meth:`to_template` is the export the pipeline reads.  The
+    forward pass is pure (no state changes), so one layer may serve several threads for
+    inference; training follows torch's usual rules.
     """
 
     mean0: torch.Tensor
