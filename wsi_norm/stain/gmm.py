@@ -47,6 +47,7 @@ __all__ = [
     "COMPONENT_RANGE",
     "MAX_MATCH_DISTANCE",
     "MIN_TARGET_WEIGHT",
+    "PAIR_SLACK",
     "ComponentMatch",
     "GmmStats",
     "aggregate_gmm",
@@ -61,6 +62,9 @@ MIN_TARGET_WEIGHT = 0.01
 MAX_MATCH_DISTANCE = 3.0
 """A source component farther than this from every usable target component (pooled standard
 deviations, see :func:`match_components`) is absent in the target: it maps by the global moments."""
+PAIR_SLACK = 1.0
+"""A Hungarian pair is kept only when it is at most this much (pooled standard deviations) farther
+than the source component's nearest usable target component; else the nearest is used."""
 #: Added to every variance by EM (HSD units^2): no component collapses on one colour.
 _REG_COVAR = 1e-4
 _MIN_STD = 1e-3
@@ -286,9 +290,12 @@ def match_components(source: GmmStats, target: GmmStats) -> ComponentMatch:
     and chromaticity weigh alike; means are not centred on the slides' global means, which move
     with tissue composition). Target components under :data:`MIN_TARGET_WEIGHT` are not used.
 
-    Fallbacks, recorded in the result: a source component the pairing leaves over (K_s > K_t) or
-    pairs farther than :data:`MAX_MATCH_DISTANCE` takes its nearest usable target component
-    within that distance (``"nearest"``); with none, it maps by the global moments (``"global"``).
+    Fallbacks, recorded in the result: a source component the pairing leaves over (K_s > K_t),
+    pairs farther than :data:`MAX_MATCH_DISTANCE`, or pairs more than :data:`PAIR_SLACK` farther
+    than its nearest usable target component (two fits that split a tissue class differently: the
+    one-to-one pairing would send a component to another class) takes its nearest usable target
+    component within :data:`MAX_MATCH_DISTANCE` (``"nearest"``); with none, it maps by the global
+    moments (``"global"``).
 
     Returns
     -------
@@ -309,12 +316,12 @@ def match_components(source: GmmStats, target: GmmStats) -> ComponentMatch:
     index, how, dist = [], [], []
     for k in range(k_s):
         col = paired.get(k)
-        if col is not None and cost[k, col] <= MAX_MATCH_DISTANCE:
+        nearest = int(np.argmin(cost[k]))
+        if col is not None and cost[k, col] <= min(MAX_MATCH_DISTANCE, cost[k, nearest] + PAIR_SLACK):
             index.append(int(usable[col]))
             how.append("matched")
             dist.append(float(cost[k, col]))
             continue
-        nearest = int(np.argmin(cost[k]))
         if cost[k, nearest] <= MAX_MATCH_DISTANCE:
             index.append(int(usable[nearest]))
             how.append("nearest")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["HSD_MIN_DENSITY", "hsd_from_od", "od_from_hsd", "od_to_hsd"]
+__all__ = ["HSD_MIN_DENSITY", "effective_density", "hsd_from_od", "od_from_hsd", "od_to_hsd"]
 
 HSD_MIN_DENSITY = 0.05
 """``D0`` (optical density): chromaticity divides by ``sqrt(D^2 + D0^2)``, never by 0."""
@@ -44,7 +44,8 @@ HSD_MIN_DENSITY = 0.05
 _SQRT3 = math.sqrt(3.0)
 
 
-def _effective_density(xp: ModuleType, density: Any) -> Any:
+def effective_density(xp: ModuleType, density: Any) -> Any:
+    """``D_e = sqrt(D^2 + D0^2)``: what chromaticity is divided by (>= :data:`HSD_MIN_DENSITY`)."""
     return xp.sqrt(density * density + HSD_MIN_DENSITY * HSD_MIN_DENSITY)
 
 
@@ -62,23 +63,26 @@ def hsd_from_od(xp: ModuleType, od_r: Any, od_g: Any, od_b: Any) -> list[Any]:
         chromaticity dimensionless
     """
     density = (od_r + od_g + od_b) / 3.0
-    d_e = _effective_density(xp, density)
+    d_e = effective_density(xp, density)
     return [density, (od_r - density) / d_e, (od_g - od_b) / (_SQRT3 * d_e)]
 
 
-def od_from_hsd(xp: ModuleType, density: Any, c_x: Any, c_y: Any) -> list[Any]:
+def od_from_hsd(xp: ModuleType, density: Any, c_x: Any, c_y: Any, *, chroma_density: Any = None) -> list[Any]:
     """Planar ``[D, c_x, c_y]`` -> planar optical density; the inverse of :func:`hsd_from_od`.
 
     Parameters
     ----------
     xp : module, ``numpy`` or ``torch``
     density, c_x, c_y : same-shape float arrays
+    chroma_density : float array, keyword-only, optional
+        The density chromaticity is multiplied by; default ``effective_density(density)`` (the
+        exact inverse).
 
     Returns
     -------
     [od_r, od_g, od_b] : three float arrays, optical density
     """
-    d_e = _effective_density(xp, density)
+    d_e = effective_density(xp, density) if chroma_density is None else chroma_density
     half = -0.5 * c_x
     spread = 0.5 * _SQRT3 * c_y
     return [density + d_e * c_x, density + d_e * (half + spread), density + d_e * (half - spread)]
