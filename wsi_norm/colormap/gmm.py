@@ -13,11 +13,12 @@ posterior memberships, **tempered** and **bounded**:
 * tempered: ``gamma = softmax(log(pi_k N(x; mu_k, sigma_k)) / T)`` with ``T =``
   :data:`MEMBERSHIP_TEMPERATURE`, so the hand-over between two components with different moment
   maps is spread over more colours and a one-level input step cannot jump between them;
-* bounded: memberships are evaluated at ``x`` clipped to the box ``min_k(mu_k - 2 sigma_k)`` ..
-  ``max_k(mu_k + 2 sigma_k)`` of the source mixture, so outside the tissue's colours (saturated
-  corners of the RGB cube) they stop changing, not a sudden switch between two far-apart
-  components; beyond the box the map continues with slope 1 in HSD (a shift), not the
-  components' scales.
+* bounded: the map is evaluated at ``x`` clipped to a box of tissue colours (the source's
+  slide-wide HSD mean +- 2.5 standard deviations per channel, widened to hold every component
+  mean), so outside the tissue's colours (saturated corners of the RGB cube) memberships stop
+  changing instead of switching suddenly between two far-apart components; beyond the box a pixel
+  gets the optical-density change of its box point added to its own optical density (a constant
+  shift per channel, whose slope is that of white balance), not the components' scales.
 
 Each component's per-channel scale ``sigma^t / sigma^s`` is kept within [1/2, 2]: two independent
 fits split tissue differently, and a component's spread ratio is then noise that a raw ratio (up to
@@ -26,9 +27,10 @@ input pixel's own density (``D_e``), so a pale pixel lifted to a dark one does n
 chromatic noise (``c = OD / D``) amplified by the density ratio.
 
 Continuity (one-level input steps, measured on the real pairs above): <= 4 levels on tissue
-colours, <= 7 over the glass band and over the cube once every channel is >= 16, up to 50 at the
-cube's dark faces (a channel at 0-15: 0 -> 1 is 0.69 OD, which HSD spreads into every channel
-through the density; Macenko's map reaches 16 there). ``tests/unit/test_stain_gmm.py`` holds these.
+colours, <= 7 over the glass band and over the cube once every channel is >= 16, up to 45 at the
+cube's dark faces (a channel at 0-15: 0 -> 1 is 0.69 OD, which HSD's density, the mean of the
+three channels, carries into every channel; Macenko's map reaches 16 there).
+``tests/unit/test_stain_gmm.py`` holds these.
 
 ``y`` goes back to optical density and is rendered into the target's white point,
 ``(wt + 1) exp(-od) - 1``. The map is a function of the pixel alone: one 256^3 LUT, no seams.
@@ -57,8 +59,9 @@ as if every component were 4 times wider, with its weight's say cut alike). Chos
 with every channel >= 16): the largest output step is 69 levels at T = 1, 22 at T = 4 and 7 at
 T = 16, where two components' maps hand over; the composition test (generated, nuclei 10 % vs
 40 %) keeps a mean CIEDE2000 under 1 at T = 1, 4 and 16."""
-#: Memberships are evaluated inside the source mixture's means +- this many standard deviations.
-_BOX_STDS = 2.0
+#: The box: the source's slide-wide HSD mean +- this many standard deviations (widened to hold
+#: every component mean).
+_BOX_STDS = 2.5
 #: A component's per-channel scale sigma^t / sigma^s is kept within [1 / this, this].
 _MAX_SCALE = 2.0
 #: Chromaticity is rendered at most at this many times the input pixel's (effective) density.
@@ -129,8 +132,8 @@ class GmmMap(ColorMap):
         self._log_prior = np.log(source.weights) - np.log(source.stds).sum(axis=1)
         self._means = source.means.copy()
         self._half_precision = 0.5 / source.stds**2
-        self._box_lo = (source.means - _BOX_STDS * source.stds).min(axis=0)
-        self._box_hi = (source.means + _BOX_STDS * source.stds).max(axis=0)
+        self._box_lo = np.minimum(source.global_mean - _BOX_STDS * source.global_std, source.means.min(axis=0))
+        self._box_hi = np.maximum(source.global_mean + _BOX_STDS * source.global_std, source.means.max(axis=0))
 
     def notes(self) -> dict[str, Any]:
         """Provenance: components, temperature and the matching (fallbacks included)."""
@@ -143,7 +146,9 @@ class GmmMap(ColorMap):
 
     def memberships(self, xp: ModuleType, hsd: list[Any]) -> list[Any]:
         """Tempered memberships ``gamma_k`` of planar HSD channels (a list of K arrays summing to 1)."""
-        x = self._inside(xp, hsd)
+        return self._memberships_inside(xp, self._inside(xp, hsd))
+
+    def _memberships_inside(self, xp: ModuleType, x: list[Any]) -> list[Any]:
         logits = []
         for k in range(len(self._means)):
             z = float(self._log_prior[k])
@@ -164,7 +169,7 @@ class GmmMap(ColorMap):
         od = [-xp.log((c + 1.0) / (ws + 1.0)) for c, ws in zip((r, g, b), self.source_white)]
         hsd = hsd_from_od(xp, od[0], od[1], od[2])
         inside = self._inside(xp, hsd)
-        gamma = self.memberships(xp, inside)
+        gamma = self._memberships_inside(xp, inside)
         mapped = []
         for c in range(3):
             scale = gamma[0] * float(self.scale[0, c])
@@ -172,10 +177,13 @@ class GmmMap(ColorMap):
             for k in range(1, len(gamma)):
                 scale = scale + gamma[k] * float(self.scale[k, c])
                 offset = offset + gamma[k] * float(self.offset[k, c])
-            # beyond the box the map goes on with slope 1 (a shift), not the component's scale
-            mapped.append(offset + scale * inside[c] + (hsd[c] - inside[c]))
+            mapped.append(offset + scale * inside[c])
         # chromaticity is rendered at no more than CHROMA_GAIN times the input's density: a pale
         # pixel lifted to a dark one would otherwise amplify its chromatic noise (c = OD / D)
-        chroma_density = xp.minimum(effective_density(xp, mapped[0]), _CHROMA_GAIN * effective_density(xp, hsd[0]))
+        chroma_density = xp.minimum(effective_density(xp, mapped[0]), _CHROMA_GAIN * effective_density(xp, inside[0]))
         od_out = od_from_hsd(xp, mapped[0], mapped[1], mapped[2], chroma_density=chroma_density)
+        # beyond the box: the box point's optical-density change, added to the pixel's own OD
+        # (a constant shift per channel, so the map's slope there is that of white balance)
+        od_box = od_from_hsd(xp, inside[0], inside[1], inside[2])
+        od_out = [o + (i - q) for o, i, q in zip(od_out, od, od_box)]
         return [(wt + 1.0) * xp.exp(-xp.clip(o, _OD_MIN, _OD_MAX)) - 1.0 for o, wt in zip(od_out, self.target_white)]
