@@ -56,7 +56,7 @@ MEMBERSHIP_TEMPERATURE = 16.0
 """``T``: log-memberships are divided by it before the softmax (1 = the mixture's posteriors; 16 is
 as if every component were 4 times wider, with its weight's say cut alike). Chosen on the real pairs
 (CMU-1-Small-Region and the two torchstain patches, all six directions, 10^5 seeded one-level steps
-with every channel >= 16): the largest output step is 69 levels at T = 1, 22 at T = 4 and 7 at
+with every channel >= 16): the largest output step is 64 levels at T = 1, 23 at T = 4 and 7 at
 T = 16, where two components' maps hand over; the composition test (generated, nuclei 10 % vs
 40 %) keeps a mean CIEDE2000 under 1 at T = 1, 4 and 16."""
 #: The box: the source's slide-wide HSD mean +- this many standard deviations (widened to hold
