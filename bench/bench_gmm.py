@@ -6,7 +6,7 @@ fit and a template (the torchstain target patch) for ``gmm`` and for ``none``. P
 of each phase; the apply ratio is gmm's map-and-write phase (``write_s``: the colour map applied
 over every chunk, then encoded and written) over none's, both as the pipeline runs this slide
 (under 256^3 px: every pixel evaluated directly) and with the map's table built (what a larger
-slide gets: a gather). The LUT compile (16.7 M colours evaluated once per map) is timed
+slide gets: a gather; Reinhard's map, gathered alike, beside it). The LUT compile (16.7 M colours evaluated once per map) is timed
 separately.
 
     python bench/bench_gmm.py --rounds 3
@@ -35,9 +35,12 @@ def main() -> None:
     args = ap.parse_args()
 
     template = template_from_fits([fit_slide(args.reference, method="gmm")])
+    reinhard_template = template_from_fits([fit_slide(args.reference, method="reinhard")])
+    reinhard_fit = fit_slide(args.slide, method="reinhard")
     writer = WriterOptions(compression="jpeg")
     times: dict[str, list[float]] = {"sample_s": [], "fit_s": [], "gmm_write_s": [], "none_write_s": [],
-                                     "gmm_total_s": [], "none_total_s": [], "lut_s": [], "lut_write_s": []}
+                                     "gmm_total_s": [], "none_total_s": [], "lut_s": [], "lut_write_s": [],
+                                     "reinhard_lut_write_s": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds + 1):
             fit = fit_slide(args.slide, method="gmm")
@@ -53,6 +56,10 @@ def main() -> None:
             # with the table built (what a slide over 256^3 px gets): the gather
             gathered = normalize_slide(args.slide, Path(tmp) / f"lut{r}.tiff", method="gmm", target=template,
                                        source_fit=fit, writer=writer)
+            compile_colormap("reinhard", reinhard_fit.stats, reinhard_template.stats,
+                             source_white=reinhard_fit.white.array, target_white=reinhard_template.white.array).lut()
+            reinhard = normalize_slide(args.slide, Path(tmp) / f"reinhard{r}.tiff", method="reinhard",
+                                       target=reinhard_template, source_fit=reinhard_fit, writer=writer)
             if r == 0:
                 continue  # warm-up: numba, imports, page cache
             times["sample_s"].append(fit.timings["sample_s"])
@@ -63,6 +70,7 @@ def main() -> None:
             times["none_total_s"].append(none.timings["total_s"])
             times["lut_s"].append(lut_s)
             times["lut_write_s"].append(gathered.timings["write_s"])
+            times["reinhard_lut_write_s"].append(reinhard.timings["write_s"])
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"slide {Path(args.slide).name}, {args.rounds} rounds (median), template {Path(args.reference).name}, "
           f"{template.stats.n_components} target components, {fit.stats.n_components} source components")
@@ -71,7 +79,8 @@ def main() -> None:
     print(f"apply (map + write), direct evaluation (slides under 256^3 px): gmm {med['gmm_write_s']:.2f} s, "
           f"none {med['none_write_s']:.2f} s, ratio {med['gmm_write_s'] / med['none_write_s']:.2f} x")
     print(f"apply (map + write), LUT gather (larger slides, table built): gmm {med['lut_write_s']:.2f} s, "
-          f"ratio {med['lut_write_s'] / med['none_write_s']:.2f} x")
+          f"ratio {med['lut_write_s'] / med['none_write_s']:.2f} x (reinhard, the same gather: "
+          f"{med['reinhard_lut_write_s']:.2f} s, {med['reinhard_lut_write_s'] / med['none_write_s']:.2f} x)")
     print(f"normalize total (gmm: source fit given, map compiled): gmm {med['gmm_total_s']:.2f} s, "
           f"none {med['none_total_s']:.2f} s")
     print(f"LUT compile (256^3 colours): {med['lut_s']:.2f} s")
