@@ -215,7 +215,7 @@ def fit_slide(
     Parameters
     ----------
     source : path or Slide
-    method : {"macenko", "vahadane", "reinhard", "histmatch"}
+    method : {"macenko", "vahadane", "reinhard", "histmatch", "gmm"}
     params : method parameters (dataclass or mapping), optional
     n_pixels : int
         Tissue pixels to sample.
@@ -237,8 +237,8 @@ def fit_slide(
     -----
     Macenko and Vahadane are fitted on the sample's 2 x 2 tissue block means (robust to JPEG's
     chroma subsampling, see :mod:`wsi_norm.tissue.sampling`), in optical density against the slide's
-    white point (``params.white_point`` overrides the measured one); Reinhard and histogram
-    matching on its tissue pixels.
+    white point (``params.white_point`` overrides the measured one); Reinhard, histogram
+    matching and gmm on its tissue pixels (gmm in HSD against the same white point).
     """
     from wsi_norm.stain import STAIN_MATRIX_METHODS, StainParams, fit_stats
 
@@ -758,7 +758,7 @@ def normalize_slide(
     out : path
         ``*.ome.zarr`` / ``*.zarr`` or ``*.tif`` / ``*.tiff`` (or pass ``fmt``). Written as
         ``out.partial`` and renamed when complete.
-    method : {"macenko", "vahadane", "reinhard", "histmatch", "stainnet", "none"}
+    method : {"macenko", "vahadane", "reinhard", "histmatch", "gmm", "stainnet", "none"}
         ``none`` copies the slide through the same read and write path (the baseline).
     target : Template or path, optional
         Target statistics (a template JSON from ``wsi-norm fit``).
@@ -892,6 +892,7 @@ def normalize_slide(
         "white_point": whites,
         "glass": glass,
         "qc": qc.to_dict(),
+        "map": cmap.notes(),
         "background_rule": "gray > 200 (rounded ITU-R 601 luma) chooses the pixels statistics are "
         "fitted on; every pixel is mapped by one continuous map",
     }

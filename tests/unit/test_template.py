@@ -94,4 +94,4 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_all_methods_known() -> None:
-    assert METHODS == ("macenko", "vahadane", "reinhard", "histmatch")
+    assert METHODS == ("macenko", "vahadane", "reinhard", "histmatch", "gmm")

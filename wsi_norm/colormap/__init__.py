@@ -9,6 +9,7 @@ the learned StainNet map and its checkpoint format (imported on demand: it needs
 from __future__ import annotations
 
 from wsi_norm.colormap.compile import compile_colormap
+from wsi_norm.colormap.gmm import GmmMap
 from wsi_norm.colormap.maps import (
     ColorMap,
     GlassBlend,
@@ -24,6 +25,7 @@ __all__ = [
     "ColorMap",
     "GlassBlend",
     "GlassMode",
+    "GmmMap",
     "HistogramMap",
     "IdentityMap",
     "ReinhardMap",

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wsi_norm.color import DEFAULT_WHITE
+from wsi_norm.colormap.gmm import GmmMap
 from wsi_norm.colormap.maps import (
     ColorMap,
     GlassBlend,
@@ -22,6 +23,7 @@ from wsi_norm.colormap.maps import (
 )
 from wsi_norm.stain import STAIN_MATRIX_METHODS, check_method, stats_type
 from wsi_norm.stain.base import StainMatrixStats, StainParams
+from wsi_norm.stain.gmm import GmmStats
 from wsi_norm.stain.histmatch import HistMatchStats, match_tables
 from wsi_norm.stain.reinhard import ReinhardStats
 
@@ -51,7 +53,7 @@ def compile_colormap(
         White points (glass intensity per channel) of the source slide and the target.
     glass : {"target", "keep"}, keyword-only
         ``target`` (default): glass goes to the target's white point (the stain methods by
-        construction, Reinhard and histogram matching through a :class:`GlassBlend`);
+        construction, Reinhard, histogram matching and gmm through a :class:`GlassBlend`);
         ``keep``: the source's glass is kept, blended smoothly over a luma band.
 
     Returns
@@ -102,9 +104,16 @@ def _compile_histmatch(
     return HistogramMap(match_tables(src, tgt), glass=blend)
 
 
+def _compile_gmm(
+    src: GmmStats, tgt: GmmStats, p: StainParams, ws: Any, wt: Any, blend: GlassBlend | None
+) -> ColorMap:
+    return GmmMap(src, tgt, source_white=ws, target_white=wt, glass=blend)
+
+
 _COMPILE: dict[str, Callable[..., ColorMap]] = {
     "macenko": _compile_stain,
     "vahadane": _compile_stain,
     "reinhard": _compile_reinhard,
     "histmatch": _compile_histmatch,
+    "gmm": _compile_gmm,
 }

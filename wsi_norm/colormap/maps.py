@@ -30,7 +30,8 @@ map on and off.  Each map is one continuous function of the whole RGB cube, so n
 colours stay neighbours (no speckle at gray 200).  Glass goes to the **target's glass colour**:
 Macenko and Vahadane do so by construction (optical density against the source's white point,
 rendered into the target's: glass has OD 0 and comes out as the target white); Reinhard,
-histogram matching and StainNet carry a :class:`GlassBlend` when asked to.  A ``GlassBlend``
+histogram matching, the mixture map (:mod:`wsi_norm.colormap.gmm`) and StainNet carry a
+:class:`GlassBlend` when asked to.  A ``GlassBlend``
 blends the method's colour smoothly (a smoothstep in luma over a band of at least 8 levels below
 the white point) into either the white-balanced pixel (``mode="target"``: each channel scaled
 from the source's white point to the target's) or the unchanged pixel (``mode="keep"``: the
@@ -210,6 +211,11 @@ class ColorMap:
         self._lut: NDArray[np.uint8] | None = None
         self._torch_luts: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def notes(self) -> dict[str, Any]:
+        """What the map decided while it was built, for the output's provenance (JSON-ready;
+        empty for most maps, see :meth:`wsi_norm.colormap.gmm.GmmMap.notes`)."""
+        return {}
 
     # -- the math, once, for numpy arrays and torch tensors -----------------
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:

@@ -4,7 +4,7 @@ Each method provides ``fit_<method>(pixels, params) -> <Method>Stats``,
 ``aggregate_<method>(stats_list)`` and a colour map; this module dispatches
 on the method name through explicit dict maps.
 
-Methods: ``"macenko"``, ``"vahadane"``, ``"reinhard"``, ``"histmatch"``. Fits are pure:
+Methods: ``"macenko"``, ``"vahadane"``, ``"reinhard"``, ``"histmatch"``, ``"gmm"``. Fits are pure:
 pixels in, statistics out. Turning two fits into a colour map is the next stage's job
 (:func:`wsi_norm.colormap.compile_colormap`); StainNet is a learned map, not fitted here
 (:mod:`wsi_norm.colormap.stainnet`).
@@ -19,6 +19,7 @@ from typing import Any
 from numpy.typing import NDArray
 
 from wsi_norm.stain.base import StainParams, Stats
+from wsi_norm.stain.gmm import GmmStats, aggregate_gmm, fit_gmm
 from wsi_norm.stain.histmatch import (
     HistMatchStats,
     aggregate_histmatch,
@@ -33,6 +34,7 @@ __all__ = [
     "METHODS",
     "REGISTRY",
     "STAIN_MATRIX_METHODS",
+    "GmmStats",
     "HistMatchStats",
     "MacenkoStats",
     "MethodSpec",
@@ -43,6 +45,7 @@ __all__ = [
     "aggregate_stats",
     "check_method",
     "default_params",
+    "fit_gmm",
     "fit_histmatch",
     "fit_macenko",
     "fit_reinhard",
@@ -68,6 +71,9 @@ class MethodSpec:
     """The :class:`StainParams` fields the method's fit reads (``white_point`` for every method: the
     pipeline measures or fixes the white point with it); what its templates record. ``device``
     (where the work ran) is never recorded."""
+    od: bool = False
+    """True when a method that is not a stain-matrix method still fits in optical density against
+    the slide's white point (so its fit takes ``white=`` too): ``gmm``."""
 
 
 # The fields each fit reads (see fit_<method>): Vahadane starts from the strong Macenko variant,
@@ -78,6 +84,7 @@ _VAHADANE_PARAMS = ("white_point", "alpha", "beta", "edge_band", "edge_strong", 
                     "l1_penalty", "debias", "max_conc_percentile", "min_pixels",
                     "min_stain_angle_deg", "seed", "max_fit_pixels", "iterations")
 _PIXEL_STATS_PARAMS = ("white_point", "min_pixels")
+_GMM_PARAMS = ("white_point", "min_pixels", "seed", "max_fit_pixels")
 
 
 #: The registry: every other list of method names derives from it.
@@ -92,6 +99,8 @@ REGISTRY: dict[str, MethodSpec] = {
                    params=_PIXEL_STATS_PARAMS),
         MethodSpec("histmatch", fit_histmatch, aggregate_histmatch, HistMatchStats,
                    stain_matrix=False, params=_PIXEL_STATS_PARAMS),
+        MethodSpec("gmm", fit_gmm, aggregate_gmm, GmmStats, stain_matrix=False, params=_GMM_PARAMS,
+                   od=True),
     )
 }
 METHODS = tuple(REGISTRY)
@@ -134,11 +143,12 @@ def fit_stats(
 ) -> Any:
     """Fit ``method``'s statistics to ``(N, 3)`` tissue pixels (see ``fit_<method>``).
 
-    ``white`` (the slide's white point, (3,)) is used by the stain-matrix methods only.
+    ``white`` (the slide's white point, (3,)) is used by the methods fitted in optical density
+    (the stain-matrix methods and ``gmm``).
     """
     check_method(method)
     spec = REGISTRY[method]
-    if spec.stain_matrix:
+    if spec.stain_matrix or spec.od:
         return spec.fit(pixels, params, white=white)
     return spec.fit(pixels, params)
 

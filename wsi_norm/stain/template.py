@@ -4,13 +4,17 @@ Schema (``SCHEMA_VERSION = 2``), one JSON object::
 
     {
       "schema_version": 2,
-      "method": "macenko",                   # macenko | vahadane | reinhard | histmatch
+      "method": "macenko",                   # macenko | vahadane | reinhard | histmatch | gmm
       "stain_matrix": [[h_r, h_g, h_b],      # macenko/vahadane only: unit-norm OD rows,
                        [e_r, e_g, e_b]],     #   row 0 hematoxylin, row 1 eosin
       "max_concentrations": [h, e],          # macenko/vahadane only: 99th-percentile concentrations
       "lab_mean": [L, a, b],                 # reinhard only: CIE Lab (D65) mean of tissue pixels
       "lab_std": [L, a, b],                  # reinhard only: Lab standard deviation
       "histograms": [[256 floats] x 3],      # histmatch only: normalised R, G, B tissue histograms
+      "gmm_weights": [K floats],             # gmm only (wsi_norm.stain.gmm.GmmStats): mixture weights,
+      "gmm_means": [[D, cx, cy] x K],        #   component means and standard deviations in HSD,
+      "gmm_stds": [[D, cx, cy] x K],         #   slide-wide HSD mean and standard deviation,
+      "hsd_mean": [D, cx, cy], "hsd_std": [...], "gmm_bic": [[K, BIC], ...],  # BIC per K tried
       "white_point": {"rgb": [R, G, B],      # glass intensity per channel (the target's I0):
                       "source": "glass",     #   glass | fallback | fixed | template-v1
                       "n_pixels": 51234},
