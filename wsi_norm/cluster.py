@@ -158,9 +158,16 @@ def dask_client(
 
 
 _DISTRIBUTED_LOGGERS = ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core")
+_SHORT_HISTORIES = {
+    "distributed.diagnostics.computations.max-history": 1,
+    "distributed.diagnostics.erred-tasks.max-history": 1,
+    "distributed.admin.low-level-log-length": 10,
+    "distributed.admin.log-length": 100,
+}
 
 
 def _local_client(n: int, dashboard: bool, log_level: int) -> Iterator[Client]:
+    import dask
     from distributed import Client, LocalCluster, Worker
 
     class _LoopbackWorker(Worker):
@@ -170,7 +177,13 @@ def _local_client(n: int, dashboard: bool, log_level: int) -> Iterator[Client]:
             kwargs["dashboard"] = dashboard
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
+    # The scheduler and worker keep histories (computations, logs, transition logs) of up to
+    # 10,000 entries each; an archive run feeds one cluster thousands of small graphs, and these
+    # grew the flow process by ~120 MiB over 600 slides before levelling off (~20 MiB with the
+    # short histories below; bench/bench_archive_scale.py). A dashboard keeps the defaults.
+    histories = {} if dashboard else _SHORT_HISTORIES
     with (
+        dask.config.set(histories),
         LocalCluster(  # type: ignore[no-untyped-call]  # distributed: unannotated __init__
             n_workers=1,
             threads_per_worker=n,
