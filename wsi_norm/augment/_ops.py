@@ -98,16 +98,6 @@ def check_image(x: Any, *, channel_axis: int, name: str = "image") -> None:
             raise ValueError(f"{name}: float input must lie in [0, 1], got [{low_v:g}, {high_v:g}]")
 
 
-def _od(xp: ModuleType, v: Any) -> Any:
-    """Optical density of intensities ``v`` in [0, 255] against a white of 255: ``-ln((v+1)/256)``."""
-    return -xp.log((v + 1.0) * (1.0 / 256.0))
-
-
-def _intensity(xp: ModuleType, od: Any) -> Any:
-    """Inverse of :func:`_od`, clipped to [0, 255]."""
-    return xp.clip(256.0 * xp.exp(-od) - 1.0, 0.0, 255.0)
-
-
 def hed_planes(xp: ModuleType, planes: list[Any], alpha: list[Any], beta_od: list[Any]) -> list[Any]:
     """HED jitter (Tellez et al. 2018): ``s = od @ HED_FROM_RGB``; ``s'_c = alpha_c s_c + beta_c``;
     ``od' = s' @ RGB_FROM_HED``; back to intensities.
@@ -122,17 +112,44 @@ def hed_planes(xp: ModuleType, planes: list[Any], alpha: list[Any], beta_od: lis
     alpha : three (N, 1, 1) float, scale per stain (H, E, D)
     beta_od : three (N, 1, 1) float, shift per stain, in optical density (natural log)
     """
-    od = [_od(xp, v) for v in planes]
+    n = planes[0].shape[0]
+    like = planes[0]
+    if xp is np:
+        a = np.concatenate([np.asarray(x).reshape(n, 1) for x in alpha], 1).astype(like.dtype)  # (N, 3)
+        b = np.concatenate([np.asarray(x).reshape(n, 1) for x in beta_od], 1).astype(like.dtype)
+    else:
+        a = xp.cat([x.reshape(n, 1) for x in alpha], 1).to(like.dtype)
+        b = xp.cat([x.reshape(n, 1) for x in beta_od], 1).to(like.dtype)
+    rgb = _constant(xp, RGB_FROM_HED, a)
+    m = (_constant(xp, HED_FROM_RGB, a)[None, :, :] * a[:, None, :]) @ rgb  # (N, 3, 3)
+    # With L = ln(v + 1): od = ln 256 - L, so v'_j + 1 = exp(sum_i L_i m_ij + c_j) with
+    # c_j = ln 256 (1 - sum_i m_ij) - (beta @ RGB_FROM_HED)_j: one log1p per input channel, one
+    # exponential per output channel, the rest in place.
+    c = math.log(256.0) * (1.0 - m.sum(axis=1)) - b @ rgb  # (N, 3)
+    logs = [xp.log1p(v) for v in planes]
     out = []
-    for j in range(3):  # output channel j: sum_i od_i * M_ij + sum_c beta_c R_cj
-        acc = None
-        for i in range(3):
-            m_ij = sum(float(HED_FROM_RGB[i, c]) * alpha[c] * float(RGB_FROM_HED[c, j]) for c in range(3))
-            term = od[i] * m_ij
-            acc = term if acc is None else acc + term
-        shift = sum(beta_od[c] * float(RGB_FROM_HED[c, j]) for c in range(3))
-        out.append(_intensity(xp, acc + shift))
+    for j in range(3):
+        acc = logs[0] * m[:, 0, j].reshape(n, 1, 1)
+        for i in (1, 2):
+            if xp is np:
+                acc += logs[i] * m[:, i, j].reshape(n, 1, 1)
+            else:
+                acc.addcmul_(logs[i], m[:, i, j].reshape(n, 1, 1))
+        acc += c[:, j].reshape(n, 1, 1)
+        if xp is np:
+            np.expm1(acc, out=acc)
+            np.clip(acc, 0.0, 255.0, out=acc)
+        else:
+            acc.expm1_().clamp_(0.0, 255.0)
+        out.append(acc)
     return out
+
+
+def _constant(xp: ModuleType, matrix: np.ndarray, like: Any) -> Any:
+    """``matrix`` as an array of ``like``'s kind, dtype and device (a copy)."""
+    if xp is np:
+        return matrix.astype(like.dtype)
+    return xp.tensor(matrix.tolist(), dtype=like.dtype, device=like.device)
 
 
 def hed_tables(xp: ModuleType, alpha: Any, beta_od: Any) -> Any:
