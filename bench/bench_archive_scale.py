@@ -46,18 +46,17 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+
+from wsi_norm.testing.prefect_server import client_env, local_prefect_server
 
 __all__ = ["generate_slides", "measure", "prefect_server", "read_run", "slope", "write_manifest"]
 
@@ -69,62 +68,17 @@ PAGE = 200
 # ----------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def server_env(home: Path, api_url: str) -> dict[str, str]:
     """The environment of a process that talks to the server at ``api_url``."""
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api_url,
-        PREFECT_UI_API_URL=api_url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
+    return client_env(home, api_url, python_path=[REPO_ROOT])
 
 
 @contextmanager
 def prefect_server(home: Path, *, timeout_s: float = 180.0) -> Iterator[dict[str, str]]:
     """``prefect server start`` on a free 127.0.0.1 port with PREFECT_HOME ``home``; yields the
     environment of its clients, and stops the server (its process group) on exit."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = server_env(home, f"http://127.0.0.1:{port}/api")
-    log = home / "server.log"
-    prefect_bin = str(Path(sys.executable).with_name("prefect"))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server not up after {timeout_s} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with local_prefect_server(home, timeout_s=timeout_s, python_path=[REPO_ROOT]) as env:
         yield env
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 # ----------------------------------------------------------------------------- slides and manifests

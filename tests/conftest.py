@@ -8,13 +8,7 @@ Playwright (never ``playwright install``: it downloads browsers).
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +17,7 @@ import pytest
 
 from flows import configure_process
 from wsi_norm.testing.data import data_dir
+from wsi_norm.testing.prefect_server import local_prefect_server, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = data_dir()
@@ -74,71 +69,18 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a process started here in its own session (and its children), by its group id."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def _wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prefect server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} not up after {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A Prefect server on a free 127.0.0.1 port with its own PREFECT_HOME; yields its environment."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=api,
-        PREFECT_UI_API_URL=api,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    log = home / "server.log"
-    prefect_bin = str(Path(sys.executable).with_name("prefect"))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        _wait_http(f"{api}/health", timeout_s=120, proc=proc, log=log)
+    with local_prefect_server(tmp_path_factory.mktemp("prefect-server-home"), timeout_s=120,
+                              python_path=[REPO_ROOT]) as env:
         yield env
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture
 def stop_process() -> Callable[[subprocess.Popen[bytes]], None]:
     """Stops a process the test started with ``start_new_session=True`` (its whole group)."""
-    return _stop
+    return stop_process_group
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from wsi_norm.testing.prefect_server import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -292,12 +293,6 @@ def test_harmonize_sites_in_fresh_clone(clone: Path, env: dict[str, str],
 # --------------------------------------------------------------------------- deploy/README.md: the stack
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 def _flow_runs(api_url: str) -> list[dict[str, Any]]:
     request = urllib.request.Request(f"{api_url}/flow_runs/filter", method="POST",
@@ -318,7 +313,7 @@ def test_deploy_stack_runs_the_nightly_deployment(clone: Path, env: dict[str, st
     assert lines == ["deploy/start_stack.sh", "source .stack/env",
                      "prefect deployment run normalize-archive/nightly", "deploy/stop_stack.sh"]
     start, source, deploy_run, stop = lines
-    stack_env = {**env, "PREFECT_PORT": str(_free_port()), "DASK_PORT": str(_free_port()),
+    stack_env = {**env, "PREFECT_PORT": str(free_port()), "DASK_PORT": str(free_port()),
                  "DASK_WORKERS": "1", "DASK_THREADS": "2"}
     api_url = f"http://127.0.0.1:{stack_env['PREFECT_PORT']}/api"
     try:
