@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from wsi_norm.color import DEFAULT_WHITE, _white_channels
-from wsi_norm.colormap.maps import _OD_MAX, _OD_MIN, ColorMap, GlassBlend
+from wsi_norm.colormap.maps import ColorMap, GlassBlend, planar_intensity, planar_od
 from wsi_norm.stain.gmm import ComponentMatch, GmmStats, match_components
 from wsi_norm.stain.hsd import effective_density, hsd_from_od, od_from_hsd
 
@@ -166,7 +166,7 @@ class GmmMap(ColorMap):
         return [w / total for w in weights]
 
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
-        od = [-xp.log((c + 1.0) / (ws + 1.0)) for c, ws in zip((r, g, b), self.source_white)]
+        od = planar_od(xp, (r, g, b), self.source_white)
         hsd = hsd_from_od(xp, od[0], od[1], od[2])
         inside = self._inside(xp, hsd)
         gamma = self._memberships_inside(xp, inside)
@@ -186,4 +186,4 @@ class GmmMap(ColorMap):
         # (a constant shift per channel, so the map's slope there is that of white balance)
         od_box = od_from_hsd(xp, inside[0], inside[1], inside[2])
         od_out = [o + (i - q) for o, i, q in zip(od_out, od, od_box)]
-        return [(wt + 1.0) * xp.exp(-xp.clip(o, _OD_MIN, _OD_MAX)) - 1.0 for o, wt in zip(od_out, self.target_white)]
+        return planar_intensity(xp, od_out, self.target_white)

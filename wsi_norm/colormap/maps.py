@@ -154,6 +154,18 @@ _EVAL_SLAB_PX = 1 << _LUT_BLOCK_BITS  # pixels per slab of direct evaluation
 # Mapped optical density is clipped to this range before exp: far beyond 8-bit output either way.
 _OD_MIN, _OD_MAX = -5.0, 30.0
 
+
+def planar_od(xp: ModuleType, planes: tuple[Any, Any, Any], white: tuple[float, float, float]) -> list[Any]:
+    """Optical density of three intensity planes, ``-log((c + 1) / (white + 1))`` per channel
+    (:func:`wsi_norm.color.rgb_to_od`, planar)."""
+    return [-xp.log((c + 1.0) / (w + 1.0)) for c, w in zip(planes, white, strict=True)]
+
+
+def planar_intensity(xp: ModuleType, od: list[Any], white: tuple[float, float, float]) -> list[Any]:
+    """Intensity planes of optical density rendered into ``white`` (clipped to a range far beyond
+    8-bit output first): the inverse of :func:`planar_od`."""
+    return [(w + 1.0) * xp.exp(-xp.clip(o, _OD_MIN, _OD_MAX)) - 1.0 for o, w in zip(od, white, strict=True)]
+
 _GATHER: Any = None
 
 # Process-wide LUTs by ColorMap.cache_key(): a few slides' maps (48 MiB each) at most.
@@ -472,13 +484,10 @@ class StainMatrixMap(ColorMap):
             raise FitError("colour map: the stain map is not finite (singular source stain matrix)")
 
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
-        od = [-xp.log((c + 1.0) / (ws + 1.0)) for c, ws in zip((r, g, b), self.source_white)]
+        od = planar_od(xp, (r, g, b), self.source_white)
         m = self.matrix
-        out = []
-        for j in range(3):
-            od_j = od[0] * float(m[0, j]) + od[1] * float(m[1, j]) + od[2] * float(m[2, j])
-            out.append((self.target_white[j] + 1.0) * xp.exp(-xp.clip(od_j, _OD_MIN, _OD_MAX)) - 1.0)
-        return out
+        mapped = [od[0] * float(m[0, j]) + od[1] * float(m[1, j]) + od[2] * float(m[2, j]) for j in range(3)]
+        return planar_intensity(xp, mapped, self.target_white)
 
 
 class ReinhardMap(ColorMap):
