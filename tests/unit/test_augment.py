@@ -297,6 +297,7 @@ def test_mean_center(tiles: NDArray[np.uint8]) -> None:
     (lambda x: hed_jitter(x, units="log10"), "units must be 'od' or 'skimage'"),  # type: ignore[arg-type]
     (lambda x: preset("hed_medium"), "unknown augmentation preset 'hed_medium'"),
     (lambda x: apply_rot90(np.zeros((2, 4, 6, 3)), [0, 1]), "cannot mix quarter and half turns"),
+    (lambda x: apply_hed(x, np.ones((2, 3)), np.zeros((2, 3))), r"6 parameter values given for a batch of 1"),
 ])
 def test_bad_input_names_the_value(call: object, match: str) -> None:
     x = np.linspace(0, 1, 8 * 8 * 3).reshape(8, 8, 3)

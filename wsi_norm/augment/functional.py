@@ -119,17 +119,20 @@ def _planes(x: Any, channel_axis: int, *, as_float: bool = True) -> tuple[list[A
 def _per_sample(x: Any, values: Any, n: int, width: int) -> list[Any]:
     """``values`` ((N, width) or (N,) array-like) as ``width`` lists of (N, 1, 1) arrays of x's kind."""
     xp = array_namespace(x)
-    if xp is np:
-        v = np.asarray(values, dtype=np.float32)
-    else:
-        v = xp.as_tensor(values, dtype=xp.float32, device=x.device)
-    v = v.reshape(n, width) if width > 1 or v.ndim > 1 else v.reshape(n, 1)
-    if v.shape[0] != n:
-        raise ValueError(f"parameters for {v.shape[0]} samples given for a batch of {n}")
+    v: Any = np.asarray(values, dtype=np.float32) if xp is np else xp.as_tensor(values, dtype=xp.float32,
+                                                                                 device=x.device)
+    _check_count(int(v.size) if xp is np else int(v.numel()), n, width)
+    v = v.reshape(n, width)
     return [v[:, c].reshape(n, 1, 1) for c in range(width)]
 
 
-def _batch_size(x: Any, channel_axis: int) -> int:
+def _check_count(count: int, n: int, width: int) -> None:
+    if count != n * width:
+        raise ValueError(f"{count} parameter values given for a batch of {n} (expected {n} x {width})")
+
+
+def _batch_size(x: Any) -> int:
+    """Samples in an image (1) or a batch (its first axis)."""
     return int(x.shape[0]) if x.ndim == 4 else 1
 
 
@@ -162,11 +165,11 @@ def apply_hed(
     """
     check_image(x, channel_axis=channel_axis)
     xp = array_namespace(x)
-    n = _batch_size(x, channel_axis)
+    n = _batch_size(x)
     if xp is not np and x.dtype == xp.uint8 and x.device.type == "cpu":
         # 8-bit on the CPU: numpy's table lookups on the tensor's own memory beat torch indexing;
         # a batch is split over torch's intra-op threads (the lookups release the GIL)
-        arr, a, b = x.numpy(), _param_array(alpha).reshape(n, 3), _param_array(beta).reshape(n, 3)
+        arr, a, b = x.numpy(), _param_array(alpha, n), _param_array(beta, n)
         parts = min(n, xp.get_num_threads()) if x.ndim == 4 else 1
         if parts <= 1:
             return xp.from_numpy(apply_hed(arr, a, b, units=units, tissue_only=tissue_only, band=band,
@@ -194,12 +197,14 @@ def apply_hed(
     return _finish(x, planes, out, restore, tissue_only, band)
 
 
-def _param_array(values: Any) -> NDArray[np.float64]:
-    """Parameters (array-like or tensor) as a float64 numpy array."""
+def _param_array(values: Any, n: int) -> NDArray[np.float64]:
+    """Per-sample parameters (array-like or tensor) as an (n, 3) float64 numpy array."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(values, torch.Tensor):
-        return np.asarray(values.detach().cpu().double().numpy())
-    return np.asarray(values, dtype=np.float64)
+        values = values.detach().cpu().double().numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    _check_count(arr.size, n, 3)
+    return arr.reshape(n, 3)
 
 
 def apply_brightness_contrast(
@@ -209,7 +214,7 @@ def apply_brightness_contrast(
     """Brightness (a factor on intensities) then contrast (a factor about the mean luma), per
     sample; ``brightness``, ``contrast``: (N,) factors, 1 = unchanged."""
     check_image(x, channel_axis=channel_axis)
-    n = _batch_size(x, channel_axis)
+    n = _batch_size(x)
     planes, restore = _planes(x, channel_axis)
     b, = _per_sample(x, brightness, n, 1)
     c, = _per_sample(x, contrast, n, 1)
@@ -222,7 +227,7 @@ def apply_channel_scale(
 ) -> Any:
     """Per-channel RGB scaling ``v'_c = a_c v_c`` (clipped); ``scale``: (N, 3) factors."""
     check_image(x, channel_axis=channel_axis)
-    n = _batch_size(x, channel_axis)
+    n = _batch_size(x)
     planes, restore = _planes(x, channel_axis)
     out = channel_scale_planes(array_namespace(x), planes, _per_sample(x, scale, n, 3))
     return _finish(x, planes, out, restore, tissue_only, band)
@@ -286,7 +291,7 @@ def hed_jitter(
     """
     (a_lo, a_hi), (b_lo, b_hi) = hed_ranges(sigma, alpha=alpha, beta=beta)
     check_image(image, channel_axis=-1)
-    n = image.shape[0] if image.ndim == 4 else 1
+    n = _batch_size(image)
     gen = _rng(rng)
     a = gen.uniform(a_lo, a_hi, (n, 3))
     b = gen.uniform(b_lo, b_hi, (n, 3))
@@ -301,7 +306,7 @@ def brightness_contrast(
     b_lo, b_hi = check_range("brightness", brightness, lo=0.0)
     c_lo, c_hi = check_range("contrast", contrast, lo=0.0)
     check_image(image, channel_axis=-1)
-    n = image.shape[0] if image.ndim == 4 else 1
+    n = _batch_size(image)
     gen = _rng(rng)
     b, c = gen.uniform(b_lo, b_hi, n), gen.uniform(c_lo, c_hi, n)
     return apply_brightness_contrast(image, b, c, tissue_only=tissue_only)  # type: ignore[no-any-return]
@@ -315,7 +320,7 @@ def channel_scale(
     blog's 0.3-1.5; :func:`suggest_channel_scale` derives a range from data)."""
     lo, hi = check_range("scale", scale, lo=0.0)
     check_image(image, channel_axis=-1)
-    n = image.shape[0] if image.ndim == 4 else 1
+    n = _batch_size(image)
     a = _rng(rng).uniform(lo, hi, (n, 3))
     return apply_channel_scale(image, a, tissue_only=tissue_only)  # type: ignore[no-any-return]
 
@@ -323,7 +328,7 @@ def channel_scale(
 def rot90(image: NDArray[Any], *, rng: np.random.Generator | int | None = None) -> NDArray[Any]:
     """A random quarter-turn count (0-3, uniform) per image."""
     check_image(image, channel_axis=-1)
-    n = image.shape[0] if image.ndim == 4 else 1
+    n = _batch_size(image)
     return apply_rot90(image, _rng(rng).integers(0, 4, n))  # type: ignore[no-any-return]
 
 
