@@ -137,34 +137,31 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler",
         default=None,
-        help="address of an existing dask scheduler (default: $WSI_NORM_SCHEDULER, else a "
-        "local in-process cluster; for slides under 16.7 MP (256^3 px) without --dashboard, "
-        "dask's threaded scheduler)",
+        help="address of an existing dask scheduler, or 'local' for an embedded in-process "
+        "dask cluster (default: $WSI_NORM_SCHEDULER, else dask's threaded scheduler in this "
+        "process; --dashboard starts the embedded cluster)",
     )
     p.add_argument(
         "--dashboard",
         action="store_true",
-        help="serve the local cluster's dask dashboard on 127.0.0.1 (port 8787 or a free one; "
-        "starts the local cluster for a small slide too; default: none)",
+        help="serve the embedded cluster's dask dashboard on 127.0.0.1 (port 8787 or a free "
+        "one; starts that cluster; default: none)",
     )
 
 
 @contextlib.contextmanager
-def _cluster(args: argparse.Namespace, *, slides: Sequence[Any] = ()) -> Iterator[Any]:
+def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     """The dask client of a command (``--scheduler``, ``--dashboard``); names the dashboard.
 
-    When every slide of ``slides`` is small (level 0 under
-    :data:`wsi_norm.cluster.SMALL_SLIDE_PX`) and neither option nor ``$WSI_NORM_SCHEDULER``
-    asks for a cluster, none is started: the work runs on dask's threaded scheduler (yields
-    None). Without ``slides`` the embedded cluster starts as before."""
-    from wsi_norm.cluster import SMALL_SLIDE_PX, dashboard_url, dask_scheduler
+    Unless an option or ``$WSI_NORM_SCHEDULER`` asks for a cluster, none is started: the work
+    runs on dask's threaded scheduler in this process (yields None)."""
+    from wsi_norm.cluster import dashboard_url, dask_scheduler
 
     # without --verbose, distributed logs nothing of a failed task ("Compute Failed" and its
     # traceback) nor of the tasks Ctrl-C cancels: the command's one error line says it
     quiet = logging.WARNING if args.verbose else logging.CRITICAL
-    small = bool(slides) and all(s.dimensions[0] * s.dimensions[1] < SMALL_SLIDE_PX for s in slides)
     with dask_scheduler(args.scheduler, dashboard=args.dashboard, log_level=quiet,
-                        embedded_cluster=not small) as client:
+                        embedded_cluster=False) as client:
         if args.dashboard and client is not None:  # a dashboard always has its cluster
             print(f"dask dashboard: {dashboard_url(client)}", file=sys.stderr, flush=True)
         yield client
@@ -544,7 +541,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return 0
     with (
         _Progress(f"fit {args.method}", enabled=not args.quiet) as progress,
-        _cluster(args, slides=slides),
+        _cluster(args),
     ):
         progress.status(f"fitting on {len(slides)} slide(s)")
         template = fit_template(
@@ -610,7 +607,7 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
         return 0
     with (
         _Progress(f"normalize {Path(args.slide).name}", enabled=not args.quiet) as progress,
-        _cluster(args, slides=[slide]),
+        _cluster(args),
     ):
         if needs_target:
             progress.status(f"fitting {args.method}")

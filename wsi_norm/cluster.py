@@ -1,15 +1,17 @@
-"""Where the array work runs: an embedded local dask cluster, or an existing one.
+"""Where the array work runs: dask's threaded scheduler, an embedded local cluster, or an existing one.
 
-Library calls and the CLI run on a local ``distributed`` cluster by default (in-process
-threads: no setup, no pickling of slides or 48 MiB lookup tables between processes; the hot
-loops release the GIL). ``scheduler="tcp://host:8786"`` (or ``WSI_NORM_SCHEDULER``) joins an
-existing cluster instead: dask-jobqueue on SLURM, the dask Kubernetes operator, or any
-``dask scheduler`` with workers (see ``deploy/``). GPU workers declare a ``GPU`` resource.
+``scheduler="tcp://host:8786"`` (or ``WSI_NORM_SCHEDULER``) joins an existing cluster:
+dask-jobqueue on SLURM, the dask Kubernetes operator, or any ``dask scheduler`` with workers
+(see ``deploy/``). GPU workers declare a ``GPU`` resource. ``scheduler="local"`` (:data:`LOCAL`)
+starts an embedded ``distributed`` cluster in this process (in-process threads: no pickling of
+slides or 48 MiB lookup tables between processes; the hot loops release the GIL), with its
+dashboard when asked for.
 
-Small slides (level 0 under :data:`SMALL_SLIDE_PX`) need no cluster: starting one and importing
-``distributed`` cost more than their whole computation. :func:`dask_scheduler` lets an entry point
-run them on dask's threaded scheduler instead (the same threads, in this process, no sockets);
-the results are the same whatever the scheduler.
+Without either, :func:`dask_scheduler` lets the ``wsi-norm`` command run on dask's threaded
+scheduler: the same threads in this process, no sockets, no ``distributed`` import (~0.5 s), and
+no scheduler round trips. A plain copy of a 268-MP slide took ~1.2 x the CPU time on the embedded
+cluster (BENCHMARKS.md, "Normalization against libvips"). The results are the same whatever the
+scheduler. The flows keep the embedded cluster from :data:`SMALL_SLIDE_PX` on.
 
 Local services listen on loopback only. The local cluster talks ``inproc://`` (no socket), but
 ``distributed`` always starts an HTTP server for the scheduler and one per worker, by default on
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
 __all__ = [
+    "LOCAL",
     "SCHEDULER_ENV",
     "SMALL_SLIDE_PX",
     "active_client",
@@ -43,6 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCHEDULER_ENV = "WSI_NORM_SCHEDULER"
+#: The ``scheduler`` value that asks for an embedded local ``distributed`` cluster
+LOCAL = "local"
 LOOPBACK = "127.0.0.1"
 #: Level-0 pixels (256^3, about 16.7 MP) from which a slide is worth an embedded cluster; below,
 #: :func:`dask_scheduler` may run it on dask's threaded scheduler.
@@ -73,8 +78,8 @@ def dask_scheduler(
     nothing asking for a cluster (no ``scheduler``, no ``WSI_NORM_SCHEDULER``, no ``dashboard``,
     no client already active) no cluster is started: the block runs on dask's threaded
     scheduler (``threads`` threads, default: the number of CPUs), imports no ``distributed``
-    and opens no socket, and None is yielded. Entry points pass
-    ``embedded_cluster=pixels >= SMALL_SLIDE_PX``.
+    and opens no socket, and None is yielded. The ``wsi-norm`` command passes
+    ``embedded_cluster=False``; ``scheduler="local"`` asks for the embedded cluster.
 
     Yields
     ------
@@ -109,9 +114,10 @@ def dask_client(
     Parameters
     ----------
     scheduler : str, optional
-        Address of an existing scheduler (``tcp://host:8786``). Default: the
-        ``WSI_NORM_SCHEDULER`` environment variable, else a client that is already active in
-        this process, else a new in-process local cluster (closed on exit).
+        Address of an existing scheduler (``tcp://host:8786``), or ``"local"``. Default: the
+        ``WSI_NORM_SCHEDULER`` environment variable. Without an address (or with ``"local"``): a
+        client that is already active in this process, else a new in-process local cluster
+        (closed on exit).
     threads : int, optional
         Worker threads of a new local cluster (default: the number of CPUs).
     dashboard : bool, keyword-only
@@ -130,7 +136,7 @@ def dask_client(
     from distributed import Client, get_client
 
     address = scheduler or os.environ.get(SCHEDULER_ENV) or None
-    if address:
+    if address and address != LOCAL:
         log.info("connecting to dask scheduler %s", address)
         with Client(address) as client:  # type: ignore[no-untyped-call]  # distributed: unannotated
             yield client

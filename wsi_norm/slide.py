@@ -30,7 +30,10 @@ metadata (vendor, objective power, MPP, scanner properties) of the slide it was 
 
 Both slide backends return the same pixels for the same region of the same file: OpenSlide's
 premultiplied RGBA is composited over white (transparent areas outside the scanned region
-become white glass), tiffslide's RGB is used as is.
+become white glass), tiffslide's RGB is used as is. For the common layout of Aperio SVS and
+generic tiled TIFF (baseline 8-bit JPEG tiles, RGB or YCbCr) both decode the tiles themselves,
+through :class:`wsi_norm.tiffjpeg.JpegTiles`: the same pixels, several times faster, corrupt
+tiles refused.
 
 Thread safety: region reads may run concurrently from dask's threads (OpenSlide handles are
 thread-safe; tiffslide decodes through tifffile's locked file handle; zarr arrays are read-only
@@ -56,6 +59,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.errors import LevelError, SlideOpenError, SlideReadError, UnsupportedFormatError
+from wsi_norm.tiffjpeg import JpegTiles, largest_tiled_series
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -239,8 +243,16 @@ class _OpenSlideReader:
         self.mpp = _parse_mpp(props, "openslide")
         self.tile_sizes = _tile_sizes(props, "openslide", len(self.level_dimensions))
         self.record = _record_from_description(props.get("tiff.ImageDescription"))
+        # Aperio and generic TIFF are TIFF pyramids OpenSlide reads tile by tile as stored
+        self._tiles = (JpegTiles.open(path, self.level_dimensions, self._read_region)
+                       if self.vendor in ("aperio", "generic-tiff") else None)
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
+        if self._tiles is not None and self._tiles.covers(level):
+            return self._tiles.read(level, x, y, width, height)
+        return self._read_region(level, x, y, width, height)
+
+    def _read_region(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         import openslide
 
         ds = self.level_downsamples[level]
@@ -256,6 +268,8 @@ class _OpenSlideReader:
         return _rgba_over_white(np.asarray(region))
 
     def close(self) -> None:
+        if self._tiles is not None:
+            self._tiles.close()
         self._slide.close()
 
 
@@ -284,6 +298,7 @@ class _TiffSlideReader:
         self._fd = os.open(path, os.O_RDONLY)  # os.pread on it is thread-safe, no lock needed
         self._verified: set[tuple[int, int]] = set()
         self._warned_unchecked = False
+        self._tiles = JpegTiles.open(path, self.level_dimensions, self._read_region)
 
     def _put_slide_first(self, path: Path) -> None:
         """Make the largest tiled image series 0, the one tiffslide reads as the slide.
@@ -294,7 +309,7 @@ class _TiffSlideReader:
         (before any pixels or levels are read).
         """
         tif = self._slide.ts_tifffile
-        index = _largest_tiled_series(tif)
+        index = largest_tiled_series(tif)
         if index:
             series = tif.series
             log.debug("%s: series %d is the largest tiled image; reading it as level 0", path, index)
@@ -311,6 +326,11 @@ class _TiffSlideReader:
             )
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
+        if self._tiles is not None and self._tiles.covers(level):
+            return self._tiles.read(level, x, y, width, height)  # checked strictly as decoded
+        return self._read_region(level, x, y, width, height)
+
+    def _read_region(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         ds = self.level_downsamples[level]
         try:
             region = self._slide.read_region(
@@ -376,6 +396,8 @@ class _TiffSlideReader:
                 self._verified.add((level, index))
 
     def close(self) -> None:
+        if self._tiles is not None:
+            self._tiles.close()
         os.close(self._fd)
         self._slide.close()
 
@@ -849,34 +871,12 @@ def _openslide_format(path: Path) -> str | None:
         return None
 
 
-def _largest_tiled_series(tif: Any) -> int | None:
-    """Index of the series whose full-resolution page is the largest tiled image, or None.
-
-    tifffile numbers series in file order, so a small stripped thumbnail written before the
-    slide would be series 0 and be read as the slide; the slide is the largest tiled image.
-    None also when the first image is untiled and larger than every tiled one (a plain
-    untiled image with a tiled preview stays an untiled image).
-    """
-    best: tuple[int, int] | None = None
-    first_pixels = 0
-    for index, series in enumerate(tif.series):
-        page = series.levels[0].keyframe
-        if page is None:
-            continue
-        pixels = int(page.imagewidth) * int(page.imagelength)
-        if index == 0:
-            first_pixels = pixels
-        if page.is_tiled and (best is None or pixels > best[1]):
-            best = (index, pixels)
-    return None if best is None or best[1] < first_pixels else best[0]
-
-
 def _is_tiled_tiff(path: Path) -> bool:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            return _largest_tiled_series(tif) is not None
+            return largest_tiled_series(tif) is not None
     except Exception:  # noqa: BLE001 - not a TIFF, or a broken one: not ours to judge here
         return False
 

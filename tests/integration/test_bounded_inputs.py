@@ -253,7 +253,7 @@ def test_corrupt_jpeg_tile_raises_on_the_tiffslide_path(tmp_path: Path) -> None:
     assert (np.abs(silent.astype(int) - image[:256, :256]).max(-1) > 30).mean() > 0.5
 
     slide = open_slide(path, backend="tiffslide")
-    with pytest.raises(SlideReadError, match=rf"^{path}: corrupt JPEG tile at level 0, tile column 0, row 0"):
+    with pytest.raises(SlideReadError, match=rf"^{path}: cannot read level 0 region x=0 y=0 256x256: corrupt JPEG tile column 0, row 0 "):
         slide.read_region(0, x=0, y=0, width=256, height=256)
     with pytest.raises(SlideReadError, match=r"corrupt JPEG tile"):
         slide.to_dask(0).compute()  # type: ignore[no-untyped-call]  # dask is unannotated

@@ -229,22 +229,20 @@ def test_dask_scheduler_runs_small_work_on_threads_and_a_dashboard_on_a_cluster(
     assert active_client() is None
 
 
-def _watch_cli(args: list[str], cwd: Path, *, small_slide_px: int | None = None
+def _watch_cli(args: list[str], cwd: Path, *, report_import: bool = False
                ) -> tuple[subprocess.CompletedProcess[str], set[tuple[str, int]]]:
     """Run ``wsi-norm ARGS`` and collect every socket it listens on while it runs.
 
-    With ``small_slide_px`` the command runs as ``python -c`` with
-    :data:`wsi_norm.cluster.SMALL_SLIDE_PX` set to it (1: every slide gets the embedded
-    cluster), and its last stdout line says whether ``distributed`` was imported."""
+    With ``report_import`` the command runs as ``python -c``, and its last stdout line says
+    whether ``distributed`` was imported."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("WSI_NORM_SCHEDULER", None)
-    if small_slide_px is None:
+    if not report_import:
         command = [shutil.which("wsi-norm") or str(Path(sys.executable).with_name("wsi-norm")), *args]
     else:
-        code = ("import sys, wsi_norm.cluster as c; c.SMALL_SLIDE_PX = int(sys.argv[1]); "
-                "from wsi_norm.cli import main; code = main(sys.argv[2:]); "
+        code = ("import sys; from wsi_norm.cli import main; code = main(sys.argv[1:]); "
                 "print('distributed imported:', 'distributed' in sys.modules); sys.exit(code)")
-        command = [sys.executable, "-c", code, str(small_slide_px), *args]
+        command = [sys.executable, "-c", code, *args]
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: set[tuple[str, int]] = set()
     watched = psutil.Process(proc.pid)
@@ -267,11 +265,9 @@ def cli_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_cli_run_listens_on_loopback_only(cli_slide: Path, tmp_path: Path) -> None:
-    # the embedded cluster, as a slide of 16.7 MP or more gets it (this one is small: the
-    # threshold is lowered so that the cluster starts)
-    done, seen = _watch_cli(["normalize", str(cli_slide), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q"],
-                            tmp_path, small_slide_px=1)
+def test_cli_run_on_the_embedded_cluster_listens_on_loopback_only(cli_slide: Path, tmp_path: Path) -> None:
+    done, seen = _watch_cli(["normalize", str(cli_slide), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q",
+                             "--scheduler", "local"], tmp_path, report_import=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "distributed imported: True", done.stdout
     assert seen, "no listening socket seen: the run ended before one was sampled"
@@ -280,17 +276,12 @@ def test_cli_run_listens_on_loopback_only(cli_slide: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("method", ["none", "macenko"])
-def test_cli_small_slide_starts_no_cluster_and_listens_on_nothing(
+def test_cli_starts_no_cluster_and_listens_on_nothing(
     cli_slide: Path, tmp_path: Path, shared_data: Path, method: str
 ) -> None:
-    from wsi_norm.cluster import SMALL_SLIDE_PX
-    from wsi_norm.slide import open_slide
-
-    width, height = open_slide(cli_slide).dimensions
-    assert width * height < SMALL_SLIDE_PX
     target = ["--reference", str(shared_data / "he" / "torchstain-target.png")] if method != "none" else []
     done, seen = _watch_cli(["normalize", str(cli_slide), "--method", method, *target,
-                             "-o", str(tmp_path / "o.tiff"), "-q"], tmp_path, small_slide_px=SMALL_SLIDE_PX)
+                             "-o", str(tmp_path / "o.tiff"), "-q"], tmp_path, report_import=True)
     assert done.returncode == 0, done.stderr
     # no distributed import: no cluster, no scheduler, no worker, no HTTP server
     assert done.stdout.splitlines()[-1] == "distributed imported: False", done.stdout
@@ -381,17 +372,17 @@ def test_harmonize_sites_runs_the_methods_that_fit_nothing(
 # ------------------------------------------------------------------ clean shutdown
 
 
-@pytest.mark.parametrize("small_slide_px", [None, 1], ids=["threads", "cluster"])
-def test_cli_error_inside_the_cluster_is_one_line(cli_slide: Path, tmp_path: Path, small_slide_px: int | None) -> None:
+@pytest.mark.parametrize("scheduler", [[], ["--scheduler", "local"]], ids=["threads", "cluster"])
+def test_cli_error_inside_the_cluster_is_one_line(cli_slide: Path, tmp_path: Path, scheduler: list[str]) -> None:
     """A tile that fails to decode mid-run: one line naming the file, no worker traceback; on the
-    threaded scheduler (a small slide) and in the embedded cluster (threshold lowered)."""
+    threaded scheduler (the default) and in the embedded cluster."""
     data = bytearray(cli_slide.read_bytes())
     for at in range(len(data) // 20, len(data) * 6 // 10, 5000):
         data[at:at + 200] = b"\xff" * 200
     corrupt = tmp_path / "corrupt.tiff"
     corrupt.write_bytes(bytes(data))
-    done, _ = _watch_cli(["normalize", str(corrupt), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q"],
-                         tmp_path, small_slide_px=small_slide_px)
+    done, _ = _watch_cli(["normalize", str(corrupt), "--method", "none", "-o", str(tmp_path / "o.tiff"), "-q",
+                          *scheduler], tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"wsi-norm: error: {corrupt}: cannot read level 0 region"), lines
