@@ -91,16 +91,32 @@ def _encoder(compression: str, quality: int) -> Callable[[NDArray[np.uint8]], by
     return deflate
 
 
-def _tiles(rows: NDArray[np.uint8], tile_px: int) -> Iterator[NDArray[np.uint8]]:
-    """Yield the full-size tiles of one tile row, edge tiles padded by replication."""
-    h, w = rows.shape[:2]
-    if h < tile_px:
-        rows = np.pad(rows, ((0, tile_px - h), (0, 0), (0, 0)), mode="edge")
-    for x in range(0, w, tile_px):
-        tile = rows[:, x : x + tile_px]
-        if tile.shape[1] < tile_px:
-            tile = np.pad(tile, ((0, 0), (0, tile_px - tile.shape[1]), (0, 0)), mode="edge")
-        yield np.ascontiguousarray(tile)
+#: Tiles encoded per thread-pool task: a future per 256-px tile (~0.3 ms of encoding) cost about a
+#: tenth of the encoding in scheduling; cutting the tiles inside the task keeps the copies off
+#: the thread that hands out the work.
+_TILES_PER_TASK = 4
+
+
+def _tile(rows: NDArray[np.uint8], x: int, tile_px: int) -> NDArray[np.uint8]:
+    """The full-size tile at column ``x`` of one tile row, edges padded by replication."""
+    tile = rows[:, x : x + tile_px]
+    h, w = tile.shape[:2]
+    if h < tile_px or w < tile_px:
+        tile = np.pad(tile, ((0, tile_px - h), (0, tile_px - w), (0, 0)), mode="edge")
+    return np.ascontiguousarray(tile)
+
+
+def _encode_row(
+    rows: NDArray[np.uint8], tile_px: int, encode: Callable[[NDArray[np.uint8]], bytes], pool: ThreadPoolExecutor
+) -> list[bytes]:
+    """Encode the tiles of one tile row (``rows``: at most ``tile_px`` rows), left to right."""
+    starts = range(0, rows.shape[1], tile_px)
+    groups = [starts[i : i + _TILES_PER_TASK] for i in range(0, len(starts), _TILES_PER_TASK)]
+
+    def task(xs: range) -> list[bytes]:
+        return [encode(_tile(rows, x, tile_px)) for x in xs]
+
+    return [tile for done in pool.map(task, groups) for tile in done]
 
 
 class _Level0Tiles:
@@ -152,7 +168,7 @@ class _Level0Tiles:
             self.next_top[:, x0:x1] = rows[n_rows:, : x1 - x0]
         for i, row in enumerate(self.encoded):
             band = rows[i * t : min((i + 1) * t, n_rows), : x1 - x0]
-            row.extend(self.pool.map(self.encode, _tiles(band, t)))
+            row.extend(_encode_row(band, t, self.encode, self.pool))
         if not block.band_end:
             return []
         self.top, self.next_top = self.next_top, None
@@ -170,7 +186,7 @@ def _lower_bytes(
 ) -> Iterator[bytes]:
     h = store.shapes[level][0]
     for r0 in range(0, h, tile_px):
-        yield from pool.map(encode, _tiles(store.read(level, r0, r0 + tile_px), tile_px))
+        yield from _encode_row(store.read(level, r0, r0 + tile_px), tile_px, encode, pool)
 
 
 def write_tiff(
