@@ -8,6 +8,12 @@ OME-Zarr copy grew 35 % for 4x the slide area (509 -> 689 MiB) although Python's
 allocations (traced with :mod:`tracemalloc`) stayed flat.  With two arenas, buffers of
 1 MiB or more served by ``mmap`` and the heap trimmed above 4 MiB it grew 3 %
 (316 -> 327 MiB) and ran 1.4x faster (37 s instead of 51 s for 1.07 gigapixels).
+Once reading got faster, that 1 MiB threshold cost the most: every chunk-sized buffer
+(3 MiB) was a fresh ``mmap`` whose pages the kernel zeroes on first touch, about a third
+of a plain copy's CPU time in system time (8.2 s of 23.7 s for a 1.07-GP TIFF copy). From
+16 MiB, chunk buffers are reused from the heap and only block-sized ones (12 MiB and up)
+are mapped: system time 1.8 s, and peak RSS still flat in area (TIFF copy 306 -> 323 MiB,
+OME-Zarr 392 -> 444 MiB for 4x the pixels; 268 MP -> 1.07 GP, BENCHMARKS.md).
 Setting ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment as well (only
 possible before the process starts) saves another 8 % of time.
 ``distributed`` does the same for the worker processes it starts
@@ -32,13 +38,13 @@ log = logging.getLogger(__name__)
 # mallopt parameters from glibc's <malloc.h>, and the values set
 _SETTINGS = (
     (-8, 2, "MALLOC_ARENA_MAX"),  # M_ARENA_MAX
-    (-3, 1 << 20, "MALLOC_MMAP_THRESHOLD_"),  # M_MMAP_THRESHOLD
-    (-1, 4 << 20, "MALLOC_TRIM_THRESHOLD_"),  # M_TRIM_THRESHOLD
+    (-3, 16 << 20, "MALLOC_MMAP_THRESHOLD_"),  # M_MMAP_THRESHOLD
+    (-1, 32 << 20, "MALLOC_TRIM_THRESHOLD_"),  # M_TRIM_THRESHOLD
 )
 
 
 def return_freed_memory() -> bool:
-    """Use two malloc arenas, ``mmap`` for 1 MiB or more, and trim the heap above 4 MiB.
+    """Use two malloc arenas, ``mmap`` for 16 MiB or more, and trim the heap above 32 MiB.
 
     Returns
     -------
