@@ -862,8 +862,9 @@ def normalize_slide(
         cmap.lut()  # compile once here; every copy of the map in this process reuses it
     t_fit = time.perf_counter()
 
-    # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries
-    normalized = apply_colormap(level0, cmap, device=dev, direct=small and method != "none")
+    # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries; the
+    # identity is no work at all (the copy streams the slide's own chunks)
+    normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=small)
     provenance: dict[str, Any] = {
         "tool": "wsi-norm",
         "wsi_norm_version": __version__,
