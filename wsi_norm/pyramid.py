@@ -32,7 +32,7 @@ import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -580,8 +580,14 @@ def iter_blocks(
     computed = _prefetched(array, [b for b in blocks if b[0] >= start_row], prefetch)
     # closed on any way out, while the dask client still runs: after an error or Ctrl-C in this
     # loop the garbage collector would close it once the cluster is gone ("IOLoop is closed")
-    with ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-downsample") as down_pool, contextlib.closing(computed):
+    with (
+        ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-downsample") as down_pool,
+        # one thread, so the lower levels of the blocks are built and stored in their order
+        ThreadPoolExecutor(1, thread_name_prefix="wsi-norm-lower") as lower_pool,
+        contextlib.closing(computed),
+    ):
         chain = _Chain(shapes, lambda k, row, px: store.write(k, row, 0, px), down_pool)
+        building: Future[None] | None = None  # the last block's lower levels
 
         def lower_levels(r0: int, r1: int, c0: int, c1: int, pixels: NDArray[np.uint8]) -> None:
             level = pixels
@@ -601,7 +607,11 @@ def iter_blocks(
                     f"level-0 block {r0}:{r1}, {c0}:{c1} {source} as {pixels.shape} "
                     f"{pixels.dtype}, expected {(r1 - r0, c1 - c0, 3)} uint8"
                 )
-            lower_levels(r0, r1, c0, c1, pixels)
+            # the block's lower levels are built while the consumer takes it (both only read
+            # its pixels); at most one block's are in flight, and their errors surface here
+            if building is not None:
+                building.result()
+            building = lower_pool.submit(lower_levels, r0, r1, c0, c1, pixels)
             if r0 >= start_row:
                 yield Block(r0, c0, pixels, band_end=c1 == width, final=(r1, c1) == (height, width))
             del pixels
@@ -609,6 +619,8 @@ def iter_blocks(
                 above = int(np.searchsorted(row_bounds, r0))  # chunk rows of earlier bands
                 band = int(np.searchsorted(row_bounds, r1)) - above
                 progress(above * per_row + int(np.searchsorted(col_bounds, c1)) * band, total)
+        if building is not None:
+            building.result()  # the store is complete when the stream ends
 
 
 def _prefetched(

@@ -36,7 +36,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -106,17 +106,22 @@ def _tile(rows: NDArray[np.uint8], x: int, tile_px: int) -> NDArray[np.uint8]:
     return np.ascontiguousarray(tile)
 
 
-def _encode_row(
+def _submit_row(
     rows: NDArray[np.uint8], tile_px: int, encode: Callable[[NDArray[np.uint8]], bytes], pool: ThreadPoolExecutor
-) -> list[bytes]:
-    """Encode the tiles of one tile row (``rows``: at most ``tile_px`` rows), left to right."""
+) -> list[Future[list[bytes]]]:
+    """Start encoding the tiles of one tile row (``rows``: at most ``tile_px`` rows); the
+    futures' lists, in order, are its tiles left to right."""
     starts = range(0, rows.shape[1], tile_px)
-    groups = [starts[i : i + _TILES_PER_TASK] for i in range(0, len(starts), _TILES_PER_TASK)]
 
     def task(xs: range) -> list[bytes]:
         return [encode(_tile(rows, x, tile_px)) for x in xs]
 
-    return [tile for done in pool.map(task, groups) for tile in done]
+    return [pool.submit(task, starts[i : i + _TILES_PER_TASK]) for i in range(0, len(starts), _TILES_PER_TASK)]
+
+
+def _results(futures: list[Future[list[bytes]]]) -> Iterator[bytes]:
+    for future in futures:
+        yield from future.result()
 
 
 class _Level0Tiles:
@@ -143,10 +148,15 @@ class _Level0Tiles:
         self.top: NDArray[np.uint8] | None = None  # rows carried into this band
         self.next_top: NDArray[np.uint8] | None = None
         self.left: NDArray[np.uint8] | None = None  # columns carried into the next block
-        self.encoded: list[list[bytes]] = []  # per tile row of the band
+        self.encoded: list[list[Future[list[bytes]]]] = []  # per tile row of the band
+        self.previous: list[Future[list[bytes]]] = []  # the last block's, still encoding
 
     def add(self, block: Block) -> list[bytes]:
-        """Take one block; return the encoded tiles it completes, in TIFF order."""
+        """Take one block; return the encoded tiles it completes, in TIFF order.
+
+        A block's tiles encode while the next block is cut and handed out: only then does
+        this wait for them, so at most two blocks' pixels are held by the encoders.
+        """
         t = self.tile_px
         c0, c1 = block.col, block.col + block.pixels.shape[1]
         rows = block.pixels
@@ -166,14 +176,20 @@ class _Level0Tiles:
             self.next_top = np.empty((rest, self.width, 3), np.uint8) if rest else None
         if self.next_top is not None:
             self.next_top[:, x0:x1] = rows[n_rows:, : x1 - x0]
+        submitted: list[Future[list[bytes]]] = []
         for i, row in enumerate(self.encoded):
             band = rows[i * t : min((i + 1) * t, n_rows), : x1 - x0]
-            row.extend(_encode_row(band, t, self.encode, self.pool))
+            futures = _submit_row(band, t, self.encode, self.pool)
+            row.extend(futures)
+            submitted.extend(futures)
+        for future in self.previous:
+            future.result()  # the block before this one: its pixels are released once encoded
+        self.previous = submitted
         if not block.band_end:
             return []
         self.top, self.next_top = self.next_top, None
-        done = [tile for row in self.encoded for tile in row]
-        self.encoded = []
+        done = [tile for row in self.encoded for tile in _results(row)]
+        self.encoded, self.previous = [], []
         return done
 
 
@@ -185,8 +201,12 @@ def _lower_bytes(
     pool: ThreadPoolExecutor,
 ) -> Iterator[bytes]:
     h = store.shapes[level][0]
-    for r0 in range(0, h, tile_px):
-        yield from _encode_row(store.read(level, r0, r0 + tile_px), tile_px, encode, pool)
+    previous: list[Future[list[bytes]]] = []
+    for r0 in range(0, h, tile_px):  # one tile row encodes while the next is read
+        current = _submit_row(store.read(level, r0, r0 + tile_px), tile_px, encode, pool)
+        yield from _results(previous)
+        previous = current
+    yield from _results(previous)
 
 
 def write_tiff(
