@@ -55,6 +55,20 @@ def test_lut_is_bit_identical_to_numpy(maps: dict[str, ColorMap], probe: NDArray
     assert np.array_equal(lut[r].reshape(-1, 3), cmap.evaluate_numpy(block))
 
 
+def test_gather_with_repeated_pixels_is_the_table(maps: dict[str, ColorMap]) -> None:
+    # the gather reuses the entry of a pixel equal to the one before it: runs, single changes,
+    # one channel changing alone, and black first (the colour its reuse starts from)
+    cmap = maps["macenko"]
+    rng = np.random.default_rng(3)
+    colours = rng.integers(0, 256, (400, 3), dtype=np.uint8)
+    colours[0] = 0
+    colours[1::7, 1:] = colours[0::7, 1:][: len(colours[1::7])]  # only red differs from the pixel before
+    runs = np.repeat(colours, rng.integers(1, 5, len(colours)), axis=0)
+    img = np.ascontiguousarray(np.resize(runs, (200 * 200, 3)).reshape(200, 200, 3))
+    lut = cmap.lut()
+    assert np.array_equal(cmap.apply(img), lut[img[..., 0], img[..., 1], img[..., 2]])
+
+
 @pytest.mark.parametrize("method", METHODS + ("keep",))
 def test_direct_evaluation_over_several_slabs_is_the_table(maps: dict[str, ColorMap], method: str) -> None:
     # evaluate_numpy works in slabs of 2**16 pixels: an image of one full slab and a partial one
