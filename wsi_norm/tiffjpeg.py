@@ -14,7 +14,7 @@ fancy upsampling). A TIFF's photometric interpretation says what the JPEG's thre
 are, which the stream itself may not: for ``RGB`` an Adobe marker with transform 0 is put in
 front (libjpeg would otherwise assume YCbCr for three unmarked components, as Aperio's "RGB
 JPEG" tiles are); ``YCbCr`` is libjpeg's own default. Each level is also checked once, on its
-first tile, against the backend's own reader; a level that differs (or any layout not listed
+first tile that decodes, against the backend's own reader; a level that differs (or any layout not listed
 above) stays on that reader. Tests compare every tile of the real Aperio sample and of
 generated pyramids with OpenSlide, bit for bit. One difference is deliberate: OpenSlide takes
 region positions in level-0 coordinates, so at a level whose downsample is not a whole number
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,16 +148,19 @@ class JpegTiles:
     def __init__(self, path: Path, pages: list[Any | None], reference: RegionReader) -> None:
         self._path = path
         self._reference = reference
-        self._fd = os.open(path, os.O_RDONLY)
+        base = pages[0] if pages else None
+        # levels whose layout qualifies, each checked against the backend on its first use (not
+        # here: a backend read while the slide is being opened could wait on another thread)
+        self._unchecked: dict[int, tuple[_Level, bool]] = {}
+        for index, page in enumerate(pages):
+            layout = None if page is None else _level_layout(page)
+            if layout is not None:
+                whole = base is not None and int(base.imagewidth) % layout.width == 0 \
+                    and int(base.imagelength) % layout.height == 0
+                self._unchecked[index] = (layout, whole)
         self._levels: dict[int, _Level] = {}
-        try:
-            for index, page in enumerate(pages):
-                layout = None if page is None else _level_layout(page)
-                if layout is not None and self._agrees(index, layout):
-                    self._levels[index] = layout
-        except BaseException:
-            os.close(self._fd)
-            raise
+        self._lock = threading.Lock()
+        self._fd = os.open(path, os.O_RDONLY)
 
     @classmethod
     def open(cls, path: Path, level_dimensions: tuple[tuple[int, int], ...],
@@ -179,38 +183,61 @@ class JpegTiles:
                     page = levels[i].keyframe if i < len(levels) else None
                     same = page is not None and (int(page.imagewidth), int(page.imagelength)) == (w, h)
                     pages.append(page if same else None)
-                if not any(p is not None and _level_layout(p) for p in pages):
-                    return None
-                return cls(path, pages, reference)
+                tiles = cls(path, pages, reference)
         except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
             log.debug("%s: no direct JPEG reads (%s)", path, exc)
             return None
+        if not tiles._unchecked:
+            tiles.close()
+            return None
+        return tiles
 
-    def _agrees(self, level: int, layout: _Level) -> bool:
-        """Whether the first tile of ``level`` decodes here as the backend reads it.
+    def _agrees(self, level: int, layout: _Level, whole: bool) -> bool:
+        """Whether ``level`` decodes here as the backend reads it, judged on one tile.
 
-        The first tile, because OpenSlide addresses regions in level-0 coordinates: at a level
-        whose downsample is not a whole number it paints a region at a fraction of a pixel
-        (interpolated), except at the origin. A colour-space mistake shows on any tile, glass
-        included (three equal components read as YCbCr are not grey).
+        The first tile that decodes of: the first tile, then (at a level whose downsample from
+        level 0 is a whole number, ``whole``) the middle and the last one. OpenSlide
+        addresses regions in level-0 coordinates: at a level whose downsample is not a whole
+        number it paints a region at a fraction of a pixel (interpolated), except at the
+        origin. A colour-space mistake shows on any tile, glass included (three equal
+        components read as YCbCr are not grey). A level none of whose candidates decodes stays
+        on the backend.
         """
-        w, h = min(layout.tile_w, layout.width), min(layout.tile_h, layout.height)
-        try:
-            mine = self._tile(level, layout, 0, 0)[:h, :w]
-        except (_Sparse, _BadTile):
+        candidates = [(0, 0)]
+        if whole:
+            candidates += [(layout.rows // 2, layout.cols // 2), (layout.rows - 1, layout.cols - 1)]
+        for row, col in candidates:
+            x, y = col * layout.tile_w, row * layout.tile_h
+            w, h = min(layout.tile_w, layout.width - x), min(layout.tile_h, layout.height - y)
+            try:
+                mine = self._tile(level, layout, row, col)[:h, :w]
+            except (_Sparse, _BadTile):
+                continue  # a damaged or missing tile says nothing about the layout
+            if np.array_equal(mine, self._reference(level, x, y, w, h)):
+                return True
+            log.info("%s: level %d decodes differently from the backend; read through it", self._path, level)
             return False
-        if np.array_equal(mine, self._reference(level, 0, 0, w, h)):
-            return True
-        log.info("%s: level %d decodes differently from the backend; read through it", self._path, level)
         return False
 
     def covers(self, level: int) -> bool:
-        """Whether ``level`` is read here."""
+        """Whether ``level`` is read here (checked against the backend on the first call)."""
+        if level in self._levels:
+            return True
+        if level not in self._unchecked:
+            return False
+        with self._lock:
+            if level in self._unchecked:
+                layout, whole = self._unchecked[level]
+                if self._agrees(level, layout, whole):
+                    self._levels[level] = layout
+                del self._unchecked[level]
         return level in self._levels
 
     @property
     def levels(self) -> tuple[int, ...]:
-        """The levels read here."""
+        """The levels read here (every level is checked first)."""
+        for level in list(self._unchecked):
+            self.covers(level)
         return tuple(sorted(self._levels))
 
     def _tile(self, level: int, layout: _Level, row: int, col: int) -> NDArray[np.uint8]:
@@ -238,6 +265,8 @@ class JpegTiles:
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         """The region ``(x, y, width, height)`` of ``level`` (which :meth:`covers`), ``(h, w, 3)``
         uint8; outside the image it is white, as OpenSlide's transparent pixels over white."""
+        if not self.covers(level):
+            raise ValueError(f"{self._path}: level {level} is not read directly")
         layout = self._levels[level]
         out = np.empty((height, width, 3), np.uint8)
         if x < 0 or y < 0 or x + width > layout.width or y + height > layout.height:

@@ -22,7 +22,8 @@ def _openslide_region(path: Path, level: int, x: int, y: int, w: int, h: int) ->
     with openslide.OpenSlide(str(path)) as slide:
         ds = slide.level_downsamples[level]
         rgba = np.asarray(slide.read_region((round(x * ds), round(y * ds)), level, (w, h))).astype(np.int32)
-    return np.minimum(rgba[..., :3] + (255 - rgba[..., 3:]), 255).astype(np.uint8)
+    rgb: NDArray[np.uint8] = np.minimum(rgba[..., :3] + (255 - rgba[..., 3:]), 255).astype(np.uint8)
+    return rgb
 
 
 def _open_tiles(path: Path) -> JpegTiles:
@@ -97,7 +98,7 @@ def test_a_level_that_decodes_differently_stays_on_the_backend(pyramid: Path) ->
 
     def shifted(level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
         region = _openslide_region(pyramid, level, x, y, w, h)
-        return region if level != 1 else region ^ 1  # level 1 "decodes" one level apart
+        return region if level != 1 else region ^ np.uint8(1)  # level 1 "decodes" one level apart
 
     tiles = JpegTiles.open(pyramid, dims, shifted)
     assert tiles is not None
@@ -116,6 +117,7 @@ def test_a_tile_without_bytes_is_read_by_the_backend(pyramid: Path) -> None:
         return np.full((h, w, 3), 7, np.uint8)
 
     try:
+        assert tiles.covers(0)
         layout = tiles._levels[0]
         counts = list(layout.counts)
         counts[1] = 0  # tile column 1, row 0: recorded with no bytes, as in a sparse TIFF
@@ -137,6 +139,7 @@ def test_layouts_it_does_not_know_are_left_alone(tmp_path: Path) -> None:
 def test_a_truncated_tile_names_file_level_and_tile(pyramid: Path, tmp_path: Path) -> None:
     tiles = _open_tiles(pyramid)
     try:
+        assert tiles.covers(0)
         layout = tiles._levels[0]
         offsets = list(layout.offsets)
         offsets[0] = pyramid.stat().st_size - 10  # the tile would run past the end of the file
@@ -144,5 +147,22 @@ def test_a_truncated_tile_names_file_level_and_tile(pyramid: Path, tmp_path: Pat
         with pytest.raises(SlideReadError, match=rf"^{pyramid}: cannot read level 0 region x=0 y=0 10x10: "
                                                  r"the file ends inside tile column 0, row 0"):
             tiles.read(0, 0, 0, 10, 10)
+    finally:
+        tiles.close()
+
+
+def test_a_corrupt_first_tile_does_not_keep_a_level_off_the_direct_path(pyramid: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.tiff"
+    data = bytearray(pyramid.read_bytes())
+    with tifffile.TiffFile(pyramid) as tif:
+        offset = int(tif.pages[0].dataoffsets[0])
+    data[offset : offset + 64] = b"\xff" * 64  # the JPEG header of tile column 0, row 0 of level 0
+    damaged.write_bytes(bytes(data))
+    tiles = _open_tiles(damaged)
+    try:
+        assert tiles.covers(0)  # judged on the middle tile instead
+        with pytest.raises(SlideReadError, match=r"corrupt JPEG tile column 0, row 0"):
+            tiles.read(0, 0, 0, 64, 64)
+        assert np.array_equal(tiles.read(0, 256, 256, 300, 300), _openslide_region(damaged, 0, 256, 256, 300, 300))
     finally:
         tiles.close()
