@@ -229,6 +229,41 @@ def test_dask_scheduler_runs_small_work_on_threads_and_a_dashboard_on_a_cluster(
     assert active_client() is None
 
 
+def test_archive_work_starts_the_local_cluster_with_the_first_large_slide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """normalize-archive without a scheduler: dask's threaded scheduler (on the run's share of
+    threads) until a slide of SMALL_SLIDE_PX or more is submitted, then one local cluster."""
+    import contextlib
+
+    import dask
+    import dask.threaded
+    from dask.base import compute
+    from dask.delayed import delayed
+
+    from flows.normalize_archive import ArrayWork
+    from wsi_norm.cluster import SMALL_SLIDE_PX, active_client
+
+    monkeypatch.delenv("WSI_NORM_SCHEDULER", raising=False)
+    before = dask.config.get("scheduler", None)
+    with contextlib.ExitStack() as stack:
+        work = ArrayWork(stack, None, dashboard=False, threads=1)
+
+        def client() -> Any:  # read afresh each time (need() sets it)
+            return work.client
+
+        assert client() is None and active_client() is None
+        assert dask.config.get("scheduler") is dask.threaded.get and dask.config.get("num_workers") == 1
+        assert compute(delayed(sum)([1, 2])) == (3,)  # type: ignore[no-untyped-call]
+        # an unreadable slide (None) or a small one starts nothing
+        assert not work.need(None) and not work.need(SMALL_SLIDE_PX - 1) and client() is None
+        assert work.need(SMALL_SLIDE_PX)
+        started = client()
+        assert started is not None and active_client() is started
+        assert dask.config.get("scheduler") == "dask.distributed"
+        assert compute(delayed(sum)([1, 2])) == (3,)  # type: ignore[no-untyped-call]
+        assert not work.need(SMALL_SLIDE_PX) and client() is started  # one cluster a run
+    assert active_client() is None and dask.config.get("scheduler", None) == before
+
+
 def _watch_cli(args: list[str], cwd: Path, *, small_slide_px: int | None = None
                ) -> tuple[subprocess.CompletedProcess[str], set[tuple[str, int]]]:
     """Run ``wsi-norm ARGS`` and collect every socket it listens on while it runs.
