@@ -61,12 +61,15 @@ retry_delay_s: 0
 
 @pytest.mark.parametrize("method", ["none", "stainnet"])
 def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_path: Path, shared_data: Path,
-                                                         method: str) -> None:
+                                                         method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``none`` (identity) and ``stainnet`` (the published weights) fit nothing: the flow writes
-    both formats and QC for every slide, and a second run skips them as current. Everything the
-    flow's process listens on meanwhile (its dask cluster) is on 127.0.0.1."""
+    both formats and QC for every slide, and a second run skips them as current. With ``none``
+    the 1024 x 768 slide counts as large (the threshold is lowered): the local dask cluster
+    starts with it, and everything the flow's process listens on meanwhile is on 127.0.0.1;
+    with ``stainnet`` both slides are small: no cluster, nothing listens."""
     import threading
 
+    import wsi_norm.cluster
     from flows.normalize_archive import normalize_archive
     from wsi_norm.slide import open_slide
     from wsi_norm.writers import read_level, read_provenance
@@ -77,6 +80,9 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(textwrap.dedent(text), encoding="utf-8")
 
+    monkeypatch.delenv("WSI_NORM_SCHEDULER", raising=False)
+    if method == "none":
+        monkeypatch.setattr(wsi_norm.cluster, "SMALL_SLIDE_PX", 1024 * 768)
     me, seen, running = psutil.Process(), set(), threading.Event()
     running.set()
 
@@ -94,7 +100,10 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
         sampler.join()
     rows = {r["slide"]: r for r in state_rows(state)}
     assert state.is_completed(), (state.message, rows)
-    assert seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
+    if method == "none":
+        assert seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
+    else:
+        assert seen == set(), seen
     assert {s: r["outcome"] for s, r in rows.items()} == {"a-1.tiff": "normalized", "b-1.tiff": "normalized"}
     for site, stem, shape in (("site-a", "a-1", (768, 1024, 3)), ("site-b", "b-1", (512, 512, 3))):
         for suffix in (".ome.zarr", ".tiff"):
