@@ -20,8 +20,8 @@ Array work runs on one shared dask ``distributed`` client when one is asked for
 (``--scheduler`` / ``WSI_NORM_SCHEDULER``, or ``--dashboard``: a local in-process cluster);
 otherwise on dask's threaded scheduler, as the CLI runs a slide under
 :data:`wsi_norm.cluster.SMALL_SLIDE_PX`, until the first slide that large is submitted: the local
-cluster starts then and serves the rest of the run (:class:`ArrayWork`). Prefect threads only
-track slides.
+cluster starts then and serves the rest of the run (:class:`ArrayWork`). BLAS is limited to the
+run's share of the cores (``cores // concurrency`` threads). Prefect threads only track slides.
 
 Run::
 
