@@ -30,6 +30,7 @@ __all__ = [
     "read_output_for_measure",
     "read_output_thumbnail",
     "read_source_for_measure",
+    "read_source_for_qc",
     "scheduler_address",
 ]
 
@@ -254,6 +255,29 @@ def read_source_for_measure(path: str | os.PathLike[str], *, max_side: int = 409
         level = measurement_level(slide.level_dimensions, max_side)
         w, h = slide.level_dimensions[level]
         return slide.read_region(level, x=0, y=0, width=w, height=h)
+
+
+def read_source_for_qc(
+    path: str | os.PathLike[str], *, max_side: int = 4096, thumb_px: int = 512
+) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+    """:func:`read_source_for_measure` and the slide's ``thumbnail(thumb_px)``, from one read
+    when the thumbnail comes from the level measured (a single-level slide of at most
+    ``max_side`` a side: the level is decoded once, and shrunk as ``Slide.thumbnail`` does).
+
+    Returns
+    -------
+    measure : (H, W, 3) uint8
+    thumbnail : (h, w, 3) uint8
+    """
+    from wsi_norm.slide import open_slide, shrink_to
+
+    with open_slide(path) as slide:
+        level = measurement_level(slide.level_dimensions, max_side)
+        w, h = slide.level_dimensions[level]
+        measure = slide.read_region(level, x=0, y=0, width=w, height=h)
+        if slide.best_level_for(thumb_px) == level:
+            return measure, shrink_to(measure, thumb_px)
+        return measure, np.asarray(slide.thumbnail(thumb_px))
 
 
 def read_output_for_measure(out: str | os.PathLike[str], *, max_side: int = 4096) -> NDArray[np.uint8]:

@@ -197,16 +197,15 @@ def publish_slide_qc(
     """
     from prefect.artifacts import create_markdown_artifact
 
-    from flows._common import read_output_for_measure, read_source_for_measure
-    from wsi_norm.slide import open_slide
+    from flows._common import read_output_for_measure, read_source_for_qc
 
     start = time.perf_counter()
-    with open_slide(entry.source) as slide:
-        before = np.asarray(slide.thumbnail(THUMB_PX))
+    measured, before = read_source_for_qc(entry.source, thumb_px=THUMB_PX)
     first_out = next(iter(entry.outputs.values()))
     after = _resize(read_output_thumbnail(first_out, min_px=THUMB_PX), before.shape[:2])
     target_matrix = _template_stain_matrix(target)
-    src = colour_stats(read_source_for_measure(entry.source))
+    src = colour_stats(measured)
+    del measured
     out = colour_stats(read_output_for_measure(first_out))
     metrics: dict[str, Any] = {
         "ssim_source": round(ssim_source(before, after), 3),

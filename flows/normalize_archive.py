@@ -16,8 +16,12 @@ or colour map fails the QC gate (:mod:`wsi_norm.stain.qc`) is marked "needs revi
 and nothing of it is written (unless the manifest says ``force: true``); the others go on, and
 the flow run ends Failed.  A summary table artifact lists every slide.
 
-Array work runs on one shared dask ``distributed`` client (``--scheduler`` /
-``WSI_NORM_SCHEDULER``, else a local in-process cluster); Prefect threads only track slides.
+Array work runs on one shared dask ``distributed`` client when one is asked for
+(``--scheduler`` / ``WSI_NORM_SCHEDULER``, or ``--dashboard``: a local in-process cluster);
+otherwise on dask's threaded scheduler, as the CLI runs a slide under
+:data:`wsi_norm.cluster.SMALL_SLIDE_PX`, until the first slide that large is submitted: the local
+cluster starts then and serves the rest of the run (:class:`ArrayWork`). BLAS is limited to the
+run's share of the cores (``cores // concurrency`` threads). Prefect threads only track slides.
 
 Run::
 
@@ -30,11 +34,12 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, TypeVar, cast
 
 from prefect import flow, get_run_logger, tags, task
@@ -70,7 +75,7 @@ from wsi_norm.errors import (
 from wsi_norm.pipeline import FitOptions
 from wsi_norm.runtime import return_freed_memory
 
-__all__ = ["main", "normalize_archive", "prepare_target", "process_slide"]
+__all__ = ["ArrayWork", "main", "normalize_archive", "prepare_target", "process_slide"]
 
 FLOW_NAME = "normalize-archive"
 SUMMARY_KEY = "normalize-archive-summary"
@@ -290,6 +295,66 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+class ArrayWork:
+    """Where a run's array work goes: a ``distributed`` client, or dask's threaded scheduler.
+
+    With ``address`` (a scheduler to join) or ``dashboard`` (a local cluster to watch), the
+    client starts at once, as before. Otherwise the run starts on dask's threaded scheduler
+    (:func:`wsi_norm.cluster.dask_scheduler` with ``embedded_cluster=False``: no ``distributed``
+    import, no sockets; a client already active in the process is used instead), each
+    computation on at most ``threads`` threads, and the local cluster is started by
+    :meth:`need`, from the flow's own thread, when the first slide of at least
+    :data:`wsi_norm.cluster.SMALL_SLIDE_PX` is submitted; it serves every computation from
+    then on (``dask.config`` and the default client are process-wide, so slides already
+    running move to it too: the results are the same whatever the scheduler).
+
+    Everything started is closed with ``stack``.
+    """
+
+    def __init__(self, stack: ExitStack, address: str | None, *, dashboard: bool, threads: int) -> None:
+        from wsi_norm.cluster import dask_client, dask_scheduler
+
+        self._stack = stack
+        self.client: Any = None
+        if address or dashboard:
+            self.client = stack.enter_context(dask_client(address, dashboard=dashboard))
+        else:
+            self.client = stack.enter_context(dask_scheduler(None, threads=threads, embedded_cluster=False))
+
+    def need(self, pixels: int | None) -> bool:
+        """Start the local cluster if a slide of ``pixels`` level-0 pixels (None: unknown, as
+        for a slide that cannot be opened) is worth one and none runs; True if it started here."""
+        from wsi_norm.cluster import SMALL_SLIDE_PX, dask_client
+
+        if self.client is not None or pixels is None or pixels < SMALL_SLIDE_PX:
+            return False
+        self.client = self._stack.enter_context(dask_client(None))
+        return True
+
+
+def _blas_threads(threads: int) -> AbstractContextManager[object]:
+    """BLAS (OpenBLAS, MKL) limited to ``threads`` threads, process-wide, while active: the run's
+    slides already fill the cores, and BLAS threads on top of them spin and contend (the
+    fit's and the QC measurement's ``(N, 3) @ (3, 2)`` products took ~0.3 s each at 1M pixels
+    with two BLAS threads on a busy 2-core machine; the results are the same bytes)."""
+    from threadpoolctl import threadpool_limits
+
+    limits: AbstractContextManager[object] = threadpool_limits(limits=threads, user_api="blas")
+    return limits
+
+
+def _level0_pixels(entry: SlideEntry) -> int | None:
+    """Level-0 pixels of ``entry``'s slide, or None when it cannot be opened (its task says why)."""
+    from wsi_norm.slide import open_slide
+
+    try:
+        with open_slide(entry.source) as slide:
+            width, height = slide.dimensions
+    except (WsiNormError, OSError, ValueError):
+        return None
+    return int(width) * int(height)
+
+
 @flow(name=FLOW_NAME, log_prints=False)
 def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | None = None, dashboard: bool = False) -> Any:
     """Normalize every slide of ``manifest`` that is not current.
@@ -299,9 +364,11 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     manifest : str
         Path of the data manifest (see :mod:`flows.manifest`).
     scheduler : str, optional
-        Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else a local cluster.
+        Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else dask's threaded scheduler
+        for slides under :data:`wsi_norm.cluster.SMALL_SLIDE_PX` and a local cluster, started
+        with the first larger slide, for the rest of the run (:class:`ArrayWork`).
     dashboard : bool
-        Serve the local cluster's dask dashboard on 127.0.0.1 (default: none).
+        Start the local cluster at once and serve its dask dashboard on 127.0.0.1 (default: none).
 
     Returns
     -------
@@ -310,7 +377,7 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         takes longer than the manifest's ``slide_timeout_s`` fails as "timed out").
     """
     return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
-    from wsi_norm.cluster import dashboard_url, dask_client
+    from wsi_norm.cluster import dashboard_url
 
     logger = get_run_logger()
     m = load_manifest_task(manifest)
@@ -323,9 +390,13 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     if m.generated:
         generate_slides_task.with_options(retries=m.model.retries, retry_delay_seconds=m.model.retry_delay_s)(m)
     outcomes: list[SlideOutcome] = []
-    with dask_client(scheduler_address(scheduler), dashboard=dashboard) as client:
+    with ExitStack() as stack:
+        # small slides on threads: each computation on its share of the cores (concurrency slides at once)
+        threads = max(1, (os.cpu_count() or 1) // m.model.concurrency)
+        stack.enter_context(_blas_threads(threads))
+        work = ArrayWork(stack, scheduler_address(scheduler), dashboard=dashboard, threads=threads)
         if dashboard:
-            logger.info("dask dashboard: %s", dashboard_url(client))
+            logger.info("dask dashboard: %s", dashboard_url(work.client))
         target = prepare_target(m, m.model.target)
         pending = list(m.slides)
         running: dict[PrefectFuture[Any], SlideEntry] = {}
@@ -336,6 +407,8 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         while pending or running:
             while pending and len(running) < m.model.concurrency:
                 entry = pending.pop(0)
+                if work.client is None and work.need(_level0_pixels(entry)):
+                    logger.info("%s: a large slide: local dask cluster started for the rest of the run", entry.source)
                 with tags(f"site:{entry.site}", f"method:{m.method}"):  # this slide's task runs only
                     # quote(): Prefect would otherwise walk every parameter for futures on each
                     # task run, and the manifest holds every slide (0.1 s a slide at 40 slides,

@@ -75,6 +75,7 @@ __all__ = [
     "Backend",
     "Slide",
     "open_slide",
+    "shrink_to",
 ]
 
 log = logging.getLogger(__name__)
@@ -1282,15 +1283,26 @@ class Slide:
         level = self.best_level_for(max_px)
         w, h = self.level_dimensions[level]
         scale = max_px / max(w, h)
-        if scale >= 1:
-            return self.read_region(level, x=0, y=0, width=w, height=h)
-        if w * h <= 8192 * 8192:
-            rgb = self.read_region(level, x=0, y=0, width=w, height=h)
-        else:
-            step = max(1, int(1 / scale))
-            rgb = self.to_dask(level)[::step, ::step].compute()
+        if scale >= 1 or w * h <= 8192 * 8192:
+            return shrink_to(self.read_region(level, x=0, y=0, width=w, height=h), max_px)
+        step = max(1, int(1 / scale))
+        rgb = self.to_dask(level)[::step, ::step].compute()
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
+def shrink_to(rgb: NDArray[np.uint8], max_px: int) -> NDArray[np.uint8]:
+    """``(H, W, 3) uint8`` ``rgb`` box-filtered down so its larger side is ``max_px`` (``rgb``
+    itself when it is no larger): what :meth:`Slide.thumbnail` makes of a whole level it read,
+    for a caller that holds that level already."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    scale = max_px / max(w, h)
+    if scale >= 1:
+        return rgb
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
 
 
 def open_slide(

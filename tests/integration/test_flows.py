@@ -86,9 +86,23 @@ retry_delay_s: 0
 """
 
 
-def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect_api: Path, tmp_path: Path) -> None:
+def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(
+    prefect_api: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_norm.cluster
     from flows._common import state_rows
     from flows.normalize_archive import PROGRESS_KEY, SUMMARY_KEY, normalize_archive
+
+    # every distributed client the run would start or join goes through dask_client
+    clients: list[Any] = []
+    real_client = wsi_norm.cluster.dask_client
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        clients.append((args, kwargs))
+        return real_client(*args, **kwargs)
+
+    monkeypatch.setattr(wsi_norm.cluster, "dask_client", spy)
+    monkeypatch.delenv("WSI_NORM_SCHEDULER", raising=False)
 
     (tmp_path / "broken").mkdir()
     rng = np.random.default_rng(0)
@@ -98,6 +112,7 @@ def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(prefect
 
     state = cast("State[Any]", normalize_archive(manifest=str(manifest), return_state=True))
     assert state.is_failed() and state.message == "1 of 3 slides failed"
+    assert clients == []  # 2048^2 slides run on dask's threaded scheduler, as the CLI runs them
     rows = {r["slide"]: r for r in state_rows(state)}
     assert [rows[s]["outcome"] for s in ("a-1.tiff", "b-1.tiff", "bad.svs")] == ["normalized", "normalized", "failed"]
     assert "bad.svs" in rows["bad.svs"]["reason"] and "Error" in rows["bad.svs"]["reason"]
@@ -309,3 +324,22 @@ def _he_like() -> np.ndarray:
     e = rng.uniform(0, 1.0, (128, 128, 1)) * np.array([0.07, 0.99, 0.11])
     out: np.ndarray = np.clip(240 * np.exp(-(h + e)), 0, 255).round()
     return out
+
+
+def test_qc_source_read_is_the_measured_level_and_the_slides_thumbnail(sample_svs: Path, tmp_path: Path) -> None:
+    """The QC reads the source once when the thumbnail comes from the measured level (a
+    single-level slide) and shrinks it as ``Slide.thumbnail`` does: the same bytes as the two
+    reads; a pyramid reads its thumbnail from its own level."""
+    from flows._common import read_source_for_measure, read_source_for_qc
+    from wsi_norm.slide import open_slide
+    from wsi_norm.testing.synthetic import generate_slide
+
+    pyramid = tmp_path / "pyramid.tiff"
+    generate_slide(pyramid, width=2048, height=1536, seed=4, tile_px=256, min_level_px=512)
+    for path, levels in ((sample_svs, 1), (pyramid, 3)):
+        measured, thumb = read_source_for_qc(path, thumb_px=512)
+        with open_slide(path) as slide:
+            assert len(slide.level_dimensions) == levels
+            expected = slide.thumbnail(512)
+        assert np.array_equal(measured, read_source_for_measure(path))
+        assert thumb.shape == expected.shape and thumb.tobytes() == expected.tobytes()

@@ -87,3 +87,18 @@ def test_glass_candidates_are_the_rule_pixel_for_pixel(cmu_rgb: NDArray[np.uint8
         n_glass += len(ours)
         empty += len(ours) == 0
     assert n_glass > 100_000 and empty > 10  # both glass and all-tissue windows were compared
+
+
+def test_white_point_median_of_8bit_glass_is_numpys_median() -> None:
+    """The white point of 8-bit glass comes from histograms: the same value as np.median, odd
+    and even counts (the mean of the two middle values) alike."""
+    from wsi_norm.tissue.whitepoint import estimate_white_point
+
+    rng = np.random.default_rng(5)
+    for n in (2000, 2001, 2002, 40_000, 40_001):
+        glass = rng.integers(225, 250, (n, 3), dtype=np.uint8)
+        glass[: n // 3, 1] = 255  # ties and a skewed channel
+        ours = estimate_white_point(glass)
+        assert ours.source == "glass" and ours.n_pixels == n
+        assert ours.rgb == tuple(np.median(glass.astype(np.float64), axis=0).tolist())
+        assert ours == estimate_white_point(glass.astype(np.float64))  # the float path agrees

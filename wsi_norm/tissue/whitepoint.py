@@ -116,12 +116,39 @@ def _luma_x1000(rgb: NDArray[np.uint8]) -> NDArray[np.int32]:
 
 
 def _range_filter(values: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
-    """max - min over each ``size x size`` neighbourhood (edges repeated), for 8-bit values."""
-    from scipy import ndimage
+    """max - min over each ``size x size`` neighbourhood (edges repeated), for 8-bit values.
 
-    return np.asarray(
-        ndimage.maximum_filter(values, size, mode="nearest") - ndimage.minimum_filter(values, size, mode="nearest")
-    )
+    The same bytes as ``scipy.ndimage.maximum_filter(values, size, mode="nearest") -
+    minimum_filter(...)`` for an odd ``size``, by running extremes over doubling windows on
+    views of the edge-padded array (whole-array 8-bit ``maximum``/``minimum``, a third of
+    scipy's time for a 7 x 7 window).
+    """
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"size must be a positive odd number, got {size}")
+    half = size // 2
+    padded = np.pad(np.asarray(values, dtype=np.uint8), half, mode="edge")
+    high = _running_extreme(_running_extreme(padded, size, 0, np.maximum), size, 1, np.maximum)
+    low = _running_extreme(_running_extreme(padded, size, 0, np.minimum), size, 1, np.minimum)
+    return np.asarray(high - low, dtype=np.uint8)
+
+
+def _running_extreme(values: NDArray[np.uint8], size: int, axis: int, op: np.ufunc) -> NDArray[np.uint8]:
+    """``op`` over each run of ``size`` consecutive values along ``axis`` (output ``size - 1``
+    shorter there): windows of 1, 2, 4, ... values, the last one made of two overlapping ones."""
+    n = values.shape[axis] - size + 1
+
+    def cut(a: NDArray[np.uint8], start: int, length: int) -> NDArray[np.uint8]:
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(start, start + length)
+        return a[tuple(index)]
+
+    acc, width = values, 1  # acc[i] = op over values[i : i + width]
+    while 2 * width <= size:
+        length = acc.shape[axis] - width
+        acc, width = op(cut(acc, 0, length), cut(acc, width, length)), 2 * width
+    if width == size:
+        return cut(acc, 0, n)
+    return np.asarray(op(cut(acc, 0, n), cut(acc, size - width, n)))
 
 
 def glass_candidates(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -172,5 +199,19 @@ def estimate_white_point(glass: ArrayLike, *, min_pixels: int = MIN_GLASS_PIXELS
     px = np.asarray(glass).reshape(-1, 3)
     if len(px) < max(1, int(min_pixels)):
         return WhitePoint((DEFAULT_WHITE,) * 3, "fallback", 0)
-    median = np.median(px.astype(np.float64), axis=0)
+    median = _uint8_median(px) if px.dtype == np.uint8 else np.median(px.astype(np.float64), axis=0)
     return WhitePoint(tuple(np.clip(median, 1.0, 255.0)), "glass", len(px))
+
+
+def _uint8_median(px: NDArray[np.uint8]) -> NDArray[np.float64]:
+    """Per-channel median of ``(N, 3) uint8`` pixels (N > 0) from their histograms: the same
+    value as ``np.median(px.astype(float), axis=0)`` (the mean of the two middle values for
+    an even N), without sorting."""
+    n = len(px)
+    ranks = np.array([(n - 1) // 2, n // 2])  # the middle value(s), 0-based
+    out = np.empty(3, dtype=np.float64)
+    for c in range(3):
+        cumulative = np.cumsum(np.bincount(px[:, c], minlength=256))
+        lo, hi = np.searchsorted(cumulative, ranks, side="right")
+        out[c] = (float(lo) + float(hi)) / 2.0
+    return out
