@@ -203,3 +203,29 @@ def test_one_tissue_fraction_everywhere(sample_svs: Path, tmp_path: Path, capsys
     assert f"tissue {expected:.1%} of the slide" in line and "green tint = tissue" in line
     fit = fit_slide(sample_svs, method="macenko", n_pixels=20_000)
     assert fit.tissue_fraction == expected
+
+
+def test_chunk_has_tissue_is_any_over_each_chunks_footprint() -> None:
+    # against the definition, chunk by chunk: random masks, downsamples, level-0 shapes slightly
+    # larger than the coarse view covers, and chunk sides from 1 px to several coarse pixels
+    from wsi_norm.tissue.mask import CoarseMask
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        mask = rng.random((h, w)) < rng.choice([0.001, 0.01, 0.1, 0.5])
+        dx, dy = (float(v) for v in rng.uniform(0.5, 40, 2))
+        rows, cols = int(h * dy) + int(rng.integers(0, 5)), int(w * dx) + int(rng.integers(0, 5))
+        side = int(rng.integers(1, 600))
+        chunks = (tuple(min(side, rows - y) for y in range(0, rows, side)),
+                  tuple(min(side, cols - x) for x in range(0, cols, side)))
+        coarse = CoarseMask(mask=mask, level=0, downsample=(dx, dy), tissue=mask)
+        got = coarse.chunk_has_tissue((rows, cols), chunks)
+        row_edges, col_edges = np.cumsum((0, *chunks[0])), np.cumsum((0, *chunks[1]))
+        for i in range(len(chunks[0])):
+            r0 = min(h - 1, int(row_edges[i] / dy))
+            r1 = max(r0 + 1, min(h, int(np.ceil(row_edges[i + 1] / dy))))
+            for j in range(len(chunks[1])):
+                c0 = min(w - 1, int(col_edges[j] / dx))
+                c1 = max(c0 + 1, min(w, int(np.ceil(col_edges[j + 1] / dx))))
+                assert got[i, j] == mask[r0:r1, c0:c1].any(), (i, j)

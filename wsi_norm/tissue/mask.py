@@ -155,15 +155,17 @@ class CoarseMask:
         h, w = self.mask.shape
         row_edges = np.concatenate([[0], np.cumsum(chunks[0])])
         col_edges = np.concatenate([[0], np.cumsum(chunks[1])])
-        out = np.zeros((len(chunks[0]), len(chunks[1])), dtype=bool)
-        for i in range(len(chunks[0])):
-            r0 = min(h - 1, int(row_edges[i] / dy))
-            r1 = max(r0 + 1, min(h, int(np.ceil(row_edges[i + 1] / dy))))
-            for j in range(len(chunks[1])):
-                c0 = min(w - 1, int(col_edges[j] / dx))
-                c1 = max(c0 + 1, min(w, int(np.ceil(col_edges[j + 1] / dx))))
-                out[i, j] = bool(self.mask[r0:r1, c0:c1].any())
-        return out
+        # each chunk's coarse footprint [r0, r1) x [c0, c1), at least one coarse pixel
+        r0 = np.minimum(h - 1, (row_edges[:-1] / dy).astype(np.int64))
+        r1 = np.maximum(r0 + 1, np.minimum(h, np.ceil(row_edges[1:] / dy).astype(np.int64)))
+        c0 = np.minimum(w - 1, (col_edges[:-1] / dx).astype(np.int64))
+        c1 = np.maximum(c0 + 1, np.minimum(w, np.ceil(col_edges[1:] / dx).astype(np.int64)))
+        # tissue pixels in every footprint at once, from the mask's summed-area table
+        table = np.zeros((h + 1, w + 1), dtype=np.int64)
+        table[1:, 1:] = self.mask.cumsum(0, dtype=np.int64).cumsum(1)
+        counts = (table[r1[:, None], c1[None, :]] - table[r0[:, None], c1[None, :]]
+                  - table[r1[:, None], c0[None, :]] + table[r0[:, None], c0[None, :]])
+        return np.asarray(counts > 0)
 
 
 def coarse_mask(slide: Slide, *, max_px: int = COARSE_MAX_PX) -> CoarseMask:
