@@ -198,22 +198,13 @@ def _gather_kernel() -> Any:
 
         @numba.njit(nogil=True, cache=True)
         def gather(pixels: Any, lut: Any, out: Any) -> None:  # pragma: no cover - compiled
-            # a pixel equal to the one before reuses its entry: 46-83 % of a slide's
-            # neighbours repeat (glass, flat JPEG blocks), and each table read is a cache miss
-            pr, pg, pb = -1, -1, -1
-            o0, o1, o2 = lut[0, 0, 0, 0], lut[0, 0, 0, 1], lut[0, 0, 0, 2]
             for i in range(pixels.shape[0]):
                 r = pixels[i, 0]
                 g = pixels[i, 1]
                 b = pixels[i, 2]
-                if r != pr or g != pg or b != pb:
-                    o0 = lut[r, g, b, 0]
-                    o1 = lut[r, g, b, 1]
-                    o2 = lut[r, g, b, 2]
-                    pr, pg, pb = r, g, b
-                out[i, 0] = o0
-                out[i, 1] = o1
-                out[i, 2] = o2
+                out[i, 0] = lut[r, g, b, 0]
+                out[i, 1] = lut[r, g, b, 1]
+                out[i, 2] = lut[r, g, b, 2]
 
         _GATHER = gather
     return _GATHER
