@@ -12,8 +12,8 @@ Once reading got faster, that 1 MiB threshold cost the most: every chunk-sized b
 (3 MiB) was a fresh ``mmap`` whose pages the kernel zeroes on first touch, about a third
 of a plain copy's CPU time in system time (8.2 s of 23.7 s for a 1.07-GP TIFF copy). From
 16 MiB, chunk buffers are reused from the heap and only block-sized ones (12 MiB and up)
-are mapped: system time 1.8 s, and peak RSS still flat in area (TIFF copy 306 -> 323 MiB,
-OME-Zarr 392 -> 444 MiB for 4x the pixels; 268 MP -> 1.07 GP, BENCHMARKS.md).
+are mapped: system time 1.8 s, and peak RSS still flat in area (TIFF copy 299 -> 315 MiB,
+OME-Zarr 383 -> 434 MiB for 4x the pixels; 268 MP -> 1.07 GP, BENCHMARKS.md).
 Setting ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment as well (only
 possible before the process starts) saves another 8 % of time.
 ``distributed`` does the same for the worker processes it starts
