@@ -14,8 +14,8 @@ fancy upsampling). A TIFF's photometric interpretation says what the JPEG's thre
 are, which the stream itself may not: for ``RGB`` an Adobe marker with transform 0 is put in
 front (libjpeg would otherwise assume YCbCr for three unmarked components, as Aperio's "RGB
 JPEG" tiles are); ``YCbCr`` is libjpeg's own default. Each level is also checked once, on its
-first tile that decodes, against the backend's own reader; a level that differs (or any layout not listed
-above) stays on that reader. Tests compare every tile of the real Aperio sample and of
+first read and its first tile that decodes, against the backend's own reader; a level that
+differs (or any layout not listed above) stays on that reader. Tests compare every tile of the real Aperio sample and of
 generated pyramids with OpenSlide, bit for bit. One difference is deliberate: OpenSlide takes
 region positions in level-0 coordinates, so at a level whose downsample is not a whole number
 (2300 px over 288 px: 7.986) it paints the region at a fraction of a pixel, interpolated; here
@@ -259,7 +259,7 @@ class JpegTiles:
         if tile.shape[0] < min(layout.tile_h, layout.height - row * layout.tile_h) or \
                 tile.shape[1] < min(layout.tile_w, layout.width - col * layout.tile_w):
             raise _BadTile(f"{where} decodes to {tile.shape[1]}x{tile.shape[0]} px, "
-                                 f"smaller than its {layout.tile_w}x{layout.tile_h} place")
+                           f"smaller than its {layout.tile_w}x{layout.tile_h} place")
         return np.asarray(tile)
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
