@@ -7,6 +7,11 @@ the case's true stain vectors. Printed: per variant, the median, 95th percentile
 angle (deg) of hematoxylin and eosin, sorted by the 95th percentile of the worse stain, then the
 worst case, the two figures the issue asks defaults to be chosen by.
 
+Then what the sample itself allows: per case, how many sampled pixels (and 2 x 2 blocks) with an
+OD norm of at least 0.3 point within ``SUPPORT_DEG`` of each true stain direction, in OD against
+the white point the library found. An estimator that takes its directions from observed pixels
+cannot be within that angle on a case with (nearly) no such pixel, whatever its settings.
+
     python bench/estimator_sweep.py --cases 240 --workers 2
 """
 
@@ -24,6 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+SUPPORT_DEG = 2.0
+"""Angle (deg) within which a sampled pixel counts as showing a stain direction."""
+SUPPORT_MIN = 20
+"""Fewer such pixels than this: the case gives no support for that stain."""
+
+
+def stain_support(data: np.ndarray, white: np.ndarray, truth: np.ndarray) -> list[int]:
+    """Pixels (OD norm >= 0.3) within ``SUPPORT_DEG`` of each true stain direction: [H, E]."""
+    from wsi_norm.color import rgb_to_od
+    from wsi_norm.stain.base import tissue_pixels
+
+    od = rgb_to_od(tissue_pixels(data).astype(np.float64), white=white)
+    norm = np.linalg.norm(od, axis=1)
+    unit = od[norm >= 0.3] / norm[norm >= 0.3, None]
+    near = unit @ truth.T >= np.cos(np.radians(SUPPORT_DEG))
+    return [int(n) for n in near.sum(axis=0)]
 
 
 def _legacy_robust(data: np.ndarray, white: np.ndarray) -> np.ndarray:
@@ -91,7 +113,9 @@ def run_case(index: int, *, size: int, n_pixels: int) -> dict[str, Any]:
             sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=0)
     white = sample.white.array
     record: dict[str, Any] = {"index": index, "texture": case.texture, "composition": case.composition,
-                              "quality": case.quality, "subsampling": case.subsampling, "errors": {}}
+                              "quality": case.quality, "subsampling": case.subsampling, "errors": {},
+                              "support": {kind: stain_support(getattr(sample, kind), white, case.source.stain_matrix)
+                                          for kind in ("pixels", "blocks")}}
     for name, (kind, fit) in variants().items():
         data = sample.blocks if kind == "blocks" else sample.pixels
         try:
@@ -121,6 +145,31 @@ def summarize(records: list[dict[str, Any]]) -> str:
         lines.append(f"| {name} | {np.median(e[:, 0]):.2f} / {np.percentile(e[:, 0], 95):.2f} / {e[:, 0].max():.2f} | "
                      f"{np.median(e[:, 1]):.2f} / {np.percentile(e[:, 1], 95):.2f} / {e[:, 1].max():.2f} | "
                      f"{p95:.2f} / {worst:.2f} | {np.percentile(w80, 95):.2f} / {w80.max():.2f} | {fails} |")
+    return "\n".join(lines) + "\n\n" + summarize_support(records)
+
+
+def summarize_support(records: list[dict[str, Any]]) -> str:
+    """Cases whose sample has fewer than ``SUPPORT_MIN`` pixels near a true stain, per JPEG group."""
+    if "support" not in records[0]:
+        return ""
+    groups = {
+        "lossless": lambda r: r["quality"] is None,
+        "JPEG q >= 80, 4:4:4": lambda r: r["quality"] is not None and r["quality"] >= 80 and r["subsampling"] == "444",
+        "JPEG q >= 80, 4:2:0": lambda r: r["quality"] is not None and r["quality"] >= 80 and r["subsampling"] == "420",
+        "JPEG q < 80": lambda r: r["quality"] is not None and r["quality"] < 80,
+    }
+    lines = [f"Cases without support (< {SUPPORT_MIN} sampled pixels within {SUPPORT_DEG:g} deg of the true stain):",
+             "", "| cases | n | pixels: H / E / either | blocks: H / E / either | neither input supports both |",
+             "|---|---|---|---|---|"]
+    for name, keep in groups.items():
+        rows = [r for r in records if keep(r)]
+        if not rows:
+            continue
+        lack = {kind: np.array([[n < SUPPORT_MIN for n in r["support"][kind]] for r in rows])
+                for kind in ("pixels", "blocks")}
+        both = (lack["pixels"].any(axis=1) & lack["blocks"].any(axis=1)).sum()
+        cells = [f"{a[:, 0].sum()} / {a[:, 1].sum()} / {a.any(axis=1).sum()}" for a in lack.values()]
+        lines.append(f"| {name} | {len(rows)} | {cells[0]} | {cells[1]} | {both} ({100 * both / len(rows):.0f} %) |")
     return "\n".join(lines)
 
 
