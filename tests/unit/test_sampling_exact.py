@@ -102,3 +102,21 @@ def test_white_point_median_of_8bit_glass_is_numpys_median() -> None:
         assert ours.source == "glass" and ours.n_pixels == n
         assert ours.rgb == tuple(np.median(glass.astype(np.float64), axis=0).tolist())
         assert ours == estimate_white_point(glass.astype(np.float64))  # the float path agrees
+
+
+def test_window_sample_shares_one_luma_pass_with_the_same_result(sample_svs: Path) -> None:
+    """A sampled window computes luma once for its tissue pixels, blocks and glass: the same
+    arrays, and the same draws, as the public functions one after the other."""
+    from wsi_norm.slide import open_slide
+    from wsi_norm.tissue.sampling import _GLASS_PER_WINDOW, _draw, _sample_window
+
+    slide = open_slide(sample_svs)
+    w, h = slide.dimensions
+    for x, y, size in ((0, 0, 256), (w - 200, h - 300, 256), (1000, 1200, 130), (512, 2048, 64)):
+        rgb = slide.read_region(0, x=x, y=y, width=min(size, w - x), height=min(size, h - y))
+        rng = np.random.default_rng(11)
+        expected = (_draw(rgb[tissue_mask(rgb)], 5000, rng), _draw(tissue_blocks(rgb), 5000, rng),
+                    _draw(glass_candidates(rgb), _GLASS_PER_WINDOW, rng))
+        got = _sample_window(slide, x, y, size, 5000, 11)
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()

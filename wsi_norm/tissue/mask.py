@@ -14,6 +14,8 @@ decides inside them.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -135,6 +137,16 @@ class CoarseMask:
         """Share of the coarse view inside :attr:`mask` (dilated): where tissue is read."""
         return float(self.mask.mean()) if self.mask.size else 0.0
 
+    @functools.cached_property
+    def _summed_area(self) -> NDArray[np.int32]:
+        """``(h + 1, w + 1)`` int32: ``[i, j]`` = mask pixels above row ``i`` and left of column
+        ``j`` (computed once per mask; a coarse view's count fits int32)."""
+        h, w = self.mask.shape
+        table = np.zeros((h + 1, w + 1), dtype=np.int32)
+        np.cumsum(self.mask, axis=0, dtype=np.int32, out=table[1:, 1:])
+        np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
+        return table
+
     def chunk_has_tissue(
         self, shape0: tuple[int, int], chunks: tuple[tuple[int, ...], tuple[int, ...]]
     ) -> NDArray[np.bool_]:
@@ -161,8 +173,7 @@ class CoarseMask:
         c0 = np.minimum(w - 1, (col_edges[:-1] / dx).astype(np.int64))
         c1 = np.maximum(c0 + 1, np.minimum(w, np.ceil(col_edges[1:] / dx).astype(np.int64)))
         # tissue pixels in every footprint at once, from the mask's summed-area table
-        table = np.zeros((h + 1, w + 1), dtype=np.int64)
-        table[1:, 1:] = self.mask.cumsum(0, dtype=np.int64).cumsum(1)
+        table = self._summed_area
         counts = (table[r1[:, None], c1[None, :]] - table[r0[:, None], c1[None, :]]
                   - table[r1[:, None], c0[None, :]] + table[r0[:, None], c0[None, :]])
         return np.asarray(counts > 0)

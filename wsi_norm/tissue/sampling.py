@@ -33,7 +33,8 @@ from numpy.typing import NDArray
 
 from wsi_norm.errors import FitError
 from wsi_norm.tissue.mask import CoarseMask, coarse_mask, tissue_mask
-from wsi_norm.tissue.whitepoint import WhitePoint, estimate_white_point, glass_candidates
+from wsi_norm.color import BACKGROUND_WEIGHTED_MIN
+from wsi_norm.tissue.whitepoint import WhitePoint, estimate_white_point, glass_candidates, glass_of_luma, luma_x1000
 
 if TYPE_CHECKING:
     from wsi_norm.slide import Slide
@@ -92,9 +93,14 @@ def tissue_blocks(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     -------
     blocks : (M, 3) float32, values in [0, 255]
     """
+    return _blocks_of_mask(rgb, tissue_mask(rgb))
+
+
+def _blocks_of_mask(rgb: NDArray[np.uint8], tissue_px: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """:func:`tissue_blocks` given the window's tissue mask ``(H, W) bool``."""
     h, w = (rgb.shape[0] // 2) * 2, (rgb.shape[1] // 2) * 2
     cut = rgb[:h, :w]
-    t = tissue_mask(cut)
+    t = tissue_px[:h, :w]
     tissue = t[0::2, 0::2] & t[0::2, 1::2] & t[1::2, 0::2] & t[1::2, 1::2]
     corners = [cut[dy::2, dx::2][tissue] for dy in (0, 1) for dx in (0, 1)]  # (M, 3) each
     # the exact integer sum (<= 1020) over 4, in float32: the float32 mean, bit for bit
@@ -131,11 +137,12 @@ def _sample_window(
     w, h = min(size, width - x), min(size, height - y)
     rgb = slide.read_region(0, x=x, y=y, width=w, height=h)
     rng = np.random.default_rng(seed)
-    tissue = rgb[tissue_mask(rgb)]
+    weighted = luma_x1000(rgb)  # once for the tissue pixels, the blocks and the glass
+    is_tissue = weighted < BACKGROUND_WEIGHTED_MIN
     return (
-        _draw(tissue, n, rng),
-        _draw(tissue_blocks(rgb), n, rng),
-        _draw(glass_candidates(rgb), _GLASS_PER_WINDOW, rng),
+        _draw(rgb[is_tissue], n, rng),
+        _draw(_blocks_of_mask(rgb, is_tissue), n, rng),
+        _draw(glass_of_luma(rgb, weighted), _GLASS_PER_WINDOW, rng),
     )
 
 

@@ -49,6 +49,8 @@ __all__ = [
     "WhitePoint",
     "estimate_white_point",
     "glass_candidates",
+    "glass_of_luma",
+    "luma_x1000",
 ]
 
 #: Largest luma range (grey levels) over a 7 x 7 neighbourhood for a pixel to count as glass.
@@ -110,7 +112,9 @@ class WhitePoint:
         return cls(tuple(d["rgb"]), d["source"], int(d.get("n_pixels", 0)))
 
 
-def _luma_x1000(rgb: NDArray[np.uint8]) -> NDArray[np.int32]:
+def luma_x1000(rgb: NDArray[np.uint8]) -> NDArray[np.int32]:
+    """``299 R + 587 G + 114 B`` of 8-bit pixels, exactly, as int32: the gray > 200 rule is
+    ``luma_x1000(rgb) >= BACKGROUND_WEIGHTED_MIN`` (:func:`wsi_norm.color.is_background`)."""
     x = rgb.astype(np.int32)
     return x[..., 0] * 299 + x[..., 1] * 587 + x[..., 2] * 114
 
@@ -165,13 +169,30 @@ def glass_candidates(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
         Bright (gray > 200), flat (7 x 7 luma range <= :data:`FLAT_RANGE`) pixels at least
         :data:`TISSUE_MARGIN_PX` px from every tissue pixel (gray <= 200).
     """
-    from scipy import ndimage
-
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"rgb must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
-    weighted = _luma_x1000(arr)
+    return glass_of_luma(arr, luma_x1000(arr))
+
+
+def glass_of_luma(rgb: NDArray[np.uint8], weighted: NDArray[np.int32]) -> NDArray[np.uint8]:
+    """:func:`glass_candidates` of a window whose :func:`luma_x1000` is already computed.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) uint8
+    weighted : (H, W) int32, ``luma_x1000(rgb)``
+
+    Returns
+    -------
+    glass : (N, 3) uint8
+    """
+    from scipy import ndimage
+
+    arr = rgb
     tissue = weighted < BACKGROUND_WEIGHTED_MIN
+    if tissue.all():  # no pixel is bright, let alone away from tissue
+        return np.empty((0, 3), dtype=np.uint8)
     near_tissue = ndimage.binary_dilation(tissue, iterations=TISSUE_MARGIN_PX) if tissue.any() else tissue
     away = ~near_tissue
     if not away.any():  # a window of tissue: nothing to test for flatness
