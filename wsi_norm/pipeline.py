@@ -578,6 +578,32 @@ def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: b
         return array.map_blocks(_apply_block_torch, cmap, device, dtype=np.uint8)  # type: ignore[arg-type,no-any-return]
 
 
+def _no_cluster() -> bool:
+    """No ``distributed`` client is active (dask would run on the threads of this process)."""
+    from wsi_norm.cluster import active_client
+
+    return active_client() is None
+
+
+_BAND_PX = 1 << 20  # pixels per band of a small slide mapped in memory
+
+
+def _evaluate_in_bands(rgb: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
+    """The map evaluated over an in-memory image, in bands of rows on two threads: each pixel's
+    value is the chunked path's (the map is per pixel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = max(1, _BAND_PX // max(1, rgb.shape[1]))
+    out = np.empty_like(rgb)
+
+    def band(r0: int) -> None:
+        out[r0 : r0 + rows] = _evaluate_block(rgb[r0 : r0 + rows], cmap)
+
+    with ThreadPoolExecutor(2, thread_name_prefix="wsi-norm-map") as pool:
+        list(pool.map(band, range(0, rgb.shape[0], rows)))
+    return out
+
+
 def _cluster_has_gpu() -> bool:
     from wsi_norm.cluster import active_client, has_gpu_workers
 
@@ -856,15 +882,23 @@ def normalize_slide(
         cmap, qc = compile_checked(slide_fit, template, stain_params, glass=glass, force=force,
                                    what=str(slide.path))
         whites = {"source": slide_fit.white.to_dict(), "target": template.white.to_dict()}
-    level0 = slide.to_dask(0, chunk_px=chunk_px)
-    small = level0.shape[0] * level0.shape[1] < _LUT_WORTH_PX
+    width, height = slide.dimensions
+    small = width * height < _LUT_WORTH_PX
     if dev == "cpu" and not small and method != "none":
         cmap.lut()  # compile once here; every copy of the map in this process reuses it
     t_fit = time.perf_counter()
 
     # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries; the
     # identity is no work at all (the copy streams the slide's own chunks)
-    normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=small)
+    normalized: Any
+    if small and dev == "cpu" and writer.format_of(out) == "tiff" and _no_cluster():
+        # held in memory and written without dask.array or numba (0.4 s of imports for a
+        # biopsy); the same pixels and the same file as the chunked path
+        level0: Any = slide.read_region(0, x=0, y=0, width=width, height=height)
+        normalized = level0 if method == "none" else _evaluate_in_bands(level0, cmap)
+    else:
+        level0 = slide.to_dask(0, chunk_px=chunk_px)
+        normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=small)
     provenance: dict[str, Any] = {
         "tool": "wsi-norm",
         "wsi_norm_version": __version__,
@@ -888,7 +922,7 @@ def normalize_slide(
         "target": None if template is None else template.to_dict(),
         "weights": None if weights is None else {"path": str(weights), "sha256": weights_sha},
         "device": dev,
-        "chunk_px": list(level0.chunksize[:2]),
+        "chunk_px": list(slide.chunk_shape(0, chunk_px=chunk_px)),
         "colour_model": COLOUR_MODEL,
         "white_point": whites,
         "glass": glass,

@@ -35,12 +35,13 @@ from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-import dask.array as da
-import numba
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 __all__ = [
     "Block",
@@ -49,6 +50,7 @@ __all__ = [
     "block_edges",
     "downsample_2x",
     "iter_blocks",
+    "level_chunks",
     "pyramid_shapes",
     "reference_pyramid",
 ]
@@ -59,6 +61,11 @@ logger = logging.getLogger(__name__)
 MAX_PX = 1024
 #: Inputs smaller than this many pixels are downsampled in one call, not split.
 _PARALLEL_MIN_PX = 1 << 20
+#: Inputs of at least this many pixels use the compiled kernel (numba, imported and loaded on
+#: first use: ~0.2 s); smaller ones use numpy unless numba is already loaded.  Both compute the
+#: same integers (``tests/unit/test_pyramid.py``), so the choice never changes a byte.
+_COMPILED_MIN_PX = 1 << 22
+_KERNEL: Any = None
 
 
 def pyramid_shapes(h: int, w: int, *, max_px: int = MAX_PX) -> list[tuple[int, int]]:
@@ -92,8 +99,47 @@ def pyramid_shapes(h: int, w: int, *, max_px: int = MAX_PX) -> list[tuple[int, i
     return shapes
 
 
-@numba.njit(nogil=True, cache=True)
-def _downsample_kernel(src: Any, out: Any) -> None:  # pragma: no cover - compiled
+def _compiled_kernel() -> Any:
+    """Compile (once, lazily) the numba downsampling kernel."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        _KERNEL = numba.njit(nogil=True, cache=True)(_downsample_loops)
+    return _KERNEL
+
+
+def _kernel_for(n_px: int) -> Callable[[NDArray[np.uint8], NDArray[np.uint8]], None]:
+    """The 2 x 2 mean kernel ``(src, out)`` for an image of ``n_px`` pixels: compiled for large
+    images or once numba is loaded, numpy otherwise (the same integers)."""
+    if n_px >= _COMPILED_MIN_PX or "numba" in sys.modules:
+        return _compiled_kernel()  # type: ignore[no-any-return]
+    return _downsample_numpy
+
+
+_NUMPY_SLAB_ROWS = 256  # rows of the input per step: uint16 temporaries stay in cache
+
+
+def _downsample_numpy(src: NDArray[np.uint8], out: NDArray[np.uint8]) -> None:
+    """:func:`_downsample_loops` in numpy, slab by slab (for inputs too small to pay numba's load)."""
+    h, w = src.shape[:2]
+    w2 = w // 2
+    for r0 in range(0, h, _NUMPY_SLAB_ROWS):
+        rows = src[r0 : r0 + _NUMPY_SLAB_ROWS].astype(np.uint16)
+        o = out[r0 // 2 : (r0 + rows.shape[0] + 1) // 2]
+        n2 = rows.shape[0] // 2
+        pairs = rows[0 : 2 * n2 : 2] + rows[1 : 2 * n2 : 2]  # (n2, w, 3) column sums
+        o[:n2, :w2] = (pairs[:, 0 : 2 * w2 : 2] + pairs[:, 1 : 2 * w2 : 2] + 2) >> 2
+        if w % 2:
+            o[:n2, w2] = (pairs[:, w - 1] + 1) >> 1
+        if rows.shape[0] % 2:  # the image's last row, alone
+            last = rows[-1]
+            o[n2, :w2] = (last[0 : 2 * w2 : 2] + last[1 : 2 * w2 : 2] + 1) >> 1
+            if w % 2:
+                o[n2, w2] = last[w - 1]
+
+
+def _downsample_loops(src: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
     # src (h, w, 3) and out (ceil(h/2), ceil(w/2), 3) are C-contiguous uint8.
     h, w, _ = src.shape
     w2 = w // 2
@@ -152,7 +198,8 @@ def downsample_2x(
 
     Notes
     -----
-    Pure and thread-safe; compiled with numba (``nogil``).
+    Pure and thread-safe; compiled with numba (``nogil``) for inputs of 4 MP or more, numpy
+    for smaller ones while numba is not loaded (a small slide never pays its import).
     """
     _check_rgb(image)
     h, w = image.shape[:2]
@@ -165,15 +212,16 @@ def downsample_2x(
         return out
     image = np.ascontiguousarray(image)
     n_workers = getattr(executor, "_max_workers", 1) if executor is not None else 1
+    kernel = _kernel_for(h * w)
     if executor is None or n_workers < 2 or h * w < _PARALLEL_MIN_PX:
-        _downsample_kernel(image, out)
+        kernel(image, out)
         return out
     # Blocks of an even number of rows downsample independently (and stay
     # C-contiguous); the last block keeps the image's own bottom edge.
     step = max(2, 2 * math.ceil(h / (2 * n_workers)))
     futures = [
         executor.submit(
-            _downsample_kernel, image[r0 : r0 + step], out[r0 // 2 : (r0 + step + 1) // 2]
+            kernel, image[r0 : r0 + step], out[r0 // 2 : (r0 + step + 1) // 2]
         )
         for r0 in range(0, h, step)
     ]
@@ -494,8 +542,25 @@ def _default_client() -> Any | None:
         return None
 
 
+#: Chunk side given to a numpy level 0 (:func:`level_chunks`): the dask path's default.
+NUMPY_CHUNK_PX = 1024
+
+
+def level_chunks(array: da.Array | NDArray[np.uint8]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row and column chunk sizes of a level 0: a dask array's own, or regular
+    :data:`NUMPY_CHUNK_PX` chunks for a numpy array (held in memory, read by slicing)."""
+    if isinstance(array, np.ndarray):
+        h, w = array.shape[:2]
+        return tuple(_regular(h, NUMPY_CHUNK_PX)), tuple(_regular(w, NUMPY_CHUNK_PX))
+    return tuple(array.chunks[0]), tuple(array.chunks[1])
+
+
+def _regular(n: int, side: int) -> list[int]:
+    return [min(side, n - start) for start in range(0, n, side)]
+
+
 def iter_blocks(
-    array: da.Array,
+    array: da.Array | NDArray[np.uint8],
     store: LevelStore,
     *,
     start_row: int = 0,
@@ -516,8 +581,8 @@ def iter_blocks(
 
     Parameters
     ----------
-    array : dask.array.Array, (H, W, 3) uint8
-        Level 0.
+    array : dask.array.Array or numpy.ndarray, (H, W, 3) uint8
+        Level 0 (a numpy array is sliced, in :func:`level_chunks` chunks).
     store : LevelStore
         Receives levels ``1 ..``; complete when the generator is exhausted.
         Its block grid (``store.row_edges``, ``store.col_edges``, see
@@ -554,11 +619,12 @@ def iter_blocks(
     height, width = int(array.shape[0]), int(array.shape[1])
     if store.shapes[0] != (height, width):
         raise ValueError(f"store is for {store.shapes[0]}, array is {(height, width)}")
-    if array.chunks[2] != (3,):
+    if not isinstance(array, np.ndarray) and array.chunks[2] != (3,):
         array = array.rechunk({2: 3})  # type: ignore[no-untyped-call]
+    row_chunks, col_chunks = level_chunks(array)
     row_edges, col_edges = store.row_edges, store.col_edges
-    _check_edges(row_edges, array.chunks[0], "row")
-    _check_edges(col_edges, array.chunks[1], "col")
+    _check_edges(row_edges, row_chunks, "row")
+    _check_edges(col_edges, col_chunks, "col")
     if start_row not in row_edges[:-1] and start_row != height:
         raise ValueError(f"start_row {start_row} is not a block edge {row_edges}")
     if start_row and read_done is None:
@@ -566,10 +632,10 @@ def iter_blocks(
 
     shapes = store.shapes
     depth = store.depth
-    row_bounds = np.cumsum((0, *array.chunks[0]))
-    col_bounds = np.cumsum((0, *array.chunks[1]))
-    per_row = len(array.chunks[1])
-    total = len(array.chunks[0]) * per_row
+    row_bounds = np.cumsum((0, *row_chunks))
+    col_bounds = np.cumsum((0, *col_chunks))
+    per_row = len(col_chunks)
+    total = len(row_chunks) * per_row
     blocks = [
         (r0, r1, c0, c1)
         for r0, r1 in itertools.pairwise(row_edges)
@@ -624,9 +690,14 @@ def iter_blocks(
 
 
 def _prefetched(
-    array: da.Array, todo: list[tuple[int, int, int, int]], prefetch: int
+    array: da.Array | NDArray[np.uint8], todo: list[tuple[int, int, int, int]], prefetch: int
 ) -> Generator[tuple[tuple[int, int, int, int], Any], None, None]:
-    """Compute ``array[r0:r1, c0:c1]`` for each block in turn, ``prefetch`` ahead."""
+    """Compute ``array[r0:r1, c0:c1]`` for each block in turn, ``prefetch`` ahead (a numpy
+    array's blocks are slices of it: nothing to compute)."""
+    if isinstance(array, np.ndarray):
+        for r0, r1, c0, c1 in todo:
+            yield (r0, r1, c0, c1), array[r0:r1, c0:c1]
+        return
     client = _default_client()
     with ThreadPoolExecutor(prefetch, thread_name_prefix="wsi-norm-block") as pool:
         queue: deque[tuple[tuple[int, int, int, int], Any]] = deque()

@@ -87,6 +87,54 @@ def test_small_slide_direct_map_equals_the_table(sample_svs: Path, shared_data: 
     assert direct.shape == (2967, 2220, 3) and np.array_equal(direct, table)
 
 
+@pytest.mark.parametrize("method", ["none", "macenko"])
+def test_small_slide_in_memory_equals_the_chunked_path(
+    sample_svs: Path, shared_data: Path, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a small slide written as TIFF without a cluster is held in memory (no dask.array, no
+    # numba); with a cluster it streams in chunks: the same tiles, byte for byte
+    import tifffile
+
+    from wsi_norm import pipeline
+
+    reference = shared_data / "he" / "torchstain-target.png"
+    kwargs = {} if method == "none" else {"reference": reference}
+    paths = {}
+    for name, no_cluster in (("memory", True), ("chunked", False)):
+        monkeypatch.setattr(pipeline, "_no_cluster", lambda flag=no_cluster: flag)
+        paths[name] = normalize_slide(sample_svs, tmp_path / f"{name}.tiff", method=method,
+                                      fit=FitOptions(n_pixels=50_000), **kwargs).out
+
+    def tiles(path: Path) -> list[bytes]:
+        with tifffile.TiffFile(path) as tif:
+            out = []
+            for page in tif.pages:
+                for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+                    tif.filehandle.seek(offset)
+                    out.append(tif.filehandle.read(count))
+            return out
+
+    memory, chunked = tiles(paths["memory"]), tiles(paths["chunked"])
+    assert len(memory) > 100 and memory == chunked
+
+
+def test_small_slide_run_imports_neither_dask_array_nor_numba(sample_svs: Path, shared_data: Path,
+                                                             tmp_path: Path) -> None:
+    # the start-up a biopsy pays: dask.array (with scipy.fft and scipy.sparse) and numba cost
+    # ~0.5 s of imports that a slide held in memory does not need
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from wsi_norm.cli import main; "
+        f"rc = main(['normalize', {str(sample_svs)!r}, '--method', 'macenko', '--reference', "
+        f"{str(shared_data / 'he' / 'torchstain-target.png')!r}, '-o', {str(tmp_path / 'o.tiff')!r}, '-q']); "
+        "print(rc, 'dask.array' in sys.modules, 'numba' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stdout + done.stderr
+
+
 def test_registered_pair_through_the_pipeline(pair: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = pair
     template = fit_template([b], method="macenko", n_pixels=200_000)

@@ -116,6 +116,25 @@ def test_downsample_parallel_equals_serial() -> None:
     np.testing.assert_array_equal(parallel, _mean_2x2_float(image))
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 600), st.integers(1, 90), st.integers(0, 2**32 - 1), st.booleans())
+def test_downsample_numpy_twin_equals_the_compiled_kernel(h: int, w: int, seed: int, extremes: bool) -> None:
+    # small images are downsampled in numpy (no numba import for a biopsy), large ones by the
+    # compiled kernel: the same integers, odd edges and slab boundaries (256 rows) included
+    from wsi_norm.pyramid import _compiled_kernel, _downsample_numpy
+
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if extremes:
+        image = np.where(image < 128, 0, 255).astype(np.uint8)
+    shape = ((h + 1) // 2, (w + 1) // 2, 3)
+    compiled, twin = np.empty(shape, np.uint8), np.empty(shape, np.uint8)
+    _compiled_kernel()(image, compiled)
+    _downsample_numpy(image, twin)
+    np.testing.assert_array_equal(twin, compiled)
+    np.testing.assert_array_equal(twin, _mean_2x2_float(image))
+
+
 def test_downsample_keeps_constant_and_extremes() -> None:
     for value in (0, 128, 255):
         image = np.full((7, 5, 3), value, dtype=np.uint8)

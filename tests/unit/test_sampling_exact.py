@@ -115,8 +115,9 @@ def test_window_sample_shares_one_luma_pass_with_the_same_result(sample_svs: Pat
     for x, y, size in ((0, 0, 256), (w - 200, h - 300, 256), (1000, 1200, 130), (512, 2048, 64)):
         rgb = slide.read_region(0, x=x, y=y, width=min(size, w - x), height=min(size, h - y))
         rng = np.random.default_rng(11)
-        expected = (_draw(rgb[tissue_mask(rgb)], 5000, rng), _draw(tissue_blocks(rgb), 5000, rng),
-                    _draw(glass_candidates(rgb), _GLASS_PER_WINDOW, rng))
-        got = _sample_window(slide, x, y, size, 5000, 11)
+        expected: list[NDArray[np.generic]] = [
+            _draw(rgb[tissue_mask(rgb)], 5000, rng), _draw(tissue_blocks(rgb), 5000, rng),
+            _draw(glass_candidates(rgb), _GLASS_PER_WINDOW, rng)]
+        got: list[NDArray[np.generic]] = list(_sample_window(slide, x, y, size, 5000, 11))
         for a, b in zip(got, expected, strict=True):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()

@@ -15,7 +15,6 @@ decides inside them.
 from __future__ import annotations
 
 import functools
-
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any

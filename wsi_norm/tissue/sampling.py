@@ -31,10 +31,16 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_norm.color import BACKGROUND_WEIGHTED_MIN
 from wsi_norm.errors import FitError
 from wsi_norm.tissue.mask import CoarseMask, coarse_mask, tissue_mask
-from wsi_norm.color import BACKGROUND_WEIGHTED_MIN
-from wsi_norm.tissue.whitepoint import WhitePoint, estimate_white_point, glass_candidates, glass_of_luma, luma_x1000
+from wsi_norm.tissue.whitepoint import (
+    WhitePoint,
+    estimate_white_point,
+    glass_candidates,
+    glass_of_luma,
+    luma_x1000,
+)
 
 if TYPE_CHECKING:
     from wsi_norm.slide import Slide

@@ -22,9 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-import dask.array as da
 import numpy as np
 from numpy.typing import NDArray
 
@@ -33,6 +32,9 @@ from ..pyramid import pyramid_shapes
 from .provenance import read_provenance, software_versions
 from .tiff import write_tiff
 from .zarr_codec import DEFAULT_ZARR_CODEC, ZarrCodec, parse_zarr_codec
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 __all__ = [
     "DEFAULT_ZARR_CODEC",
@@ -250,11 +252,11 @@ def write_pyramid(
     """
     out = Path(out)
     fmt = infer_format(out) if fmt is None else fmt
-    if isinstance(array, np.ndarray):
-        side = chunk_px or 1024
-        array = da.from_array(array, chunks=(side, side, 3))  # type: ignore[no-untyped-call]
-    if not isinstance(array, da.Array):
-        raise TypeError(f"array must be a dask or numpy array, got {type(array).__name__}")
+    if not isinstance(array, np.ndarray):
+        import dask.array as da  # a numpy level 0 written as TIFF never imports it
+
+        if not isinstance(array, da.Array):
+            raise TypeError(f"array must be a dask or numpy array, got {type(array).__name__}")
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"array must have shape (H, W, 3), got {array.shape}")
     if array.dtype != np.uint8:
@@ -268,10 +270,15 @@ def write_pyramid(
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"zarr_codec: {exc}") from None
     if fmt == "ome-zarr":
+        import dask.array as da
+
         from .ome_zarr import write_ome_zarr  # zarr only when an OME-Zarr is written
 
+        side = chunk_px or 1024
+        lazy: da.Array = (da.from_array(array, chunks=(side, side, 3))  # type: ignore[no-untyped-call]
+                          if isinstance(array, np.ndarray) else array)
         return write_ome_zarr(
-            array,
+            lazy,
             out,
             mpp=mpp,
             provenance=provenance,

@@ -38,17 +38,27 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import dask.array as da
 import imagecodecs
 import numpy as np
 import tifffile
 from numpy.typing import NDArray
 
-from ..pyramid import Block, LevelStore, _cpu_count, block_edges, iter_blocks, pyramid_shapes
+from ..pyramid import (
+    Block,
+    LevelStore,
+    _cpu_count,
+    block_edges,
+    iter_blocks,
+    level_chunks,
+    pyramid_shapes,
+)
 from .atomic import atomic_output, claim_output, partial_path, remove_path
 from .provenance import PROVENANCE_KEY, build_record, software_versions
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 __all__ = ["TIFF_COMPRESSIONS", "write_tiff"]
 
@@ -210,7 +220,7 @@ def _lower_bytes(
 
 
 def write_tiff(
-    array: da.Array,
+    array: da.Array | NDArray[np.uint8],
     out: Path,
     *,
     mpp: tuple[float, float] | None,
@@ -226,8 +236,9 @@ def write_tiff(
 
     Parameters
     ----------
-    array : dask.array.Array, (H, W, 3) uint8
-        Level 0, computed once (block by block).
+    array : dask.array.Array or numpy.ndarray, (H, W, 3) uint8
+        Level 0, computed once (block by block); a numpy array (a small slide held in
+        memory) is written without dask.
     out : Path
         Output file, ``*.tif`` or ``*.tiff``.
     mpp : (mpp_x, mpp_y) or None
@@ -287,8 +298,9 @@ def write_tiff(
     software = f"wsi-norm {software_versions().get('wsi-norm', 'unknown')}"
 
     encode = _encoder(compression, quality)
-    row_edges = block_edges(array.chunks[0], target=_BLOCK_ROWS, align=tile_px)
-    col_edges = block_edges(array.chunks[1], target=_BLOCK_COLS)
+    row_chunks, col_chunks = level_chunks(array)
+    row_edges = block_edges(row_chunks, target=_BLOCK_ROWS, align=tile_px)
+    col_edges = block_edges(col_chunks, target=_BLOCK_COLS)
     store_dir = partial_path(out, ".levels")
     n_threads = maxworkers or _cpu_count()
     # the claim covers the spill folder too: a stale one is cleared only by its next holder
