@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.ndimage import gaussian_filter
 
 __all__ = ["psnr", "ssim", "stain_angle_deg", "stain_matrix_angles_deg"]
 
@@ -72,6 +71,8 @@ def psnr(a: Any, b: Any, *, mask: Any = None, data_range: float = 255.0) -> floa
 def _ssim_map(x: NDArray[np.float64], y: NDArray[np.float64], data_range: float) -> NDArray[np.float64]:
     """Per-pixel SSIM of one channel with a Gaussian window (sigma 1.5, population covariance)."""
     def blur(z: NDArray[np.float64]) -> NDArray[np.float64]:
+        from scipy.ndimage import gaussian_filter  # only when SSIM is asked for
+
         return np.asarray(gaussian_filter(z, sigma=_SIGMA, truncate=_TRUNCATE, mode="reflect"))
 
     c1 = (0.01 * data_range) ** 2

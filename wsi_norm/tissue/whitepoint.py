@@ -155,6 +155,23 @@ def _running_extreme(values: NDArray[np.uint8], size: int, axis: int, op: np.ufu
     return np.asarray(op(cut(acc, 0, n), cut(acc, size - width, n)))
 
 
+def _within_l1(mask: NDArray[np.bool_], radius: int) -> NDArray[np.bool_]:
+    """Pixels within L1 distance ``radius`` of a True pixel of ``mask`` (inside the array).
+
+    The same as ``scipy.ndimage.binary_dilation(mask, iterations=radius)`` (its default cross,
+    nothing outside the array): one pixel in the four directions, ``radius`` times, on views.
+    """
+    out = mask.copy()
+    for _ in range(radius):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
 def glass_candidates(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """Pixels of a full-resolution window that are glass by the rule of this module.
 
@@ -187,13 +204,11 @@ def glass_of_luma(rgb: NDArray[np.uint8], weighted: NDArray[np.int32]) -> NDArra
     -------
     glass : (N, 3) uint8
     """
-    from scipy import ndimage
-
     arr = rgb
     tissue = weighted < BACKGROUND_WEIGHTED_MIN
     if tissue.all():  # no pixel is bright, let alone away from tissue
         return np.empty((0, 3), dtype=np.uint8)
-    near_tissue = ndimage.binary_dilation(tissue, iterations=TISSUE_MARGIN_PX) if tissue.any() else tissue
+    near_tissue = _within_l1(tissue, TISSUE_MARGIN_PX) if tissue.any() else tissue
     away = ~near_tissue
     if not away.any():  # a window of tissue: nothing to test for flatness
         return np.empty((0, 3), dtype=np.uint8)
