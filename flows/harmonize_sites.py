@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -208,7 +210,8 @@ def harmonize_sites(
     return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
     from prefect.states import Completed, Failed
 
-    from wsi_norm.cluster import dashboard_url, dask_client
+    from flows.normalize_archive import ArrayWork, _level0_pixels
+    from wsi_norm.cluster import SMALL_SLIDE_PX, dashboard_url
 
     logger = get_run_logger()
     m = fetch_samples(load_manifest(manifest))
@@ -219,10 +222,18 @@ def harmonize_sites(
     if name not in m.sites and name not in m.templates:
         raise ValueError(f"{m.path}: target {name!r} is neither a site ({', '.join(m.sites)}) nor a template")
     problems: list[str] = []
-    with dask_client(scheduler_address(scheduler), dashboard=dashboard) as client:
+    with ExitStack() as stack:
+        # dask's threaded scheduler unless a scheduler or a dashboard is asked for, or a slide
+        # is large enough to be worth the local cluster (as normalize-archive decides)
+        threads = max(1, (os.cpu_count() or 1) // m.model.concurrency)
+        work = ArrayWork(stack, scheduler_address(scheduler), dashboard=dashboard, threads=threads)
         if dashboard:
-            logger.info("dask dashboard: %s", dashboard_url(client))
+            logger.info("dask dashboard: %s", dashboard_url(work.client))
         entries = {site: list(m.site_slides(site)) for site in m.sites}
+        if work.client is None and work.need(max(
+            (_level0_pixels(e) or 0 for es in entries.values() for e in es), default=0
+        )):
+            logger.info("slides of %d px or more: local dask cluster started", SMALL_SLIDE_PX)
         fit_futures = {
             site: fit_site.with_options(timeout_seconds=timeout_s * len(entries[site]),
                                         task_run_name=f"fit site {site}", tags=[f"site:{site}"]).submit(entries[site], m)
