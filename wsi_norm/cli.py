@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Self
 
 from wsi_norm.errors import WsiNormError
-from wsi_norm.runtime import return_freed_memory
+from wsi_norm.runtime import return_freed_memory, single_threaded_blas
 from wsi_norm.stain import ALL_METHODS, METHODS, STAIN_MATRIX_METHODS
 
 log = logging.getLogger("wsi_norm.cli")
@@ -905,7 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # tifffile logs its own complaints about damaged files; ours name file and problem
         logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
-        return int(args.func(args) or 0)
+        with single_threaded_blas():  # dask's threads fill the cores (see wsi_norm.runtime)
+            return int(args.func(args) or 0)
     except (WsiNormError, argparse.ArgumentTypeError) as exc:
         if args.verbose:
             raise
