@@ -843,111 +843,114 @@ def normalize_slide(
     dev = _resolve_device(device)
     slide = _as_slide(source, backend)
     identity = slide.identity()
-
     if glass not in ("target", "keep"):
         raise ValueError(f"glass must be 'target' or 'keep', got {glass!r}")
-    template: Template | None = None
-    slide_fit: SlideFit | None = None
-    weights_sha: str | None = None
-    resolved: dict[str, Any] = {}
-    qc = QCReport(measures={"gate": "not applicable (no fitted statistics)"})
-    whites: dict[str, Any] = {}
-    if method == "none":
-        from wsi_norm.colormap.maps import IdentityMap
-
-        cmap: Any = IdentityMap()
-    elif method == "stainnet":
-        from wsi_norm.colormap.maps import GlassBlend
-        from wsi_norm.colormap.stainnet import load_stainnet_map
-
-        if weights is None:
-            raise ValueError("method 'stainnet' needs weights (--weights FILE)")
-        blend = None
-        if glass == "keep":
-            # only the white point is wanted: a few tissue windows (their glass) and the glass windows
-            source_white = sample_tissue_pixels(slide, n_pixels=10_000, n_windows=32, seed=fit.seed).white
-            whites = {"source": source_white.to_dict()}
-            blend = GlassBlend.for_whites("keep", source_white.array, source_white.array)
-        cmap = load_stainnet_map(weights, glass=blend)
-        weights_sha = _file_sha256(Path(weights))
-    else:
-        stain_params = resolve_params(params, seed=fit.seed)
-        resolved = _params_dict(stain_params)
-        template = _load_target(method, target, reference, params=params, n_pixels=fit.n_pixels,
-                                seed=fit.seed, backend=backend, force=force)
-        if source_fit is not None:
-            _check_source_fit(source_fit, slide, method, resolved, n_pixels=fit.n_pixels, seed=fit.seed)
-        slide_fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=fit.n_pixels,
-                                            seed=fit.seed)
-        cmap, qc = compile_checked(slide_fit, template, stain_params, glass=glass, force=force,
-                                   what=str(slide.path))
-        whites = {"source": slide_fit.white.to_dict(), "target": template.white.to_dict()}
     width, height = slide.dimensions
     small = width * height < _LUT_WORTH_PX
-    if dev == "cpu" and not small and method != "none":
-        cmap.lut()  # compile once here; every copy of the map in this process reuses it
-    t_fit = time.perf_counter()
+    # a small slide written as TIFF without a cluster is held in memory: its tiles are decoded
+    # once for the fit's windows and the write, and it is written without dask.array or numba
+    # (0.5 s of imports for a biopsy); the same pixels and the same file as the chunked path
+    in_memory = small and dev == "cpu" and writer.format_of(out) == "tiff" and _no_cluster()
+    with slide.hold_level0() if in_memory else contextlib.nullcontext() as held:
+        template: Template | None = None
+        slide_fit: SlideFit | None = None
+        weights_sha: str | None = None
+        resolved: dict[str, Any] = {}
+        qc = QCReport(measures={"gate": "not applicable (no fitted statistics)"})
+        whites: dict[str, Any] = {}
+        if method == "none":
+            from wsi_norm.colormap.maps import IdentityMap
 
-    # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries; the
-    # identity is no work at all (the copy streams the slide's own chunks)
-    normalized: Any
-    if small and dev == "cpu" and writer.format_of(out) == "tiff" and _no_cluster():
-        # held in memory and written without dask.array or numba (0.4 s of imports for a
-        # biopsy); the same pixels and the same file as the chunked path
-        level0: Any = slide.read_region(0, x=0, y=0, width=width, height=height)
-        normalized = level0 if method == "none" else _evaluate_in_bands(level0, cmap)
-    else:
-        level0 = slide.to_dask(0, chunk_px=chunk_px)
-        normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=small)
-    provenance: dict[str, Any] = {
-        "tool": "wsi-norm",
-        "wsi_norm_version": __version__,
-        "fingerprint": request_fingerprint(
-            identity,
-            method=method,
-            params=resolved,
-            target=None if template is None else template.to_dict(),
-            weights_sha256=weights_sha,
-            glass=glass,
-            **_request_parts(slide, out, method=method, fit=fit, glass=glass, writer=writer),
-        ),
-        "method": method,
-        "params": resolved,
-        "source": {**identity, "backend": slide.backend, "vendor": slide.vendor,
-                   "dimensions": list(slide.dimensions),
-                   "mpp": list(slide.mpp) if slide.mpp else None,
-                   "objective_power": slide.objective_power,
-                   "scanner": slide.scanner_metadata()},
-        "source_fit": None if slide_fit is None else slide_fit.to_dict(),
-        "target": None if template is None else template.to_dict(),
-        "weights": None if weights is None else {"path": str(weights), "sha256": weights_sha},
-        "device": dev,
-        "chunk_px": list(slide.chunk_shape(0, chunk_px=chunk_px)),
-        "colour_model": COLOUR_MODEL,
-        "white_point": whites,
-        "glass": glass,
-        "qc": qc.to_dict(),
-        "map": cmap.notes(),
-        "background_rule": "gray > 200 (rounded ITU-R 601 luma) chooses the pixels statistics are "
-        "fitted on; every pixel is mapped by one continuous map",
-    }
-    written = write_pyramid(
-        normalized,
-        out,
-        mpp=slide.mpp,
-        provenance=provenance,
-        overwrite=overwrite,
-        progress=progress,
-        **writer.kwargs(),
-    )
-    t_end = time.perf_counter()
-    timings = {"fit_s": t_fit - t0, "write_s": t_end - t_fit, "total_s": t_end - t0}
-    log.info("%s -> %s (%s) in %.1f s", slide.path, written, method, timings["total_s"])
-    return NormalizeResult(
-        out=written,
-        source_fit=slide_fit,
-        target=template,
-        provenance=provenance,
-        timings=timings,
-        shape=(int(level0.shape[0]), int(level0.shape[1])),
-    )
+            cmap: Any = IdentityMap()
+        elif method == "stainnet":
+            from wsi_norm.colormap.maps import GlassBlend
+            from wsi_norm.colormap.stainnet import load_stainnet_map
+
+            if weights is None:
+                raise ValueError("method 'stainnet' needs weights (--weights FILE)")
+            blend = None
+            if glass == "keep":
+                # only the white point is wanted: a few tissue windows (their glass) and the glass windows
+                source_white = sample_tissue_pixels(slide, n_pixels=10_000, n_windows=32, seed=fit.seed).white
+                whites = {"source": source_white.to_dict()}
+                blend = GlassBlend.for_whites("keep", source_white.array, source_white.array)
+            cmap = load_stainnet_map(weights, glass=blend)
+            weights_sha = _file_sha256(Path(weights))
+        else:
+            stain_params = resolve_params(params, seed=fit.seed)
+            resolved = _params_dict(stain_params)
+            template = _load_target(method, target, reference, params=params, n_pixels=fit.n_pixels,
+                                    seed=fit.seed, backend=backend, force=force)
+            if source_fit is not None:
+                _check_source_fit(source_fit, slide, method, resolved, n_pixels=fit.n_pixels, seed=fit.seed)
+            slide_fit = source_fit or fit_slide(slide, method=method, params=params, n_pixels=fit.n_pixels,
+                                                seed=fit.seed)
+            cmap, qc = compile_checked(slide_fit, template, stain_params, glass=glass, force=force,
+                                       what=str(slide.path))
+            whites = {"source": slide_fit.white.to_dict(), "target": template.white.to_dict()}
+        if dev == "cpu" and not small and method != "none":
+            cmap.lut()  # compile once here; every copy of the map in this process reuses it
+        t_fit = time.perf_counter()
+
+        # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries; the
+        # identity is no work at all (the copy streams the slide's own chunks)
+        normalized: Any
+        if held is not None:
+            level0: Any = held
+            normalized = level0 if method == "none" else _evaluate_in_bands(level0, cmap)
+        else:
+            level0 = slide.to_dask(0, chunk_px=chunk_px)
+            normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=small)
+        provenance: dict[str, Any] = {
+            "tool": "wsi-norm",
+            "wsi_norm_version": __version__,
+            "fingerprint": request_fingerprint(
+                identity,
+                method=method,
+                params=resolved,
+                target=None if template is None else template.to_dict(),
+                weights_sha256=weights_sha,
+                glass=glass,
+                **_request_parts(slide, out, method=method, fit=fit, glass=glass, writer=writer),
+            ),
+            "method": method,
+            "params": resolved,
+            "source": {**identity, "backend": slide.backend, "vendor": slide.vendor,
+                       "dimensions": list(slide.dimensions),
+                       "mpp": list(slide.mpp) if slide.mpp else None,
+                       "objective_power": slide.objective_power,
+                       "scanner": slide.scanner_metadata()},
+            "source_fit": None if slide_fit is None else slide_fit.to_dict(),
+            "target": None if template is None else template.to_dict(),
+            "weights": None if weights is None else {"path": str(weights), "sha256": weights_sha},
+            "device": dev,
+            "chunk_px": list(slide.chunk_shape(0, chunk_px=chunk_px)),
+            "colour_model": COLOUR_MODEL,
+            "white_point": whites,
+            "glass": glass,
+            "qc": qc.to_dict(),
+            "map": cmap.notes(),
+            "background_rule": "gray > 200 (rounded ITU-R 601 luma) chooses the pixels statistics are "
+            "fitted on; every pixel is mapped by one continuous map",
+        }
+        written = write_pyramid(
+            normalized,
+            out,
+            mpp=slide.mpp,
+            provenance=provenance,
+            overwrite=overwrite,
+            progress=progress,
+            chunk_shape=slide.chunk_shape(0, chunk_px=chunk_px) if held is not None else None,
+            **writer.kwargs(),
+        )
+        t_end = time.perf_counter()
+        timings = {"fit_s": t_fit - t0, "write_s": t_end - t_fit, "total_s": t_end - t0}
+        log.info("%s -> %s (%s) in %.1f s", slide.path, written, method, timings["total_s"])
+        return NormalizeResult(
+            out=written,
+            source_fit=slide_fit,
+            target=template,
+            provenance=provenance,
+            timings=timings,
+            shape=(int(level0.shape[0]), int(level0.shape[1])),
+        )

@@ -65,6 +65,8 @@ _PARALLEL_MIN_PX = 1 << 20
 #: first use: ~0.2 s); smaller ones use numpy unless numba is already loaded.  Both compute the
 #: same integers (``tests/unit/test_pyramid.py``), so the choice never changes a byte.
 _COMPILED_MIN_PX = 1 << 22
+#: :func:`iter_blocks` decides once per image: the compiled kernel from this many level-0 pixels.
+_COMPILED_MIN_IMAGE_PX = 1 << 24
 _KERNEL: Any = None
 
 
@@ -109,10 +111,13 @@ def _compiled_kernel() -> Any:
     return _KERNEL
 
 
-def _kernel_for(n_px: int) -> Callable[[NDArray[np.uint8], NDArray[np.uint8]], None]:
-    """The 2 x 2 mean kernel ``(src, out)`` for an image of ``n_px`` pixels: compiled for large
-    images or once numba is loaded, numpy otherwise (the same integers)."""
-    if n_px >= _COMPILED_MIN_PX or "numba" in sys.modules:
+def _kernel_for(n_px: int, compiled: bool | None = None) -> Callable[[NDArray[np.uint8], NDArray[np.uint8]], None]:
+    """The 2 x 2 mean kernel ``(src, out)`` for an image of ``n_px`` pixels: ``compiled``, or by
+    default compiled for large images or once numba is loaded, numpy otherwise (the same
+    integers)."""
+    if compiled is None:
+        compiled = n_px >= _COMPILED_MIN_PX or "numba" in sys.modules
+    if compiled:
         return _compiled_kernel()  # type: ignore[no-any-return]
     return _downsample_numpy
 
@@ -178,6 +183,7 @@ def downsample_2x(
     *,
     out: NDArray[np.uint8] | None = None,
     executor: ThreadPoolExecutor | None = None,
+    compiled: bool | None = None,
 ) -> NDArray[np.uint8]:
     """Return the 2x2 mean of an RGB image (see the module notes for odd edges).
 
@@ -190,6 +196,9 @@ def downsample_2x(
     executor : ThreadPoolExecutor, optional
         If given and the image is large, row blocks are downsampled in its
         threads (the kernel releases the GIL).
+    compiled : bool, optional
+        Use the compiled kernel (True) or its numpy twin (False); by default the compiled one
+        for 4 MP or more or once numba is loaded. The same integers either way.
 
     Returns
     -------
@@ -212,7 +221,7 @@ def downsample_2x(
         return out
     image = np.ascontiguousarray(image)
     n_workers = getattr(executor, "_max_workers", 1) if executor is not None else 1
-    kernel = _kernel_for(h * w)
+    kernel = _kernel_for(h * w, compiled)
     if executor is None or n_workers < 2 or h * w < _PARALLEL_MIN_PX:
         kernel(image, out)
         return out
@@ -502,10 +511,12 @@ class _Chain:
         shapes: list[tuple[int, int]],
         sink: Callable[[int, int, NDArray[np.uint8]], None],
         executor: ThreadPoolExecutor | None,
+        compiled: bool | None = None,
     ) -> None:
         self.shapes = shapes
         self.sink = sink
         self.executor = executor
+        self.compiled = compiled
         self.pending: list[NDArray[np.uint8] | None] = [None] * len(shapes)
         self.next_row = [0] * len(shapes)
 
@@ -519,7 +530,7 @@ class _Chain:
         self.pending[level] = None if final or n_even == rows.shape[0] else rows[n_even:].copy()
         if n_even == 0 and not final:
             return
-        down = downsample_2x(rows[:n_even], executor=self.executor)
+        down = downsample_2x(rows[:n_even], executor=self.executor, compiled=self.compiled)
         del rows
         row = self.next_row[level + 1]
         self.next_row[level + 1] += down.shape[0]
@@ -546,12 +557,18 @@ def _default_client() -> Any | None:
 NUMPY_CHUNK_PX = 1024
 
 
-def level_chunks(array: da.Array | NDArray[np.uint8]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Row and column chunk sizes of a level 0: a dask array's own, or regular
-    :data:`NUMPY_CHUNK_PX` chunks for a numpy array (held in memory, read by slicing)."""
+def level_chunks(
+    array: da.Array | NDArray[np.uint8], chunk_shape: tuple[int, int] | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row and column chunk sizes of a level 0: a dask array's own, or for a numpy array (held
+    in memory, read by slicing) regular chunks of ``chunk_shape`` ``(rows, cols)``, default
+    :data:`NUMPY_CHUNK_PX` square: they group into blocks and progress counts them."""
     if isinstance(array, np.ndarray):
         h, w = array.shape[:2]
-        return tuple(_regular(h, NUMPY_CHUNK_PX)), tuple(_regular(w, NUMPY_CHUNK_PX))
+        rows, cols = chunk_shape or (NUMPY_CHUNK_PX, NUMPY_CHUNK_PX)
+        if rows < 1 or cols < 1:
+            raise ValueError(f"chunk_shape must be positive, got {chunk_shape}")
+        return tuple(_regular(h, rows)), tuple(_regular(w, cols))
     return tuple(array.chunks[0]), tuple(array.chunks[1])
 
 
@@ -567,6 +584,7 @@ def iter_blocks(
     read_done: Callable[[int, int, int, int], NDArray[np.uint8]] | None = None,
     prefetch: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    chunk_shape: tuple[int, int] | None = None,
 ) -> Generator[Block, None, None]:
     """Stream level 0 block by block, spilling every lower level to ``store``.
 
@@ -598,6 +616,8 @@ def iter_blocks(
     progress : callable ``(done_chunks, total_chunks)``, optional
         Called after each block (read back or computed), with counts of
         level-0 chunks.
+    chunk_shape : (rows, cols), optional
+        A numpy level 0's chunks (:func:`level_chunks`).
 
     Yields
     ------
@@ -621,7 +641,7 @@ def iter_blocks(
         raise ValueError(f"store is for {store.shapes[0]}, array is {(height, width)}")
     if not isinstance(array, np.ndarray) and array.chunks[2] != (3,):
         array = array.rechunk({2: 3})  # type: ignore[no-untyped-call]
-    row_chunks, col_chunks = level_chunks(array)
+    row_chunks, col_chunks = level_chunks(array, chunk_shape)
     row_edges, col_edges = store.row_edges, store.col_edges
     _check_edges(row_edges, row_chunks, "row")
     _check_edges(col_edges, col_chunks, "col")
@@ -652,13 +672,15 @@ def iter_blocks(
         ThreadPoolExecutor(1, thread_name_prefix="wsi-norm-lower") as lower_pool,
         contextlib.closing(computed),
     ):
-        chain = _Chain(shapes, lambda k, row, px: store.write(k, row, 0, px), down_pool)
+        # one kernel for the whole image: a small one never loads numba (the same integers)
+        compiled = height * width >= _COMPILED_MIN_IMAGE_PX or "numba" in sys.modules
+        chain = _Chain(shapes, lambda k, row, px: store.write(k, row, 0, px), down_pool, compiled)
         building: Future[None] | None = None  # the last block's lower levels
 
         def lower_levels(r0: int, r1: int, c0: int, c1: int, pixels: NDArray[np.uint8]) -> None:
             level = pixels
             for k in range(1, depth + 1):
-                level = downsample_2x(level, executor=down_pool)
+                level = downsample_2x(level, executor=down_pool, compiled=compiled)
                 store.write(k, r0 >> k, c0 >> k, level)
             if c1 == width and depth + 1 < len(shapes):  # band done: deeper levels at full width
                 a, b = r0 >> depth, -(-r1 // 2**depth)

@@ -43,13 +43,14 @@ as its path and options; the file is reopened lazily in the receiving process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
@@ -1008,6 +1009,7 @@ class Slide:
         self._key = _handle_key(path, backend, self._mpp_override)
         self._reader = _acquire_reader(self._key, path, backend)
         self._closed = False
+        self._held: NDArray[np.uint8] | None = None  # level 0 in memory (hold_level0)
 
     # -- pickling: path and options only; the handle is reopened in the receiving process
     def __getstate__(self) -> dict[str, Any]:
@@ -1218,7 +1220,33 @@ class Slide:
         self._check_level(level)
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive, got {width}x{height}")
+        held = self._held
+        if level == 0 and held is not None and x >= 0 and y >= 0 and x + width <= held.shape[1] \
+                and y + height <= held.shape[0]:
+            return held[y : y + height, x : x + width].copy()
         return self._reader.read(level, int(x), int(y), int(width), int(height))
+
+    @contextlib.contextmanager
+    def hold_level0(self) -> Iterator[NDArray[np.uint8]]:
+        """Read level 0 once and serve every level-0 :meth:`read_region` inside it from memory.
+
+        For a slide small enough to hold (a biopsy): the fit's windows, the coarse mask of a
+        one-level slide and the write then decode each tile once. The pixels are the file's,
+        as :meth:`read_region` reads them (a region is the same slice of the whole level).
+
+        Yields
+        ------
+        (H, W, 3) uint8, read-only
+            Level 0.
+        """
+        w, h = self.dimensions
+        held = self._reader.read(0, 0, 0, int(w), int(h))
+        held.flags.writeable = False
+        self._held = held
+        try:
+            yield held
+        finally:
+            self._held = None
 
     def chunk_shape(self, level: int = 0, *, chunk_px: int = DEFAULT_CHUNK_PX) -> tuple[int, int]:
         """The ``(rows, cols)`` chunk size :meth:`to_dask` uses: a whole number of file tiles

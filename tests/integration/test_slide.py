@@ -235,3 +235,21 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("wsi-norm: error: ") and "garbage.svs" in err[0]
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_held_level0_serves_the_same_regions(sample_svs: Path, backend: str) -> None:
+    # a small slide's level 0 is read once and level-0 regions are sliced from it: the same
+    # pixels as reading them, at edges too; a region reaching outside the slide is read as before
+    slide = open_slide(sample_svs, backend=backend)  # type: ignore[arg-type]
+    w, h = slide.dimensions
+    regions = [(0, 0, 256, 256), (w - 100, h - 37, 100, 37), (1000, 1200, 513, 77), (5, 2900, 2000, 67),
+               (w - 10, h - 10, 50, 50)]
+    expected = [slide.read_region(0, x=x, y=y, width=rw, height=rh) for x, y, rw, rh in regions]
+    with slide.hold_level0() as held:
+        assert held.shape == (h, w, 3) and not held.flags.writeable
+        got = [slide.read_region(0, x=x, y=y, width=rw, height=rh) for x, y, rw, rh in regions]
+        assert got[0].flags.writeable  # a copy, as a read is
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert slide._held is None  # released

@@ -183,6 +183,7 @@ def write_pyramid(
     zarr_format: int = 3,
     zarr_codec: str | ZarrCodec = DEFAULT_ZARR_CODEC,
     progress: Callable[[int, int], None] | None = None,
+    chunk_shape: tuple[int, int] | None = None,
 ) -> Path:
     """Write an RGB image and its 2x2-mean pyramid to OME-Zarr or pyramidal TIFF.
 
@@ -228,6 +229,9 @@ def write_pyramid(
         :data:`DEFAULT_ZARR_CODEC`.  Checked for every format, used by OME-Zarr.
     progress : callable ``(done_chunks, total_chunks)``, optional
         Called from the calling thread as level-0 chunks complete.
+    chunk_shape : (rows, cols), optional
+        A numpy ``array``'s processing chunks for a TIFF (blocks group them, progress counts
+        them; the file is the same); default ``chunk_px`` (1024) square.
 
     Returns
     -------
@@ -299,6 +303,7 @@ def write_pyramid(
             quality=quality,
             compression=compression,
             progress=progress,
+            chunk_shape=chunk_shape or ((chunk_px, chunk_px) if chunk_px else None),
         )
     raise ValueError(f"{out}: unknown output format {fmt!r}; use 'ome-zarr' or 'tiff'")
 

@@ -231,6 +231,7 @@ def write_tiff(
     compression: str = "jpeg",
     progress: Callable[[int, int], None] | None = None,
     maxworkers: int | None = None,
+    chunk_shape: tuple[int, int] | None = None,
 ) -> Path:
     """Write ``array`` and its pyramid to a tiled pyramidal BigTIFF, atomically.
 
@@ -257,6 +258,9 @@ def write_tiff(
         Called as level-0 chunks of ``array`` complete.
     maxworkers : int, optional
         Threads encoding tiles (default: tifffile's choice, all cores).
+    chunk_shape : (rows, cols), optional
+        A numpy level 0's processing chunks (they group into blocks; progress counts them);
+        default 1024 x 1024. Does not change the file.
 
     Returns
     -------
@@ -298,7 +302,7 @@ def write_tiff(
     software = f"wsi-norm {software_versions().get('wsi-norm', 'unknown')}"
 
     encode = _encoder(compression, quality)
-    row_chunks, col_chunks = level_chunks(array)
+    row_chunks, col_chunks = level_chunks(array, chunk_shape)
     row_edges = block_edges(row_chunks, target=_BLOCK_ROWS, align=tile_px)
     col_edges = block_edges(col_chunks, target=_BLOCK_COLS)
     store_dir = partial_path(out, ".levels")
@@ -313,7 +317,7 @@ def write_tiff(
                 ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-encode") as pool,
                 tifffile.TiffWriter(partial, bigtiff=True) as tif,
             ):
-                blocks = iter_blocks(array, store, progress=progress)
+                blocks = iter_blocks(array, store, progress=progress, chunk_shape=chunk_shape)
                 try:
                     for k, (h, w) in enumerate(shapes):
                         if k == 0:
