@@ -27,10 +27,11 @@ import numpy as np
 from numpy.typing import NDArray
 from skimage.color import deltaE_ciede2000, rgb2lab
 
-from wsi_norm.colormap import compile_colormap
+from wsi_norm.colormap import GmmMap, compile_colormap
 from wsi_norm.metrics import psnr
 from wsi_norm.stain import fit_stats
 from wsi_norm.stain.base import order_stains
+from wsi_norm.stain.gmm import GmmStats
 from wsi_norm.testing.stain_cases import TARGET, draw_case
 from wsi_norm.testing.synthetic import render_beer_lambert, rotate_stain_matrix
 
@@ -43,10 +44,17 @@ def _scores(out: NDArray[np.uint8], truth: NDArray[np.uint8], tissue: NDArray[np
     return psnr(out, truth, mask=tissue), float(de[tissue].mean())
 
 
-def _normalize(method: str, src: NDArray[np.uint8], truth: NDArray[np.uint8]) -> NDArray[np.uint8]:
+def _normalize(method: str, src: NDArray[np.uint8], truth: NDArray[np.uint8]) -> dict[str, NDArray[np.uint8]]:
+    """The method's output; for gmm also ``gmm-indep``: the map with independently fitted
+    components paired by mean colour (``components="independent"``), for comparison."""
     s = fit_stats(method, src.reshape(-1, 3), white=WHITE)
     t = fit_stats(method, truth.reshape(-1, 3), white=WHITE)
-    return compile_colormap(method, s, t, source_white=WHITE, target_white=WHITE).evaluate_numpy(src)
+    out = {method: compile_colormap(method, s, t, source_white=WHITE, target_white=WHITE).evaluate_numpy(src)}
+    if method == "gmm":
+        assert isinstance(s, GmmStats) and isinstance(t, GmmStats)
+        indep = GmmMap(s, t, source_white=WHITE, target_white=WHITE, components="independent")
+        out["gmm-indep"] = indep.evaluate_numpy(src)
+    return out
 
 
 def main() -> None:
@@ -74,9 +82,10 @@ def main() -> None:
             before = _scores(src, truth, tissue)
             line = [f"case {index} ({case.texture}/{case.composition}) {name:13s} none {before[0]:5.1f} dB {before[1]:5.2f}"]
             for method in METHODS:
-                score = _scores(_normalize(method, src, truth), truth, tissue)
-                results[name].setdefault(method, []).append(score)
-                line.append(f"{method} {score[0]:5.1f} dB {score[1]:5.2f}")
+                for label, out in _normalize(method, src, truth).items():
+                    score = _scores(out, truth, tissue)
+                    results[name].setdefault(label, []).append(score)
+                    line.append(f"{label} {score[0]:5.1f} dB {score[1]:5.2f}")
             print(" | ".join(line), flush=True)
     for name, per_method in results.items():
         print(f"\n{name}: median over {args.cases} cases (PSNR dB on tissue, mean CIEDE2000 on tissue)")

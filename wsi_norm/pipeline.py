@@ -555,7 +555,7 @@ def _apply_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
 def _evaluate_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
     # the map's definition; its table holds exactly these values, so a table built meanwhile
     # (another slide's run in this process) gives the same bytes
-    return np.asarray(cmap.apply(block) if cmap.has_cached_lut() else cmap.evaluate_numpy(block))
+    return np.asarray(cmap.apply(block) if cmap.has_cached_lut() else cmap.evaluate_direct(block))
 
 
 def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: bool = False) -> da.Array:

@@ -44,11 +44,14 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
+from numpy.typing import NDArray
 
 from wsi_norm.color import DEFAULT_WHITE, _white_channels
-from wsi_norm.colormap.maps import ColorMap, GlassBlend, planar_intensity, planar_od
-from wsi_norm.stain.gmm import ComponentMatch, GmmStats, match_components
-from wsi_norm.stain.hsd import effective_density, hsd_from_od, od_from_hsd
+from wsi_norm.color import _check_rgb_uint8 as _check_uint8_rgb
+from wsi_norm.colormap.maps import OD_RANGE, ColorMap, GlassBlend, planar_intensity, planar_od
+from wsi_norm.colormap.memo import MemoTable
+from wsi_norm.stain.gmm import ComponentMatch, GmmStats, align_components, match_components
+from wsi_norm.stain.hsd import HSD_MIN_DENSITY, effective_density, hsd_from_od, od_from_hsd
 
 __all__ = ["MEMBERSHIP_TEMPERATURE", "GmmMap"]
 
@@ -64,8 +67,125 @@ T = 16, where two components' maps hand over; the composition test (generated, n
 _BOX_STDS = 2.5
 #: A component's per-channel scale sigma^t / sigma^s is kept within [1 / this, this].
 _MAX_SCALE = 2.0
+#: Memberships: the log-likelihood's quadratic turns linear beyond this many standard deviations
+#: (pseudo-Huber), so far from every component a one-level step moves the memberships little.
+_HUBER_STDS = 3.0
+#: The most a channel's optical density is lowered (the map brightens ``I + 1`` at most
+#: ``exp`` of it, 3x), reached smoothly over about :data:`_LIFT_SOFTNESS`.
+_MAX_LIFT = float(np.log(3.0))
+_LIFT_SOFTNESS = 0.1
+_LIFT_AT_ZERO = float(np.log1p(np.exp(-_MAX_LIFT / _LIFT_SOFTNESS)))  # so that no change stays none
+#: Below this density (OD) the map's change of optical density fades out (a smoothstep from
+#: 0 at glass): glass is white balanced by the map itself, over 0.2 OD rather than the glass
+#: band's 18 luma levels (0.08 OD), so pale colours that the map changes much do not step.
+_PALE_DENSITY = 0.2
+#: Width (OD) of the soft saturation of each channel's optical density at the knee.
+_OD_SOFTNESS = 0.25
 #: Chromaticity is rendered at most at this many times the input pixel's (effective) density.
 _CHROMA_GAIN = 1.5
+
+
+def _soft_od(xp: ModuleType, od: Any, knee: float) -> Any:
+    """Optical density saturated smoothly at ``knee``: ``od - s log(1 + exp((od - knee) / s))``
+    (``s`` = :data:`_OD_SOFTNESS`); the identity well below the knee, ``knee`` far above it,
+    slope in (0, 1)."""
+    return od - _OD_SOFTNESS * xp.log1p(xp.exp((od - knee) / _OD_SOFTNESS))
+
+
+_KERNEL: Any = None
+
+
+def _kernel() -> Any:
+    """Compile (once, lazily) the map's fused numpy loop: per pixel, the optical densities
+    (tables), HSD, the box, the tempered memberships, the blend of the components' maps, the
+    chromaticity's density, back to optical density, the shift beyond the box, the intensity."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        d0sq = HSD_MIN_DENSITY * HSD_MIN_DENSITY
+        sqrt3 = float(np.sqrt(3.0))
+        gain = _CHROMA_GAIN
+        od_min, od_max = OD_RANGE
+        huber2 = _HUBER_STDS * _HUBER_STDS
+        max_lift, lift_softness, lift_at_zero = _MAX_LIFT, _LIFT_SOFTNESS, _LIFT_AT_ZERO
+        pale = _PALE_DENSITY
+
+        @numba.njit(nogil=True, cache=True)
+        def kernel(r: Any, g: Any, b: Any, od_tables: Any, lo: Any, hi: Any, means: Any, precision: Any,
+                   log_prior: Any, temperature: float, blend: Any, white: Any,
+                   out: Any) -> None:  # pragma: no cover - compiled
+            n_comp = log_prior.shape[0]
+            logits = np.empty(n_comp)
+            acc = np.empty(6)
+            od = np.empty(3)
+            x = np.empty(3)
+            for i in range(r.shape[0]):
+                idx = (int(r[i]), int(g[i]), int(b[i]))
+                for c in range(3):
+                    od[c] = od_tables[0, c, idx[c]]
+                s0 = od_tables[1, 0, idx[0]]
+                s1 = od_tables[1, 1, idx[1]]
+                s2 = od_tables[1, 2, idx[2]]
+                dens = (s0 + s1 + s2) / 3.0
+                de = np.sqrt(dens * dens + d0sq)
+                x[0] = min(max(dens, lo[0]), hi[0])
+                x[1] = min(max((s0 - dens) / de, lo[1]), hi[1])
+                x[2] = min(max((s1 - s2) / (sqrt3 * de), lo[2]), hi[2])
+                top = -np.inf
+                for k in range(n_comp):
+                    d2 = 0.0
+                    for c in range(3):
+                        diff = x[c] - means[k, c]
+                        d2 += diff * diff * precision[k, c]
+                    z = (log_prior[k] - huber2 * (np.sqrt(1.0 + d2 / huber2) - 1.0)) / temperature
+                    logits[k] = z
+                    top = max(top, z)
+                total = 0.0
+                for j in range(6):
+                    acc[j] = 0.0
+                for k in range(n_comp):
+                    w = np.exp(logits[k] - top)
+                    total += w
+                    for j in range(6):
+                        acc[j] += w * blend[k, j]
+                m0 = acc[3] / total + acc[0] / total * x[0]
+                m1 = acc[4] / total + acc[1] / total * x[1]
+                m2 = acc[5] / total + acc[2] / total * x[2]
+                chroma = min(np.sqrt(m0 * m0 + d0sq), gain * np.sqrt(x[0] * x[0] + d0sq))
+                de_box = np.sqrt(x[0] * x[0] + d0sq)
+                out_od = (m0 + chroma * m1,
+                          m0 + chroma * (-0.5 * m1 + 0.5 * sqrt3 * m2),
+                          m0 + chroma * (-0.5 * m1 - 0.5 * sqrt3 * m2))
+                box_od = (x[0] + de_box * x[1],
+                          x[0] + de_box * (-0.5 * x[1] + 0.5 * sqrt3 * x[2]),
+                          x[0] + de_box * (-0.5 * x[1] - 0.5 * sqrt3 * x[2]))
+                t = min(max(dens / pale, 0.0), 1.0)
+                ramp = t * t * (3.0 - 2.0 * t)
+                for c in range(3):
+                    shift = out_od[c] - box_od[c]
+                    z = -(shift + max_lift) / lift_softness
+                    shift = shift + lift_softness * (max(z, 0.0) + np.log1p(np.exp(-abs(z))) - lift_at_zero)
+                    o = od[c] + ramp * shift
+                    out[c, i] = (white[c] + 1.0) * np.exp(-min(max(o, od_min), od_max)) - 1.0
+
+        _KERNEL = kernel
+    return _KERNEL
+
+
+def _capped_lift(xp: ModuleType, shift: Any) -> Any:
+    """A channel's optical-density change, bounded below smoothly at ``-``:data:`_MAX_LIFT`
+    (``-L + s softplus((shift + L) / s)``): the map brightens a channel's ``I + 1`` by at most
+    ``exp(L)``, so it does not amplify a dark channel's one-level steps more than that."""
+    z = -(shift + _MAX_LIFT) / _LIFT_SOFTNESS
+    return shift + _LIFT_SOFTNESS * (xp.clip(z, 0.0, None) + xp.log1p(xp.exp(-xp.abs(z))) - _LIFT_AT_ZERO)
+
+
+def _like(xp: ModuleType, array: NDArray[np.float64], like: Any) -> Any:
+    """A constant array in ``like``'s namespace, dtype and device."""
+    if xp is np:
+        return array.astype(like.dtype, copy=False)
+    return xp.as_tensor(array, dtype=like.dtype, device=like.device)
 
 
 class GmmMap(ColorMap):
@@ -106,6 +226,8 @@ class GmmMap(ColorMap):
         target_white: Any = DEFAULT_WHITE,
         glass: GlassBlend | None = None,
         temperature: float = MEMBERSHIP_TEMPERATURE,
+        components: str = "aligned",
+        od_knee: float = 3.0,
     ) -> None:
         super().__init__(glass=glass)
         if not (np.isfinite(temperature) and temperature > 0):
@@ -113,7 +235,15 @@ class GmmMap(ColorMap):
         self.source_white = _white_channels(source_white)
         self.target_white = _white_channels(target_white)
         self.temperature = float(temperature)
-        self.match: ComponentMatch = match_components(source, target)
+        self.od_knee = float(od_knee)
+        if components not in ("aligned", "independent"):
+            raise ValueError(f"components must be 'aligned' or 'independent', got {components!r}")
+        self.components = components
+        self.match: ComponentMatch
+        if components == "aligned":
+            source, self.match = align_components(source, target)
+        else:
+            self.match = match_components(source, target)
         k_s = source.n_components
         mu_t = np.empty((k_s, 3))
         sigma_t = np.empty((k_s, 3))
@@ -128,56 +258,98 @@ class GmmMap(ColorMap):
                 mu_t[k], sigma_t[k] = target.means[j], target.stds[j]
         self.scale = np.clip(sigma_t / sigma_s, 1.0 / _MAX_SCALE, _MAX_SCALE)
         self.offset = mu_t - self.scale * mu_s
-        # memberships: log(pi_k) - sum_c log(sigma_kc) - sum_c (x_c - mu_kc)^2 / (2 sigma_kc^2)
+        # memberships: log(pi_k) - sum_c log(sigma_kc) - rho(Mahalanobis distance)
         self._log_prior = np.log(source.weights) - np.log(source.stds).sum(axis=1)
         self._means = source.means.copy()
-        self._half_precision = 0.5 / source.stds**2
+        self._precision = 1.0 / source.stds**2
+        self._blend = np.concatenate([self.scale, self.offset], axis=1)  # (K, 6)
+        levels = np.arange(256, dtype=np.float64)
+        od_table = np.stack([-np.log((levels + 1.0) / (w + 1.0)) for w in self.source_white])  # planar_od's
+        self._od_tables = np.stack([od_table, _soft_od(np, od_table, self.od_knee)])  # (2, 3, 256)
         self._box_lo = np.minimum(source.global_mean - _BOX_STDS * source.global_std, source.means.min(axis=0))
         self._box_hi = np.maximum(source.global_mean + _BOX_STDS * source.global_std, source.means.max(axis=0))
+
+    def evaluate_direct(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Each distinct colour evaluated once per map (:class:`~wsi_norm.colormap.memo.MemoTable`,
+        64 MiB once used); bit-identical to :meth:`evaluate_numpy` and to the table."""
+        arr = _check_uint8_rgb(rgb)
+        with self._lock:
+            memo = self.__dict__.get("_memo")
+            if memo is None:
+                memo = self.__dict__["_memo"] = MemoTable(self.evaluate_numpy)
+        return memo(np.ascontiguousarray(arr).reshape(-1, 3)).reshape(arr.shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_memo", None)  # a cache, as the table is
+        return state
 
     def notes(self) -> dict[str, Any]:
         """Provenance: components, temperature and the matching (fallbacks included)."""
         return {"gmm": {"source_components": len(self.match.target_index), "temperature": self.temperature,
+                        "components": self.components,
                         "fallbacks": self.match.fallbacks, "match": self.match.to_dict()}}
 
     def _inside(self, xp: ModuleType, hsd: list[Any]) -> list[Any]:
         """Planar HSD clipped to the source mixture's box."""
         return [xp.clip(hsd[c], float(self._box_lo[c]), float(self._box_hi[c])) for c in range(3)]
 
-    def memberships(self, xp: ModuleType, hsd: list[Any]) -> list[Any]:
-        """Tempered memberships ``gamma_k`` of planar HSD channels (a list of K arrays summing to 1)."""
-        return self._memberships_inside(xp, self._inside(xp, hsd))
+    def memberships(self, xp: ModuleType, hsd: list[Any]) -> Any:
+        """Tempered memberships ``gamma`` of planar HSD channels: ``(..., K)``, summing to 1."""
+        return self._memberships_inside(xp, xp.stack(self._inside(xp, hsd), -1))
 
-    def _memberships_inside(self, xp: ModuleType, x: list[Any]) -> list[Any]:
-        logits = []
-        for k in range(len(self._means)):
-            z = float(self._log_prior[k])
-            for c in range(3):
-                d = x[c] - float(self._means[k, c])
-                z = z - d * d * float(self._half_precision[k, c])
-            logits.append(z / self.temperature)
-        top = logits[0]
-        for z in logits[1:]:
-            top = xp.maximum(top, z)
-        weights = [xp.exp(z - top) for z in logits]
-        total = weights[0]
-        for w in weights[1:]:
-            total = total + w
-        return [w / total for w in weights]
+    def _memberships_inside(self, xp: ModuleType, x: Any) -> Any:
+        """``(..., 3)`` HSD inside the box -> ``(..., K)`` tempered memberships:
+        ``softmax((log pi_k - sum_c log sigma_kc - rho(d_k)) / T)``, ``d_k`` the Mahalanobis
+        distance to component k and ``rho`` the pseudo-Huber function (``d^2 / 2`` near the
+        mean, linear in ``d`` beyond :data:`_HUBER_STDS`)."""
+        diff = x[..., None, :] - _like(xp, self._means, x)  # (..., K, 3)
+        d2 = (diff * diff * _like(xp, self._precision, x)).sum(-1)
+        huber2 = _HUBER_STDS * _HUBER_STDS
+        logits = (_like(xp, self._log_prior, x) - huber2 * (xp.sqrt(1.0 + d2 / huber2) - 1.0)) / self.temperature
+        if xp is np:
+            top = logits.max(axis=-1, keepdims=True)
+        else:
+            top = logits.amax(dim=-1, keepdim=True)
+        weights = xp.exp(logits - top)
+        return weights / weights.sum(-1, keepdims=True) if xp is np else weights / weights.sum(-1, keepdim=True)
+
+    def _evaluate_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+        """The map, blended into the glass colour by the pixel's *dimmest* channel.
+
+        The :class:`GlassBlend`'s band and glass colour, but its weight is the smoothstep of
+        ``min_c ((I_c + 1) (L_w + 1) / (w_c + 1)) - 1`` (each channel relative to the source's
+        white, in the white's luma ``L_w``) instead of the luma: glass has every channel near
+        the white, while a saturated colour as bright as glass by luma (yellow, ``(252, 254, 5)``)
+        is not glass and keeps the method's colour; by luma, its one-level steps moved the blend
+        of two colours 200 levels apart by up to 10 levels."""
+        mapped = self._map_channels(xp, r, g, b)
+        if self.glass is None:
+            return mapped
+        w = self.glass.source_white
+        lw = 0.299 * w[0] + 0.587 * w[1] + 0.114 * w[2] + 1.0
+        level = xp.minimum(xp.minimum((r + 1.0) * (lw / (w[0] + 1.0)), (g + 1.0) * (lw / (w[1] + 1.0))),
+                           (b + 1.0) * (lw / (w[2] + 1.0))) - 1.0
+        t = xp.clip((level - self.glass.lo) / (self.glass.hi - self.glass.lo), 0.0, 1.0)
+        weight = t * t * (3.0 - 2.0 * t)
+        return [m + weight * (q - m) for m, q in zip(mapped, self.glass.glass(r, g, b))]
 
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+        if xp is np:  # the definition: one fused loop (numba), the math below step for step
+            out = np.empty((3, len(r)), dtype=np.float64)
+            _kernel()(r, g, b, self._od_tables, self._box_lo, self._box_hi, self._means, self._precision,
+                      self._log_prior, self.temperature, self._blend, np.asarray(self.target_white), out)
+            return [out[0], out[1], out[2]]
         od = planar_od(xp, (r, g, b), self.source_white)
-        hsd = hsd_from_od(xp, od[0], od[1], od[2])
+        # each channel's optical density, saturated smoothly above the knee before HSD (whose
+        # density, the channels' mean, would carry one dark channel's steps into all three)
+        od_c = [_soft_od(xp, o, self.od_knee) for o in od]
+        hsd = hsd_from_od(xp, od_c[0], od_c[1], od_c[2])
         inside = self._inside(xp, hsd)
-        gamma = self._memberships_inside(xp, inside)
-        mapped = []
-        for c in range(3):
-            scale = gamma[0] * float(self.scale[0, c])
-            offset = gamma[0] * float(self.offset[0, c])
-            for k in range(1, len(gamma)):
-                scale = scale + gamma[k] * float(self.scale[k, c])
-                offset = offset + gamma[k] * float(self.offset[k, c])
-            mapped.append(offset + scale * inside[c])
+        x = xp.stack(inside, -1)
+        # per pixel, the memberships' blend of the components' maps: y_c = offset_c + scale_c x_c
+        blend = self._memberships_inside(xp, x) @ _like(xp, self._blend, x)  # (..., 6)
+        mapped = [blend[..., 3 + c] + blend[..., c] * inside[c] for c in range(3)]
         # chromaticity is rendered at no more than CHROMA_GAIN times the input's density: a pale
         # pixel lifted to a dark one would otherwise amplify its chromatic noise (c = OD / D)
         chroma_density = xp.minimum(effective_density(xp, mapped[0]), _CHROMA_GAIN * effective_density(xp, inside[0]))
@@ -185,5 +357,7 @@ class GmmMap(ColorMap):
         # beyond the box: the box point's optical-density change, added to the pixel's own OD
         # (a constant shift per channel, so the map's slope there is that of white balance)
         od_box = od_from_hsd(xp, inside[0], inside[1], inside[2])
-        od_out = [o + (i - q) for o, i, q in zip(od_out, od, od_box)]
+        t = xp.clip(hsd[0] / _PALE_DENSITY, 0.0, 1.0)
+        ramp = t * t * (3.0 - 2.0 * t)
+        od_out = [i + ramp * _capped_lift(xp, o - q) for o, i, q in zip(od_out, od, od_box)]
         return planar_intensity(xp, od_out, self.target_white)
