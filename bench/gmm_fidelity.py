@@ -15,6 +15,10 @@ Each method is fitted on the source and on the truth (the template) and maps the
 (dB) and mean CIEDE2000 over tissue against the truth. Prints one line per case and method and
 the medians.
 
+Then the torchstain pair (``he/torchstain-source.png`` to ``he/torchstain-target.png``, white
+240, no truth): per method, the CIEDE2000 between the tissue's mean colour of the output and of
+the target, and the largest difference of the tissue's Lab standard deviations.
+
     python bench/gmm_fidelity.py --cases 6
 """
 
@@ -57,6 +61,25 @@ def _normalize(method: str, src: NDArray[np.uint8], truth: NDArray[np.uint8]) ->
     return out
 
 
+def _torchstain_pair() -> None:
+    from PIL import Image
+
+    from wsi_norm.testing.data import data_dir
+
+    he = data_dir() / "he"
+    src = np.array(Image.open(he / "torchstain-source.png").convert("RGB"))
+    tgt = np.array(Image.open(he / "torchstain-target.png").convert("RGB"))
+    tgt_lab = rgb2lab(tgt)[np.asarray(tgt, np.float64) @ [0.299, 0.587, 0.114] <= 200]
+    print("\ntorchstain pair (source -> target, no truth): tissue mean-colour CIEDE2000 to the target, "
+          "largest |std L*a*b* - target's|")
+    for method in ("none", *METHODS):
+        outs = {"none": src} if method == "none" else _normalize(method, src, tgt)
+        for label, out in outs.items():
+            lab = rgb2lab(out)[np.asarray(out, np.float64) @ [0.299, 0.587, 0.114] <= 200]
+            de = float(deltaE_ciede2000(lab.mean(axis=0)[None], tgt_lab.mean(axis=0)[None])[0])
+            print(f"  {label:10s} {de:5.2f}  {np.abs(lab.std(axis=0) - tgt_lab.std(axis=0)).max():5.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=6)
@@ -87,6 +110,7 @@ def main() -> None:
                     results[name].setdefault(label, []).append(score)
                     line.append(f"{label} {score[0]:5.1f} dB {score[1]:5.2f}")
             print(" | ".join(line), flush=True)
+    _torchstain_pair()
     for name, per_method in results.items():
         print(f"\n{name}: median over {args.cases} cases (PSNR dB on tissue, mean CIEDE2000 on tissue)")
         for method, scores in per_method.items():

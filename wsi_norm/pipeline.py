@@ -563,9 +563,10 @@ def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: b
 
     On ``cuda`` each chunk is moved to the GPU as uint8, mapped there, and moved back;
     the tasks ask for the ``GPU`` worker resource when the cluster declares one.
-    ``direct=True`` (CPU) evaluates the map on each chunk's pixels instead of building its
-    256^3 table: cheaper for an image of fewer than 256^3 pixels, and bit-identical
-    (the table is built from the same evaluation, :meth:`~wsi_norm.colormap.ColorMap.lut`).
+    ``direct=True`` (CPU) evaluates the map on each chunk's pixels
+    (:meth:`~wsi_norm.colormap.ColorMap.evaluate_direct`) instead of building its 256^3 table:
+    cheaper for an image of fewer than 256^3 pixels, and bit-identical (the table is built from
+    the same evaluation, :meth:`~wsi_norm.colormap.ColorMap.lut`).
     """
     from dask.base import annotate
 

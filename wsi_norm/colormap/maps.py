@@ -15,6 +15,10 @@ Evaluation paths
     ``evaluate_numpy``: the gather is bit-identical to direct evaluation.  The
     gather is a numba loop compiled with ``nogil=True``, so dask threads run it
     in parallel.
+``evaluate_direct(rgb)``
+    What the pipeline calls for a slide under 256^3 pixels (no table): ``evaluate_numpy``, or,
+    for the mixture map, each distinct colour evaluated once into a table filled on demand
+    (:mod:`wsi_norm.colormap.memo`); bit-identical either way.
 ``apply_torch(t)``
     The same function evaluated directly in torch on the tensor's device
     (float32 by default; ``use_lut=True`` gathers from the table moved to
