@@ -123,37 +123,33 @@ _KERNEL: Any = None
 
 
 def _kernel() -> Any:
-    """Compile (once, lazily) the map's fused numpy loop: per pixel, the optical densities
-    (tables), HSD, the box, the tempered memberships, the blend of the components' maps, the
-    chromaticity's density, back to optical density, the shift beyond the box, the intensity."""
+    """Compile (once, lazily) the map's fused loop, the numpy definition: per pixel, the optical
+    densities (tables), HSD, the box, the tempered memberships, the blend of the components'
+    maps, the chromaticity's density, back to optical density, the capped and faded change, the
+    intensity, the glass hand-over, rounding (half to even) and clipping to uint8."""
     global _KERNEL
     if _KERNEL is None:
         import numba
 
-        d0sq = HSD_MIN_DENSITY * HSD_MIN_DENSITY
-        sqrt3 = float(np.sqrt(3.0))
-        gain = _CHROMA_GAIN
-        od_min, od_max = OD_RANGE
-        huber2 = _HUBER_STDS * _HUBER_STDS
-        max_lift, lift_softness, lift_at_zero = _MAX_LIFT, _LIFT_SOFTNESS, _LIFT_AT_ZERO
-        pale = _PALE_DENSITY
-
         @numba.njit(nogil=True, cache=True)
-        def kernel(r: Any, g: Any, b: Any, od_tables: Any, lo: Any, hi: Any, means: Any, precision: Any,
-                   log_prior: Any, temperature: float, blend: Any, white: Any,
-                   out: Any) -> None:  # pragma: no cover - compiled
+        def kernel(pixels: Any, od_tables: Any, lo: Any, hi: Any, means: Any, precision: Any, log_prior: Any,
+                   blend: Any, white: Any, glass: Any, consts: Any, out: Any) -> None:  # pragma: no cover
+            temperature, huber2, d0sq, gain, pale = consts[0], consts[1], consts[2], consts[3], consts[4]
+            max_lift, lift_softness, lift_at_zero, od_min, od_max = consts[5], consts[6], consts[7], consts[8], consts[9]
+            sqrt3 = np.sqrt(3.0)
+            # glass: [on, keep, lo, hi, luma of the source white + 1, ws_r, ws_g, ws_b, wt_r, wt_g, wt_b]
             n_comp = log_prior.shape[0]
             logits = np.empty(n_comp)
             acc = np.empty(6)
             od = np.empty(3)
             x = np.empty(3)
-            for i in range(r.shape[0]):
-                idx = (int(r[i]), int(g[i]), int(b[i]))
+            mapped = np.empty(3)
+            for i in range(pixels.shape[0]):
                 for c in range(3):
-                    od[c] = od_tables[0, c, idx[c]]
-                s0 = od_tables[1, 0, idx[0]]
-                s1 = od_tables[1, 1, idx[1]]
-                s2 = od_tables[1, 2, idx[2]]
+                    od[c] = od_tables[0, c, pixels[i, c]]
+                s0 = od_tables[1, 0, pixels[i, 0]]
+                s1 = od_tables[1, 1, pixels[i, 1]]
+                s2 = od_tables[1, 2, pixels[i, 2]]
                 dens = (s0 + s1 + s2) / 3.0
                 de = np.sqrt(dens * dens + d0sq)
                 x[0] = min(max(dens, lo[0]), hi[0])
@@ -197,7 +193,22 @@ def _kernel() -> Any:
                     else:
                         shift = shift - lift_softness * lift_at_zero
                     o = od[c] + ramp * shift
-                    out[c, i] = (white[c] + 1.0) * np.exp(-min(max(o, od_min), od_max)) - 1.0
+                    mapped[c] = (white[c] + 1.0) * np.exp(-min(max(o, od_min), od_max)) - 1.0
+                weight = 0.0
+                if glass[0] > 0.0:
+                    level = np.inf
+                    for c in range(3):
+                        level = min(level, (pixels[i, c] + 1.0) * (glass[4] / (glass[5 + c] + 1.0)))
+                    t = min(max((level - 1.0 - glass[2]) / (glass[3] - glass[2]), 0.0), 1.0)
+                    weight = t * t * (3.0 - 2.0 * t)
+                for c in range(3):
+                    v = mapped[c]
+                    if weight > 0.0:
+                        q = float(pixels[i, c])
+                        if glass[1] == 0.0:
+                            q = (q + 1.0) * ((glass[8 + c] + 1.0) / (glass[5 + c] + 1.0)) - 1.0
+                        v = v + weight * (q - v)
+                    out[i, c] = np.uint8(min(max(np.rint(v), 0.0), 255.0))
 
         _KERNEL = kernel
     return _KERNEL
@@ -299,8 +310,35 @@ class GmmMap(ColorMap):
         levels = np.arange(256, dtype=np.float64)
         od_table = np.stack([-np.log((levels + 1.0) / (w + 1.0)) for w in self.source_white])  # planar_od's
         self._od_tables = np.stack([od_table, _soft_od(np, od_table, _OD_KNEE)])  # (2, 3, 256)
+        self._consts = np.array([self.temperature, _HUBER_STDS**2, HSD_MIN_DENSITY**2, _CHROMA_GAIN, _PALE_DENSITY,
+                                 _MAX_LIFT, _LIFT_SOFTNESS, _LIFT_AT_ZERO, *OD_RANGE])
+        g = self.glass
+        self._glass_params = np.zeros(11) if g is None else np.array(
+            [1.0, float(g.mode == "keep"), g.lo, g.hi,
+             0.299 * g.source_white[0] + 0.587 * g.source_white[1] + 0.114 * g.source_white[2] + 1.0,
+             *g.source_white, *g.target_white])
         self._box_lo = np.minimum(source.global_mean - _BOX_STDS * source.global_std, source.means.min(axis=0))
         self._box_hi = np.maximum(source.global_mean + _BOX_STDS * source.global_std, source.means.max(axis=0))
+
+    def evaluate_numpy(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """The map's definition: one fused numba loop per pixel (float64, rounded half to even,
+        clipped), the steps of :meth:`_evaluate_channels` (which torch evaluates array-wise,
+        within 1 level) in the same order; the table is built from it.
+
+        Parameters
+        ----------
+        rgb : (..., 3) uint8
+
+        Returns
+        -------
+        out : (..., 3) uint8, same shape
+        """
+        arr = _check_uint8_rgb(rgb)
+        flat = np.ascontiguousarray(arr).reshape(-1, 3)
+        out = np.empty_like(flat)
+        _kernel()(flat, self._od_tables, self._box_lo, self._box_hi, self._means, self._precision, self._log_prior,
+                  self._blend, np.asarray(self.target_white), self._glass_params, self._consts, out)
+        return out.reshape(arr.shape)
 
     def evaluate_direct(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """Each distinct colour evaluated once per map (:class:`~wsi_norm.colormap.memo.MemoTable`,
@@ -368,11 +406,6 @@ class GmmMap(ColorMap):
         return [m + weight * (q - m) for m, q in zip(mapped, self.glass.glass(r, g, b))]
 
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
-        if xp is np:  # the definition: one fused loop (numba), the math below step for step
-            out = np.empty((3, len(r)), dtype=np.float64)
-            _kernel()(r, g, b, self._od_tables, self._box_lo, self._box_hi, self._means, self._precision,
-                      self._log_prior, self.temperature, self._blend, np.asarray(self.target_white), out)
-            return [out[0], out[1], out[2]]
         od = planar_od(xp, (r, g, b), self.source_white)
         # each channel's optical density, saturated smoothly above the knee before HSD (whose
         # density, the channels' mean, would carry one dark channel's steps into all three)
