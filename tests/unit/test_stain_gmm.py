@@ -203,6 +203,10 @@ def test_a_target_component_under_one_percent_is_not_matched(sparse_fit: GmmStat
     assert 0 not in match.target_index
     assert match.how[0] in ("nearest", "global")
     assert match.how[1:] == ("matched",) * (sparse_fit.n_components - 1)
+    # the map's aligned refit starts from the usable template components only, and records it
+    aligned = GmmMap(sparse_fit, target, source_white=WHITE, target_white=WHITE).match
+    assert aligned.ignored_targets == (0,) and 0 not in aligned.target_index
+    assert set(aligned.how) <= {"aligned", "global"} and aligned.how.count("aligned") >= sparse_fit.n_components - 2
     # no usable target component at all: every source component maps by the global moments
     tiny = GmmStats(np.array([0.995, 0.005]), sparse_fit.means[:2], sparse_fit.stds[:2] * 0 + 1.0,
                     sparse_fit.global_mean, sparse_fit.global_std)
