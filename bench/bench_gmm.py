@@ -5,8 +5,9 @@ warm-up: the gmm fit (tissue sampling + EM for K = 2..8, BIC), then ``normalize_
 fit and a template (the torchstain target patch) for ``gmm`` and for ``none``. Prints the median
 of each phase; the apply ratio is gmm's map-and-write phase (``write_s``: the colour map applied
 over every chunk, then encoded and written) over none's, both as the pipeline runs this slide
-(under 256^3 px: every pixel evaluated directly) and with the map's table built (what a larger
-slide gets: a gather; Reinhard's map, gathered alike, beside it). The LUT compile (16.7 M colours evaluated once per map) is timed
+(under 256^3 px: ``GmmMap.evaluate_direct``, each distinct colour evaluated once into the map's
+memo table) and with the map's table built (what a larger slide gets: a gather; Reinhard's map,
+gathered alike, beside it). The LUT compile (16.7 M colours evaluated once per map) is timed
 separately.
 
     python bench/bench_gmm.py --rounds 3

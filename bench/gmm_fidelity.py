@@ -15,6 +15,10 @@ Each method is fitted on the source and on the truth (the template) and maps the
 (dB) and mean CIEDE2000 over tissue against the truth. Prints one line per case and method and
 the medians.
 
+Then the torchstain pair (``he/torchstain-source.png`` to ``he/torchstain-target.png``, white
+240, no truth): per method, the CIEDE2000 between the tissue's mean colour of the output and of
+the target, and the largest difference of the tissue's Lab standard deviations.
+
     python bench/gmm_fidelity.py --cases 6
 """
 
@@ -27,10 +31,11 @@ import numpy as np
 from numpy.typing import NDArray
 from skimage.color import deltaE_ciede2000, rgb2lab
 
-from wsi_norm.colormap import compile_colormap
+from wsi_norm.colormap import GmmMap, compile_colormap
 from wsi_norm.metrics import psnr
 from wsi_norm.stain import fit_stats
 from wsi_norm.stain.base import order_stains
+from wsi_norm.stain.gmm import GmmStats
 from wsi_norm.testing.stain_cases import TARGET, draw_case
 from wsi_norm.testing.synthetic import render_beer_lambert, rotate_stain_matrix
 
@@ -43,10 +48,36 @@ def _scores(out: NDArray[np.uint8], truth: NDArray[np.uint8], tissue: NDArray[np
     return psnr(out, truth, mask=tissue), float(de[tissue].mean())
 
 
-def _normalize(method: str, src: NDArray[np.uint8], truth: NDArray[np.uint8]) -> NDArray[np.uint8]:
+def _normalize(method: str, src: NDArray[np.uint8], truth: NDArray[np.uint8]) -> dict[str, NDArray[np.uint8]]:
+    """The method's output; for gmm also ``gmm-indep``: the map with independently fitted
+    components paired by mean colour (``components="independent"``), for comparison."""
     s = fit_stats(method, src.reshape(-1, 3), white=WHITE)
     t = fit_stats(method, truth.reshape(-1, 3), white=WHITE)
-    return compile_colormap(method, s, t, source_white=WHITE, target_white=WHITE).evaluate_numpy(src)
+    out = {method: compile_colormap(method, s, t, source_white=WHITE, target_white=WHITE).evaluate_numpy(src)}
+    if method == "gmm":
+        assert isinstance(s, GmmStats) and isinstance(t, GmmStats)
+        indep = GmmMap(s, t, source_white=WHITE, target_white=WHITE, components="independent")
+        out["gmm-indep"] = indep.evaluate_numpy(src)
+    return out
+
+
+def _torchstain_pair() -> None:
+    from PIL import Image
+
+    from wsi_norm.testing.data import data_dir
+
+    he = data_dir() / "he"
+    src = np.array(Image.open(he / "torchstain-source.png").convert("RGB"))
+    tgt = np.array(Image.open(he / "torchstain-target.png").convert("RGB"))
+    tgt_lab = rgb2lab(tgt)[np.asarray(tgt, np.float64) @ [0.299, 0.587, 0.114] <= 200]
+    print("\ntorchstain pair (source -> target, no truth): tissue mean-colour CIEDE2000 to the target, "
+          "largest |std L*a*b* - target's|")
+    for method in ("none", *METHODS):
+        outs = {"none": src} if method == "none" else _normalize(method, src, tgt)
+        for label, out in outs.items():
+            lab = rgb2lab(out)[np.asarray(out, np.float64) @ [0.299, 0.587, 0.114] <= 200]
+            de = float(deltaE_ciede2000(lab.mean(axis=0)[None], tgt_lab.mean(axis=0)[None])[0])
+            print(f"  {label:10s} {de:5.2f}  {np.abs(lab.std(axis=0) - tgt_lab.std(axis=0)).max():5.2f}", flush=True)
 
 
 def main() -> None:
@@ -74,10 +105,12 @@ def main() -> None:
             before = _scores(src, truth, tissue)
             line = [f"case {index} ({case.texture}/{case.composition}) {name:13s} none {before[0]:5.1f} dB {before[1]:5.2f}"]
             for method in METHODS:
-                score = _scores(_normalize(method, src, truth), truth, tissue)
-                results[name].setdefault(method, []).append(score)
-                line.append(f"{method} {score[0]:5.1f} dB {score[1]:5.2f}")
+                for label, out in _normalize(method, src, truth).items():
+                    score = _scores(out, truth, tissue)
+                    results[name].setdefault(label, []).append(score)
+                    line.append(f"{label} {score[0]:5.1f} dB {score[1]:5.2f}")
             print(" | ".join(line), flush=True)
+    _torchstain_pair()
     for name, per_method in results.items():
         print(f"\n{name}: median over {args.cases} cases (PSNR dB on tissue, mean CIEDE2000 on tissue)")
         for method, scores in per_method.items():

@@ -555,7 +555,7 @@ def _apply_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
 def _evaluate_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
     # the map's definition; its table holds exactly these values, so a table built meanwhile
     # (another slide's run in this process) gives the same bytes
-    return np.asarray(cmap.apply(block) if cmap.has_cached_lut() else cmap.evaluate_numpy(block))
+    return np.asarray(cmap.apply(block) if cmap.has_cached_lut() else cmap.evaluate_direct(block))
 
 
 def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: bool = False) -> da.Array:
@@ -563,9 +563,10 @@ def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: b
 
     On ``cuda`` each chunk is moved to the GPU as uint8, mapped there, and moved back;
     the tasks ask for the ``GPU`` worker resource when the cluster declares one.
-    ``direct=True`` (CPU) evaluates the map on each chunk's pixels instead of building its
-    256^3 table: cheaper for an image of fewer than 256^3 pixels, and bit-identical
-    (the table is built from the same evaluation, :meth:`~wsi_norm.colormap.ColorMap.lut`).
+    ``direct=True`` (CPU) evaluates the map on each chunk's pixels
+    (:meth:`~wsi_norm.colormap.ColorMap.evaluate_direct`) instead of building its 256^3 table:
+    cheaper for an image of fewer than 256^3 pixels, and bit-identical (the table is built from
+    the same evaluation, :meth:`~wsi_norm.colormap.ColorMap.lut`).
     """
     from dask.base import annotate
 

@@ -71,10 +71,11 @@ def test_no_seams_tile_size_does_not_change_output(
     assert np.abs(np.median(outs[0][glass], axis=0) - np.array(template.white.rgb)).max() <= 2
 
 
-@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+@pytest.mark.parametrize("method", ["macenko", "reinhard", "gmm"])
 def test_small_slide_direct_map_equals_the_table(sample_svs: Path, shared_data: Path, method: str) -> None:
     # a slide under 256^3 px is mapped by direct evaluation per chunk, a larger one through the
-    # 256^3 table: the same bytes, here on uneven chunks of the real slide
+    # 256^3 table: the same bytes, here on uneven chunks of the real slide (gmm: each distinct
+    # colour evaluated once, into a memo the dask threads fill together)
     from wsi_norm.pipeline import apply_colormap, compile_checked, fit_slide
 
     template = fit_template([shared_data / "he" / "torchstain-target.png"], method=method, n_pixels=100_000)

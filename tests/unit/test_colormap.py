@@ -82,6 +82,24 @@ def test_direct_evaluation_over_several_slabs_is_the_table(maps: dict[str, Color
 
 
 @pytest.mark.parametrize("method", METHODS + ("keep",))
+def test_direct_path_is_the_table(maps: dict[str, ColorMap], method: str) -> None:
+    # ColorMap.evaluate_direct, the pipeline's path for a slide under 256^3 px (gmm: each distinct
+    # colour evaluated once, into a table two threads fill together): the table's values, exactly
+    from concurrent.futures import ThreadPoolExecutor
+
+    cmap = pickle.loads(pickle.dumps(maps[method]))  # a fresh copy: no table, no memo yet
+    rng = np.random.default_rng(11)
+    real = load_he("source")
+    tiles = [real[:120, :120], real[60:260, 40:200], rng.integers(0, 256, (90, 90, 3), dtype=np.uint8),
+             real[:120, :120], np.ascontiguousarray(real[::-1][:150])]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(cmap.evaluate_direct, tiles))
+    lut = maps[method].lut()
+    for tile, out in zip(tiles, outs, strict=True):
+        assert np.array_equal(out, lut[tile[..., 0], tile[..., 1], tile[..., 2]])
+
+
+@pytest.mark.parametrize("method", METHODS + ("keep",))
 def test_torch_agrees_with_numpy(maps: dict[str, ColorMap], probe: NDArray[np.uint8], method: str) -> None:
     cmap = maps[method]
     ref = cmap.evaluate_numpy(probe).astype(int)

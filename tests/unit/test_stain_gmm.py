@@ -17,7 +17,13 @@ from wsi_norm.errors import FitError, TemplateError
 from wsi_norm.pipeline import SlideFit, fit_slide, template_from_fits
 from wsi_norm.stain import REGISTRY, StainParams, aggregate_stats, fit_stats, stats_from_dict
 from wsi_norm.stain.base import RUIFROK_HE
-from wsi_norm.stain.gmm import COMPONENT_RANGE, GmmStats, fit_gmm, match_components
+from wsi_norm.stain.gmm import (
+    COMPONENT_RANGE,
+    GmmStats,
+    align_components,
+    fit_gmm,
+    match_components,
+)
 from wsi_norm.stain.hsd import hsd_from_od, od_from_hsd, od_to_hsd
 from wsi_norm.stain.template import load_template, save_template
 from wsi_norm.testing.synthetic import render_beer_lambert
@@ -42,19 +48,6 @@ def _tissue_image(nuclei: float, seed: int, size: int = 256, *, stains: NDArray[
     h = np.where(mask, 0.85 + 0.15 * n1, 0.08 + 0.03 * n2)
     e = np.where(mask, 0.25 + 0.05 * n2, eosin + 0.15 * n1)
     return render_beer_lambert(np.clip(np.stack([h, e], -1), 0, None), stains, io=WHITE)
-
-
-def _pairs(rng: np.random.Generator, a: NDArray[np.uint8]) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
-    """``a`` and ``a`` with one random channel one level away."""
-    rows, channel = np.arange(len(a)), rng.integers(0, 3, len(a))
-    b = a.copy()
-    value = a[rows, channel].astype(np.int32)
-    b[rows, channel] = np.where(value < 255, value + 1, value - 1).astype(np.uint8)
-    return a, b
-
-
-def _jump(cmap: GmmMap, a: NDArray[np.uint8], b: NDArray[np.uint8]) -> int:
-    return int(np.abs(cmap.evaluate_numpy(a).astype(np.int32) - cmap.evaluate_numpy(b).astype(np.int32)).max())
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +177,15 @@ def test_a_target_without_nuclei_falls_back_to_the_global_moments_never_nan(spar
     assert all(match.how[k] == "global" and match.target_index[k] == -1 for k in dense_nuclei)
     cmap = compile_colormap("gmm", sparse_fit, stroma_only, source_white=WHITE, target_white=WHITE)
     assert isinstance(cmap, GmmMap)
+    # the map's source mixture is refitted from the template's components (align_components):
+    # the nuclei, which the template lacks, keep components of their own, mapped globally
     notes = cmap.notes()["gmm"]
-    assert notes["fallbacks"] == match.fallbacks >= len(dense_nuclei)
-    assert json.loads(json.dumps(notes))["match"]["how"] == list(match.how)
+    assert notes["components"] == "aligned"
+    assert notes["fallbacks"] == cmap.match.fallbacks == cmap.match.how.count("global") >= len(dense_nuclei)
+    assert json.loads(json.dumps(notes))["match"]["how"] == list(cmap.match.how)
+    globals_ = [k for k, how in enumerate(cmap.match.how) if how == "global"]
+    assert all(cmap.match.target_index[k] == -1 for k in globals_)
+    assert np.all(cmap._means[globals_, 0] > 0.45)  # the nuclei's density, OD
     with np.errstate(all="raise"):  # no overflow, no NaN anywhere on the cube
         colours = np.random.default_rng(0).integers(0, 256, (200_000, 3)).astype(np.uint8)
         corners = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], np.uint8)
@@ -204,19 +203,71 @@ def test_a_target_component_under_one_percent_is_not_matched(sparse_fit: GmmStat
     assert 0 not in match.target_index
     assert match.how[0] in ("nearest", "global")
     assert match.how[1:] == ("matched",) * (sparse_fit.n_components - 1)
+    # the map's aligned refit starts from the usable template components only, and records it
+    aligned = GmmMap(sparse_fit, target, source_white=WHITE, target_white=WHITE).match
+    assert aligned.ignored_targets == (0,) and 0 not in aligned.target_index
+    assert set(aligned.how) <= {"aligned", "global"} and aligned.how.count("aligned") >= sparse_fit.n_components - 2
     # no usable target component at all: every source component maps by the global moments
     tiny = GmmStats(np.array([0.995, 0.005]), sparse_fit.means[:2], sparse_fit.stds[:2] * 0 + 1.0,
                     sparse_fit.global_mean, sparse_fit.global_std)
     assert set(match_components(sparse_fit, tiny).how) <= {"matched", "nearest", "global"}
 
 
+def test_turned_stain_vectors_are_tracked_by_template_initialised_components() -> None:
+    """Stain vectors turned 12 degrees (generated, composition the same): the source mixture refitted
+    from the template's components (``components="aligned"``) keeps every component on its tissue
+    class and beats the independently fitted, paired one and Reinhard (measured: 39.7, 36.6 and
+    30.9 dB)."""
+    from wsi_norm.metrics import psnr
+    from wsi_norm.testing.synthetic import rotate_stain_matrix
+
+    truth = _tissue_image(0.25, 6)
+    src = _tissue_image(0.25, 6, stains=rotate_stain_matrix(RUIFROK_HE, 12.0, 12.0, seed=6))
+    tissue = luma(truth) <= 200
+    s, t = fit_gmm(src.reshape(-1, 3), white=WHITE), fit_gmm(truth.reshape(-1, 3), white=WHITE)
+    aligned = GmmMap(s, t, source_white=WHITE, target_white=WHITE)
+    assert aligned.match.how == ("aligned",) * t.n_components
+    assert aligned.match.target_index == tuple(range(t.n_components))
+    independent = GmmMap(s, t, source_white=WHITE, target_white=WHITE, components="independent")
+    reinhard = compile_colormap("reinhard", fit_stats("reinhard", src.reshape(-1, 3), white=WHITE),
+                                fit_stats("reinhard", truth.reshape(-1, 3), white=WHITE),
+                                source_white=WHITE, target_white=WHITE)
+    scores = {name: psnr(m.evaluate_numpy(src), truth, mask=tissue)
+              for name, m in (("aligned", aligned), ("independent", independent), ("reinhard", reinhard))}
+    print(f"stain vectors turned 12 degrees, PSNR on tissue: {scores}")
+    assert scores["aligned"] > scores["independent"] + 2.0
+    assert scores["aligned"] > scores["reinhard"] + 5.0
+
+
+def test_a_class_the_source_lacks_is_dropped_and_recorded(sparse_fit: GmmStats) -> None:
+    """Template with nuclei, source without: the template's nuclei components find under 1 % of the
+    source's tissue, are dropped from the aligned mixture and recorded; the map stays finite."""
+    stroma_only = fit_gmm(_tissue_image(0.0, 4).reshape(-1, 3), white=WHITE)
+    cmap = GmmMap(stroma_only, sparse_fit, source_white=WHITE, target_white=WHITE)
+    nuclei = [j for j in range(sparse_fit.n_components) if sparse_fit.means[j, 0] > 0.45]
+    assert nuclei and set(nuclei) <= set(cmap.match.dropped_targets)
+    assert not set(cmap.match.dropped_targets) & set(cmap.match.target_index)
+    assert cmap.notes()["gmm"]["match"]["dropped_targets"] == list(cmap.match.dropped_targets)
+    with np.errstate(all="raise"):
+        out = cmap.evaluate_numpy(np.random.default_rng(1).integers(0, 256, (50_000, 3)).astype(np.uint8))
+    assert out.dtype == np.uint8
+    with pytest.raises(ValueError, match="n_samples must be >= 100, got 10"):
+        align_components(stroma_only, sparse_fit, n_samples=10)
+    with pytest.raises(ValueError, match="components must be 'aligned' or 'independent', got 'paired'"):
+        GmmMap(stroma_only, sparse_fit, components="paired")
+
+
 def test_self_map_is_near_identity(sparse_fit: GmmStats, composition: dict[str, NDArray[np.uint8]]) -> None:
     cmap = compile_colormap("gmm", sparse_fit, sparse_fit, source_white=WHITE, target_white=WHITE)
     assert isinstance(cmap, GmmMap)
-    assert cmap.match.how == ("matched",) * sparse_fit.n_components
+    assert cmap.match.how == ("aligned",) * sparse_fit.n_components
     src = composition["sparse"].reshape(-1, 3)
     diff = np.abs(cmap.evaluate_numpy(src).astype(int) - src)
-    assert diff.max() <= 1, diff.max()
+    # the aligned mixture is EM on 20 000 seeded draws from the fit, not the fit itself
+    assert diff.max() <= 2 and diff.mean() < 0.2, (diff.max(), diff.mean())
+    independent = GmmMap(sparse_fit, sparse_fit, source_white=WHITE, target_white=WHITE, components="independent")
+    assert independent.match.how == ("matched",) * sparse_fit.n_components
+    assert np.abs(independent.evaluate_numpy(src).astype(int) - src).max() <= 1
 
 
 # --------------------------------------------------------------------------- the issue's claims
@@ -249,31 +300,42 @@ def real_fits(shared_data: Path) -> dict[str, SlideFit]:
     }
 
 
-# Largest output step for a one-level input step (measured on CMU-1-Small-Region and the torchstain
-# patches, all six directions, 10^5 seeded pairs each): <= 4 on tissue colours (the slide's sampled
-# tissue, every channel >= 16; one black speck in 10^5 steps by 5); <= 6 over the glass band (<= 3 in 4 of 6 directions); <= 7 over the
-# cube once every channel is >= 16; up to 45 at the cube's dark faces (a channel at 0-15: 0 -> 1 is
-# 0.69 OD in one channel, which HSD's density, the channels' mean, carries into every channel).
-TISSUE_BOUND, BAND_BOUND, CUBE16_BOUND, CUBE_BOUND = 4, 6, 7, 45
+def _largest_step(lut: NDArray[np.uint8], region: NDArray[np.bool_] | None = None) -> int:
+    """Largest ``|lut[c + e_i] - lut[c]|`` over every one-level step of the cube (or the steps up
+    from colours in ``region``)."""
+    worst = 0
+    for axis in range(3):
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[axis], hi[axis] = slice(0, 255), slice(1, 256)
+        step = np.abs(lut[tuple(hi)].astype(np.int16) - lut[tuple(lo)].astype(np.int16)).max(axis=-1)
+        worst = max(worst, int(step.max() if region is None else step[region[tuple(lo)]].max()))
+    return worst
+
+
+# Largest output step for a one-level input step, over the whole table (every step of the cube,
+# exactly), measured on CMU-1-Small-Region and the torchstain patches in all six directions
+# (bench/gmm_continuity.py): <= CUBE_BOUND, <= TISSUE_BOUND from the source's tissue colours.
+TISSUE_BOUND, CUBE_BOUND = 4, 4
 
 
 @pytest.mark.parametrize("direction", ["cmu->target", "target->cmu"])
 def test_continuity(real_fits: dict[str, SlideFit], direction: str) -> None:
+    """The issue's bound, <= 4 levels across the LUT. What keeps it: each channel's optical density
+    saturates smoothly above 3 OD before HSD (one dark channel's 0.69-OD step 0 -> 1 no longer moves
+    the density of all three); a channel is brightened at most 3x (its one-level steps at most 3
+    levels); memberships are tempered and their log-likelihood turns linear beyond 3 standard
+    deviations (far colours' memberships move little); the map's change fades out below 0.2 OD and
+    the glass hand-over follows the dimmest channel, not the luma (a yellow is not glass)."""
     a, b = (real_fits["cmu"], real_fits["target"]) if direction == "cmu->target" else (real_fits["target"], real_fits["cmu"])
     cmap = GmmMap(a.stats, b.stats, source_white=a.white.array, target_white=b.white.array,
                   glass=GlassBlend.for_whites("target", a.white.array, b.white.array))
-    rng = np.random.default_rng(1)
     assert a.pixels is not None
-    tissue, stepped = _pairs(rng, a.pixels[a.pixels.min(axis=1) >= 16][:100_000])
-    steps = np.abs(cmap.evaluate_numpy(tissue).astype(np.int32) - cmap.evaluate_numpy(stepped).astype(np.int32)).max(axis=1)
-    assert steps.max() <= TISSUE_BOUND + 1  # (18, 21, 18) -> (18, 21, 19), a black speck: 5
-    assert np.mean(steps <= TISSUE_BOUND) >= 0.9999
-    c = rng.integers(150, 256, (600_000, 3)).astype(np.uint8)
-    y = np.asarray(luma(c))
-    band = c[(y > 190) & (y < 245)][:100_000]
-    assert _jump(cmap, *_pairs(rng, band)) <= BAND_BOUND
-    assert _jump(cmap, *_pairs(rng, rng.integers(16, 256, (100_000, 3)).astype(np.uint8))) <= CUBE16_BOUND
-    assert _jump(cmap, *_pairs(rng, rng.integers(0, 256, (100_000, 3)).astype(np.uint8))) <= CUBE_BOUND
+    tissue = a.pixels[a.pixels.min(axis=1) >= 16]
+    region = np.zeros((256, 256, 256), bool)
+    region[tissue[:, 0], tissue[:, 1], tissue[:, 2]] = True
+    lut = cmap.lut()
+    assert _largest_step(lut, region) <= TISSUE_BOUND
+    assert _largest_step(lut) <= CUBE_BOUND
 
 
 def test_torch_agrees_with_numpy(real_fits: dict[str, SlideFit]) -> None:
@@ -302,7 +364,7 @@ def test_cli_fit_and_normalize(shared_data: Path, tmp_path: Path) -> None:
                  "--compression", "deflate", "-q"]) == 0
     prov = read_provenance(out)
     assert prov["method"] == "gmm"
-    assert prov["map"]["gmm"]["source_components"] in COMPONENT_RANGE
+    assert 1 <= prov["map"]["gmm"]["source_components"] <= 2 * max(COMPONENT_RANGE)
     assert len(prov["map"]["gmm"]["match"]["how"]) == prov["map"]["gmm"]["source_components"]
     from PIL import Image
 

@@ -15,6 +15,10 @@ Evaluation paths
     ``evaluate_numpy``: the gather is bit-identical to direct evaluation.  The
     gather is a numba loop compiled with ``nogil=True``, so dask threads run it
     in parallel.
+``evaluate_direct(rgb)``
+    What the pipeline calls for a slide under 256^3 pixels (no table): ``evaluate_numpy``, or,
+    for the mixture map, each distinct colour evaluated once into a table filled on demand
+    (:mod:`wsi_norm.colormap.memo`); bit-identical either way.
 ``apply_torch(t)``
     The same function evaluated directly in torch on the tensor's device
     (float32 by default; ``use_lut=True`` gathers from the table moved to
@@ -153,6 +157,7 @@ _LUT_BLOCK_BITS = 16  # colours per LUT block: 2**16 (one value of R)
 _EVAL_SLAB_PX = 1 << _LUT_BLOCK_BITS  # pixels per slab of direct evaluation
 # Mapped optical density is clipped to this range before exp: far beyond 8-bit output either way.
 _OD_MIN, _OD_MAX = -5.0, 30.0
+OD_RANGE = (_OD_MIN, _OD_MAX)
 
 
 def planar_od(xp: ModuleType, planes: tuple[Any, Any, Any], white: tuple[float, float, float]) -> list[Any]:
@@ -263,6 +268,13 @@ class ColorMap:
             for c in range(3):
                 out[start : start + _EVAL_SLAB_PX, c] = np.clip(np.rint(mapped[c]), 0.0, 255.0).astype(np.uint8)
         return out.reshape(arr.shape)
+
+    def evaluate_direct(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Evaluate a tile without the whole table (an image of fewer than 256^3 pixels):
+        :meth:`evaluate_numpy` here; a map may instead evaluate each distinct colour once
+        (:class:`wsi_norm.colormap.memo.MemoTable`). Bit-identical to :meth:`evaluate_numpy`.
+        """
+        return self.evaluate_numpy(rgb)
 
     # -- LUT -----------------------------------------------------------------
     def cache_key(self) -> str:

@@ -1,0 +1,114 @@
+"""A lookup table filled on demand: each distinct colour of the tiles evaluated once.
+
+An image of fewer than 256^3 pixels is evaluated directly rather than through the map's
+whole table (:meth:`wsi_norm.colormap.maps.ColorMap.lut`), but an H&E tile repeats its colours
+(CMU-1-Small-Region: 6.6 MP, 0.95 M distinct colours; a 1024^2 chunk holds about 0.1 M). A
+:class:`MemoTable` keeps one ``uint32`` per colour of the cube (64 MiB): 0 for "not evaluated",
+else the mapped colour packed with a "filled" bit. A tile's colours not yet in the table are
+evaluated by the map's own :meth:`~wsi_norm.colormap.maps.ColorMap.evaluate_numpy` (so each
+entry is the one the full table would hold: the output is bit-identical) and written in; then
+the tile is gathered.
+
+Threads: claiming a tile's missing colours runs under a lock and marks them "pending", so a
+colour is evaluated by one thread only; the evaluation runs outside the lock; the results are
+written under it. A gather that meets a colour another thread is still evaluating waits for it.
+Every entry is one aligned 32-bit word, written whole, so a reader sees either "pending" or the
+final value.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["MemoTable"]
+
+_FILLED = np.uint32(1 << 24)
+
+_KERNELS: dict[str, Any] = {}
+
+
+def _kernels() -> dict[str, Any]:
+    """Compile (once, lazily) the numba claim and gather loops."""
+    if not _KERNELS:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def claim(pixels: Any, table: Any, missing: Any) -> int:  # pragma: no cover - compiled
+            n = 0
+            for i in range(pixels.shape[0]):
+                key = (np.uint32(pixels[i, 0]) << 16) | (np.uint32(pixels[i, 1]) << 8) | np.uint32(pixels[i, 2])
+                if table[key] == 0:
+                    table[key] = 1 << 25
+                    missing[n] = key
+                    n += 1
+            return n
+
+        @numba.njit(nogil=True, cache=True)
+        def gather(pixels: Any, table: Any, out: Any) -> bool:  # pragma: no cover - compiled
+            for i in range(pixels.shape[0]):
+                key = (np.uint32(pixels[i, 0]) << 16) | (np.uint32(pixels[i, 1]) << 8) | np.uint32(pixels[i, 2])
+                v = table[key]
+                if (v & (1 << 24)) == 0:
+                    return False
+                out[i, 0] = (v >> 16) & 255
+                out[i, 1] = (v >> 8) & 255
+                out[i, 2] = v & 255
+            return True
+
+        _KERNELS["claim"] = claim
+        _KERNELS["gather"] = gather
+    return _KERNELS
+
+
+class MemoTable:
+    """The colour map's table, filled with the colours met so far.
+
+    Parameters
+    ----------
+    evaluate : callable, ``(N, 3) uint8 -> (N, 3) uint8``
+        The exact map (a map's ``evaluate_numpy``).
+    """
+
+    def __init__(self, evaluate: Callable[[NDArray[np.uint8]], NDArray[np.uint8]]) -> None:
+        self._evaluate = evaluate
+        self._table: NDArray[np.uint32] | None = None
+        self._cond = threading.Condition()
+
+    def __call__(self, flat: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Map ``(N, 3) uint8`` C-contiguous pixels; bit-identical to ``evaluate(flat)``."""
+        kernels = _kernels()
+        out = np.empty_like(flat)
+        while True:
+            self._fill(flat, kernels["claim"])
+            if kernels["gather"](flat, self._table, out):
+                return out
+            with self._cond:  # a colour another thread is still evaluating
+                self._cond.wait(timeout=0.01)
+
+    def _fill(self, flat: NDArray[np.uint8], claim: Any) -> None:
+        """Evaluate and write in the colours of ``flat`` that no thread has claimed yet."""
+        with self._cond:
+            if self._table is None:
+                self._table = np.zeros(1 << 24, dtype=np.uint32)
+            table = self._table
+            missing = np.empty(len(flat), dtype=np.uint32)
+            missing = missing[: claim(flat, table, missing)].copy()
+        if not len(missing):
+            return
+        try:
+            colours = np.stack([(missing >> 16) & 255, (missing >> 8) & 255, missing & 255], axis=1).astype(np.uint8)
+            mapped = self._evaluate(colours).astype(np.uint32)
+            packed = _FILLED | (mapped[:, 0] << 16) | (mapped[:, 1] << 8) | mapped[:, 2]
+        except BaseException:
+            with self._cond:  # give the colours back: a waiting thread claims them again
+                table[missing] = 0
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            table[missing] = packed
+            self._cond.notify_all()
