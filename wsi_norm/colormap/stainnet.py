@@ -72,7 +72,6 @@ from numpy.typing import NDArray
 
 from wsi_norm.color import _check_rgb_uint8 as _check_rgb
 from wsi_norm.colormap.maps import ColorMap, GlassBlend
-from wsi_norm.colormap.maps import _gather_kernel as _colormap_gather_kernel
 from wsi_norm.errors import OutputError, OutputExistsError, WeightsError
 
 if TYPE_CHECKING:
@@ -832,7 +831,7 @@ class StainNetMap(ColorMap):
                 due = self._mapped_px >= self.lut_after_px
             how = "lut" if (due or self.has_cached_lut()) else "direct"
         if how == "lut":
-            _colormap_gather_kernel()(flat, self.lut(), out)
+            self._gather(flat, out)
             return out.reshape(arr.shape)
         return self.evaluate_numpy(arr)
 
