@@ -234,7 +234,8 @@ def train_stainnet_flow(
     overwrite : bool
         Replace an existing model file.
     scheduler : str, optional
-        Dask scheduler address.
+        Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else dask's threaded scheduler
+        in this process.
 
     Returns
     -------
@@ -242,7 +243,7 @@ def train_stainnet_flow(
         Model path, teacher, trained / held-out / failed slides, final losses.
     """
     return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
-    from wsi_norm.cluster import dask_client
+    from wsi_norm.cluster import dask_scheduler
     from wsi_norm.stainnet.teacher import target_summary
 
     logger = get_run_logger()
@@ -252,7 +253,9 @@ def train_stainnet_flow(
         from wsi_norm.errors import OutputExistsError
 
         raise OutputExistsError(f"{out}: exists; pass overwrite=True to replace it")
-    with dask_client(scheduler_address(scheduler)):
+    # the teacher only samples each slide (windows, not the whole slide): dask's threaded
+    # scheduler unless a scheduler is given, no local cluster to start
+    with dask_scheduler(scheduler_address(scheduler), embedded_cluster=False):
         if manifest is not None:
             m = fetch_samples(load_manifest(manifest))
             if m.generated:
