@@ -106,12 +106,21 @@ def _blocks_of_mask(rgb: NDArray[np.uint8], tissue_px: NDArray[np.bool_]) -> NDA
     """:func:`tissue_blocks` given the window's tissue mask ``(H, W) bool``."""
     h, w = (rgb.shape[0] // 2) * 2, (rgb.shape[1] // 2) * 2
     cut = rgb[:h, :w]
+    tissue = _tissue_block_mask(tissue_px)
+    # the exact integer sum (<= 1020) of every block, then the tissue blocks' over 4 in float32:
+    # the float32 mean, bit for bit (one boolean selection instead of one per corner)
+    total = cut[0::2, 0::2].astype(np.uint16)
+    total += cut[0::2, 1::2]
+    total += cut[1::2, 0::2]
+    total += cut[1::2, 1::2]
+    return total[tissue].astype(np.float32) / np.float32(4)
+
+
+def _tissue_block_mask(tissue_px: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """``(H // 2, W // 2)``: the 2 x 2 blocks (even grid) whose four pixels are tissue."""
+    h, w = (tissue_px.shape[0] // 2) * 2, (tissue_px.shape[1] // 2) * 2
     t = tissue_px[:h, :w]
-    tissue = t[0::2, 0::2] & t[0::2, 1::2] & t[1::2, 0::2] & t[1::2, 1::2]
-    corners = [cut[dy::2, dx::2][tissue] for dy in (0, 1) for dx in (0, 1)]  # (M, 3) each
-    # the exact integer sum (<= 1020) over 4, in float32: the float32 mean, bit for bit
-    total = corners[0].astype(np.uint16) + corners[1] + corners[2] + corners[3]
-    return np.ascontiguousarray(total.astype(np.float32) / np.float32(4))
+    return np.asarray(t[0::2, 0::2] & t[0::2, 1::2] & t[1::2, 0::2] & t[1::2, 1::2])
 
 
 def _window_origins(
@@ -135,6 +144,24 @@ def _draw(rows: NDArray[_S], n: int, rng: np.random.Generator) -> NDArray[_S]:
     return rows if len(rows) <= n else rows[rng.choice(len(rows), size=n, replace=False)]
 
 
+def _drawn_blocks(rgb: NDArray[np.uint8], tissue_px: NDArray[np.bool_], n: int,
+                  rng: np.random.Generator) -> NDArray[np.float32]:
+    """``_draw(_blocks_of_mask(rgb, tissue_px), n, rng)``, averaging only the drawn blocks: the
+    draw picks block positions (the same draw, the same order), then four pixels are summed per
+    drawn block."""
+    tissue = _tissue_block_mask(tissue_px)
+    i, j = np.divmod(_draw(np.flatnonzero(tissue), n, rng), tissue.shape[1])
+    width = rgb.shape[1]
+    top_left = 2 * i * width + 2 * j  # each drawn block's first pixel in the window's pixel rows
+    flat = rgb.reshape(-1, 3)
+    total = flat[top_left].astype(np.uint16)  # the exact sum (<= 1020): the float32 mean below
+    total += flat[top_left + 1]
+    total += flat[top_left + width]
+    total += flat[top_left + width + 1]
+    mean: NDArray[np.float32] = total.astype(np.float32) / np.float32(4)
+    return mean
+
+
 def _sample_window(
     slide: Slide, x: int, y: int, size: int, n: int, seed: int
 ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.uint8]]:
@@ -145,9 +172,12 @@ def _sample_window(
     rng = np.random.default_rng(seed)
     weighted = luma_x1000(rgb)  # once for the tissue pixels, the blocks and the glass
     is_tissue = weighted < BACKGROUND_WEIGHTED_MIN
+    # the draws pick positions first and gather only the drawn rows: the same rows, in the same
+    # order, as drawing from every tissue pixel and block
+    pixels = rgb.reshape(-1, 3)[_draw(np.flatnonzero(is_tissue), n, rng)]
     return (
-        _draw(rgb[is_tissue], n, rng),
-        _draw(_blocks_of_mask(rgb, is_tissue), n, rng),
+        pixels,
+        _drawn_blocks(rgb, is_tissue, n, rng),
         _draw(glass_of_luma(rgb, weighted), _GLASS_PER_WINDOW, rng),
     )
 
