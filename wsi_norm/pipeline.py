@@ -57,6 +57,7 @@ __all__ = [
     "normalize_slide",
     "output_is_current",
     "request_fingerprint",
+    "runs_in_memory",
     "template_from_fits",
 ]
 
@@ -589,6 +590,26 @@ def _no_cluster() -> bool:
 _BAND_PX = 1 << 20  # pixels per band of a small slide mapped in memory
 
 
+def runs_in_memory(source: Slide, out: PathLike, *, device: str = "cpu",
+                   writer: WriterOptions | None = None) -> bool:
+    """True when :func:`normalize_slide` holds the slide in memory: fewer than 16.7 MP, written
+    as TIFF, on the CPU, with no ``distributed`` client active. Such a run imports neither
+    ``dask.array`` nor numba, and (given no scheduler) ``dask`` at all.
+
+    Parameters
+    ----------
+    source : Slide
+    out : path
+        The output; its suffix (or ``writer.fmt``) gives the format.
+    device : {"cpu", "cuda"}
+        The resolved device (``"auto"`` counts as not ``"cpu"``).
+    writer : WriterOptions, optional
+    """
+    width, height = source.dimensions
+    fmt = (writer or WriterOptions()).format_of(out)
+    return width * height < _LUT_WORTH_PX and device == "cpu" and fmt == "tiff" and _no_cluster()
+
+
 def _evaluate_in_bands(rgb: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
     """The map evaluated over an in-memory image, in bands of rows on two threads: each pixel's
     value is the chunked path's (the map is per pixel)."""
@@ -851,7 +872,7 @@ def normalize_slide(
     # a small slide written as TIFF without a cluster is held in memory: its tiles are decoded
     # once for the fit's windows and the write, and it is written without dask.array or numba
     # (0.5 s of imports for a biopsy); the same pixels and the same file as the chunked path
-    in_memory = small and dev == "cpu" and writer.format_of(out) == "tiff" and _no_cluster()
+    in_memory = runs_in_memory(slide, out, device=dev, writer=writer)
     with slide.hold_level0() if in_memory else contextlib.nullcontext() as held:
         template: Template | None = None
         slide_fit: SlideFit | None = None

@@ -759,9 +759,6 @@ def _check_edges(edges: list[int], chunks: tuple[int, ...], axis: str) -> None:
 
 
 def _cpu_count() -> int:
-    import os
+    from wsi_norm.runtime import usable_cpus
 
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    return usable_cpus()

@@ -38,7 +38,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-__all__ = ["return_freed_memory", "single_threaded_blas"]
+__all__ = ["return_freed_memory", "single_threaded_blas", "usable_cpus"]
 
 #: Environment variables that set a BLAS thread count: any of them set, the user's choice wins.
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
@@ -100,3 +100,11 @@ def single_threaded_blas() -> Iterator[bool]:
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield True
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

@@ -122,3 +122,26 @@ def test_window_sample_shares_one_luma_pass_with_the_same_result(sample_svs: Pat
         got: list[NDArray[np.generic]] = list(_sample_window(slide, x, y, size, 5000, 11))
         for a, b in zip(got, expected, strict=True):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_sample_is_the_same_on_dask_and_on_the_plain_thread_pool(sample_svs: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without dask loaded the windows run on a thread pool (a biopsy's run imports no dask); the
+    sample is the same arrays as on dask's threaded scheduler."""
+    import sys
+
+    import dask
+
+    from wsi_norm.slide import open_slide
+    from wsi_norm.tissue.sampling import sample_tissue_pixels
+
+    slide = open_slide(sample_svs)
+    with dask.config.set(scheduler="threads"):
+        on_dask = sample_tissue_pixels(slide, n_pixels=50_000, seed=5)
+    monkeypatch.delitem(sys.modules, "dask")  # as in a process that never imported it
+    on_pool = sample_tissue_pixels(slide, n_pixels=50_000, seed=5)
+    monkeypatch.undo()
+    for name in ("pixels", "blocks", "windows"):
+        a, b = getattr(on_dask, name), getattr(on_pool, name)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+    assert on_dask.white == on_pool.white and len(on_pool.pixels) == 50_000

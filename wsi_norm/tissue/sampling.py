@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.color import BACKGROUND_WEIGHTED_MIN
 from wsi_norm.errors import FitError
+from wsi_norm.runtime import usable_cpus
 from wsi_norm.tissue.mask import CoarseMask, coarse_mask, tissue_mask
 from wsi_norm.tissue.whitepoint import (
     WhitePoint,
@@ -197,6 +201,28 @@ def _glass_of_window(slide: Slide, x: int, y: int, size: int, seed: int) -> NDAr
     return _draw(glass_candidates(rgb), _GLASS_PER_WINDOW, np.random.default_rng(seed))
 
 
+_R = TypeVar("_R")
+
+
+def _run_windows(read: Callable[..., _R], calls: list[tuple[Any, ...]]) -> list[_R]:
+    """``[read(*args) for args in calls]``, in order, on dask's scheduler when this process has
+    imported dask (its configured scheduler or ``distributed`` client then runs the windows),
+    else on a thread pool of one thread a CPU, which is what dask's default threaded scheduler
+    would do. Each window is seeded on its own, so both give the same sample; a small slide's
+    run (``wsi-norm normalize`` of a biopsy) so imports no dask at all (0.08 s)."""
+    if "dask" in sys.modules:
+        from dask.base import compute
+        from dask.delayed import delayed
+
+        tasks = [delayed(read)(*args) for args in calls]
+        (results,) = compute(tasks)  # type: ignore[no-untyped-call]  # dask: unannotated
+        return list(results)
+    if not calls:
+        return []
+    with ThreadPoolExecutor(min(len(calls), usable_cpus()), thread_name_prefix="wsi-norm-sample") as pool:
+        return list(pool.map(lambda args: read(*args), calls))
+
+
 def sample_tissue_pixels(
     slide: Slide,
     *,
@@ -246,9 +272,6 @@ def sample_tissue_pixels(
     and it biased Reinhard's statistics towards stroma; the 2 x 2 blocks above address JPEG where
     it acts, and every tissue pixel is now kept.
     """
-    from dask.base import compute
-    from dask.delayed import delayed
-
     if window_px < 2 or window_px % 2:
         raise ValueError(f"window_px must be even and >= 2, got {window_px}")
     coarse = coarse or coarse_mask(slide)
@@ -262,15 +285,14 @@ def sample_tissue_pixels(
     # the sample short; the final draw is uniform over what the windows returned
     per_window = 4 * int(np.ceil(n_pixels / len(origins)))
     seeds = rng.integers(0, 2**31, size=len(origins) + len(glass_origins))
-    tasks = [
-        delayed(_sample_window)(slide, int(x), int(y), window_px, per_window, int(s))
+    parts = _run_windows(_sample_window, [
+        (slide, int(x), int(y), window_px, per_window, int(s))
         for (x, y), s in zip(origins, seeds[: len(origins)], strict=True)
-    ]
-    glass_tasks = [
-        delayed(_glass_of_window)(slide, int(x), int(y), window_px, int(s))
+    ])
+    glass_parts = _run_windows(_glass_of_window, [
+        (slide, int(x), int(y), window_px, int(s))
         for (x, y), s in zip(glass_origins, seeds[len(origins):], strict=True)
-    ]
-    parts, glass_parts = compute(tasks, glass_tasks)  # type: ignore[no-untyped-call]  # dask: unannotated
+    ])
     pixels = np.concatenate([p[0] for p in parts])
     blocks = np.concatenate([p[1] for p in parts])
     glass = np.concatenate([p[2] for p in parts] + list(glass_parts))
