@@ -15,8 +15,10 @@ Backends
     tiled TIFF, NDPI, ...). The default for tiled TIFFs that OpenSlide does not recognise.
 ``image``
     A plain image (PNG, JPEG, an untiled TIFF) held in memory as a one-level slide, so a
-    reference image or a patch can stand wherever a slide can. Alpha is dropped; MPP is None
-    unless given.
+    reference image or a patch can stand wherever a slide can. Transparency is composited over
+    white (PNG's straight alpha, a TIFF's associated or unassociated alpha; a fourth TIFF sample
+    of no stated meaning is dropped), so a transparent background is glass; planar (separate)
+    TIFF colour samples are read too. MPP is None unless given.
 ``ome-zarr``
     An NGFF multiscale image folder (OME-Zarr 0.5 on zarr v3, 0.4 on zarr v2), such as
     wsi-norm's own OME-Zarr outputs: RGB(A) uint8 with axes ``(c, y, x)``, ``(y, x, c)`` or
@@ -222,6 +224,19 @@ def _rgba_over_white(rgba: NDArray[np.uint8]) -> NDArray[np.uint8]:
         return np.ascontiguousarray(rgb)
     out = rgb.astype(np.uint16) + (255 - alpha)[..., None].astype(np.uint16)
     return np.minimum(out, 255).astype(np.uint8)
+
+
+def _straight_alpha_over_white(rgba: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Composite straight (unassociated) RGBA, as PNG and TIFF ``ExtraSamples = 2`` store it,
+    over white: ``(rgb * alpha + 255 * (255 - alpha)) / 255``, rounded. An opaque pixel keeps
+    its colour and a transparent one is glass, as OpenSlide's transparent areas are."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint32)
+    out = (rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
 
 
 class _OpenSlideReader:
@@ -735,6 +750,9 @@ def _read_plain_image(path: Path) -> tuple[NDArray[np.uint8], str]:
                         "memory; convert it to a tiled pyramidal TIFF"
                     )
                 data = series.asarray()
+                if data.ndim == 3 and series.axes == "SYX":  # planar (separate) colour samples
+                    data = np.moveaxis(data, 0, -1)
+                extra = tuple(series.keyframe.extrasamples or ())
         except SlideReadError:
             raise
         except Exception as exc:
@@ -744,7 +762,11 @@ def _read_plain_image(path: Path) -> tuple[NDArray[np.uint8], str]:
             raise UnsupportedFormatError(f"{path}: {data.dtype} pixels; wsi-norm reads 8-bit RGB")
         if data.ndim != 3 or data.shape[2] not in (3, 4):
             raise UnsupportedFormatError(f"{path}: image of shape {data.shape} is not RGB(A)")
-        return np.ascontiguousarray(data[..., :3]), mode
+        if data.shape[2] == 4 and extra[:1] == (1,):  # associated (premultiplied) alpha
+            return _rgba_over_white(data), mode
+        if data.shape[2] == 4 and extra[:1] == (2,):  # unassociated (straight) alpha
+            return _straight_alpha_over_white(data), mode
+        return np.ascontiguousarray(data[..., :3]), mode  # a fourth sample of no stated meaning
 
     from PIL import Image, UnidentifiedImageError
 
@@ -766,7 +788,10 @@ def _read_plain_image(path: Path) -> tuple[NDArray[np.uint8], str]:
                 raise UnsupportedFormatError(
                     f"{path}: image mode {mode!r} ({detail}); wsi-norm reads 8-bit RGB"
                 )
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            if img.mode == "RGBA":  # PNG's alpha is straight: transparent pixels are glass
+                rgb = _straight_alpha_over_white(np.asarray(img, dtype=np.uint8))
+            else:
+                rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except UnidentifiedImageError as exc:
         raise SlideOpenError(f"{path}: not an image any backend can open") from exc
     except Image.DecompressionBombError as exc:

@@ -130,7 +130,7 @@ def test_plain_images_open_as_one_level_slides(shared_data: Path, tmp_path: Path
     assert slide.level_count == 1
     assert slide.mpp is None
     rgba = np.asarray(Image.open(png))
-    assert rgba.shape[2] == 4  # the file has alpha; it is dropped
+    assert rgba.shape[2] == 4 and rgba[..., 3].min() == 255  # opaque alpha: the colours as they are
     rgb = slide.to_dask(0).compute()  # type: ignore[no-untyped-call]  # dask is unannotated
     np.testing.assert_array_equal(rgb, rgba[..., :3])
     assert open_slide(png, mpp=0.25).mpp == (0.25, 0.25)
@@ -253,3 +253,37 @@ def test_held_level0_serves_the_same_regions(sample_svs: Path, backend: str) -> 
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
     assert slide._held is None  # released
+
+
+def test_transparency_is_composited_over_white_and_planar_tiff_is_read(tmp_path: Path) -> None:
+    """A transparent background is glass, as OpenSlide's transparent areas are: PNG's straight
+    alpha and a TIFF's unassociated alpha by ``(rgb a + 255 (255 - a)) / 255``, a TIFF's
+    associated (premultiplied) alpha by ``rgb + 255 - a``; a planar RGB TIFF reads as RGB."""
+    import tifffile
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (40, 50, 1), dtype=np.uint8)
+    alpha[:10] = 0  # a transparent band: glass
+    alpha[10:20] = 255  # an opaque band: its colours unchanged
+    a = alpha.astype(np.int64)
+    straight = ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+    png = tmp_path / "straight.png"
+    Image.fromarray(np.concatenate([rgb, alpha], axis=2)).save(png)
+    unassoc = tmp_path / "unassoc.tif"
+    tifffile.imwrite(unassoc, np.concatenate([rgb, alpha], axis=2), photometric="rgb", extrasamples=[2])
+    for path in (png, unassoc):
+        got = open_slide(path).read_region(0, x=0, y=0, width=50, height=40)
+        np.testing.assert_array_equal(got, straight)
+        assert (got[:10] == 255).all() and np.array_equal(got[10:20], rgb[10:20])
+
+    premultiplied = ((rgb.astype(np.int64) * a + 127) // 255).astype(np.uint8)
+    assoc = tmp_path / "assoc.tif"
+    tifffile.imwrite(assoc, np.concatenate([premultiplied, alpha], axis=2), photometric="rgb", extrasamples=[1])
+    want = np.minimum(premultiplied.astype(np.int64) + 255 - a, 255).astype(np.uint8)
+    np.testing.assert_array_equal(open_slide(assoc).read_region(0, x=0, y=0, width=50, height=40), want)
+
+    planar = tmp_path / "planar.tif"
+    tifffile.imwrite(planar, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(open_slide(planar).read_region(0, x=0, y=0, width=50, height=40), rgb)
