@@ -245,3 +245,45 @@ def test_cli_missing_target_is_one_line(sample_svs: Path, tmp_path: Path,
                  str(tmp_path / "x.tiff")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["wsi-norm: error: --method vahadane needs --target or --reference"]
+
+
+def test_overwrite_never_replaces_the_slide_being_read(shared_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``overwrite`` replaces an earlier output, not an input: the source or the reference as the
+    output (however spelled, or through a link to it), or a folder holding the source, is
+    refused before anything is written, and the file is unchanged. A link at the output path is
+    replaced, not followed, so writing there is allowed and leaves the source intact."""
+    import hashlib
+
+    from wsi_norm.errors import OutputError
+    from wsi_norm.writers import WriterOptions
+
+    src = tmp_path / "patch.tiff"
+    Image.open(shared_data / "he" / "torchstain-source.png").convert("RGB").save(src)
+    ref = tmp_path / "ref.tiff"
+    Image.open(shared_data / "he" / "torchstain-target.png").convert("RGB").save(ref)
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (src, ref)}
+    via_link = tmp_path / "via-link.tiff"
+    via_link.symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    for out, source, reference, says in (
+        (src, src, ref, "is the source slide"),
+        (Path("patch.tiff"), src, ref, "is the source slide"),  # a relative spelling
+        (src, via_link, ref, "is the source slide"),  # the source read through a link
+        (ref, src, ref, "is the reference slide"),
+    ):
+        with pytest.raises(OutputError, match=says):
+            normalize_slide(source, out, method="macenko", reference=reference, overwrite=True)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    inner = folder / "patch.tiff"
+    inner.write_bytes(src.read_bytes())
+    with pytest.raises(OutputError, match="lies inside"):
+        normalize_slide(inner, folder, method="none", overwrite=True, writer=WriterOptions(fmt="ome-zarr"))
+    assert inner.read_bytes() == src.read_bytes()
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (src, ref)} == digest
+
+    link_out = tmp_path / "link-out.tiff"
+    link_out.symlink_to(src)
+    normalize_slide(src, link_out, method="none", overwrite=True)
+    assert not link_out.is_symlink() and hashlib.sha256(src.read_bytes()).hexdigest() == digest[src]
