@@ -275,7 +275,7 @@ def _cmd_mask(args: argparse.Namespace) -> int:
     from wsi_norm.tissue.mask import coarse_mask
 
     out = Path(args.output)
-    _check_output_path(out, args.overwrite)
+    _check_output_path(out, args.overwrite, inputs=[args.slide])
     writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
     if out.suffix.lower() not in writable:
         raise argparse.ArgumentTypeError(
@@ -515,9 +515,12 @@ def _check_output(path: Path, overwrite: bool) -> None:
 
 
 def _check_output_path(path: Path, overwrite: bool, *, suffixes: Sequence[str] = (),
-                       what: str = "output") -> None:
-    """The output may be written: not there (or ``--overwrite``), its folder exists, and its
-    name ends in one of ``suffixes`` (any when empty). Raises ``ArgumentTypeError``."""
+                       what: str = "output", inputs: Sequence[str | Path] = ()) -> None:
+    """The output may be written: not there (or ``--overwrite``), its folder exists, its name
+    ends in one of ``suffixes`` (any when empty), and writing it destroys none of ``inputs``.
+    Raises ``ArgumentTypeError`` (``OutputError`` for an input given as the output)."""
+    from wsi_norm.writers.atomic import refuse_overwriting_input
+
     _check_output(path, overwrite)
     if suffixes and not path.name.lower().endswith(tuple(suffixes)):
         raise argparse.ArgumentTypeError(
@@ -525,6 +528,8 @@ def _check_output_path(path: Path, overwrite: bool, *, suffixes: Sequence[str] =
     parent = path.parent
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{path}: output folder {parent} does not exist")
+    for used in inputs:
+        refuse_overwriting_input(path, Path(used), "input")
 
 
 def _check_inputs(*paths: str, what: str = "slide") -> None:
@@ -546,7 +551,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from wsi_norm.stain.template import save_template
 
     out = Path(args.output)
-    _check_output_path(out, args.overwrite, what="template")
+    _check_output_path(out, args.overwrite, suffixes=(".json",), what="template", inputs=args.slides)
     params = _parse_params(args.param)
     slides = _open_slides(args.slides, backend=args.backend, mpp=args.mpp)
     if args.dry_run:
@@ -595,7 +600,8 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
             raise argparse.ArgumentTypeError(f"{option} is not used by --method {args.method}")
     if args.weights and args.method != "stainnet":
         raise argparse.ArgumentTypeError(f"--weights is not used by --method {args.method}")
-    _check_output_path(out, args.overwrite, suffixes=(".ome.zarr", ".zarr", ".tif", ".tiff"))
+    _check_output_path(out, args.overwrite, suffixes=(".ome.zarr", ".zarr", ".tif", ".tiff"),
+                       inputs=[p for p in (args.slide, args.reference, args.target, args.weights) if p])
     params = _parse_params(args.param)
     (slide,) = _open_slides([args.slide], backend=args.backend, mpp=args.mpp)
     target: Any = None
@@ -701,7 +707,7 @@ def _cmd_stainnet_train(args: argparse.Namespace) -> int:
     _check_output(out, args.overwrite)
     if out.suffix != ".safetensors":
         raise argparse.ArgumentTypeError(f"{out}: the model file must end in .safetensors")
-    _check_output_path(out, args.overwrite)
+    _check_output_path(out, args.overwrite, inputs=[*args.slides, args.target])
     _check_inputs(*args.slides)
     from wsi_norm.stain.template import load_template
 

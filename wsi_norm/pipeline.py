@@ -39,6 +39,7 @@ from wsi_norm.stain.qc import ColourReference, QCReport, check_fit, check_mapped
 from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
 from wsi_norm.tissue.whitepoint import WhitePoint
 from wsi_norm.writers import WriterOptions
+from wsi_norm.writers.atomic import refuse_overwriting_input
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -590,26 +591,6 @@ def _no_cluster() -> bool:
 _BAND_PX = 1 << 20  # pixels per band of a small slide mapped in memory
 
 
-def _refuse_overwriting_inputs(out: Path, used: Path, what: str) -> None:
-    """Raise :class:`OutputError` when writing ``out`` would replace or remove the data of
-    ``used``: the file or folder ``used`` finally points to is the entry ``out`` names (written
-    by a rename over it) or lies inside it (a replaced output folder is removed). ``overwrite``
-    replaces an earlier output, never the slide being read. A link at ``out`` is replaced, not
-    followed, and another hard link to the source leaves the source's own name intact: both
-    are allowed."""
-    entry = out.parent.resolve() / out.name  # the directory entry the write replaces
-    try:
-        data = used.resolve(strict=True)
-    except OSError:  # the input is gone or unreadable: reading it fails with its own error
-        return
-    if data == entry or data.is_relative_to(entry):
-        where = "itself" if data == entry else f"(it lies inside {out})"
-        raise OutputError(
-            f"{out}: is the {what} {used} {where}; writing the normalized slide there would "
-            "destroy it: choose another output path"
-        )
-
-
 def runs_in_memory(source: Slide, out: PathLike, *, device: str = "cpu",
                    writer: WriterOptions | None = None) -> bool:
     """True when :func:`normalize_slide` holds the slide in memory: fewer than 16.7 MP, written
@@ -884,10 +865,10 @@ def normalize_slide(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
     dev = _resolve_device(device)
     slide = _as_slide(source, backend)
-    _refuse_overwriting_inputs(out, slide.path, "source slide")
+    refuse_overwriting_input(out, slide.path, "source slide")
     if reference is not None:
-        _refuse_overwriting_inputs(out, reference.path if isinstance(reference, Slide) else Path(reference),
-                                   "reference slide")
+        refuse_overwriting_input(out, reference.path if isinstance(reference, Slide) else Path(reference),
+                                 "reference slide")
     identity = slide.identity()
     if glass not in ("target", "keep"):
         raise ValueError(f"glass must be 'target' or 'keep', got {glass!r}")

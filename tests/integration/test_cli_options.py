@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from wsi_norm.cli import build_parser, main
 from wsi_norm.stain.base import StainParams
@@ -53,6 +54,12 @@ def _usage_error_cases(tmp: Path, shared: Path) -> list[tuple[list[str], str]]:
     norm = ["normalize", svs, "--method", "macenko", "--reference", png, "-o", out]
     none = ["normalize", svs, "--method", "none", "-o", out]
     gen = ["generate", str(tmp / "g.tiff"), "--width", "512", "--height", "512"]
+    own = tmp / "inputs"  # inputs of this test's own, given as outputs
+    own_png, own_tiff = own / "own.png", own / "own.tiff"
+    if not own_tiff.exists():
+        own.mkdir()
+        Image.open(png).convert("RGB").save(own_png)
+        Image.open(png).convert("RGB").save(own_tiff)
     return [
         ([*fit, "--param", "foo=1"], "foo"),
         ([*fit, "--param", "l1_penalty=abc"], "l1_penalty"),
@@ -103,6 +110,11 @@ def _usage_error_cases(tmp: Path, shared: Path) -> list[tuple[list[str], str]]:
         (["normalize", svs, "--method", "bogus", "-o", out], "--method"),
         (["normalize", svs, "--method", "none"], "--output"),
         ([*none, "--zarr-format", "5"], "--zarr-format"),
+        (["fit", png, "--method", "macenko", "-o", str(tmp / "t.txt")], "t.txt"),
+        (["mask", str(own_png), "-o", str(own_png), "--overwrite"], "is the input"),
+        (["normalize", str(own_tiff), "--method", "none", "-o", str(own_tiff), "--overwrite"], "is the input"),
+        (["normalize", svs, "--method", "macenko", "--reference", str(own_tiff), "-o", str(own_tiff),
+          "--overwrite"], "is the input"),
     ]
 
 
@@ -117,6 +129,8 @@ _CASE_IDS = [
     "generate-tissue-fraction", "generate-mpp", "generate-suffix", "generate-folder",
     "train-target-missing", "train-epochs", "info-mpp", "mask-suffix", "mask-max-px",
     "mask-folder", "method-choice", "output-required", "zarr-format-choice",
+    "fit-template-suffix", "mask-input-as-output", "normalize-source-as-output",
+    "normalize-reference-as-output",
 ]
 
 
@@ -138,7 +152,8 @@ def test_user_error_is_one_line_exit_2_before_any_work(
     assert len(err) == 1, captured.err
     assert "error:" in err[0] and named in err[0] and "Traceback" not in captured.err
     assert captured.out == ""  # nothing claimed ("would ..."), nothing written
-    assert not any(p.name != "t.json" for p in tmp_path.iterdir())
+    assert not any(p.name not in ("t.json", "inputs") for p in tmp_path.iterdir())
+    assert sorted(p.name for p in (tmp_path / "inputs").iterdir()) == ["own.png", "own.tiff"]
 
 
 def test_console_command_error_is_one_line(tmp_path: Path, sample_svs: Path) -> None:

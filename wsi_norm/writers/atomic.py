@@ -39,6 +39,7 @@ __all__ = [
     "commit",
     "lock_path",
     "partial_path",
+    "refuse_overwriting_input",
     "remove_path",
 ]
 
@@ -182,6 +183,29 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def refuse_overwriting_input(out: Path, used: Path, what: str) -> None:
+    """Raise :class:`OutputError` when writing ``out`` would replace or remove the data of the
+    input ``used`` (``what`` names it in the message).
+
+    It would when the file or folder ``used`` finally points to is the entry ``out`` names
+    (written by a rename over it) or lies inside it (a replaced output folder is removed):
+    ``overwrite`` replaces an earlier output, never an input. A link at ``out`` is replaced,
+    not followed, and another hard link to the input leaves the input's own name intact:
+    both are allowed. An input that cannot be resolved is left to fail where it is read.
+    """
+    entry = out.parent.resolve() / out.name  # the directory entry the write replaces
+    try:
+        data = used.resolve(strict=True)
+    except OSError:
+        return
+    if data == entry or data.is_relative_to(entry):
+        where = "itself" if data == entry else f"(it lies inside {out})"
+        raise OutputError(
+            f"{out}: is the {what} {used} {where}; writing there would destroy it: choose "
+            "another output path"
+        )
 
 
 def check_target(out: Path, *, overwrite: bool) -> None:
