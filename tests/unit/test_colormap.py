@@ -175,12 +175,17 @@ def test_pickle_is_small_before_lut_and_equal_after(maps: dict[str, ColorMap], p
 def test_singular_stain_matrix_raises() -> None:
     good = MacenkoStats(stain_matrix=np.array([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]]), max_conc=np.array([1.0, 1.0]))
     v = np.array([0.6, 0.7, 0.3]) / np.linalg.norm([0.6, 0.7, 0.3])
-    w = np.array([0.6, 0.7, 0.31]) / np.linalg.norm([0.6, 0.7, 0.31])
-    singular = MacenkoStats(stain_matrix=np.stack([v, w]), max_conc=np.array([1.0, 1.0]))
-    with pytest.raises(FitError, match="only 0.[0-9]+ deg apart"):
-        compile_colormap("macenko", singular, good)
+    w = np.array([0.6, 0.7, 0.36]) / np.linalg.norm([0.6, 0.7, 0.36])  # 3.3 deg from v
+    near = MacenkoStats(stain_matrix=np.stack([v, w]), max_conc=np.array([1.0, 1.0]))
+    with pytest.raises(FitError, match="only 3.[0-9]+ deg apart"):
+        compile_colormap("macenko", near, good)
     with pytest.raises(FitError, match="deg apart"):
-        compile_colormap("macenko", good, singular)
+        compile_colormap("macenko", good, near)
+    # under a degree (or opposite) the matrix is singular: such stats cannot even be made, so a
+    # template holding them is refused as a template, not blamed on the slide being mapped
+    for u in (np.array([0.6, 0.7, 0.31]) / np.linalg.norm([0.6, 0.7, 0.31]), -v):
+        with pytest.raises(ValueError, match="deg apart \\(parallel\\)"):
+            MacenkoStats(stain_matrix=np.stack([v, u]), max_conc=np.array([1.0, 1.0]))
 
 
 def test_wrong_stats_type_and_method() -> None:

@@ -270,6 +270,11 @@ def check_stain_matrix(stain_matrix: NDArray[np.float64], *, min_angle_deg: floa
         )
 
 
+#: Stain vectors closer than this (or opposite) make a singular matrix: refused outright (fits
+#: refuse anything under ``StainParams.min_stain_angle_deg``, 5 deg, with their own message).
+_MIN_APART_DEG = 1.0
+
+
 @dataclass(frozen=True)
 class StainMatrixStats:
     """Fitted two-stain statistics (Macenko, Vahadane).
@@ -300,6 +305,10 @@ class StainMatrixStats:
             raise ValueError(f"stain_matrix rows must have unit norm, got norms {np.linalg.norm(m, axis=1)}")
         if np.any(c <= 0):
             raise ValueError(f"max_conc must be > 0, got {c.tolist()}")
+        apart = float(np.degrees(np.arccos(np.clip(abs(float(m[0] @ m[1])), 0.0, 1.0))))
+        if apart < _MIN_APART_DEG:  # one direction twice: no two concentrations can be told apart
+            raise ValueError(f"stain_matrix rows are only {apart:.2f} deg apart (parallel): two stains "
+                             "need two directions")
         m.flags.writeable = False
         c.flags.writeable = False
         object.__setattr__(self, "stain_matrix", m)
