@@ -126,7 +126,8 @@ def _add_slide_options(p: argparse.ArgumentParser) -> None:
         choices=("openslide", "tiffslide", "image", "ome-zarr"),
         default=None,
         help="slide reader (default: OpenSlide for files it knows, tiffslide for other tiled "
-        "TIFFs, the image reader for PNG/JPEG/untiled TIFF, ome-zarr for an OME-Zarr folder)",
+        "TIFFs and for tiles OpenSlide cannot decode, the image reader for PNG/JPEG/untiled TIFF, "
+        "ome-zarr for an OME-Zarr folder); a --reference this reader cannot read gets the default",
     )
     p.add_argument("--mpp", type=_MPP, default=None,
                    help="microns per pixel (x = y) to assume at level 0, replacing what the file "
@@ -546,6 +547,21 @@ def _open_slides(paths: Sequence[str], *, backend: Any, mpp: float | None) -> li
     return [open_slide(path, backend=backend, mpp=mpp) for path in paths]
 
 
+def _open_reference(path: str, backend: Any) -> Any:
+    """The reference slide or image, with ``--backend`` when that reader reads it, else with the
+    reader chosen for its file (``--backend`` names the source slide's reader: a PNG reference
+    beside a slide read by tiffslide is read as an image)."""
+    from wsi_norm.errors import UnsupportedFormatError
+    from wsi_norm.slide import open_slide
+
+    try:
+        return open_slide(path, backend=backend)
+    except UnsupportedFormatError:
+        if backend is None:
+            raise
+        return open_slide(path)
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from wsi_norm.pipeline import fit_template
     from wsi_norm.stain.template import save_template
@@ -610,7 +626,7 @@ def _cmd_normalize(args: argparse.Namespace) -> int:
 
         target = load_template(args.target, method=args.method)
     # --mpp is the source slide's; a reference slide keeps its own
-    reference = _open_slides([args.reference], backend=args.backend, mpp=None)[0] if args.reference else None
+    reference = _open_reference(args.reference, args.backend) if args.reference else None
     if args.weights:
         _check_inputs(args.weights, what="weights file")
         if not args.weights.lower().endswith((".pth", ".pt", ".safetensors")):

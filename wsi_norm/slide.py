@@ -1372,8 +1372,9 @@ def open_slide(
         The file, or an OME-Zarr (NGFF image) folder.
     backend : {"openslide", "tiffslide", "image", "ome-zarr"}, optional
         Reader to use. Default: OpenSlide for every file it recognises, tiffslide for other
-        tiled TIFFs, the in-memory image reader for PNG/JPEG and untiled TIFFs, ``ome-zarr``
-        for a folder.
+        tiled TIFFs and for tiled TIFFs whose tile compression OpenSlide cannot decode (JPEG
+        2000, WebP, JPEG XL), the in-memory image reader for PNG/JPEG and untiled TIFFs,
+        ``ome-zarr`` for a folder.
     mpp : float or (float, float), optional
         Microns per pixel ``(x, y)`` to use instead of what the file says (or for an image
         that records none).
@@ -1417,6 +1418,16 @@ def open_slide(
             raise SlideOpenError(f"{p}: {problem}")
     if backend is None:
         backend = _choose_backend(p)
+        if backend == "openslide" and _is_tiled_tiff(p):
+            try:
+                return Slide(p, backend, mpp=mpp)
+            except SlideOpenError as exc:
+                # OpenSlide takes a tiled TIFF as generic TIFF but its libtiff lacks some tile
+                # codecs (JPEG 2000 34712, WebP, JPEG XL, ...); tiffslide decodes them (imagecodecs)
+                if "Unsupported TIFF compression" not in str(exc):
+                    raise
+                log.info("%s: OpenSlide cannot decode its tiles (%s); reading it with tiffslide", p, exc)
+                backend = "tiffslide"
     elif backend == "tiffslide" and not _is_tiled_tiff(p) and p.suffix.lower() not in _TIFF_SUFFIXES:
         raise UnsupportedFormatError(f"{p}: tiffslide reads TIFF-family files only")
     log.debug("opening %s with %s", p, backend)

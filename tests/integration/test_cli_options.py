@@ -340,3 +340,22 @@ def test_generate_and_fit_announce_their_work(tmp_path: Path, shared_data: Path,
     assert main(["fit", str(shared_data / "he" / "torchstain-target.png"), "--method", "reinhard",
                  "--n-pixels", "20000", "-o", str(tmp_path / "t.json")]) == 0
     assert capsys.readouterr().err.splitlines()[0] == "fit reinhard: fitting on 1 slide(s)"
+
+
+def test_backend_names_the_source_reader_not_the_reference(sample_svs: Path, shared_data: Path,
+                                                              tmp_path: Path) -> None:
+    """``--backend tiffslide`` reads the slide with tiffslide; a PNG reference, which tiffslide
+    cannot read, is read by the image reader instead of failing the run."""
+    import tifffile
+
+    from wsi_norm.slide import open_slide
+    from wsi_norm.writers import read_provenance
+
+    rgb = open_slide(sample_svs).read_region(0, x=600, y=1000, width=1024, height=1024)  # tissue
+    src = tmp_path / "src.tiff"
+    tifffile.imwrite(src, rgb, tile=(256, 256), compression="jpeg", photometric="rgb")
+    out = tmp_path / "out.tiff"
+    png = str(shared_data / "he" / "torchstain-target.png")
+    assert main(["normalize", str(src), "--backend", "tiffslide", "--method", "reinhard", "--reference", png,
+                 "--n-pixels", "20000", "-o", str(out), "-q"]) == 0
+    assert read_provenance(out)["source"]["backend"] == "tiffslide"

@@ -287,3 +287,23 @@ def test_transparency_is_composited_over_white_and_planar_tiff_is_read(tmp_path:
     planar = tmp_path / "planar.tif"
     tifffile.imwrite(planar, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
     np.testing.assert_array_equal(open_slide(planar).read_region(0, x=0, y=0, width=50, height=40), rgb)
+
+
+@pytest.mark.parametrize("compression", ["jpeg2000", "webp"])
+def test_tiled_tiff_with_tiles_openslide_cannot_decode_opens_with_tiffslide(
+    compression: str, sample_svs: Path, tmp_path: Path
+) -> None:
+    """OpenSlide takes any tiled TIFF as generic TIFF, but its libtiff lacks JPEG 2000 and WebP
+    tiles ("Unsupported TIFF compression"): the default then reads the file with tiffslide, whose
+    pixels are tifffile's own decoding of the same tiles."""
+    import tifffile
+
+    rgb = open_slide(sample_svs).read_region(0, x=0, y=0, width=512, height=384)
+    path = tmp_path / f"{compression}.tiff"
+    tifffile.imwrite(path, rgb, tile=(256, 256), compression=compression, photometric="rgb")
+    with pytest.raises(SlideOpenError, match="Unsupported TIFF compression"):
+        open_slide(path, backend="openslide")
+    slide = open_slide(path)
+    assert slide.backend == "tiffslide"
+    np.testing.assert_array_equal(slide.read_region(0, x=0, y=0, width=512, height=384),
+                                  tifffile.imread(path))
