@@ -343,7 +343,7 @@ def test_generate_and_fit_announce_their_work(tmp_path: Path, shared_data: Path,
 
 
 def test_backend_names_the_source_reader_not_the_reference(sample_svs: Path, shared_data: Path,
-                                                              tmp_path: Path) -> None:
+                                                            tmp_path: Path) -> None:
     """``--backend tiffslide`` reads the slide with tiffslide; a PNG reference, which tiffslide
     cannot read, is read by the image reader instead of failing the run."""
     import tifffile
