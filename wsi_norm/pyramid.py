@@ -24,6 +24,7 @@ The pyramid stops at the first level whose larger side is at most ``max_px``
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -46,11 +47,13 @@ if TYPE_CHECKING:
 __all__ = [
     "Block",
     "LevelStore",
+    "PreparedBlock",
     "block_depth",
     "block_edges",
     "downsample_2x",
     "iter_blocks",
     "level_chunks",
+    "prepared_levels",
     "pyramid_shapes",
     "reference_pyramid",
 ]
@@ -269,19 +272,57 @@ class Block:
     ----------
     row, col : int
         Level-0 position of the block's top-left pixel.
-    pixels : (h, w, 3) uint8
-        The block; do not modify.
+    pixels : (h, w, 3) uint8, or None
+        The block; do not modify. None when the block was prepared where it was computed
+        (``iter_blocks(prepare=...)``): its ``tiles`` stand for it.
     band_end : bool
         True for the last (right-most) block of its band.
     final : bool
         True for the last block of the image.
+    shape : (h, w)
+        The block's level-0 size.
+    tiles : tuple of tuple of bytes, or None
+        A prepared block's encoded level-0 tiles, by tile row, left to right.
     """
 
     row: int
     col: int
-    pixels: NDArray[np.uint8]
+    pixels: NDArray[np.uint8] | None
     band_end: bool
     final: bool
+    shape: tuple[int, int] = (0, 0)
+    tiles: tuple[tuple[bytes, ...], ...] | None = None
+
+
+@dataclass(frozen=True)
+class PreparedBlock:
+    """What a ``prepare`` function of :func:`iter_blocks` returns for one level-0 block, on the
+    ``distributed`` worker that computed it, so that only this travels to the writer.
+
+    Attributes
+    ----------
+    shape : (h, w)
+        The block's level-0 size.
+    levels : tuple of (h_k, w_k, 3) uint8
+        The block downsampled to levels ``1 .. depth`` (:func:`prepared_levels`).
+    tiles : tuple of tuple of bytes
+        Its level-0 tiles, encoded, by tile row, left to right.
+    """
+
+    shape: tuple[int, int]
+    levels: tuple[NDArray[np.uint8], ...]
+    tiles: tuple[tuple[bytes, ...], ...]
+
+
+def prepared_levels(pixels: NDArray[np.uint8], depth: int, *, compiled: bool) -> tuple[NDArray[np.uint8], ...]:
+    """A block's levels ``1 .. depth``, as :func:`iter_blocks` builds them from its pixels (the
+    same kernel choice, so the same integers wherever it runs)."""
+    levels: list[NDArray[np.uint8]] = []
+    level = pixels
+    for _ in range(depth):
+        level = downsample_2x(level, compiled=compiled)
+        levels.append(level)
+    return tuple(levels)
 
 
 def block_edges(chunks: tuple[int, ...], *, target: int, align: int = 1) -> list[int]:
@@ -585,6 +626,7 @@ def iter_blocks(
     prefetch: int = 2,
     progress: Callable[[int, int], None] | None = None,
     chunk_shape: tuple[int, int] | None = None,
+    prepare: Callable[[NDArray[np.uint8], int, bool], PreparedBlock] | None = None,
 ) -> Generator[Block, None, None]:
     """Stream level 0 block by block, spilling every lower level to ``store``.
 
@@ -618,6 +660,12 @@ def iter_blocks(
         level-0 chunks.
     chunk_shape : (rows, cols), optional
         A numpy level 0's chunks (:func:`level_chunks`).
+    prepare : callable ``(pixels, depth, compiled) -> PreparedBlock``, optional
+        Used when a ``distributed`` client computes the blocks: run on the worker that
+        computed a block, it returns the block's levels ``1 .. depth``
+        (:func:`prepared_levels` with these arguments) and its encoded level-0 tiles, which then
+        travel instead of its pixels; the yielded :class:`Block` holds ``tiles`` and no
+        ``pixels``. Ignored without a client.
 
     Yields
     ------
@@ -663,7 +711,10 @@ def iter_blocks(
     ]
 
     n_threads = max(2, min(4, _cpu_count()))
-    computed = _prefetched(array, [b for b in blocks if b[0] >= start_row], prefetch)
+    # one kernel for the whole image: a small one never loads numba (the same integers)
+    compiled = height * width >= _COMPILED_MIN_IMAGE_PX or "numba" in sys.modules
+    on_worker = None if prepare is None else functools.partial(_prepare_on_worker, prepare, depth, compiled)
+    computed = _prefetched(array, [b for b in blocks if b[0] >= start_row], prefetch, on_worker)
     # closed on any way out, while the dask client still runs: after an error or Ctrl-C in this
     # loop the garbage collector would close it once the cluster is gone ("IOLoop is closed")
     with (
@@ -672,37 +723,47 @@ def iter_blocks(
         ThreadPoolExecutor(1, thread_name_prefix="wsi-norm-lower") as lower_pool,
         contextlib.closing(computed),
     ):
-        # one kernel for the whole image: a small one never loads numba (the same integers)
-        compiled = height * width >= _COMPILED_MIN_IMAGE_PX or "numba" in sys.modules
         chain = _Chain(shapes, lambda k, row, px: store.write(k, row, 0, px), down_pool, compiled)
         building: Future[None] | None = None  # the last block's lower levels
 
-        def lower_levels(r0: int, r1: int, c0: int, c1: int, pixels: NDArray[np.uint8]) -> None:
+        def lower_levels(r0: int, r1: int, c0: int, c1: int, pixels: NDArray[np.uint8] | None,
+                         given: tuple[NDArray[np.uint8], ...] = ()) -> None:
             level = pixels
             for k in range(1, depth + 1):
-                level = downsample_2x(level, executor=down_pool, compiled=compiled)
+                if given:
+                    level = given[k - 1]
+                else:
+                    assert level is not None
+                    level = downsample_2x(level, executor=down_pool, compiled=compiled)
                 store.write(k, r0 >> k, c0 >> k, level)
             if c1 == width and depth + 1 < len(shapes):  # band done: deeper levels at full width
                 a, b = r0 >> depth, -(-r1 // 2**depth)
                 chain.push(depth, store.read(depth, a, b), final=r1 == height)
 
         replayed = ((b, read_done(*b)) for b in blocks if b[1] <= start_row)  # type: ignore[misc]
-        for (r0, r1, c0, c1), pixels in itertools.chain(replayed, computed):
-            pixels = np.ascontiguousarray(pixels)
-            if pixels.shape != (r1 - r0, c1 - c0, 3) or pixels.dtype != np.uint8:
+        for (r0, r1, c0, c1), result in itertools.chain(replayed, computed):
+            prepared = result if isinstance(result, PreparedBlock) else None
+            pixels = None if prepared is not None else np.ascontiguousarray(result)
+            if pixels is not None:
+                got: Any = f"{pixels.shape} {pixels.dtype}"
+                ok = pixels.shape == (r1 - r0, c1 - c0, 3) and pixels.dtype == np.uint8
+            else:
+                assert prepared is not None
+                got, ok = f"prepared {prepared.shape}", prepared.shape == (r1 - r0, c1 - c0)
+            if not ok:
                 source = "read back" if r0 < start_row else "computed"
-                raise ValueError(
-                    f"level-0 block {r0}:{r1}, {c0}:{c1} {source} as {pixels.shape} "
-                    f"{pixels.dtype}, expected {(r1 - r0, c1 - c0, 3)} uint8"
-                )
+                raise ValueError(f"level-0 block {r0}:{r1}, {c0}:{c1} {source} as {got}, "
+                                 f"expected {(r1 - r0, c1 - c0, 3)} uint8")
             # the block's lower levels are built while the consumer takes it (both only read
             # its pixels); at most one block's are in flight, and their errors surface here
             if building is not None:
                 building.result()
-            building = lower_pool.submit(lower_levels, r0, r1, c0, c1, pixels)
+            building = lower_pool.submit(lower_levels, r0, r1, c0, c1, pixels,
+                                         prepared.levels if prepared is not None else ())
             if r0 >= start_row:
-                yield Block(r0, c0, pixels, band_end=c1 == width, final=(r1, c1) == (height, width))
-            del pixels
+                yield Block(r0, c0, pixels, band_end=c1 == width, final=(r1, c1) == (height, width),
+                            shape=(r1 - r0, c1 - c0), tiles=None if prepared is None else prepared.tiles)
+            del pixels, result, prepared
             if progress is not None:
                 above = int(np.searchsorted(row_bounds, r0))  # chunk rows of earlier bands
                 band = int(np.searchsorted(row_bounds, r1)) - above
@@ -711,23 +772,42 @@ def iter_blocks(
             building.result()  # the store is complete when the stream ends
 
 
+def _prepare_on_worker(prepare: Callable[[NDArray[np.uint8], int, bool], PreparedBlock], depth: int,
+                       compiled: bool, pixels: NDArray[np.uint8]) -> PreparedBlock:
+    return prepare(np.ascontiguousarray(pixels), depth, compiled)
+
+
 def _prefetched(
-    array: da.Array | NDArray[np.uint8], todo: list[tuple[int, int, int, int]], prefetch: int
+    array: da.Array | NDArray[np.uint8], todo: list[tuple[int, int, int, int]], prefetch: int,
+    prepare: Callable[[NDArray[np.uint8]], PreparedBlock] | None = None,
 ) -> Generator[tuple[tuple[int, int, int, int], Any], None, None]:
     """Compute ``array[r0:r1, c0:c1]`` for each block in turn, ``prefetch`` ahead (a numpy
-    array's blocks are slices of it: nothing to compute)."""
+    array's blocks are slices of it: nothing to compute). With a ``distributed`` client and
+    ``prepare``, a block is prepared on the worker that computed it, and the
+    :class:`PreparedBlock` comes back instead of its pixels."""
     if isinstance(array, np.ndarray):
         for r0, r1, c0, c1 in todo:
             yield (r0, r1, c0, c1), array[r0:r1, c0:c1]
         return
     client = _default_client()
+    if client is not None and prepare is not None:
+        from dask.delayed import delayed
+
+        # each of the two workers busy with a block while the writer takes the one before
+        prefetch = max(prefetch, 2 * len(client.scheduler_info().get("workers", {})) or prefetch)
     with ThreadPoolExecutor(prefetch, thread_name_prefix="wsi-norm-block") as pool:
         queue: deque[tuple[tuple[int, int, int, int], Any]] = deque()
 
         def submit(block: tuple[int, int, int, int]) -> None:
             r0, r1, c0, c1 = block
             part = array[r0:r1, c0:c1]
-            future: Any = client.compute(part) if client is not None else pool.submit(part.compute)
+            future: Any
+            if client is None:
+                future = pool.submit(part.compute)
+            elif prepare is None:
+                future = client.compute(part)
+            else:
+                future = client.compute(delayed(prepare)(part))
             queue.append((block, future))
 
         pending = iter(todo)

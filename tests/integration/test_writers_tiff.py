@@ -189,3 +189,58 @@ def test_rejects_bad_options(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         write_pyramid(image, tmp_path / "a.tif", mpp=None, provenance={"x": object()})
     assert not list(tmp_path.iterdir())
+
+
+def _tile_bytes(path: Path) -> list[list[bytes]]:
+    """Every level's encoded tiles, as stored."""
+    with tifffile.TiffFile(path) as tif:
+        levels = []
+        for page in tif.pages:
+            tiles = []
+            for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+                tif.filehandle.seek(offset)
+                tiles.append(tif.filehandle.read(count))
+            levels.append(tiles)
+        return levels
+
+
+_PREPARED: list[int] = []  # blocks prepared on in-process workers (module level: pickled by name)
+
+
+def _counting_prepare(*args: Any) -> Any:
+
+    _PREPARED.append(1)
+    return _counting_prepare.__wrapped__(*args)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_distributed_workers_encode_the_same_file(
+    tmp_path: Path, slide_pixels: np.ndarray, processes: bool
+) -> None:
+    """On a ``distributed`` cluster the workers encode the level-0 tiles and build the lower
+    levels of blocks on the tile grid (only tiles travel); the file's tiles are the same bytes
+    as written in one process, on and off the grid (off it, pixels travel)."""
+    distributed = pytest.importorskip("distributed")
+    from wsi_norm.writers import tiff
+
+    image = np.ascontiguousarray(np.tile(slide_pixels[1000:1700, :2200], (1, 4, 1)))  # 700 x 8800
+    # 512-px chunks: blocks of 4096 columns, on the tile grid; 720-px chunks: blocks end at
+    # columns 3600 and 7200, off it
+    real = tiff._prepare_block
+    _counting_prepare.__wrapped__ = real  # type: ignore[attr-defined]
+    for chunks in ((512, 512), (700, 720)):
+        array = da.from_array(image, chunks=(*chunks, 3))  # type: ignore[no-untyped-call]  # dask is unannotated
+        local = write_pyramid(array, tmp_path / f"local-{chunks[0]}.tif", mpp=MPP, provenance=PROVENANCE)
+        with distributed.Client(processes=processes, n_workers=2, threads_per_worker=1,
+                                dashboard_address=None):
+            if not processes:  # in-process workers: count the blocks prepared there
+                tiff._prepare_block = _counting_prepare
+            try:
+                remote = write_pyramid(array, tmp_path / f"cluster-{chunks[0]}.tif", mpp=MPP,
+                                       provenance=PROVENANCE)
+            finally:
+                tiff._prepare_block = real  # type: ignore[assignment]
+        assert _tile_bytes(remote) == _tile_bytes(local)
+        if not processes:
+            assert (len(_PREPARED) > 0) == (chunks == (512, 512))  # on the grid only
+            _PREPARED.clear()

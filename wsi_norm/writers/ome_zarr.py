@@ -416,6 +416,7 @@ def _write_levels(
                 read_done=read_done,
                 progress=progress,
             ):
+                assert block.pixels is not None  # no ``prepare``: every block holds its pixels
                 writes.submit(functools.partial(put, 0, block.row, block.col, block.pixels))
                 if block.band_end:
                     rows = block.row + block.pixels.shape[0]

@@ -48,10 +48,12 @@ from numpy.typing import NDArray
 from ..pyramid import (
     Block,
     LevelStore,
+    PreparedBlock,
     _cpu_count,
     block_edges,
     iter_blocks,
     level_chunks,
+    prepared_levels,
     pyramid_shapes,
 )
 from .atomic import atomic_output, claim_output, partial_path, remove_path
@@ -116,6 +118,21 @@ def _tile(rows: NDArray[np.uint8], x: int, tile_px: int) -> NDArray[np.uint8]:
     return np.ascontiguousarray(tile)
 
 
+def _prepare_block(compression: str, quality: int, tile_px: int, pixels: NDArray[np.uint8], depth: int,
+                   compiled: bool) -> PreparedBlock:
+    """A level-0 block's lower levels and encoded tiles, made on the ``distributed`` worker that
+    computed it (:func:`wsi_norm.pyramid.iter_blocks` ``prepare``): the block's origin is on
+    the tile grid, so its tiles are whole tiles of the level (those at the image's right and
+    bottom edges padded as :func:`_tile` pads them), and the same bytes as cut and encoded here."""
+    encode = _encoder(compression, quality)
+    h, w = pixels.shape[:2]
+    tiles = tuple(
+        tuple(encode(_tile(pixels[r : r + tile_px], x, tile_px)) for x in range(0, w, tile_px))
+        for r in range(0, h, tile_px)
+    )
+    return PreparedBlock((h, w), prepared_levels(pixels, depth, compiled=compiled), tiles)
+
+
 def _submit_row(
     rows: NDArray[np.uint8], tile_px: int, encode: Callable[[NDArray[np.uint8]], bytes], pool: ThreadPoolExecutor
 ) -> list[Future[list[bytes]]]:
@@ -160,13 +177,18 @@ class _Level0Tiles:
         self.left: NDArray[np.uint8] | None = None  # columns carried into the next block
         self.encoded: list[list[Future[list[bytes]]]] = []  # per tile row of the band
         self.previous: list[Future[list[bytes]]] = []  # the last block's, still encoding
+        self.ready: list[list[bytes]] = []  # prepared blocks' tiles, per tile row of the band
 
     def add(self, block: Block) -> list[bytes]:
         """Take one block; return the encoded tiles it completes, in TIFF order.
 
         A block's tiles encode while the next block is cut and handed out: only then does
-        this wait for them, so at most two blocks' pixels are held by the encoders.
+        this wait for them, so at most two blocks' pixels are held by the encoders. A block
+        prepared on a worker brings its tiles encoded: they are only put in order.
         """
+        if block.tiles is not None:
+            return self._add_prepared(block)
+        assert block.pixels is not None
         t = self.tile_px
         c0, c1 = block.col, block.col + block.pixels.shape[1]
         rows = block.pixels
@@ -200,6 +222,18 @@ class _Level0Tiles:
         self.top, self.next_top = self.next_top, None
         done = [tile for row in self.encoded for tile in _results(row)]
         self.encoded, self.previous = [], []
+        return done
+
+
+    def _add_prepared(self, block: Block) -> list[bytes]:
+        assert block.tiles is not None
+        if block.col == 0:
+            self.ready = [[] for _ in block.tiles]
+        for row, tiles in zip(self.ready, block.tiles, strict=True):
+            row.extend(tiles)
+        if not block.band_end:
+            return []
+        done, self.ready = [tile for row in self.ready for tile in row], []
         return done
 
 
@@ -317,7 +351,11 @@ def write_tiff(
                 ThreadPoolExecutor(n_threads, thread_name_prefix="wsi-norm-encode") as pool,
                 tifffile.TiffWriter(partial, bigtiff=True) as tif,
             ):
-                blocks = iter_blocks(array, store, progress=progress, chunk_shape=chunk_shape)
+                # on a distributed cluster, blocks on the tile grid are encoded (and their lower
+                # levels built) by the worker that computed them: the tiles travel, not the pixels
+                on_grid = all(e % tile_px == 0 for e in (*row_edges[1:-1], *col_edges[1:-1]))
+                prepare = functools.partial(_prepare_block, compression, quality, tile_px) if on_grid else None
+                blocks = iter_blocks(array, store, progress=progress, chunk_shape=chunk_shape, prepare=prepare)
                 try:
                     for k, (h, w) in enumerate(shapes):
                         if k == 0:
