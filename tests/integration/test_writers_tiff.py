@@ -234,12 +234,12 @@ def test_distributed_workers_encode_the_same_file(
         with distributed.Client(processes=processes, n_workers=2, threads_per_worker=1,
                                 dashboard_address=None):
             if not processes:  # in-process workers: count the blocks prepared there
-                tiff._prepare_block = _counting_prepare
+                tiff._prepare_block = _counting_prepare  # type: ignore[assignment]
             try:
                 remote = write_pyramid(array, tmp_path / f"cluster-{chunks[0]}.tif", mpp=MPP,
                                        provenance=PROVENANCE)
             finally:
-                tiff._prepare_block = real  # type: ignore[assignment]
+                tiff._prepare_block = real
         assert _tile_bytes(remote) == _tile_bytes(local)
         if not processes:
             assert (len(_PREPARED) > 0) == (chunks == (512, 512))  # on the grid only

@@ -172,6 +172,7 @@ def _assemble(blocks: list[Block], shape: tuple[int, ...]) -> np.ndarray:
     out = np.zeros(shape, dtype=np.uint8)
     seen = np.zeros(shape[:2], dtype=np.int32)
     for b in blocks:
+        assert b.pixels is not None and b.shape == b.pixels.shape[:2]
         h, w = b.pixels.shape[:2]
         out[b.row : b.row + h, b.col : b.col + w] = b.pixels
         seen[b.row : b.row + h, b.col : b.col + w] += 1
@@ -192,7 +193,7 @@ def test_iter_blocks_uneven_chunks_matches_eager_reference(tmp_path: Path) -> No
     assert len(reference) == 5
     order = [(b.row, b.col) for b in blocks]
     assert order == sorted(order)  # band by band, left to right
-    assert [b.band_end for b in blocks] == [b.col + b.pixels.shape[1] == 2333 for b in blocks]
+    assert [b.band_end for b in blocks] == [b.col + b.shape[1] == 2333 for b in blocks]
     assert [b.final for b in blocks] == [False] * (len(blocks) - 1) + [True]
     np.testing.assert_array_equal(_assemble(blocks, image.shape), image)
     for level, expected in enumerate(reference[1:], start=1):
