@@ -202,6 +202,11 @@ def _glass_of_window(slide: Slide, x: int, y: int, size: int, seed: int) -> NDAr
 
 
 _R = TypeVar("_R")
+_WINDOW_TASKS = 32  # dask tasks a sample's windows are grouped into
+
+
+def _read_windows(read: Callable[..., _R], calls: list[tuple[Any, ...]]) -> list[_R]:
+    return [read(*args) for args in calls]
 
 
 def _run_windows(read: Callable[..., _R], calls: list[tuple[Any, ...]]) -> list[_R]:
@@ -214,9 +219,12 @@ def _run_windows(read: Callable[..., _R], calls: list[tuple[Any, ...]]) -> list[
         from dask.base import compute
         from dask.delayed import delayed
 
-        tasks = [delayed(read)(*args) for args in calls]
+        # ~32 tasks of a few windows each: a task per 256-px window cost more in scheduling than
+        # its work on a distributed cluster (272 tasks for a 1-GP slide)
+        per_task = max(1, len(calls) // _WINDOW_TASKS)
+        tasks = [delayed(_read_windows)(read, calls[i : i + per_task]) for i in range(0, len(calls), per_task)]
         (results,) = compute(tasks)  # type: ignore[no-untyped-call]  # dask: unannotated
-        return list(results)
+        return [part for batch in results for part in batch]
     if not calls:
         return []
     with ThreadPoolExecutor(min(len(calls), usable_cpus()), thread_name_prefix="wsi-norm-sample") as pool:
