@@ -290,7 +290,7 @@ class Block:
     pixels: NDArray[np.uint8] | None
     band_end: bool
     final: bool
-    shape: tuple[int, int] = (0, 0)
+    shape: tuple[int, int]
     tiles: tuple[tuple[bytes, ...], ...] | None = None
 
 
@@ -314,13 +314,14 @@ class PreparedBlock:
     tiles: tuple[tuple[bytes, ...], ...]
 
 
-def prepared_levels(pixels: NDArray[np.uint8], depth: int, *, compiled: bool) -> tuple[NDArray[np.uint8], ...]:
-    """A block's levels ``1 .. depth``, as :func:`iter_blocks` builds them from its pixels (the
-    same kernel choice, so the same integers wherever it runs)."""
+def prepared_levels(pixels: NDArray[np.uint8], depth: int, *, compiled: bool,
+                    executor: ThreadPoolExecutor | None = None) -> tuple[NDArray[np.uint8], ...]:
+    """A block's levels ``1 .. depth``: what :func:`iter_blocks` stores for it, wherever they are
+    built (the same kernel choice, so the same integers)."""
     levels: list[NDArray[np.uint8]] = []
     level = pixels
     for _ in range(depth):
-        level = downsample_2x(level, compiled=compiled)
+        level = downsample_2x(level, executor=executor, compiled=compiled)
         levels.append(level)
     return tuple(levels)
 
@@ -626,7 +627,7 @@ def iter_blocks(
     prefetch: int = 2,
     progress: Callable[[int, int], None] | None = None,
     chunk_shape: tuple[int, int] | None = None,
-    prepare: Callable[[NDArray[np.uint8], int, bool], PreparedBlock] | None = None,
+    prepare: Callable[[int, bool, NDArray[np.uint8]], PreparedBlock] | None = None,
 ) -> Generator[Block, None, None]:
     """Stream level 0 block by block, spilling every lower level to ``store``.
 
@@ -660,7 +661,7 @@ def iter_blocks(
         level-0 chunks.
     chunk_shape : (rows, cols), optional
         A numpy level 0's chunks (:func:`level_chunks`).
-    prepare : callable ``(pixels, depth, compiled) -> PreparedBlock``, optional
+    prepare : callable ``(depth, compiled, pixels) -> PreparedBlock``, optional
         Used when a ``distributed`` client computes the blocks: run on the worker that
         computed a block, it returns the block's levels ``1 .. depth``
         (:func:`prepared_levels` with these arguments) and its encoded level-0 tiles, which then
@@ -713,7 +714,7 @@ def iter_blocks(
     n_threads = max(2, min(4, _cpu_count()))
     # one kernel for the whole image: a small one never loads numba (the same integers)
     compiled = height * width >= _COMPILED_MIN_IMAGE_PX or "numba" in sys.modules
-    on_worker = None if prepare is None else functools.partial(_prepare_on_worker, prepare, depth, compiled)
+    on_worker = None if prepare is None else functools.partial(prepare, depth, compiled)
     computed = _prefetched(array, [b for b in blocks if b[0] >= start_row], prefetch, on_worker)
     # closed on any way out, while the dask client still runs: after an error or Ctrl-C in this
     # loop the garbage collector would close it once the cluster is gone ("IOLoop is closed")
@@ -728,13 +729,9 @@ def iter_blocks(
 
         def lower_levels(r0: int, r1: int, c0: int, c1: int, pixels: NDArray[np.uint8] | None,
                          given: tuple[NDArray[np.uint8], ...] = ()) -> None:
-            level = pixels
-            for k in range(1, depth + 1):
-                if given:
-                    level = given[k - 1]
-                else:
-                    assert level is not None
-                    level = downsample_2x(level, executor=down_pool, compiled=compiled)
+            if pixels is not None:
+                given = prepared_levels(pixels, depth, compiled=compiled, executor=down_pool)
+            for k, level in enumerate(given, start=1):
                 store.write(k, r0 >> k, c0 >> k, level)
             if c1 == width and depth + 1 < len(shapes):  # band done: deeper levels at full width
                 a, b = r0 >> depth, -(-r1 // 2**depth)
@@ -772,11 +769,6 @@ def iter_blocks(
             building.result()  # the store is complete when the stream ends
 
 
-def _prepare_on_worker(prepare: Callable[[NDArray[np.uint8], int, bool], PreparedBlock], depth: int,
-                       compiled: bool, pixels: NDArray[np.uint8]) -> PreparedBlock:
-    return prepare(np.ascontiguousarray(pixels), depth, compiled)
-
-
 def _prefetched(
     array: da.Array | NDArray[np.uint8], todo: list[tuple[int, int, int, int]], prefetch: int,
     prepare: Callable[[NDArray[np.uint8]], PreparedBlock] | None = None,
@@ -793,7 +785,7 @@ def _prefetched(
     if client is not None and prepare is not None:
         from dask.delayed import delayed
 
-        # each of the two workers busy with a block while the writer takes the one before
+        # two blocks a worker in flight: each worker busy while the writer takes the one before
         prefetch = max(prefetch, 2 * len(client.scheduler_info().get("workers", {})) or prefetch)
     with ThreadPoolExecutor(prefetch, thread_name_prefix="wsi-norm-block") as pool:
         queue: deque[tuple[tuple[int, int, int, int], Any]] = deque()

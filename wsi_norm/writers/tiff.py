@@ -118,18 +118,23 @@ def _tile(rows: NDArray[np.uint8], x: int, tile_px: int) -> NDArray[np.uint8]:
     return np.ascontiguousarray(tile)
 
 
-def _prepare_block(compression: str, quality: int, tile_px: int, pixels: NDArray[np.uint8], depth: int,
-                   compiled: bool) -> PreparedBlock:
+def _encode_tiles(rows: NDArray[np.uint8], xs: range, tile_px: int,
+                  encode: Callable[[NDArray[np.uint8]], bytes]) -> list[bytes]:
+    """The tiles at columns ``xs`` of one tile row (``rows``: at most ``tile_px`` rows), encoded."""
+    return [encode(_tile(rows, x, tile_px)) for x in xs]
+
+
+def _prepare_block(compression: str, quality: int, tile_px: int, depth: int, compiled: bool,
+                   pixels: NDArray[np.uint8]) -> PreparedBlock:
     """A level-0 block's lower levels and encoded tiles, made on the ``distributed`` worker that
     computed it (:func:`wsi_norm.pyramid.iter_blocks` ``prepare``): the block's origin is on
     the tile grid, so its tiles are whole tiles of the level (those at the image's right and
     bottom edges padded as :func:`_tile` pads them), and the same bytes as cut and encoded here."""
     encode = _encoder(compression, quality)
+    pixels = np.ascontiguousarray(pixels)
     h, w = pixels.shape[:2]
-    tiles = tuple(
-        tuple(encode(_tile(pixels[r : r + tile_px], x, tile_px)) for x in range(0, w, tile_px))
-        for r in range(0, h, tile_px)
-    )
+    tiles = tuple(tuple(_encode_tiles(pixels[r : r + tile_px], range(0, w, tile_px), tile_px, encode))
+                  for r in range(0, h, tile_px))
     return PreparedBlock((h, w), prepared_levels(pixels, depth, compiled=compiled), tiles)
 
 
@@ -140,10 +145,8 @@ def _submit_row(
     futures' lists, in order, are its tiles left to right."""
     starts = range(0, rows.shape[1], tile_px)
 
-    def task(xs: range) -> list[bytes]:
-        return [encode(_tile(rows, x, tile_px)) for x in xs]
-
-    return [pool.submit(task, starts[i : i + _TILES_PER_TASK]) for i in range(0, len(starts), _TILES_PER_TASK)]
+    return [pool.submit(_encode_tiles, rows, starts[i : i + _TILES_PER_TASK], tile_px, encode)
+            for i in range(0, len(starts), _TILES_PER_TASK)]
 
 
 def _results(futures: list[Future[list[bytes]]]) -> Iterator[bytes]:
@@ -223,7 +226,6 @@ class _Level0Tiles:
         done = [tile for row in self.encoded for tile in _results(row)]
         self.encoded, self.previous = [], []
         return done
-
 
     def _add_prepared(self, block: Block) -> list[bytes]:
         assert block.tiles is not None
