@@ -62,7 +62,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.errors import LevelError, SlideOpenError, SlideReadError, UnsupportedFormatError
-from wsi_norm.tiffjpeg import JpegTiles, largest_tiled_series
+from wsi_norm.tiffjpeg import JpegCoding, JpegTiles, largest_tiled_series
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -1091,6 +1091,13 @@ class Slide:
     def mpp(self) -> tuple[float, float] | None:
         """Microns per pixel at level 0 as ``(x, y)``, or None when the file records none."""
         return self._mpp_override or self._reader.mpp
+
+    def jpeg_coding(self) -> JpegCoding | None:
+        """How level 0's JPEG tiles were coded (quantization tables, chroma subsampling, colour
+        space) when this process decodes them itself (Aperio SVS and generic tiled TIFF, both
+        backends); None for any other slide (other formats, other codecs, plain images)."""
+        tiles: JpegTiles | None = getattr(self._reader, "_tiles", None)  # the TIFF readers only
+        return tiles.coding(0) if tiles is not None else None
 
     @property
     def vendor(self) -> str:

@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 
 from wsi_norm.errors import SlideReadError
 
-__all__ = ["JpegTiles", "largest_tiled_series"]
+__all__ = ["JpegCoding", "JpegTiles", "largest_tiled_series"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,54 @@ _SOI = b"\xff\xd8"
 
 #: Reads a region from the backend's own reader: (level, x, y, width, height) -> (h, w, 3) uint8
 RegionReader = Callable[[int, int, int, int, int], NDArray[np.uint8]]
+
+
+@dataclass(frozen=True)
+class JpegCoding:
+    """How a level's JPEG tiles were coded: what a codec simulation needs to code pixels alike.
+
+    Attributes
+    ----------
+    qtables : tuple of tuples of 64 int
+        The quantization tables, in the order and layout Pillow reads them
+        (``PIL.Image.quantization``) and writes them (``save(..., qtables=...)``).
+    subsampling : {"4:4:4", "4:2:2", "4:2:0"}
+        Chroma subsampling (of the second and third components against the first).
+    rgb : bool
+        The three components are R, G and B themselves (Aperio's "RGB JPEG"), not YCbCr.
+    """
+
+    qtables: tuple[tuple[int, ...], ...]
+    subsampling: str
+    rgb: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """For provenance: the subsampling, the colour space and the tables' first entries (DC)."""
+        return {"subsampling": self.subsampling, "components": "RGB" if self.rgb else "YCbCr",
+                "dc_quantizers": [int(t[0]) for t in self.qtables]}
+
+
+#: Pillow's ``JpegImagePlugin.get_sampling`` codes
+_SAMPLING_NAMES = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}
+
+
+def _coding_of(stream: bytes, rgb: bool) -> JpegCoding | None:
+    """The coding of one complete JPEG stream (tables included), or None when Pillow cannot say."""
+    import io
+
+    from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(stream)) as im:
+            if not isinstance(im, JpegImagePlugin.JpegImageFile) or im.layers != 3:
+                return None
+            sampling = _SAMPLING_NAMES.get(JpegImagePlugin.get_sampling(im))
+            tables = getattr(im, "quantization", None) or {}
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return None
+    if sampling is None or not tables or len(tables) > 4:
+        return None
+    return JpegCoding(tuple(tuple(int(v) for v in tables[k]) for k in sorted(tables)), sampling, rgb)
 
 
 class _Sparse(Exception):
@@ -73,6 +121,7 @@ class _Level:
     offsets: tuple[int, ...]
     counts: tuple[int, ...]
     prefix: bytes  # SOI, the colour-space marker if needed, the shared tables
+    rgb: bool  # photometric RGB: the components are R, G, B (else YCbCr)
 
     @property
     def cols(self) -> int:
@@ -102,7 +151,7 @@ def _level_layout(page: Any) -> _Level | None:
     offsets = tuple(int(o) for o in page.dataoffsets)
     counts = tuple(int(c) for c in page.databytecounts)
     level = _Level(int(page.imagewidth), int(page.imagelength), int(page.tilewidth),
-                   int(page.tilelength), offsets, counts, prefix)
+                   int(page.tilelength), offsets, counts, prefix, page.photometric == _RGB)
     if len(offsets) != level.rows * level.cols or len(counts) != len(offsets):
         return None
     return level
@@ -291,6 +340,18 @@ class JpegTiles:
                                          f"{width}x{height}: {exc}") from exc
                 out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = piece
         return out
+
+    def coding(self, level: int = 0) -> JpegCoding | None:
+        """How ``level``'s tiles were coded (from its first tile with bytes), or None when the
+        level is not read here or its tiles say nothing Pillow understands."""
+        if not self.covers(level):
+            return None
+        layout = self._levels[level]
+        for offset, count in zip(layout.offsets, layout.counts, strict=True):
+            if count:
+                data = os.pread(self._fd, count, offset)
+                return _coding_of(layout.prefix + (data[2:] if data[:2] == _SOI else data), layout.rgb)
+        return None
 
     def close(self) -> None:
         """Close the file."""
