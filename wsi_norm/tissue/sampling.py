@@ -49,7 +49,7 @@ from wsi_norm.tissue.whitepoint import (
 if TYPE_CHECKING:
     from wsi_norm.slide import Slide
 
-__all__ = ["DEFAULT_N_PIXELS", "TissueSample", "sample_tissue_pixels", "tissue_blocks"]
+__all__ = ["DEFAULT_N_PIXELS", "TissueSample", "sample_tissue_pixels", "tissue_block_mask", "tissue_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class TissueSample:
     seed : int
     coarse_fraction : float
         The slide's tissue fraction (:attr:`wsi_norm.tissue.mask.CoarseMask.fraction`).
+    kept_windows : tuple of (H, W, 3) uint8
+        Up to ``keep_windows`` of the tissue windows read, spread evenly over them, as read
+        (the codec-aware fit simulates the slide's JPEG coding on them).
     """
 
     pixels: NDArray[np.uint8]
@@ -89,6 +92,7 @@ class TissueSample:
     window_px: int
     seed: int
     coarse_fraction: float
+    kept_windows: tuple[NDArray[np.uint8], ...] = ()
 
 
 def tissue_blocks(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -118,6 +122,12 @@ def _blocks_of_mask(rgb: NDArray[np.uint8], tissue_px: NDArray[np.bool_]) -> NDA
     total += cut[1::2, 0::2]
     total += cut[1::2, 1::2]
     return total[tissue].astype(np.float32) / np.float32(4)
+
+
+def tissue_block_mask(rgb: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """``(H // 2, W // 2)`` bool: the 2 x 2 blocks (even grid) of ``rgb`` whose four pixels are
+    tissue (the blocks :func:`tissue_blocks` returns, in row-major order)."""
+    return _tissue_block_mask(tissue_mask(rgb))
 
 
 def _tissue_block_mask(tissue_px: NDArray[np.bool_]) -> NDArray[np.bool_]:
@@ -167,9 +177,10 @@ def _drawn_blocks(rgb: NDArray[np.uint8], tissue_px: NDArray[np.bool_], n: int,
 
 
 def _sample_window(
-    slide: Slide, x: int, y: int, size: int, n: int, seed: int
-) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.uint8]]:
-    """Tissue pixels, tissue 2 x 2 block means and glass pixels of one level-0 window."""
+    slide: Slide, x: int, y: int, size: int, n: int, seed: int, keep: bool = False
+) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.uint8], NDArray[np.uint8] | None]:
+    """Tissue pixels, tissue 2 x 2 block means and glass pixels of one level-0 window, and the
+    window itself when ``keep``."""
     width, height = slide.dimensions
     w, h = min(size, width - x), min(size, height - y)
     rgb = slide.read_region(0, x=x, y=y, width=w, height=h)
@@ -183,6 +194,7 @@ def _sample_window(
         pixels,
         _drawn_blocks(rgb, is_tissue, n, rng),
         _draw(glass_of_luma(rgb, weighted), _GLASS_PER_WINDOW, rng),
+        rgb if keep else None,
     )
 
 
@@ -241,6 +253,7 @@ def sample_tissue_pixels(
     n_glass_windows: int = DEFAULT_N_GLASS_WINDOWS,
     coarse: CoarseMask | None = None,
     min_pixels: int = MIN_TISSUE_PIXELS,
+    keep_windows: int = 0,
 ) -> TissueSample:
     """Sample tissue pixels, tissue blocks and glass from windows spread over the whole slide.
 
@@ -262,6 +275,8 @@ def sample_tissue_pixels(
         A precomputed coarse mask.
     min_pixels : int
         Fewer tissue pixels than this raises :class:`FitError`.
+    keep_windows : int
+        Tissue windows to return as read (:attr:`TissueSample.kept_windows`); 0.
 
     Returns
     -------
@@ -293,9 +308,11 @@ def sample_tissue_pixels(
     # the sample short; the final draw is uniform over what the windows returned
     per_window = 4 * int(np.ceil(n_pixels / len(origins)))
     seeds = rng.integers(0, 2**31, size=len(origins) + len(glass_origins))
+    kept = set(np.linspace(0, len(origins) - 1, min(keep_windows, len(origins))).round().astype(int).tolist()) \
+        if keep_windows > 0 else set()
     parts = _run_windows(_sample_window, [
-        (slide, int(x), int(y), window_px, per_window, int(s))
-        for (x, y), s in zip(origins, seeds[: len(origins)], strict=True)
+        (slide, int(x), int(y), window_px, per_window, int(s), i in kept)
+        for i, ((x, y), s) in enumerate(zip(origins, seeds[: len(origins)], strict=True))
     ])
     glass_parts = _run_windows(_glass_of_window, [
         (slide, int(x), int(y), window_px, int(s))
@@ -324,4 +341,5 @@ def sample_tissue_pixels(
         window_px=window_px,
         seed=seed,
         coarse_fraction=coarse.fraction,
+        kept_windows=tuple(p[3] for p in parts if p[3] is not None),
     )
