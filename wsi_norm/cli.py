@@ -597,6 +597,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         for name, row, conc in zip(("hematoxylin", "eosin"), stats["stain_matrix"],
                                    stats.get("max_concentrations", [None, None]), strict=True):
             print(f"  {name:<12} OD ({row[0]:.4f}, {row[1]:.4f}, {row[2]:.4f})  max conc {conc:.3f}")
+    for entry in template.slides:
+        codec = entry.get("codec_correction")
+        if codec is None:
+            continue
+        if codec.get("applied"):
+            coding = codec["coding"]
+            print(f"  {entry.get('name', 'slide')}: {coding['components']} JPEG {coding['subsampling']}; the codec-aware "
+                  f"fit moved H {codec['shift_deg'][0]:.2f} deg, E {codec['shift_deg'][1]:.2f} deg")
+        else:
+            print(f"  {entry.get('name', 'slide')}: no codec correction ({codec['reason']})")
     return 0
 
 

@@ -171,6 +171,9 @@ class SlideFit:
     n_pixels_requested : int or None
         The sampling size asked for (``n_pixels`` holds what the slide gave); None when
         unknown (a fit rebuilt from a record).
+    codec : dict or None
+        Macenko and Vahadane: what the codec-aware correction did
+        (:class:`wsi_norm.stain.codec.CodecCorrection`); None for the other methods.
     """
 
     method: str
@@ -186,10 +189,12 @@ class SlideFit:
     pixels: NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
     blocks: NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
     n_pixels_requested: int | None = None
+    codec: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (used in provenance)."""
         return {
+            "codec_correction": self.codec,
             "method": self.method,
             "stats": self.stats.to_dict(),
             "identity": self.identity,
@@ -248,13 +253,26 @@ def fit_slide(
         raise ValueError(f"cannot fit method {method!r}; choose one of {', '.join(STAT_METHODS)}")
     slide = _as_slide(source, backend)
     resolved = resolve_params(params, seed=seed)
+    from wsi_norm.stain.codec import CODEC_WINDOWS, codec_corrected
+
     start = time.perf_counter()
-    sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed)
+    correct = method in STAIN_MATRIX_METHODS and resolved.codec_correction
+    sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed, keep_windows=CODEC_WINDOWS if correct else 0)
     white = sample.white if resolved.white_point is None else WhitePoint.fixed(resolved.white_point)
     sampled = time.perf_counter()
     data = sample.blocks if method in STAIN_MATRIX_METHODS else sample.pixels
+    codec: dict[str, Any] | None = None
     try:
         stats = fit_stats(method, data, resolved, white=white.array)
+        if method in STAIN_MATRIX_METHODS:
+            if correct:
+                stats, record = codec_corrected(
+                    stats, lambda blocks: fit_stats(method, blocks, resolved, white=white.array), data=data,
+                    windows=sample.kept_windows, white=white.array, coding=slide.jpeg_coding(), params=resolved,
+                    seed=seed)
+                codec = record.to_dict()
+            else:
+                codec = {"applied": False, "reason": "turned off (codec_correction: false)"}
         # the colour reference's stain vectors are the default Macenko estimate: reuse this fit's
         # when it is that estimate (same estimator settings, same blocks, same white point)
         default_fit = method == "macenko" and _estimator_settings(resolved) == _estimator_settings(StainParams())
@@ -279,13 +297,14 @@ def fit_slide(
         pixels=sample.pixels,
         blocks=sample.blocks,
         n_pixels_requested=n_pixels,
+        codec=codec,
     )
 
 
 def _estimator_settings(p: Any) -> tuple[Any, ...]:
     """The StainParams fields that decide a Macenko estimate (given the pixels and white point)."""
     return (p.macenko_variant, p.alpha, p.beta, p.edge_band, p.edge_strong, p.max_od,
-            p.max_conc_percentile, p.min_pixels, p.min_stain_angle_deg)
+            p.max_conc_percentile, p.min_pixels, p.min_stain_angle_deg, p.codec_correction)
 
 
 def fit_template(
@@ -378,7 +397,8 @@ def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: in
         white=_aggregate_white(fits),
         reference=ColourReference.median([f.reference for f in fits]),
         params=method_params(method, resolve_params(params, seed=seed)),
-        slides=[slide_entry(f.identity) for f in fits],
+        slides=[{**slide_entry(f.identity), **({"codec_correction": f.codec} if f.codec is not None else {})}
+                for f in fits],
         n_pixels=sum(f.n_pixels for f in fits),
         seed=seed,
         wsi_norm_version=__version__,

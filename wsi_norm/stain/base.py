@@ -94,6 +94,10 @@ class StainParams:
         Vahadane: alternating iterations of the dictionary learning; 60.
     device : str
         Vahadane: torch device of the solver ("cpu", "cuda", ...).
+    codec_correction : bool
+        Macenko and Vahadane on a slide whose JPEG tiles are read directly (Aperio SVS, generic
+        tiled TIFF): remove the bias the slide's own coding puts into the stain vectors by
+        simulating that coding (:mod:`wsi_norm.stain.codec`); True.
     """
 
     white_point: float | None = None
@@ -112,6 +116,7 @@ class StainParams:
     max_fit_pixels: int = 30_000
     iterations: int = 60
     device: str = "cpu"
+    codec_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.white_point is not None and not 0.0 < self.white_point <= 255.0:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,6 +57,7 @@ __all__ = [
     "draw_case",
     "jpeg_roundtrip",
     "render",
+    "write_jpeg_tiff",
 ]
 
 TEXTURES = ("gen-real", "gen-real", "gen-proc", "real-cmu", "real-source", "real-target")
@@ -271,3 +274,27 @@ def draw_case(index: int, *, size: int = 1024, residual: bool = False) -> Case:
     staining = Staining(matrix, (float(scale[0]), float(scale[1])), white)  # type: ignore[arg-type]
     return Case(index, texture, composition, staining, quality, subsampling,
                 np.ascontiguousarray(conc, dtype=np.float32), off_plane)
+
+
+def write_jpeg_tiff(rgb: NDArray[np.uint8], path: str | os.PathLike[str], *, quality: int,
+                    subsampling: Subsampling, tile_px: int = 256) -> None:
+    """Write ``rgb`` as a scanner would: a tiled TIFF of baseline JPEG tiles (YCbCr, the given
+    chroma subsampling and quality), each tile coded on its own."""
+    import imagecodecs
+    import tifffile
+
+    h, w = rgb.shape[:2]
+    sub = (2, 2) if subsampling == "420" else (1, 1)
+
+    def tiles() -> Iterator[bytes]:
+        for y in range(0, h, tile_px):
+            for x in range(0, w, tile_px):
+                tile = np.full((tile_px, tile_px, 3), 255, np.uint8)
+                part = rgb[y : y + tile_px, x : x + tile_px]
+                tile[: part.shape[0], : part.shape[1]] = part
+                yield bytes(imagecodecs.jpeg8_encode(tile, level=quality, subsampling=sub, colorspace="RGB",
+                                                     outcolorspace="YCBCR"))
+
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(tiles(), shape=(h, w, 3), dtype=np.uint8, photometric="rgb", tile=(tile_px, tile_px),
+                  compression="jpeg", metadata=None)
