@@ -3,7 +3,9 @@
 For every case of :mod:`wsi_norm.testing.stain_cases` (stain vectors up to 15 deg from Ruifrok's,
 strength ratios 0.5-2, densities 0.6-1.6, white points 220-255 per channel, JPEG q70-95 in 4:2:0
 and 4:4:4, six tissue compositions, the generator's texture and real texture re-rendered), the
-source and its truth are written as PNG and go through the library's own path: slide-wide
+source is written as a scanner writes a slide (a tiled TIFF of 256-px JPEG tiles at the case's
+quality and chroma subsampling, so the library reads the coding from the file, as it does for
+SVS; lossless cases as PNG) and the truth as PNG; both go through the library's own path: slide-wide
 sampling, white point, fit (``wsi_norm.pipeline.fit_slide``), template from the truth (the
 registered reference: same tissue, target staining), the QC gate and the compiled map
 (``wsi_norm.pipeline.compile_checked``, forced so every case is measured).
@@ -43,7 +45,9 @@ from typing import Any
 import numpy as np
 
 METHODS = ("macenko", "vahadane", "reinhard", "histmatch")
-ESTIMATORS = ("macenko", "macenko-textbook", "vahadane", "torchstain")
+ESTIMATORS = ("macenko", "macenko-nocodec", "macenko-textbook", "vahadane", "vahadane-nocodec", "torchstain")
+#: fitted without the codec-aware correction (``codec_correction: false``): its effect, case by case
+NOCODEC = ("macenko-nocodec", "vahadane-nocodec")
 
 
 def _save_png(rgb: np.ndarray, path: Path) -> Path:
@@ -96,10 +100,11 @@ def run_case(index: int, *, size: int, n_pixels: int, residual: bool) -> dict[st
 
     from wsi_norm.metrics import stain_matrix_angles_deg
     from wsi_norm.pipeline import compile_checked, fit_slide, template_from_fits
-    from wsi_norm.testing.stain_cases import TARGET, draw_case
+    from wsi_norm.slide import open_slide
+    from wsi_norm.testing.stain_cases import TARGET, draw_case, render, write_jpeg_tiff
 
     case = draw_case(index, size=size, residual=residual)
-    src, truth, tissue = case.source_rgb(), case.truth_rgb(), case.tissue()
+    truth, tissue = case.truth_rgb(), case.tissue()
     record: dict[str, Any] = {
         "index": index, "texture": case.texture, "composition": case.composition,
         "quality": case.quality, "subsampling": case.subsampling,
@@ -109,12 +114,22 @@ def run_case(index: int, *, size: int, n_pixels: int, residual: bool) -> dict[st
     }
     with tempfile.TemporaryDirectory(prefix="wsi-norm-fidelity-") as tmp:
         work = Path(tmp)
-        src_path = _save_png(src, work / "source.png")
+        if case.quality is None:
+            src = case.source_rgb()
+            src_path = _save_png(src, work / "source.png")
+        else:  # JPEG tiles, as scanned: the pixels are what the slide decodes to
+            src_path = work / "source.tiff"
+            write_jpeg_tiff(render(case.conc, case.source, residual=case.residual), src_path,
+                            quality=case.quality, subsampling=case.subsampling)
+            with open_slide(src_path) as slide:
+                src = slide.read_region(0, x=0, y=0, width=slide.dimensions[0], height=slide.dimensions[1])
         truth_path = _save_png(truth, work / "truth.png")
         globals_ = _global_templates(Path(tempfile.gettempdir()), n_pixels)
         record["fidelity"]["none"] = _metrics(src, truth, tissue)
-        for method, params in (("macenko", None), ("macenko-textbook", {"macenko_variant": "textbook"}),
-                               ("vahadane", None), ("reinhard", None), ("histmatch", None)):
+        for method, params in (("macenko", None), ("macenko-nocodec", {"codec_correction": False}),
+                               ("macenko-textbook", {"macenko_variant": "textbook"}),
+                               ("vahadane", None), ("vahadane-nocodec", {"codec_correction": False}),
+                               ("reinhard", None), ("histmatch", None)):
             base = method.split("-")[0]
             try:
                 fit = fit_slide(src_path, method=base, params=params, n_pixels=n_pixels)
@@ -133,6 +148,8 @@ def run_case(index: int, *, size: int, n_pixels: int, residual: bool) -> dict[st
                                           params=params)
             cmap, _ = compile_checked(fit, template, params, force=True, what=f"case {index}")
             record["fidelity"][method] = _metrics(cmap.evaluate_numpy(src), truth, tissue)
+            if method in NOCODEC:
+                continue
             _, report = compile_checked(fit, globals_[base], params, force=True, what=f"case {index}")
             record["qc"][method] = {"passed": report.passed, "problems": report.problems, **report.measures}
         # torchstain's own Macenko (numpy backend): fixed Io = 240, every pixel mapped
@@ -184,7 +201,7 @@ def summarize(records: list[dict[str, Any]]) -> str:
     lines += ["", "## Fidelity against the truth (median over cases; PSNR also 5th percentile)", "",
               "| method | PSNR tissue dB | PSNR p5 | PSNR whole dB | SSIM tissue | SSIM whole | dE2000 tissue | dE2000 whole |",
               "|---|---|---|---|---|---|---|---|"]
-    for method in ("none", "torchstain", *METHODS):
+    for method in ("none", "torchstain", *METHODS, *NOCODEC):
         vals = [r["fidelity"][method] for r in records if method in r["fidelity"]]
         if not vals:
             continue

@@ -89,7 +89,10 @@ class QCBounds:
     max_lab_distance : float
         Largest distance (CIE76 Delta E) of the mapped tissue's Lab mean from the target's.
     max_overshoot_deg : float
-        Largest angle by which the mapped tissue reaches past a target stain direction.
+        Largest angle by which the mapped tissue reaches past a target stain direction; 12.5
+        (correct fits reach 11.1 deg on the benchmark: a pale case at q95 whose codec-corrected
+        Vahadane fit is within 3 and 8 deg; the grossly wrong fit it refuses, eosin 20 deg off,
+        reaches 15.1).
     """
 
     max_cone_deg: float = 30.0
@@ -99,7 +102,7 @@ class QCBounds:
     min_white: float = 150.0
     max_white_spread: float = 60.0
     max_lab_distance: float = 25.0
-    max_overshoot_deg: float = 10.0
+    max_overshoot_deg: float = 12.5
 
 
 @dataclass(frozen=True)
