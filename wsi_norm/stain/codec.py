@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.color import od_to_rgb, rgb_to_od
+from wsi_norm.color import rgb_to_od
 from wsi_norm.errors import FitError
 from wsi_norm.stain.base import (
     StainMatrixStats,
@@ -131,10 +131,20 @@ def _unit_rows(m: NDArray[np.float64]) -> NDArray[np.float64]:
 def _render_with(rgb: NDArray[np.uint8], matrix: NDArray[np.float64], white: NDArray[np.float64]) -> NDArray[np.uint8]:
     """``rgb`` unmixed with ``matrix`` (least squares, negative concentrations clipped) and
     rendered back with it: the window as a slide whose stains are exactly ``matrix`` shows it."""
-    od = rgb_to_od(rgb.reshape(-1, 3).astype(np.float64), white=white)
+    # rgb_to_od of the 256 levels once per channel, then gathered: the same float64 values
+    table = rgb_to_od(np.repeat(np.arange(256, dtype=np.float64)[:, None], 3, axis=1), white=white)
+    flat = rgb.reshape(-1, 3)
+    od = np.stack([table[flat[:, c], c] for c in range(3)], axis=1)
     conc = np.clip(od @ np.linalg.pinv(matrix), 0.0, None)
-    out: NDArray[np.uint8] = np.clip(np.rint(od_to_rgb(conc @ matrix, white=white)), 0, 255).astype(np.uint8)
-    return out.reshape(rgb.shape)
+    # od_to_rgb in float32 (numpy's SIMD exp: 4x faster than float64 here; on real windows the
+    # same 8-bit pixels, at worst a level at a rounding boundary)
+    intensity = np.exp(-(conc @ matrix).astype(np.float32))
+    intensity *= (np.asarray(white, dtype=np.float64) + 1.0).astype(np.float32)
+    intensity -= np.float32(1.0)
+    np.rint(intensity, out=intensity)
+    np.clip(intensity, 0.0, 255.0, out=intensity)
+    out: NDArray[np.uint8] = intensity.astype(np.uint8).reshape(rgb.shape)
+    return out
 
 
 def _block_positions(rgb: NDArray[np.uint8], rng: np.random.Generator) -> NDArray[np.intp]:
