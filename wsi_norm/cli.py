@@ -605,7 +605,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             coding = codec["coding"]
             print(f"  {entry.get('name', 'slide')}: {coding['components']} JPEG {coding['subsampling']}; the codec-aware "
                   f"fit moved H {codec['shift_deg'][0]:.2f} deg, E {codec['shift_deg'][1]:.2f} deg")
-        else:
+        elif "coding" in codec:  # asked for (codec_correction=true) and not done: say why
             print(f"  {entry.get('name', 'slide')}: no codec correction ({codec['reason']})")
     return 0
 

@@ -240,7 +240,10 @@ def test_template_has_names_hashes_and_only_its_methods_params(sample_svs: Path,
         text = json.dumps(doc)
         assert str(sample_svs.parent) not in text and '"path"' not in text
         (slide,) = doc["slides"]
-        assert set(slide) == set(SLIDE_KEYS)
+        # Macenko's entry also says what the codec-aware fit did (here: off, the default)
+        assert set(slide) == set(SLIDE_KEYS) | ({"codec_correction"} if method == "macenko" else set())
+        if method == "macenko":
+            assert slide["codec_correction"] == {"applied": False, "reason": "turned off (codec_correction: false)"}
         assert slide["name"] == sample_svs.name
         assert slide["sampled_sha256"] == open_slide(sample_svs).identity()["sampled_sha256"]
         assert list(doc["params"]) == list(REGISTRY[method].params)
@@ -270,7 +273,7 @@ def test_fields_outside_a_methods_params_do_not_change_its_fit(method: str) -> N
                "edge_band": 30.0, "edge_strong": 60.0, "max_od": 2.0, "l1_penalty": 0.05,
                "debias": False, "max_conc_percentile": 95.0, "min_pixels": 500,
                "min_stain_angle_deg": 4.0, "seed": 7, "max_fit_pixels": 4000, "iterations": 5,
-               "device": "cpu"}
+               "device": "cpu", "codec_correction": True}
     assert set(changed) == {f.name for f in dataclasses.fields(StainParams)}
     for name, value in changed.items():
         if name in REGISTRY[method].params or name == "device":

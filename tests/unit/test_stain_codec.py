@@ -54,8 +54,8 @@ def test_plain_images_and_lossless_tiffs_have_no_coding_and_keep_their_fit(tmp_p
     tifffile.imwrite(lossless, rgb, tile=(256, 256), compression="zlib", photometric="rgb")
     for path in (png, lossless):
         assert open_slide(path).jpeg_coding() is None
-        on = fit_slide(path, method="macenko", n_pixels=100_000)
-        off = fit_slide(path, method="macenko", params={"codec_correction": False}, n_pixels=100_000)
+        on = fit_slide(path, method="macenko", params={"codec_correction": True}, n_pixels=100_000)
+        off = fit_slide(path, method="macenko", n_pixels=100_000)  # the default: off
         assert np.array_equal(on.stats.stain_matrix, off.stats.stain_matrix)
         assert on.codec is not None and on.codec["applied"] is False and "unknown" in on.codec["reason"]
         assert off.codec == {"applied": False, "reason": "turned off (codec_correction: false)"}

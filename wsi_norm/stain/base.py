@@ -97,7 +97,10 @@ class StainParams:
     codec_correction : bool
         Macenko and Vahadane on a slide whose JPEG tiles are read directly (Aperio SVS, generic
         tiled TIFF): remove the bias the slide's own coding puts into the stain vectors by
-        simulating that coding (:mod:`wsi_norm.stain.codec`); True.
+        simulating that coding (:mod:`wsi_norm.stain.codec`); False. Opt-in: it brings the stain
+        vectors much closer to the truth, but the written colour no closer (ΔE2000 against the
+        truth unchanged at the median) and a JPEG-coded target site's own slides up to 0.8 Lab
+        units further (BENCHMARKS.md, "Codec-aware fit").
     """
 
     white_point: float | None = None
@@ -116,7 +119,7 @@ class StainParams:
     max_fit_pixels: int = 30_000
     iterations: int = 60
     device: str = "cpu"
-    codec_correction: bool = True
+    codec_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.white_point is not None and not 0.0 < self.white_point <= 255.0:

@@ -30,6 +30,13 @@ whole generated slides (the rendering inherits the first coding's noise, which t
 counts as bias); the paired clean-against-coded form isolates the coding and improved all
 eight whole slides.
 
+Off by default (``StainParams.codec_correction``): the stain vectors it gives are much closer to
+the truth, but the written colour is not (ΔE2000 against the truth unchanged at the median), and
+against a JPEG-coded target site's own slides it moves outputs by up to 0.8 Lab units: the map
+projects each pixel onto the stain plane, and the corrected plane drops the coding's systematic
+off-plane part that the target's slides keep (keeping that part instead, a residual-preserving
+map, cost 0.6 dB against the truth: measured, not kept).
+
 Limits, stated: the windows are the observed ones unmixed, so their nuclei carry the chroma
 the coding already blurred, and the simulated bias is an under-estimate where the first coding
 erased structure. A slide whose coding is unknown (a plain image, a format OpenSlide decodes
