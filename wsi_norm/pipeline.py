@@ -248,13 +248,12 @@ def fit_slide(
     matching and gmm on its tissue pixels (gmm in HSD against the same white point).
     """
     from wsi_norm.stain import STAIN_MATRIX_METHODS, StainParams, fit_stats
+    from wsi_norm.stain.codec import CODEC_WINDOWS, codec_corrected
 
     if method not in STAT_METHODS:
         raise ValueError(f"cannot fit method {method!r}; choose one of {', '.join(STAT_METHODS)}")
     slide = _as_slide(source, backend)
     resolved = resolve_params(params, seed=seed)
-    from wsi_norm.stain.codec import CODEC_WINDOWS, codec_corrected
-
     start = time.perf_counter()
     correct = method in STAIN_MATRIX_METHODS and resolved.codec_correction
     sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed, keep_windows=CODEC_WINDOWS if correct else 0)

@@ -65,7 +65,7 @@ from wsi_norm.stain.base import (
     tissue_pixels,
 )
 from wsi_norm.tiffjpeg import JpegCoding
-from wsi_norm.tissue.sampling import tissue_block_mask
+from wsi_norm.tissue.sampling import block_means_at, tissue_block_mask
 
 __all__ = ["CODEC_STEPS", "CODEC_WINDOWS", "CodecCorrection", "code_like", "codec_corrected"]
 
@@ -163,21 +163,6 @@ def _block_positions(rgb: NDArray[np.uint8], rng: np.random.Generator) -> NDArra
     return flat
 
 
-def _blocks_at(rgb: NDArray[np.uint8], positions: NDArray[np.intp]) -> NDArray[np.float32]:
-    """Mean colours of the 2 x 2 blocks at ``positions`` (row-major on the even grid), whatever
-    they show now (the sampler's block means: the exact integer sum over 4, in float32)."""
-    width = rgb.shape[1]
-    i, j = np.divmod(positions, width // 2)
-    top_left = 2 * i * width + 2 * j
-    flat = rgb.reshape(-1, 3)
-    total = flat[top_left].astype(np.uint16)
-    total += flat[top_left + 1]
-    total += flat[top_left + width]
-    total += flat[top_left + width + 1]
-    out: NDArray[np.float32] = total.astype(np.float32) / np.float32(4)
-    return out
-
-
 def _simulated_blocks(windows: Sequence[NDArray[np.uint8]], positions: Sequence[NDArray[np.intp]],
                       matrix: NDArray[np.float64], white: NDArray[np.float64],
                       coding: JpegCoding) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
@@ -189,7 +174,7 @@ def _simulated_blocks(windows: Sequence[NDArray[np.uint8]], positions: Sequence[
 
     def one(k: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         rendered = _render_with(windows[k], matrix, white)
-        return _blocks_at(rendered, positions[k]), _blocks_at(code_like(rendered, coding), positions[k])
+        return block_means_at(rendered, positions[k]), block_means_at(code_like(rendered, coding), positions[k])
 
     with ThreadPoolExecutor(max(1, min(usable_cpus(), len(windows)))) as pool:
         parts = list(pool.map(one, range(len(windows))))
@@ -239,7 +224,7 @@ def codec_corrected(
         return stats, CodecCorrection(info, False, (0.0, 0.0), "no windows to simulate")
     rng = np.random.default_rng(seed)
     positions = [_block_positions(w, rng) for w in windows]
-    observed = np.concatenate([_blocks_at(w, p) for w, p in zip(windows, positions, strict=True)])
+    observed = np.concatenate([block_means_at(w, p) for w, p in zip(windows, positions, strict=True)])
     try:
         target = estimate(observed).stain_matrix
         current = target.copy()

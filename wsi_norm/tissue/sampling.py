@@ -49,7 +49,8 @@ from wsi_norm.tissue.whitepoint import (
 if TYPE_CHECKING:
     from wsi_norm.slide import Slide
 
-__all__ = ["DEFAULT_N_PIXELS", "TissueSample", "sample_tissue_pixels", "tissue_block_mask", "tissue_blocks"]
+__all__ = ["DEFAULT_N_PIXELS", "TissueSample", "block_means_at", "sample_tissue_pixels", "tissue_block_mask",
+           "tissue_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +164,16 @@ def _drawn_blocks(rgb: NDArray[np.uint8], tissue_px: NDArray[np.bool_], n: int,
     """``_draw(_blocks_of_mask(rgb, tissue_px), n, rng)``, averaging only the drawn blocks: the
     draw picks block positions (the same draw, the same order), then four pixels are summed per
     drawn block."""
-    tissue = _tissue_block_mask(tissue_px)
-    i, j = np.divmod(_draw(np.flatnonzero(tissue), n, rng), tissue.shape[1])
+    return block_means_at(rgb, _draw(np.flatnonzero(_tissue_block_mask(tissue_px)), n, rng))
+
+
+def block_means_at(rgb: NDArray[np.uint8], positions: NDArray[np.intp]) -> NDArray[np.float32]:
+    """Mean colours ``(len(positions), 3)`` float32 of the 2 x 2 blocks (even grid) at
+    ``positions``, row-major indices into the ``(H // 2, W // 2)`` block grid: the exact integer
+    sum of the four pixels over 4, as :func:`tissue_blocks` computes it."""
     width = rgb.shape[1]
-    top_left = 2 * i * width + 2 * j  # each drawn block's first pixel in the window's pixel rows
+    i, j = np.divmod(positions, width // 2)
+    top_left = 2 * i * width + 2 * j  # each block's first pixel in the window's pixel rows
     flat = rgb.reshape(-1, 3)
     total = flat[top_left].astype(np.uint16)  # the exact sum (<= 1020): the float32 mean below
     total += flat[top_left + 1]
