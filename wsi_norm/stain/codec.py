@@ -56,6 +56,7 @@ from numpy.typing import NDArray
 
 from wsi_norm.color import rgb_to_od
 from wsi_norm.errors import FitError
+from wsi_norm.metrics import stain_matrix_angles_deg
 from wsi_norm.stain.base import (
     StainMatrixStats,
     StainParams,
@@ -122,12 +123,6 @@ def code_like(rgb: NDArray[np.uint8], coding: JpegCoding) -> NDArray[np.uint8]:
         subsampling=_PIL_SUBSAMPLING[coding.subsampling], keep_rgb=coding.rgb)
     decoded: NDArray[np.uint8] = np.asarray(simplejpeg.decode_jpeg(buf.getvalue(), colorspace="RGB"))
     return decoded
-
-
-def _angles(a: NDArray[np.float64], b: NDArray[np.float64]) -> tuple[float, float]:
-    cos = np.clip(np.abs(np.sum(a * b, axis=1)), 0.0, 1.0)
-    h, e = np.degrees(np.arccos(cos))
-    return float(h), float(e)
 
 
 def _unit_rows(m: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -235,7 +230,8 @@ def codec_corrected(
     except FitError as exc:
         return stats, CodecCorrection(info, False, (0.0, 0.0), f"the simulated windows do not fit ({exc})", len(windows))
     corrected = order_stains(_unit_rows(stats.stain_matrix + (current - target)))
-    shift = _angles(corrected, stats.stain_matrix)
+    h_shift, e_shift = stain_matrix_angles_deg(corrected, stats.stain_matrix)
+    shift = (float(h_shift), float(e_shift))
     if max(shift) > MAX_SHIFT_DEG:
         return stats, CodecCorrection(info, False, (0.0, 0.0),
                                       f"a shift of {max(shift):.1f} deg is beyond {MAX_SHIFT_DEG:g}: fit kept", len(windows))
