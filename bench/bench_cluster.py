@@ -67,7 +67,9 @@ def main() -> int:
     bindir = Path(sys.executable).parent
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
+    # the workers' malloc settings are wsi-norm's own: the command registers a worker plugin
+    # (wsi_norm.worker_setup.WorkerMalloc) that applies them in each worker process
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     scheduler = subprocess.Popen([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                   "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, env=env)

@@ -2,7 +2,9 @@
 
 ``scheduler="tcp://host:8786"`` (or ``WSI_NORM_SCHEDULER``) joins an existing cluster:
 dask-jobqueue on SLURM, the dask Kubernetes operator, or any ``dask scheduler`` with workers
-(see ``deploy/``). GPU workers declare a ``GPU`` resource. ``scheduler="local"`` (:data:`LOCAL`)
+(see ``deploy/``). GPU workers declare a ``GPU`` resource. Joining, it registers a worker plugin
+(:class:`wsi_norm.worker_setup.WorkerMalloc`) so that each worker process uses the same malloc
+settings as the ``wsi-norm`` command (:mod:`wsi_norm.runtime`). ``scheduler="local"`` (:data:`LOCAL`)
 starts an embedded ``distributed`` cluster in this process (in-process threads: no pickling of
 slides or 48 MiB lookup tables between processes; the hot loops release the GIL), with its
 dashboard when asked for.
@@ -139,6 +141,7 @@ def dask_client(
     if address and address != LOCAL:
         log.info("connecting to dask scheduler %s", address)
         with Client(address) as client:  # type: ignore[no-untyped-call]  # distributed: unannotated
+            _set_up_workers(client)
             yield client
         return
     try:
@@ -161,6 +164,19 @@ def dask_client(
     finally:
         for logger, level in zip(loggers, saved, strict=True):
             logger.setLevel(level)
+
+
+def _set_up_workers(client: Client) -> None:
+    """Register :class:`wsi_norm.worker_setup.WorkerMalloc` with an existing cluster: every
+    worker process, also one that joins later, uses wsi-norm's malloc settings
+    (:mod:`wsi_norm.runtime`). A cluster that refuses it still runs the work, as before."""
+    from wsi_norm.worker_setup import PLUGIN_NAME, WorkerMalloc
+
+    try:
+        client.register_plugin(WorkerMalloc(), name=PLUGIN_NAME)
+    except Exception as exc:  # noqa: BLE001 - a speed setting: the work runs without it
+        log.warning("could not apply wsi-norm's malloc settings on the workers (%s: %s); "
+                    "tasks allocate more slowly", type(exc).__name__, exc)
 
 
 _DISTRIBUTED_LOGGERS = ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core")

@@ -1,0 +1,44 @@
+"""Worker processes of a cluster wsi-norm joins use wsi-norm's malloc settings (wsi_norm.worker_setup)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import dask
+import pytest
+
+from wsi_norm.cluster import dask_client
+from wsi_norm.runtime import memory_settings_applied
+
+pytestmark = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="mallopt is glibc's"
+)
+
+_ALL = frozenset({"MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"})
+
+
+def _trim_env() -> str | None:
+    import os
+
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_joining_a_cluster_sets_up_its_workers_and_those_that_join_later() -> None:
+    """Nanny-started workers get ``MALLOC_TRIM_THRESHOLD_`` from distributed, which pins glibc's
+    mmap threshold at 128 KiB; joining registers the plugin, which overrides it in each worker
+    process, also in one started after the client joined."""
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                 dashboard_address=None) as cluster,
+        dask_client(cluster.scheduler_address) as client,
+    ):
+        env = client.run(_trim_env)
+        nanny = dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"]
+        assert set(env.values()) == {str(nanny)}, env
+        assert set(client.run(memory_settings_applied).values()) == {_ALL}
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        applied = client.run(memory_settings_applied)
+        assert len(applied) == 2 and set(applied.values()) == {_ALL}
