@@ -108,7 +108,12 @@ def main() -> int:
         for proc in (*workers, scheduler):
             proc.terminate()
         for proc in (*workers, scheduler):
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a worker still closing: the figures are printed
+                print(f"pid {proc.pid} did not stop within 30 s of SIGTERM: killed", file=sys.stderr)
+                proc.kill()
+                proc.wait()
     return 0
 
 

@@ -244,3 +244,21 @@ def test_distributed_workers_encode_the_same_file(
         if not processes:
             assert (len(_PREPARED) > 0) == (chunks == (512, 512))  # on the grid only
             _PREPARED.clear()
+
+
+def test_a_block_is_one_task_on_a_cluster(tmp_path: Path, slide_pixels: np.ndarray) -> None:
+    """On a ``distributed`` cluster each level-0 block is one task (its chunks' reads and maps run
+    inside it), not one task per chunk and step: the scheduler's time per task had cost more than
+    the work on a 1-GP slide. The file is the same bytes as written in one process."""
+    distributed = pytest.importorskip("distributed")
+    image = np.ascontiguousarray(np.tile(slide_pixels[1000:1700, :2200], (1, 4, 1)))  # 700 x 8800
+    array = da.from_array(image, chunks=(256, 256, 3))  # type: ignore[no-untyped-call]  # dask is unannotated
+    mapped = array.map_blocks(np.flip, axis=2, dtype=np.uint8)  # a second step per chunk
+    local = write_pyramid(mapped, tmp_path / "local.tif", mpp=MPP, provenance=PROVENANCE)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client, \
+            distributed.get_task_stream(client) as stream:
+        remote = write_pyramid(mapped, tmp_path / "cluster.tif", mpp=MPP, provenance=PROVENANCE)
+    names = Counter(str(task["key"]).split("-")[0].strip("('") for task in stream.data)
+    assert set(names) == {"_block_on_worker"}, names
+    assert 2 <= names["_block_on_worker"] < array.npartitions
+    assert _tile_bytes(remote) == _tile_bytes(local)
