@@ -796,7 +796,8 @@ def _prefetched(
             if client is None:
                 future = pool.submit(part.compute)
             else:  # one task a block: its chunks are computed on the worker that runs it
-                future = client.submit(_block_on_worker, _BlockGraph(part), prepare, pure=False)
+                future = client.submit(_block_on_worker, _BlockGraph(part), prepare, pure=False,
+                                       resources=_resources(part))
             queue.append((block, future))
 
         pending = iter(todo)
@@ -824,6 +825,18 @@ class _BlockGraph:
     adds up: ~4 CPU-s of the scheduler's alone for the ~3,000 tasks of a 1.07-GP slide)."""
 
     array: da.Array
+
+
+def _resources(array: da.Array) -> dict[str, float] | None:
+    """The worker resources the chunks' tasks ask for (``dask.annotate(resources=...)``, the
+    largest amount of each over the graph's layers; e.g. ``{"GPU": 1}`` for a map on CUDA): the
+    block's task asks for them, so it runs on a worker that has them."""
+    wanted: dict[str, float] = {}
+    graph = array.__dask_graph__()
+    for layer in getattr(graph, "layers", {}).values():  # a HighLevelGraph's layers
+        for name, amount in ((getattr(layer, "annotations", None) or {}).get("resources") or {}).items():
+            wanted[name] = max(wanted.get(name, 0.0), float(amount))
+    return wanted or None
 
 
 def _block_on_worker(block: _BlockGraph, prepare: Callable[[NDArray[np.uint8]], PreparedBlock] | None

@@ -262,3 +262,25 @@ def test_a_block_is_one_task_on_a_cluster(tmp_path: Path, slide_pixels: np.ndarr
     assert set(names) == {"_block_on_worker"}, names
     assert 2 <= names["_block_on_worker"] < array.npartitions
     assert _tile_bytes(remote) == _tile_bytes(local)
+
+
+def test_a_blocks_task_asks_for_the_resources_of_its_chunks(tmp_path: Path, slide_pixels: np.ndarray) -> None:
+    """A map annotated for GPU workers (``resources={"GPU": 1}``, as the CUDA path does) makes the
+    block's task ask for it: the block runs only on a worker that declares the resource."""
+    distributed = pytest.importorskip("distributed")
+    from dask.base import annotate
+
+    image = np.ascontiguousarray(np.tile(slide_pixels[1000:1700, :2200], (1, 4, 1)))  # 700 x 8800
+    array = da.from_array(image, chunks=(256, 256, 3))  # type: ignore[no-untyped-call]  # dask is unannotated
+    with annotate(resources={"GPU": 1}):
+        mapped = array.map_blocks(np.flip, axis=2, dtype=np.uint8)
+    workers = {"plain": {"cls": distributed.Worker, "options": {"nthreads": 1}},
+               "gpu": {"cls": distributed.Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
+    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None}}
+    with distributed.SpecCluster(workers=workers, scheduler=scheduler) as cluster, \
+            distributed.Client(cluster) as client:
+        client.wait_for_workers(2)
+        gpu = {w for w, info in client.scheduler_info()["workers"].items() if info["resources"]}
+        with distributed.get_task_stream(client) as stream:
+            write_pyramid(mapped, tmp_path / "gpu.tif", mpp=MPP, provenance=PROVENANCE)
+    assert len(gpu) == 1 and stream.data and {task["worker"] for task in stream.data} == gpu
