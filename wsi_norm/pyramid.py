@@ -784,8 +784,10 @@ def _prefetched(
         return
     client = _default_client()
     if client is not None:
-        # two blocks a worker in flight: each worker busy while the writer takes the one before
-        prefetch = max(prefetch, 2 * len(client.scheduler_info().get("workers", {})) or prefetch)
+        # a block is one task on one worker thread: two blocks a thread in flight, so every
+        # thread is busy while the writer takes the block before
+        threads = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info().get("workers", {}).values())
+        prefetch = max(prefetch, 2 * threads)
     with ThreadPoolExecutor(prefetch, thread_name_prefix="wsi-norm-block") as pool:
         queue: deque[tuple[tuple[int, int, int, int], Any]] = deque()
 
