@@ -5,9 +5,11 @@ on 127.0.0.1, then, alternating over ``--rounds``:
 
 * **local**: ``wsi-norm normalize SLIDE --method M --target T -o local.tiff`` (dask's threaded
   scheduler in the command's own process, as by default);
-* **cluster**: the same with ``--scheduler tcp://127.0.0.1:PORT``: the chunks are read and mapped
-  on the workers, the blocks travel to the command's process, which downsamples, encodes and
-  writes them.
+* **cluster**: the same with ``--scheduler tcp://127.0.0.1:PORT``: each level-0 block is one task
+  on a worker, which reads and maps its chunks, encodes its level-0 tiles and builds its lower
+  levels; the tiles and those levels travel to the command's process, which encodes the lower
+  levels and writes the file. Joining, the command gives each worker its malloc settings
+  (``wsi_norm.worker_setup.WorkerMalloc``); the workers start with glibc's defaults.
 
 Printed: wall and CPU seconds of the command, and of the two workers (CPU from ``psutil``, read
 before the cluster stops), the ratio cluster / local, and whether the decoded levels of both
