@@ -15,6 +15,10 @@ Each method is fitted on the source and on the truth (the template) and maps the
 (dB) and mean CIEDE2000 over tissue against the truth. Prints one line per case and method and
 the medians.
 
+Then gmm's own noise floor: each case's truth mapped to itself, the template fitted with the default
+seed and the "source" (the same pixels) with seeds 1 and 2: the moment match then differs from
+the identity only by the two EM fits' differences.
+
 Then the torchstain pair (``he/torchstain-source.png`` to ``he/torchstain-target.png``, white
 240, no truth): per method, the CIEDE2000 between the tissue's mean colour of the output and of
 the target, and the largest difference of the tissue's Lab standard deviations.
@@ -61,6 +65,16 @@ def _normalize(method: str, src: NDArray[np.uint8], truth: NDArray[np.uint8]) ->
     return out
 
 
+def _self_map(truth: NDArray[np.uint8], tissue: NDArray[np.bool_], seed: int) -> tuple[float, float]:
+    """gmm from the image to itself, the two fits differing only in their seed."""
+    from wsi_norm.stain.base import StainParams
+
+    t = fit_stats("gmm", truth.reshape(-1, 3), white=WHITE)
+    s = fit_stats("gmm", truth.reshape(-1, 3), white=WHITE, params=StainParams(seed=seed))
+    out = compile_colormap("gmm", s, t, source_white=WHITE, target_white=WHITE).evaluate_numpy(truth)
+    return _scores(out, truth, tissue)
+
+
 def _torchstain_pair() -> None:
     from PIL import Image
 
@@ -89,7 +103,8 @@ def main() -> None:
     args = ap.parse_args()
 
     stains = order_stains(TARGET.stain_matrix)
-    results: dict[str, dict[str, list[tuple[float, float]]]] = {"stroma-eosin": {}, "stain-vectors": {}}
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {"stroma-eosin": {}, "stain-vectors": {},
+                                                                 "self-map": {}}
     for index in range(args.cases):
         case = draw_case(index, size=args.size)
         conc = case.conc.astype(np.float64)
@@ -110,6 +125,11 @@ def main() -> None:
                     results[name].setdefault(label, []).append(score)
                     line.append(f"{label} {score[0]:5.1f} dB {score[1]:5.2f}")
             print(" | ".join(line), flush=True)
+        for seed in (1, 2):
+            score = _self_map(truth, tissue, seed)
+            results["self-map"].setdefault(f"gmm seed {seed}", []).append(score)
+            print(f"case {index} self-map, gmm with seed {seed} against seed 0: {score[0]:5.1f} dB {score[1]:5.2f}",
+                  flush=True)
     _torchstain_pair()
     for name, per_method in results.items():
         print(f"\n{name}: median over {args.cases} cases (PSNR dB on tissue, mean CIEDE2000 on tissue)")
