@@ -4,11 +4,13 @@
 it joins (``--scheduler tcp://...``, ``WSI_NORM_SCHEDULER``), so each worker process, also one
 that joins later, applies :func:`wsi_norm.runtime.return_freed_memory` as the ``wsi-norm``
 command does in its own process. This module imports ``distributed``; only the client side of a
-cluster run and the workers import it.
+cluster run and the workers import it. A program that makes its own ``distributed.Client``
+can register it the same way: ``client.register_plugin(WorkerMalloc(), name=PLUGIN_NAME)``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -33,5 +35,10 @@ class WorkerMalloc(WorkerPlugin):
 
     idempotent = True
 
+    def __init__(self) -> None:
+        self.client_pid = os.getpid()
+
     def setup(self, worker: Any) -> None:
-        return_freed_memory(in_worker=True)
+        # an in-process worker shares the client's process, whose settings its entry point chose
+        if os.getpid() != self.client_pid:
+            return_freed_memory(in_worker=True)

@@ -42,3 +42,23 @@ def test_joining_a_cluster_sets_up_its_workers_and_those_that_join_later() -> No
         client.wait_for_workers(2, timeout=60)
         applied = client.run(memory_settings_applied)
         assert len(applied) == 2 and set(applied.values()) == {_ALL}
+
+
+def test_an_in_process_worker_leaves_the_clients_process_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin changes nothing in the process that registered it (in-process workers share it),
+    and applies the settings, as a worker's, in any other process."""
+    from wsi_norm import worker_setup
+
+    calls: list[bool] = []
+
+    def record(*, in_worker: bool = False) -> bool:
+        calls.append(in_worker)
+        return True
+
+    monkeypatch.setattr(worker_setup, "return_freed_memory", record)
+    plugin = worker_setup.WorkerMalloc()
+    plugin.setup(worker=None)
+    assert calls == []
+    plugin.client_pid = -1  # as unpickled in a worker process
+    plugin.setup(worker=None)
+    assert calls == [True]
