@@ -167,13 +167,16 @@ def dask_client(
 
 
 def _set_up_workers(client: Client) -> None:
-    """Register :class:`wsi_norm.worker_setup.WorkerMalloc` with an existing cluster: every
-    worker process, also one that joins later, uses wsi-norm's malloc settings
-    (:mod:`wsi_norm.runtime`). A cluster that refuses it still runs the work, as before."""
-    from wsi_norm.worker_setup import PLUGIN_NAME, WorkerMalloc
+    """Register :class:`wsi_norm.worker_setup.WorkerMalloc` and
+    :class:`~wsi_norm.worker_setup.WorkerWarmup` with an existing cluster: every worker process,
+    also one that joins later, uses wsi-norm's malloc settings (:mod:`wsi_norm.runtime`) and
+    loads its compiled kernels while the command fits. A cluster that refuses them still runs
+    the work, as before."""
+    from wsi_norm.worker_setup import PLUGIN_NAME, WARMUP_PLUGIN_NAME, WorkerMalloc, WorkerWarmup
 
     try:
         client.register_plugin(WorkerMalloc(), name=PLUGIN_NAME)
+        client.register_plugin(WorkerWarmup(), name=WARMUP_PLUGIN_NAME)
     except Exception as exc:  # noqa: BLE001 - a speed setting: the work runs without it
         log.warning("could not apply wsi-norm's malloc settings on the workers (%s: %s); "
                     "tasks allocate more slowly", type(exc).__name__, exc)

@@ -10,17 +10,22 @@ can register it the same way: ``client.register_plugin(WorkerMalloc(), name=PLUG
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from wsi_norm.runtime import return_freed_memory
 
-__all__ = ["PLUGIN_NAME", "WorkerMalloc"]
+__all__ = ["PLUGIN_NAME", "WARMUP_PLUGIN_NAME", "WorkerMalloc", "WorkerWarmup"]
 
-#: The name the plugin is registered under (a second client's registration is then a no-op).
+#: The names the plugins are registered under (a second client's registration is then a no-op).
 PLUGIN_NAME = "wsi-norm-malloc"
+WARMUP_PLUGIN_NAME = "wsi-norm-warmup"
+
+log = logging.getLogger(__name__)
 
 
 class WorkerMalloc(WorkerPlugin):
@@ -42,3 +47,32 @@ class WorkerMalloc(WorkerPlugin):
         # an in-process worker shares the client's process, whose settings its entry point chose
         if os.getpid() != self.client_pid:
             return_freed_memory(in_worker=True)
+
+
+def _warm_up() -> None:
+    import numpy as np
+
+    from wsi_norm.colormap.maps import load_kernels
+    from wsi_norm.pyramid import downsample_2x
+    from wsi_norm.writers import tiff  # noqa: F401 - the writer's encoders (imagecodecs)
+
+    try:
+        downsample_2x(np.zeros((2, 2, 3), np.uint8), compiled=True)
+        load_kernels()
+    except Exception as exc:  # noqa: BLE001 - a head start only: the first block compiles instead
+        log.debug("wsi-norm warm-up failed: %s", exc)
+
+
+class WorkerWarmup(WorkerPlugin):
+    """Imports wsi-norm's modules and loads its compiled kernels (numba's cache) in each worker
+    process as it joins, in a background thread: while the command samples and fits the slide,
+    not in the worker's first block."""
+
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.client_pid = os.getpid()
+
+    def setup(self, worker: Any) -> None:
+        if os.getpid() != self.client_pid:
+            threading.Thread(target=_warm_up, name="wsi-norm-warmup", daemon=True).start()

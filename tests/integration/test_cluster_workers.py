@@ -62,3 +62,28 @@ def test_an_in_process_worker_leaves_the_clients_process_alone(monkeypatch: pyte
     plugin.client_pid = -1  # as unpickled in a worker process
     plugin.setup(worker=None)
     assert calls == [True]
+
+
+def _gather_loaded() -> bool:
+    from wsi_norm.colormap import maps
+
+    return maps._GATHER_WORDS is not None
+
+
+def test_joined_workers_load_the_kernels_before_the_first_block() -> None:
+    """The warm-up plugin loads the table gather (numba) in each worker process as it joins, in
+    a background thread, before any block runs there."""
+    import time
+
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                 dashboard_address=None) as cluster,
+        distributed.Client(cluster) as plain,
+    ):
+        assert set(plain.run(_gather_loaded).values()) == {False}  # nothing loads it by itself
+        with dask_client(cluster.scheduler_address) as client:
+            deadline = time.monotonic() + 120
+            while set(client.run(_gather_loaded).values()) != {True} and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert set(client.run(_gather_loaded).values()) == {True}

@@ -240,6 +240,16 @@ def _gather_words_kernel() -> Any:
     return _GATHER_WORDS
 
 
+def load_kernels() -> None:
+    """Compile (or load from numba's cache) the table gather now, on a one-pixel input: a
+    ``distributed`` worker does it as it joins (:class:`wsi_norm.worker_setup.WorkerWarmup`),
+    not in its first block."""
+    if _LITTLE_ENDIAN:
+        _gather_words_kernel()(np.zeros((1, 3), np.uint8), np.zeros(1, np.uint32), np.empty((1, 3), np.uint8))
+    else:  # pragma: no cover - big-endian hosts
+        _gather_kernel()(np.zeros((1, 3), np.uint8), np.zeros((1, 1, 1, 3), np.uint8), np.empty((1, 3), np.uint8))
+
+
 def _packed(lut: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """``(256, 256, 256, 4) uint8``, read-only: ``lut``'s colours and a zero byte."""
     packed = np.zeros((256, 256, 256, 4), dtype=np.uint8)
