@@ -2,9 +2,9 @@
 
 ``scheduler="tcp://host:8786"`` (or ``WSI_NORM_SCHEDULER``) joins an existing cluster:
 dask-jobqueue on SLURM, the dask Kubernetes operator, or any ``dask scheduler`` with workers
-(see ``deploy/``). GPU workers declare a ``GPU`` resource. Joining, it registers a worker plugin
-(:class:`wsi_norm.worker_setup.WorkerMalloc`) so that each worker process uses the same malloc
-settings as the ``wsi-norm`` command (:mod:`wsi_norm.runtime`). ``scheduler="local"`` (:data:`LOCAL`)
+(see ``deploy/``). GPU workers declare a ``GPU`` resource. Joining, it registers two worker
+plugins (:mod:`wsi_norm.worker_setup`): each worker process uses the same malloc settings as the
+``wsi-norm`` command (:mod:`wsi_norm.runtime`) and loads wsi-norm's kernels as it joins. ``scheduler="local"`` (:data:`LOCAL`)
 starts an embedded ``distributed`` cluster in this process (in-process threads: no pickling of
 slides or 48 MiB lookup tables between processes; the hot loops release the GIL), with its
 dashboard when asked for.
@@ -178,8 +178,8 @@ def _set_up_workers(client: Client) -> None:
         client.register_plugin(WorkerMalloc(), name=PLUGIN_NAME)
         client.register_plugin(WorkerWarmup(), name=WARMUP_PLUGIN_NAME)
     except Exception as exc:  # noqa: BLE001 - a speed setting: the work runs without it
-        log.warning("could not apply wsi-norm's malloc settings on the workers (%s: %s); "
-                    "tasks allocate more slowly", type(exc).__name__, exc)
+        log.warning("could not set up the workers (wsi-norm's malloc settings and warm-up: %s: %s); "
+                    "the work runs, more slowly", type(exc).__name__, exc)
 
 
 _DISTRIBUTED_LOGGERS = ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core")

@@ -1,11 +1,12 @@
 """Settings of the ``distributed`` worker processes that run wsi-norm's tasks.
 
-:func:`wsi_norm.cluster.dask_client` registers :class:`WorkerMalloc` with every existing cluster
-it joins (``--scheduler tcp://...``, ``WSI_NORM_SCHEDULER``), so each worker process, also one
-that joins later, applies :func:`wsi_norm.runtime.return_freed_memory` as the ``wsi-norm``
-command does in its own process. This module imports ``distributed``; only the client side of a
-cluster run and the workers import it. A program that makes its own ``distributed.Client``
-can register it the same way: ``client.register_plugin(WorkerMalloc(), name=PLUGIN_NAME)``.
+:func:`wsi_norm.cluster.dask_client` registers :class:`WorkerMalloc` and :class:`WorkerWarmup`
+with every existing cluster it joins (``--scheduler tcp://...``, ``WSI_NORM_SCHEDULER``), so each
+worker process, also one that joins later, applies :func:`wsi_norm.runtime.return_freed_memory`
+as the ``wsi-norm`` command does in its own process, and loads wsi-norm's compiled kernels while
+the command fits. This module imports ``distributed``; only the client side of a cluster run and
+the workers import it. A program that makes its own ``distributed.Client`` can register them the
+same way: ``client.register_plugin(WorkerMalloc(), name=PLUGIN_NAME)``.
 """
 
 from __future__ import annotations
