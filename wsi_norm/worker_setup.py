@@ -29,7 +29,24 @@ WARMUP_PLUGIN_NAME = "wsi-norm-warmup"
 log = logging.getLogger(__name__)
 
 
-class WorkerMalloc(WorkerPlugin):
+class _InWorkerProcesses(WorkerPlugin):
+    """A plugin that acts only in worker processes other than the one that registered it: an
+    in-process worker shares the client's process, whose settings its entry point chose."""
+
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.client_pid = os.getpid()
+
+    def setup(self, worker: Any) -> None:
+        if os.getpid() != self.client_pid:
+            self.in_worker_process()
+
+    def in_worker_process(self) -> None:
+        raise NotImplementedError
+
+
+class WorkerMalloc(_InWorkerProcesses):
     """glibc's malloc settings of :mod:`wsi_norm.runtime`, in each worker process.
 
     The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which keeps glibc's mmap
@@ -39,15 +56,8 @@ class WorkerMalloc(WorkerPlugin):
     worker's environment still wins.
     """
 
-    idempotent = True
-
-    def __init__(self) -> None:
-        self.client_pid = os.getpid()
-
-    def setup(self, worker: Any) -> None:
-        # an in-process worker shares the client's process, whose settings its entry point chose
-        if os.getpid() != self.client_pid:
-            return_freed_memory(in_worker=True)
+    def in_worker_process(self) -> None:
+        return_freed_memory(in_worker=True)
 
 
 def _warm_up() -> None:
@@ -64,16 +74,10 @@ def _warm_up() -> None:
         log.debug("wsi-norm warm-up failed: %s", exc)
 
 
-class WorkerWarmup(WorkerPlugin):
+class WorkerWarmup(_InWorkerProcesses):
     """Imports wsi-norm's modules and loads its compiled kernels (numba's cache) in each worker
     process as it joins, in a background thread: while the command samples and fits the slide,
     not in the worker's first block."""
 
-    idempotent = True
-
-    def __init__(self) -> None:
-        self.client_pid = os.getpid()
-
-    def setup(self, worker: Any) -> None:
-        if os.getpid() != self.client_pid:
-            threading.Thread(target=_warm_up, name="wsi-norm-warmup", daemon=True).start()
+    def in_worker_process(self) -> None:
+        threading.Thread(target=_warm_up, name="wsi-norm-warmup", daemon=True).start()
