@@ -32,6 +32,8 @@ def maps() -> dict[str, ColorMap]:
     out["none"] = compile_colormap("none")
     out["keep"] = compile_colormap("reinhard", fit_stats("reinhard", src), fit_stats("reinhard", tgt),
                                    source_white=SRC_WHITE, target_white=TGT_WHITE, glass="keep")
+    out["keep-macenko"] = compile_colormap("macenko", fit_stats("macenko", src, FAST), fit_stats("macenko", tgt, FAST),
+                                           source_white=SRC_WHITE, target_white=TGT_WHITE, glass="keep")
     return out
 
 
@@ -53,6 +55,19 @@ def test_lut_is_bit_identical_to_numpy(maps: dict[str, ColorMap], probe: NDArray
     r = 97
     block = np.stack(np.meshgrid([r], np.arange(256), np.arange(256), indexing="ij"), -1).reshape(-1, 3).astype(np.uint8)
     assert np.array_equal(lut[r].reshape(-1, 3), cmap.evaluate_numpy(block))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "gmm"] + ["keep", "keep-macenko"])
+def test_broadcast_built_table_is_per_pixel_evaluation_of_every_colour(maps: dict[str, ColorMap],
+                                                                       method: str) -> None:
+    # maps that broadcast build their table from (1, 1), (256, 1) and (1, 256) planes; all 256^3
+    # entries must equal per-pixel evaluation (float64 element by element, as evaluate_numpy)
+    cmap = maps[method]
+    assert type(cmap).broadcasts
+    packed = cmap._build_packed()
+    every = np.indices((256, 256, 256), dtype=np.uint8).reshape(3, -1).T
+    assert np.array_equal(packed.reshape(-1, 4)[:, :3], cmap.evaluate_numpy(every))
+    assert not packed[..., 3].any()
 
 
 def test_gather_with_repeated_pixels_is_the_table(maps: dict[str, ColorMap]) -> None:

@@ -250,10 +250,20 @@ def load_kernels() -> None:
         _gather_kernel()(np.zeros((1, 3), np.uint8), np.zeros((1, 1, 1, 3), np.uint8), np.empty((1, 3), np.uint8))
 
 
+def _in_parallel(fill: Any) -> None:
+    """``fill(r)`` for r in 0..255 on a thread pool (numpy releases the GIL in its loops)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        list(pool.map(fill, range(256)))
+
+
 def _packed(lut: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """``(256, 256, 256, 4) uint8``, read-only: ``lut``'s colours and a zero byte."""
-    packed = np.zeros((256, 256, 256, 4), dtype=np.uint8)
-    packed[..., :3] = lut
+    """``(256, 256, 256, 4) uint8``, read-only: ``lut``'s colours and a zero byte, copied one
+    channel at a time (a copy of 3-byte rows runs its inner loop 16.7 M times: 0.1-0.3 s)."""
+    packed = np.empty((256, 256, 256, 4), dtype=np.uint8)
+    words, colours = packed.reshape(-1, 4), lut.reshape(-1, 3)
+    for c in range(3):
+        words[:, c] = colours[:, c]
+    words[:, 3] = 0
     packed.flags.writeable = False
     return packed
 
@@ -265,6 +275,12 @@ class ColorMap:
     """
 
     method: ClassVar[str] = "base"
+    #: ``_map_channels`` is element-wise under numpy broadcasting (no stacking, no matrix
+    #: products across channels): the table is then built from planes of shape ``(1, 1)``,
+    #: ``(256, 1)`` and ``(1, 256)``, so per-channel work (logarithms, sRGB decoding) runs on 256
+    #: values instead of 65,536 a block, with the same float64 operations on each element
+    #: (``tests/unit/test_colormap.py`` compares the whole table with per-pixel evaluation).
+    broadcasts: ClassVar[bool] = False
 
     def __init__(self, *, glass: GlassBlend | None = None) -> None:
         self.glass = glass
@@ -357,7 +373,7 @@ class ColorMap:
                     with _LUT_CACHE_LOCK:
                         packed = _LUT_CACHE.get(key)
                     if packed is None:
-                        packed = _packed(self._build_lut())
+                        packed = self._build_packed()
                         with _LUT_CACHE_LOCK:
                             _LUT_CACHE[key] = packed
                             while len(_LUT_CACHE) > _LUT_CACHE_SIZE:
@@ -384,6 +400,9 @@ class ColorMap:
             return self.cache_key() in _LUT_CACHE
 
     def _build_lut(self) -> NDArray[np.uint8]:
+        """The table ``(256, 256, 256, 3) uint8``, per-pixel evaluation of every colour in 256 blocks
+        of one red value (a map whose numpy math does not broadcast overrides :meth:`_build_packed`
+        through this)."""
         lut = np.empty((256, 256, 256, 3), dtype=np.uint8)
         gb = np.indices((256, 256), dtype=np.uint8).reshape(2, -1).T  # (65536, 2): g, b
 
@@ -393,11 +412,35 @@ class ColorMap:
             block[:, 0] = r
             lut[r] = self.evaluate_numpy(block).reshape(256, 256, 3)
 
-        # numpy releases the GIL in its loops: the 256 blocks fill in parallel
-        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-            list(pool.map(fill, range(256)))
+        _in_parallel(fill)
         lut.flags.writeable = False
         return lut
+
+    def _build_packed(self) -> NDArray[np.uint8]:
+        """The 4-byte table ``(256, 256, 256, 4) uint8`` (colour, zero byte), read-only.
+
+        A map that :attr:`broadcasts` is evaluated per block of one red value on the planes
+        ``r: (1, 1)``, ``g: (256, 1)``, ``b: (1, 256)`` and written straight into the table: the
+        Macenko table in 0.15 s instead of 0.57 s (plus 0.1-0.3 s to pack it), Reinhard's in 1.2 s
+        instead of 2.3 s. Every element sees the float64 operations of :meth:`evaluate_numpy`,
+        in the same order, so the values are the same.
+        """
+        if not self.broadcasts:
+            return _packed(self._build_lut())
+        packed = np.empty((256, 256, 256, 4), dtype=np.uint8)
+        levels = np.arange(256, dtype=np.float64)
+        green, blue = levels[:, None], levels[None, :]
+
+        def fill(r: int) -> None:
+            mapped = self._evaluate_channels(np, np.full((1, 1), float(r)), green, blue)
+            block = packed[r]
+            for c in range(3):
+                block[..., c] = np.clip(np.rint(mapped[c]), 0.0, 255.0).astype(np.uint8)
+            block[..., 3] = 0
+
+        _in_parallel(fill)
+        packed.flags.writeable = False
+        return packed
 
     def apply(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """Map a tile by LUT gather (fast CPU path, releases the GIL).
@@ -517,6 +560,7 @@ class StainMatrixMap(ColorMap):
     """
 
     method: ClassVar[str] = "stain_matrix"
+    broadcasts: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -566,6 +610,7 @@ class ReinhardMap(ColorMap):
     """
 
     method: ClassVar[str] = "reinhard"
+    broadcasts: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -600,6 +645,7 @@ class HistogramMap(ColorMap):
     """
 
     method: ClassVar[str] = "histmatch"
+    broadcasts: ClassVar[bool] = True
 
     def __init__(self, tables: NDArray[np.uint8], *, glass: GlassBlend | None = None) -> None:
         super().__init__(glass=glass)
