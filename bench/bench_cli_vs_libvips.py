@@ -14,8 +14,10 @@ medians over rounds and, per command, the median of its per-round ratio to libvi
 
 Slides are generated once into ``--workdir`` (the project's Beer-Lambert generator with real
 texture from the shared H&E patches when present, else procedural; 256-px JPEG q90 tiles, the
-layout of an Aperio scan). The target template is fitted once from the torchstain target
-patch, or from a generated slide of other stains without the shared data.
+layout of an Aperio scan). Each method's target template is fitted once from the torchstain
+target patch, or from a generated slide of other stains without the shared data. Also printed:
+each method's wall time over the plain copy's (``--method none``) in the same round, the cost of
+normalizing.
 
     python bench/bench_cli_vs_libvips.py --sizes 16384 32768 --rounds 3 --workdir bench-out-cli
 """
@@ -48,14 +50,14 @@ def _generate(size: int, workdir: Path) -> Path:
     return path
 
 
-def _template(workdir: Path) -> Path:
+def _template(workdir: Path, method: str) -> Path:
     from wsi_norm.testing.data import data_dir
 
-    path = workdir / "target-macenko.json"
+    path = workdir / f"target-{method}.json"
     if not path.exists():
         data = data_dir()
         ref = data / "he" / "torchstain-target.png" if data is not None else _generate(2048, workdir)
-        subprocess.run(["wsi-norm", "fit", str(ref), "--method", "macenko", "-o", str(path), "-q"],
+        subprocess.run(["wsi-norm", "fit", str(ref), "--method", method, "-o", str(path), "-q"],
                        check=True, capture_output=True)
     return path
 
@@ -83,7 +85,7 @@ def main() -> int:
     if shutil.which("vips") is None:
         raise SystemExit("vips not found: apt-get install libvips-tools")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    template = _template(args.workdir) if args.methods else None
+    templates = {method: _template(args.workdir, method) for method in args.methods}
     runs: list[dict[str, Any]] = []
     for size in args.sizes:
         slide = _generate(size, args.workdir)
@@ -96,7 +98,7 @@ def main() -> int:
                      "--overwrite", "-q"],
         }
         for method in args.methods:
-            commands[method] = ["wsi-norm", "normalize", str(slide), "--method", method, "--target", str(template),
+            commands[method] = ["wsi-norm", "normalize", str(slide), "--method", method, "--target", str(templates[method]),
                                 "-o", f"{out}-{method}.tiff", "--overwrite", "-q"]
         names = list(commands)
         _run(commands["libvips"])  # warm the page cache
@@ -118,6 +120,12 @@ def main() -> int:
                   f"peak {max(x['peak_mib'] for x in mine):5.0f} MiB  "
                   f"x libvips wall {statistics.median(ratios):.2f} (rounds {', '.join(f'{v:.2f}' for v in ratios)})  "
                   f"cpu {statistics.median(cpu_ratios):.2f}")
+        for name in args.methods:  # the cost of normalizing: each round's run over that round's plain copy
+            over = [x["wall_s"] / next(v["wall_s"] for v in runs if v["size"] == size and v["round"] == x["round"]
+                                       and v["command"] == "none")
+                    for x in runs if x["size"] == size and x["command"] == name]
+            print(f"{size}px {name:9s} x none wall {statistics.median(over):.2f} "
+                  f"(rounds {', '.join(f'{v:.2f}' for v in over)})")
     if args.json is not None:
         args.json.write_text(json.dumps(runs, indent=1))
     return 0
