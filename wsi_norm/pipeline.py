@@ -934,19 +934,21 @@ def normalize_slide(
             cmap, qc = compile_checked(slide_fit, template, stain_params, glass=glass, force=force,
                                        what=str(slide.path))
             whites = {"source": slide_fit.white.to_dict(), "target": template.white.to_dict()}
-        if dev == "cpu" and not small and method != "none":
+        # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries; so are
+        # a costly map's on any slide (gmm: each distinct colour once, not all 256^3); the
+        # identity is no work at all (the copy streams the slide's own chunks)
+        direct = small or getattr(cmap, "memo_for_slides", False)
+        if dev == "cpu" and not direct and method != "none":
             cmap.lut()  # compile once here; every copy of the map in this process reuses it
         t_fit = time.perf_counter()
 
-        # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries; the
-        # identity is no work at all (the copy streams the slide's own chunks)
         normalized: Any
         if held is not None:
             level0: Any = held
             normalized = level0 if method == "none" else _evaluate_in_bands(level0, cmap)
         else:
             level0 = slide.to_dask(0, chunk_px=chunk_px)
-            normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=small)
+            normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=direct)
         provenance: dict[str, Any] = {
             "tool": "wsi-norm",
             "wsi_norm_version": __version__,

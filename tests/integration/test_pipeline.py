@@ -88,6 +88,29 @@ def test_small_slide_direct_map_equals_the_table(sample_svs: Path, shared_data: 
     assert direct.shape == (2967, 2220, 3) and np.array_equal(direct, table)
 
 
+def test_gmm_maps_a_large_slide_without_its_whole_table(sample_svs: Path, shared_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the mixture map costs ~0.2 us a colour, so a slide of any size evaluates only its own
+    # colours (memo) rather than all 256^3 first; the same file as through the whole table
+    from wsi_norm import pipeline
+    from wsi_norm.colormap import clear_lut_cache
+    from wsi_norm.colormap.gmm import GmmMap
+    from wsi_norm.colormap.maps import _LUT_CACHE
+
+    monkeypatch.setattr(pipeline, "_LUT_WORTH_PX", 1 << 20)  # CMU (6.6 MP) counts as a large slide
+    template = fit_template([shared_data / "he" / "torchstain-target.png"], method="gmm", n_pixels=50_000)
+    source_fit = pipeline.fit_slide(sample_svs, method="gmm", n_pixels=50_000)
+    outs = []
+    for memo in (True, False):
+        clear_lut_cache()
+        monkeypatch.setattr(GmmMap, "memo_for_slides", memo)
+        out = normalize_slide(sample_svs, tmp_path / f"memo-{memo}.tiff", method="gmm", target=template,
+                              source_fit=source_fit, chunk_px=512, fit=FitOptions(n_pixels=50_000)).out
+        assert bool(_LUT_CACHE) is not memo  # the whole table is built only without the memo
+        outs.append(read_level(out, 0))
+    assert outs[0].shape == (2967, 2220, 3) and np.array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("method", ["none", "macenko"])
 def test_small_slide_in_memory_equals_the_chunked_path(
     sample_svs: Path, shared_data: Path, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch

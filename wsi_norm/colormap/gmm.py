@@ -262,6 +262,7 @@ class GmmMap(ColorMap):
     """
 
     method: ClassVar[str] = "gmm"
+    memo_for_slides: ClassVar[bool] = True
 
     def __init__(
         self,

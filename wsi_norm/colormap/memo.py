@@ -60,8 +60,24 @@ def _kernels() -> dict[str, Any]:
                 out[i, 2] = v & 255
             return True
 
+        @numba.njit(nogil=True, cache=True)
+        def gather_or_miss(pixels: Any, table: Any, out: Any, missed: Any) -> int:  # pragma: no cover - compiled
+            n = 0
+            for i in range(pixels.shape[0]):
+                key = (np.uint32(pixels[i, 0]) << 16) | (np.uint32(pixels[i, 1]) << 8) | np.uint32(pixels[i, 2])
+                v = table[key]
+                if (v & (1 << 24)) == 0:
+                    missed[n] = i
+                    n += 1
+                else:
+                    out[i, 0] = (v >> 16) & 255
+                    out[i, 1] = (v >> 8) & 255
+                    out[i, 2] = v & 255
+            return n
+
         _KERNELS["claim"] = claim
         _KERNELS["gather"] = gather
+        _KERNELS["gather_or_miss"] = gather_or_miss
     return _KERNELS
 
 
@@ -80,8 +96,28 @@ class MemoTable:
         self._cond = threading.Condition()
 
     def __call__(self, flat: NDArray[np.uint8]) -> NDArray[np.uint8]:
-        """Map ``(N, 3) uint8`` C-contiguous pixels; bit-identical to ``evaluate(flat)``."""
+        """Map ``(N, 3) uint8`` C-contiguous pixels; bit-identical to ``evaluate(flat)``.
+
+        Once the table exists, one pass gathers every pixel whose colour is filled and lists the
+        others (no lock: each entry is one 32-bit word, written whole); only those go through
+        claim, evaluation and a second gather. A chunk of a large slide whose colours are all
+        known is then one pass over its pixels, as a gather from the whole table is.
+        """
         kernels = _kernels()
+        table = self._table
+        if table is None:
+            return self._fill_and_gather(flat, kernels)
+        out = np.empty_like(flat)
+        missed = np.empty(len(flat), dtype=np.intp)
+        n = kernels["gather_or_miss"](flat, table, out, missed)
+        if n:
+            rest = missed[:n]
+            out[rest] = self._fill_and_gather(np.ascontiguousarray(flat[rest]), kernels)
+        return out
+
+    def _fill_and_gather(self, flat: NDArray[np.uint8], kernels: dict[str, Any]) -> NDArray[np.uint8]:
+        """Claim and evaluate the colours of ``flat`` not in the table yet, then gather; waits
+        for colours another thread is still evaluating."""
         out = np.empty_like(flat)
         while True:
             self._fill(flat, kernels["claim"])
