@@ -140,3 +140,30 @@ def test_vahadane_on_gpu_matches_cpu(conc_maps: dict[str, NDArray[np.float64]]) 
     cpu = fit_vahadane(px, StainParams(max_fit_pixels=5000), white=WHITE)
     gpu = fit_vahadane(px, StainParams(max_fit_pixels=5000, device="cuda"), white=WHITE)
     assert np.all(stain_matrix_angles_deg(cpu.stain_matrix, gpu.stain_matrix) < 0.01)
+
+
+def test_numpy_and_torch_solvers_are_the_same_function(conc_maps: dict[str, NDArray[np.float64]]) -> None:
+    # the CPU fit runs in numpy (no torch import); other devices run the same code in torch:
+    # on the CPU both reach the same dictionary to rounding
+    from wsi_norm.stain.vahadane import learn_dictionary
+
+    px = tissue(jpeg90(render(conc_maps["source"], STAIN_SETS["e10_blue"])))
+    od = rgb_to_od(px, white=WHITE)
+    od = od[np.linalg.norm(od, axis=1) >= 0.15][:20000]
+    start = np.array(STAIN_SETS["ruifrok"], dtype=np.float64)
+    for params in (StainParams(), StainParams(l1_penalty=0.1, debias=False)):
+        ours = learn_dictionary(od, start, params)
+        theirs = learn_dictionary(torch.from_numpy(od), torch.from_numpy(start), params).numpy()
+        assert isinstance(ours, np.ndarray) and np.abs(ours - theirs).max() < 1e-12
+        assert np.abs(ours - start).max() > 1e-3  # it did learn
+
+
+def test_cpu_fit_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from wsi_norm.stain.vahadane import fit_vahadane; "
+            "rng = np.random.default_rng(0); px = rng.integers(40, 200, (5000, 3)).astype(np.uint8); "
+            "fit_vahadane(px); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -10,7 +10,8 @@ objective of ``spams.trainDL(mode=2, posAlpha=True, posD=True)`` used by the
 authors, and of scikit-learn's ``DictionaryLearning(positive_dict=True,
 positive_code=True)``).
 
-Solver: alternating minimisation in torch, batched over pixels, on any device.
+Solver: alternating minimisation, batched over pixels: numpy on the CPU (no torch import), the
+same code in torch on another device (``params.device``).
 
 * Code step: with two atoms, the non-negative lasso of each pixel is solved
   exactly in closed form (the unconstrained solution if non-negative, otherwise
@@ -19,8 +20,8 @@ Solver: alternating minimisation in torch, batched over pixels, on any device.
   projected onto the non-negative unit ball.
 
 It starts from the default Macenko estimate (deterministic), and the pixel
-subsample is drawn with a seeded ``torch.Generator``, so a fit is
-deterministic for a given seed on CPU.
+subsample is drawn with a seeded numpy generator (the same pixels on every device), so a fit is
+deterministic for a given seed.
 
 Debiasing (``params.debias``, default on): the L1 penalty shrinks every code,
 and the dictionary tilts to compensate wherever pixels hold both stains (at
@@ -42,12 +43,13 @@ JMLR 11, 2010.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_norm.color import rgb_to_od
+from wsi_norm.color import array_namespace, rgb_to_od
 from wsi_norm.errors import FitError
 from wsi_norm.stain.base import (
     StainMatrixStats,
@@ -61,7 +63,7 @@ from wsi_norm.stain.base import (
 )
 from wsi_norm.stain.macenko import fit_macenko
 
-__all__ = ["VahadaneStats", "aggregate_vahadane", "fit_vahadane", "sparse_code"]
+__all__ = ["VahadaneStats", "aggregate_vahadane", "fit_vahadane", "learn_dictionary", "sparse_code"]
 
 
 class VahadaneStats(StainMatrixStats):
@@ -70,70 +72,107 @@ class VahadaneStats(StainMatrixStats):
     method: ClassVar[str] = "vahadane"
 
 
+def _copy(a: Any) -> Any:
+    return a.copy() if isinstance(a, np.ndarray) else a.clone()
+
+
+def _positive(xp: ModuleType, a: Any) -> Any:
+    """``max(a, 0)`` element-wise (numpy or torch)."""
+    return xp.maximum(a, xp.zeros_like(a))
+
+
+def _norm(xp: ModuleType, v: Any) -> Any:
+    return np.linalg.norm(v) if xp is np else xp.linalg.vector_norm(v)
+
+
 def sparse_code(od: Any, dictionary: Any, l1_penalty: float) -> Any:
-    """Exact non-negative lasso codes of pixels on a two-atom dictionary (torch).
+    """Exact non-negative lasso codes of pixels on a two-atom dictionary (numpy or torch).
 
     Parameters
     ----------
-    od : (N, 3) torch float tensor, optical density
-    dictionary : (2, 3) torch float tensor, atoms as rows
+    od : (N, 3) float array or tensor, optical density
+    dictionary : (2, 3) float array or tensor (the same kind), atoms as rows
     l1_penalty : float, lambda >= 0
 
     Returns
     -------
-    conc : (N, 2) torch tensor >= 0, minimising
+    conc : (N, 2) array or tensor >= 0, minimising
         ``0.5 * ||od_i - conc_i @ dictionary||^2 + l1_penalty * sum(conc_i)`` per pixel
     """
-    import torch
-
+    xp = array_namespace(od)
     gram = dictionary @ dictionary.T  # (2, 2)
     b = od @ dictionary.T - l1_penalty  # (N, 2)
     # One-atom solutions and their objective gains 0.5 * max(b_k, 0)^2 / G_kk.
-    pos = torch.clamp(b, min=0.0)
-    diag = torch.diagonal(gram)
+    pos = _positive(xp, b)
+    diag = xp.diagonal(gram)
     single = pos / diag
     gain = pos * single
     only0 = gain[:, 0] >= gain[:, 1]
-    conc = torch.where(only0[:, None], single * single.new_tensor([1.0, 0.0]), single * single.new_tensor([0.0, 1.0]))
+    conc = xp.where(xp.stack([only0, ~only0], 1), single, xp.zeros_like(single))
     det = gram[0, 0] * gram[1, 1] - gram[0, 1] * gram[1, 0]
     if float(det) > 1e-12 * float(gram[0, 0] * gram[1, 1]):
         # The unconstrained minimiser is optimal where it is feasible (convex problem);
         # elsewhere the optimum lies on a face of the orthant: the better one-atom solution.
-        both = torch.stack(
-            [gram[1, 1] * b[:, 0] - gram[0, 1] * b[:, 1], gram[0, 0] * b[:, 1] - gram[1, 0] * b[:, 0]], dim=1
+        both = xp.stack(
+            [gram[1, 1] * b[:, 0] - gram[0, 1] * b[:, 1], gram[0, 0] * b[:, 1] - gram[1, 0] * b[:, 0]], 1
         ) / det
-        conc = torch.where((both >= 0).all(dim=1)[:, None], both, conc)
+        conc = xp.where(xp.all(both >= 0, 1)[:, None], both, conc)
     return conc
 
 
 def _dictionary_step(od: Any, conc: Any, dictionary: Any) -> Any:
     """One block-coordinate pass over the atoms, projected on the non-negative unit ball."""
-    import torch
-
+    xp = array_namespace(od)
     a = conc.T @ conc  # (2, 2)
     b = od.T @ conc  # (3, 2)
-    d = dictionary.clone()
+    d = _copy(dictionary)
     for k in range(2):
         if float(a[k, k]) <= 1e-12:
             continue
-        u = d[k] + (b[:, k] - d.T @ a[:, k]) / a[k, k]
-        u = torch.clamp(u, min=0.0)
-        d[k] = u / torch.clamp(torch.linalg.vector_norm(u), min=1.0)
+        u = _positive(xp, d[k] + (b[:, k] - d.T @ a[:, k]) / a[k, k])
+        d[k] = u / max(float(_norm(xp, u)), 1.0)
     return d
 
 
 def _debias(od: Any, conc: Any, dictionary: Any, min_support: int = 50) -> Any:
     """Refit each atom on the pixels coded by it alone: their leading right singular vector."""
-    import torch
-
-    d = dictionary.clone()
+    xp = array_namespace(od)
+    d = _copy(dictionary)
     for k in range(2):
         alone = (conc[:, k] > 0) & (conc[:, 1 - k] <= 0)
         if int(alone.sum()) < min_support:
             continue
-        _, _, vh = torch.linalg.svd(od[alone], full_matrices=False)
+        _, _, vh = xp.linalg.svd(od[alone], full_matrices=False)
         v = vh[0]
         d[k] = v if float(v.sum()) > 0 else -v
+    return d
+
+
+def learn_dictionary(od: Any, start: Any, params: StainParams) -> Any:
+    """The alternating minimisation from ``start`` (then the debiasing refit), on ``od``'s device.
+
+    Parameters
+    ----------
+    od : (N, 3) float64 array (CPU) or tensor (any device), optical density
+    start : (2, 3) float64, the same kind: non-negative unit rows
+    params : StainParams
+        ``l1_penalty``, ``iterations``, ``debias``.
+
+    Returns
+    -------
+    (2, 3) float64 array or tensor, the dictionary's atoms as rows
+    """
+    xp = array_namespace(od)
+    d = start
+    for _ in range(params.iterations):
+        conc = sparse_code(od, d, params.l1_penalty)
+        d_new = _dictionary_step(od, conc, d)
+        change = float(xp.abs(d_new - d).max())
+        d = d_new
+        if change < 1e-7:
+            break
+    if params.debias:
+        d = _debias(od, sparse_code(od, d, params.l1_penalty), d)
     return d
 
 
@@ -165,8 +204,6 @@ def fit_vahadane(
     """
     import dataclasses
 
-    import torch
-
     p = params or StainParams()
     tissue = tissue_pixels(pixels)
     w = white_of(white, p)
@@ -184,25 +221,19 @@ def fit_vahadane(
     except FitError as exc:  # the Macenko start is part of this fit: say so under its name
         detail = str(exc).removeprefix("macenko: ")
         raise FitError(f"vahadane: its Macenko initialisation failed: {detail}") from exc
-    gen = torch.Generator(device="cpu").manual_seed(int(p.seed))
-    x = torch.from_numpy(od)
-    if len(x) > p.max_fit_pixels:
-        idx = torch.randperm(len(x), generator=gen)[: p.max_fit_pixels]
-        x = x[idx]
-    device = torch.device(p.device)
-    x = x.to(device=device, dtype=torch.float64)
-    d = torch.clamp(torch.from_numpy(init.stain_matrix.copy()), min=0.0).to(device=device, dtype=torch.float64)
-    d = d / torch.linalg.vector_norm(d, dim=1, keepdim=True).clamp(min=1e-12)
-    for _ in range(p.iterations):
-        conc = sparse_code(x, d, p.l1_penalty)
-        d_new = _dictionary_step(x, conc, d)
-        change = float(torch.max(torch.abs(d_new - d)))
-        d = d_new
-        if change < 1e-7:
-            break
-    if p.debias:
-        d = _debias(x, sparse_code(x, d, p.l1_penalty), d)
-    raw = d.cpu().numpy()
+    if len(od) > p.max_fit_pixels:  # a seeded subsample, the same on every device
+        od = od[np.random.default_rng(p.seed).choice(len(od), p.max_fit_pixels, replace=False)]
+    start = np.maximum(init.stain_matrix, 0.0)
+    start = start / np.maximum(np.linalg.norm(start, axis=1, keepdims=True), 1e-12)
+    if p.device == "cpu":  # numpy: no torch import (~1 s) for a CPU fit
+        raw = np.asarray(learn_dictionary(np.ascontiguousarray(od, dtype=np.float64), start, p))
+    else:
+        import torch
+
+        device = torch.device(p.device)
+        learned = learn_dictionary(torch.from_numpy(np.ascontiguousarray(od, dtype=np.float64)).to(device),
+                                   torch.from_numpy(start).to(device), p)
+        raw = learned.cpu().numpy()
     if np.any(np.linalg.norm(raw, axis=1) < 1e-6):
         raise FitError(
             f"vahadane: an atom of the dictionary vanished (l1_penalty={p.l1_penalty} too large "
