@@ -93,7 +93,7 @@ class StainParams:
     iterations : int
         Vahadane: alternating iterations of the dictionary learning; 60.
     device : str
-        Vahadane: torch device of the solver ("cpu", "cuda", ...).
+        Vahadane: where the solver runs: "cpu" (numpy) or a torch device ("cuda", ...).
     codec_correction : bool
         Macenko and Vahadane on a slide whose JPEG tiles are read directly (Aperio SVS, generic
         tiled TIFF): remove the bias the slide's own coding puts into the stain vectors by
