@@ -49,18 +49,6 @@ def _kernels() -> dict[str, Any]:
             return n
 
         @numba.njit(nogil=True, cache=True)
-        def gather(pixels: Any, table: Any, out: Any) -> bool:  # pragma: no cover - compiled
-            for i in range(pixels.shape[0]):
-                key = (np.uint32(pixels[i, 0]) << 16) | (np.uint32(pixels[i, 1]) << 8) | np.uint32(pixels[i, 2])
-                v = table[key]
-                if (v & (1 << 24)) == 0:
-                    return False
-                out[i, 0] = (v >> 16) & 255
-                out[i, 1] = (v >> 8) & 255
-                out[i, 2] = v & 255
-            return True
-
-        @numba.njit(nogil=True, cache=True)
         def gather_or_miss(pixels: Any, table: Any, out: Any, missed: Any) -> int:  # pragma: no cover - compiled
             n = 0
             for i in range(pixels.shape[0]):
@@ -76,7 +64,6 @@ def _kernels() -> dict[str, Any]:
             return n
 
         _KERNELS["claim"] = claim
-        _KERNELS["gather"] = gather
         _KERNELS["gather_or_miss"] = gather_or_miss
     return _KERNELS
 
@@ -119,9 +106,10 @@ class MemoTable:
         """Claim and evaluate the colours of ``flat`` not in the table yet, then gather; waits
         for colours another thread is still evaluating."""
         out = np.empty_like(flat)
+        missed = np.empty(len(flat), dtype=np.intp)
         while True:
             self._fill(flat, kernels["claim"])
-            if kernels["gather"](flat, self._table, out):
+            if kernels["gather_or_miss"](flat, self._table, out, missed) == 0:
                 return out
             with self._cond:  # a colour another thread is still evaluating
                 self._cond.wait(timeout=0.01)
