@@ -102,6 +102,9 @@ def test_direct_path_is_the_table(maps: dict[str, ColorMap], method: str) -> Non
     # colour evaluated once, into a table two threads fill together): the table's values, exactly
     from concurrent.futures import ThreadPoolExecutor
 
+    from wsi_norm.colormap.memo import clear_memos
+
+    clear_memos()  # gmm's memo is shared by every copy of the map in the process: start empty
     cmap = pickle.loads(pickle.dumps(maps[method]))  # a fresh copy: no table, no memo yet
     rng = np.random.default_rng(11)
     real = load_he("source")
@@ -112,6 +115,37 @@ def test_direct_path_is_the_table(maps: dict[str, ColorMap], method: str) -> Non
     lut = maps[method].lut()
     for tile, out in zip(tiles, outs, strict=True):
         assert np.array_equal(out, lut[tile[..., 0], tile[..., 1], tile[..., 2]])
+
+
+def test_copies_of_a_map_share_one_memo(maps: dict[str, ColorMap], monkeypatch: pytest.MonkeyPatch) -> None:
+    # a distributed cluster hands every task its own unpickled copy of the map; gmm's table of
+    # evaluated colours must be one per map and process, not one per copy (each chunk would
+    # evaluate all its colours again: 2.5 GiB and 1.6 x the time on a 268-MP slide)
+    from wsi_norm.colormap.memo import clear_memos
+
+    cmap = maps["gmm"]
+    assert type(cmap).memo_for_slides
+    evaluated: list[int] = []
+    plain = type(cmap).evaluate_numpy
+
+    def counted(self: ColorMap, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        evaluated.append(int(np.prod(rgb.shape[:-1])))
+        return plain(self, rgb)
+
+    monkeypatch.setattr(type(cmap), "evaluate_numpy", counted)
+    clear_memos()
+    tile = np.ascontiguousarray(load_he("source")[:120, :160])
+    first = pickle.loads(pickle.dumps(cmap)).evaluate_direct(tile)
+    assert sum(evaluated) > 1000  # the tile's distinct colours, evaluated once
+    evaluated.clear()
+    second = pickle.loads(pickle.dumps(cmap)).evaluate_direct(tile)
+    assert evaluated == [] and np.array_equal(first, second)
+    # another map (another definition: glass kept) has a table of its own
+    src, tgt = (fit_stats("gmm", load_he(name).reshape(-1, 3), FAST) for name in ("source", "target"))
+    other = compile_colormap("gmm", src, tgt, source_white=SRC_WHITE, target_white=TGT_WHITE, glass="keep")
+    assert other.cache_key() != cmap.cache_key()
+    other.evaluate_direct(tile)
+    assert sum(evaluated) > 1000
 
 
 @pytest.mark.parametrize("method", METHODS + ("keep",))

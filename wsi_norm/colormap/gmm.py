@@ -57,8 +57,9 @@ Evaluation
 ``(wt + 1) exp(-od) - 1``. The map is a function of the pixel alone: one 256^3 LUT, no seams.
 numpy evaluation (the definition, hence the table) is one fused numba loop per pixel (about 0.2
 us a colour on one core); torch evaluates the same steps array-wise (within 1 level). A slide
-under 256^3 pixels is mapped by :meth:`GmmMap.evaluate_direct`: each distinct colour evaluated
-once per map (:class:`wsi_norm.colormap.memo.MemoTable`), bit-identical to the table.
+of any size is mapped by :meth:`GmmMap.evaluate_direct`: each distinct colour evaluated once
+per map and process (:func:`wsi_norm.colormap.memo.shared_memo`, which every copy of the map
+shares), bit-identical to the table.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from numpy.typing import NDArray
 from wsi_norm.color import DEFAULT_WHITE, _white_channels
 from wsi_norm.color import _check_rgb_uint8 as _check_uint8_rgb
 from wsi_norm.colormap.maps import OD_RANGE, ColorMap, GlassBlend, planar_intensity, planar_od
-from wsi_norm.colormap.memo import MemoTable
+from wsi_norm.colormap.memo import shared_memo
 from wsi_norm.stain.gmm import ComponentMatch, GmmStats, align_components, match_components
 from wsi_norm.stain.hsd import HSD_MIN_DENSITY, effective_density, hsd_from_od, od_from_hsd
 
@@ -342,13 +343,14 @@ class GmmMap(ColorMap):
         return out.reshape(arr.shape)
 
     def evaluate_direct(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
-        """Each distinct colour evaluated once per map (:class:`~wsi_norm.colormap.memo.MemoTable`,
-        64 MiB once used); bit-identical to :meth:`evaluate_numpy` and to the table."""
+        """Each distinct colour evaluated once per map and process (:func:`~wsi_norm.colormap.memo.shared_memo`:
+        64 MiB once used, shared by every copy of this map); bit-identical to
+        :meth:`evaluate_numpy` and to the table."""
         arr = _check_uint8_rgb(rgb)
         with self._lock:
             memo = self.__dict__.get("_memo")
             if memo is None:
-                memo = self.__dict__["_memo"] = MemoTable(self.evaluate_numpy)
+                memo = self.__dict__["_memo"] = shared_memo(self.cache_key(), self.evaluate_numpy)
         return memo(np.ascontiguousarray(arr).reshape(-1, 3)).reshape(arr.shape)
 
     def __getstate__(self) -> dict[str, Any]:

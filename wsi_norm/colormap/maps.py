@@ -192,13 +192,17 @@ _DIRECT_MAX_PX = 1 << 14
 
 
 def clear_lut_cache() -> None:
-    """Drop the process-wide lookup tables (48 MiB each; at most four are kept).
+    """Drop the process-wide lookup tables (64 MiB each; at most four are kept), the whole
+    tables and those filled on demand (:func:`wsi_norm.colormap.memo.shared_memo`).
 
     Maps that already hold their table keep it until they are dropped; every other map
     rebuilds its table on next use.
     """
+    from wsi_norm.colormap.memo import clear_memos
+
     with _LUT_CACHE_LOCK:
         _LUT_CACHE.clear()
+    clear_memos()
 
 
 def _gather_kernel() -> Any:

@@ -14,18 +14,24 @@ colour is evaluated by one thread only; the evaluation runs outside the lock; th
 written under it. A gather that meets a colour another thread is still evaluating waits for it.
 Every entry is one aligned 32-bit word, written whole, so a reader sees either "pending" or the
 final value.
+
+Copies: dask gives every task of a distributed cluster its own unpickled copy of the map (a map
+is small, so it travels inside each task), so a table held by one copy would be refilled from
+nothing for every chunk. :func:`shared_memo` keeps one table per map definition
+(:meth:`wsi_norm.colormap.maps.ColorMap.cache_key`) in each process, as the whole tables are kept.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["MemoTable"]
+__all__ = ["MemoTable", "clear_memos", "shared_memo"]
 
 _FILLED = np.uint32(1 << 24)
 
@@ -136,3 +142,41 @@ class MemoTable:
         with self._cond:
             table[missing] = packed
             self._cond.notify_all()
+
+
+# one table per map definition in this process (64 MiB once used), the most recent few
+_MEMOS: OrderedDict[str, MemoTable] = OrderedDict()
+_MEMOS_LOCK = threading.Lock()
+_MEMOS_SIZE = 4
+
+
+def shared_memo(key: str, evaluate: Callable[[NDArray[np.uint8]], NDArray[np.uint8]]) -> MemoTable:
+    """This process's :class:`MemoTable` for the map whose definition hashes to ``key``.
+
+    Every copy of one map (the same ``key``: dask unpickles one per task on a distributed
+    cluster) shares it, so each distinct colour is evaluated once per process, not once per
+    chunk. The most recent :data:`_MEMOS_SIZE` maps' tables are kept.
+
+    Parameters
+    ----------
+    key : str
+        :meth:`wsi_norm.colormap.maps.ColorMap.cache_key` of the map.
+    evaluate : callable, ``(N, 3) uint8 -> (N, 3) uint8``
+        The map's exact evaluation; used when ``key`` has no table yet (the copies of one map
+        evaluate alike).
+    """
+    with _MEMOS_LOCK:
+        memo = _MEMOS.get(key)
+        if memo is None:
+            memo = _MEMOS[key] = MemoTable(evaluate)
+            while len(_MEMOS) > _MEMOS_SIZE:
+                _MEMOS.popitem(last=False)
+        else:
+            _MEMOS.move_to_end(key)
+        return memo
+
+
+def clear_memos() -> None:
+    """Drop this process's shared tables (maps that hold one keep it until they are dropped)."""
+    with _MEMOS_LOCK:
+        _MEMOS.clear()
