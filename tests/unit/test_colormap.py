@@ -148,6 +148,17 @@ def test_copies_of_a_map_share_one_memo(maps: dict[str, ColorMap], monkeypatch: 
     assert sum(evaluated) > 1000
 
 
+def test_copies_of_a_map_share_one_device_table(maps: dict[str, ColorMap]) -> None:
+    # a GPU worker of a distributed cluster unpickles a copy of the map for every task; the
+    # table must reach the device once per map and process (48 MiB), not once per chunk
+    cmap = maps["macenko"]
+    tile = torch.from_numpy(np.ascontiguousarray(load_he("source")[:64, :64]))
+    first, second = (pickle.loads(pickle.dumps(cmap)) for _ in range(2))
+    assert first.device_lut("cpu") is second.device_lut("cpu")
+    assert torch.equal(second.apply_torch(tile, use_lut=True), torch.from_numpy(cmap.apply(tile.numpy())))
+    assert maps["reinhard"].device_lut("cpu") is not first.device_lut("cpu")
+
+
 @pytest.mark.parametrize("method", METHODS + ("keep",))
 def test_torch_agrees_with_numpy(maps: dict[str, ColorMap], probe: NDArray[np.uint8], method: str) -> None:
     cmap = maps[method]

@@ -186,6 +186,8 @@ _LUT_CACHE: OrderedDict[str, NDArray[np.uint8]] = OrderedDict()
 _LUT_BUILD_LOCKS: dict[str, threading.Lock] = {}
 _LUT_CACHE_LOCK = threading.Lock()
 _LUT_CACHE_SIZE = 4
+# The same tables on torch devices, by (cache_key, device), under _LUT_CACHE_LOCK.
+_DEVICE_LUTS: OrderedDict[tuple[str, str], Any] = OrderedDict()
 # Tiles of at most this many pixels are evaluated directly (bit-identical) while their map's
 # table is not built: a 10 x 10 tile costs 0.2 ms, not the 1 s a whole table takes.
 _DIRECT_MAX_PX = 1 << 14
@@ -202,6 +204,7 @@ def clear_lut_cache() -> None:
 
     with _LUT_CACHE_LOCK:
         _LUT_CACHE.clear()
+        _DEVICE_LUTS.clear()
     clear_memos()
 
 
@@ -498,17 +501,37 @@ class ColorMap:
             raise ValueError(f"t must have shape (..., 3), got {tuple(t.shape)}")
         flat = t.reshape(-1, 3)
         if use_lut:
-            key = str(t.device)
-            table = self._torch_luts.get(key)
-            if table is None:
-                table = torch.from_numpy(self.lut().reshape(-1, 3).copy()).to(t.device)
-                self._torch_luts[key] = table
+            table = self.device_lut(t.device)
             idx = flat.to(torch.int64)
             return table[(idx[:, 0] << 16) | (idx[:, 1] << 8) | idx[:, 2]].reshape(t.shape)
         planar = flat.T.to(dtype or torch.float32)
         mapped = self._evaluate_channels(torch, planar[0], planar[1], planar[2])
         out = torch.stack([torch.clamp(torch.round(m), 0.0, 255.0) for m in mapped], dim=1).to(torch.uint8)
         return out.reshape(t.shape)
+
+    def device_lut(self, device: Any) -> Any:
+        """The table as a ``(256^3, 3) uint8`` tensor on ``device``, copied there once per map
+        and process: every copy of the map (dask unpickles one per task on a distributed
+        cluster) shares it, as they share :meth:`lut`. The most recent few are kept."""
+        import torch
+
+        dev = torch.device(device)
+        key = (self.cache_key(), str(dev))
+        table = self._torch_luts.get(key[1])
+        if table is not None:
+            return table
+        lut = self.lut()
+        with _LUT_CACHE_LOCK:
+            table = _DEVICE_LUTS.get(key)
+            if table is None:
+                table = torch.from_numpy(lut.reshape(-1, 3).copy()).to(dev)
+                _DEVICE_LUTS[key] = table
+                while len(_DEVICE_LUTS) > _LUT_CACHE_SIZE:
+                    _DEVICE_LUTS.popitem(last=False)
+            else:
+                _DEVICE_LUTS.move_to_end(key)
+        self._torch_luts[key[1]] = table
+        return table
 
     # -- pickling --------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

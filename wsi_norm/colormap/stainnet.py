@@ -933,7 +933,7 @@ class StainNetMap(ColorMap):
             use_lut = True
         flat = t.reshape(-1, 3)
         if use_lut:
-            table = self._device_lut(t.device)
+            table = self.device_lut(t.device)
             idx = flat.to(torch.int64)
             return table[(idx[:, 0] << 16) | (idx[:, 1] << 8) | idx[:, 2]].reshape(t.shape)
         module = self._module(t.device, dtype)
@@ -944,17 +944,6 @@ class StainNetMap(ColorMap):
                 out[start : start + _TORCH_CHUNK_PX] = _torch_forward(chunk, module, self.glass)
         return out.reshape(t.shape)
 
-    def _device_lut(self, device: torch.device) -> torch.Tensor:
-        import torch
-
-        key = str(device)
-        lut = self.lut()
-        with self._lock:
-            if key not in self._torch_luts:
-                self._torch_luts[key] = torch.from_numpy(lut.reshape(_LUT_SIZE, 3).copy()).to(
-                    device
-                )
-            return self._torch_luts[key]  # type: ignore[no-any-return]
 
 
 def _torch_forward(flat: torch.Tensor, module: Any, glass: GlassBlend | None) -> torch.Tensor:
