@@ -933,7 +933,7 @@ class StainNetMap(ColorMap):
             use_lut = True
         flat = t.reshape(-1, 3)
         if use_lut:
-            table = self.device_lut(t.device)
+            table: torch.Tensor = self.device_lut(t.device)
             idx = flat.to(torch.int64)
             return table[(idx[:, 0] << 16) | (idx[:, 1] << 8) | idx[:, 2]].reshape(t.shape)
         module = self._module(t.device, dtype)
