@@ -66,8 +66,9 @@ log = logging.getLogger(__name__)
 
 #: Methods fitted from slides (the stain registry, :data:`wsi_norm.stain.METHODS`).
 STAT_METHODS = METHODS
-# A slide with at least as many pixels as the 256^3 table has entries is mapped through it
-# (built once, before the graph runs); a smaller one is evaluated directly, chunk by chunk.
+# A slide with fewer pixels than the 256^3 table has entries is evaluated directly, chunk by
+# chunk; a larger one through a table: filled with its own colours on demand
+# (ColorMap.memo_for_slides), else built whole once before the graph runs.
 _LUT_WORTH_PX = 256**3
 Device = Literal["cpu", "cuda", "auto"]
 Glass = Literal["target", "keep"]
@@ -579,21 +580,36 @@ def _evaluate_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
     return np.asarray(cmap.apply(block) if cmap.has_cached_lut() else cmap.evaluate_direct(block))
 
 
-def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: bool = False) -> da.Array:
+def _memo_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
+    # each distinct colour evaluated once per process; the same bytes as the table (see above)
+    return np.asarray(cmap.apply(block) if cmap.has_cached_lut() else cmap.evaluate_memo(block))
+
+
+_APPLY_BLOCK: dict[str, Callable[[NDArray[np.uint8], Any], NDArray[np.uint8]]] = {
+    "table": _apply_block, "direct": _evaluate_block, "memo": _memo_block}
+
+
+def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: bool = False,
+                   memo: bool = False) -> da.Array:
     """Map a colour map over every chunk of an ``(H, W, 3) uint8`` dask array (lazy).
 
     On ``cuda`` each chunk is moved to the GPU as uint8, mapped there, and moved back;
-    the tasks ask for the ``GPU`` worker resource when the cluster declares one.
-    ``direct=True`` (CPU) evaluates the map on each chunk's pixels
-    (:meth:`~wsi_norm.colormap.ColorMap.evaluate_direct`) instead of building its 256^3 table:
-    cheaper for an image of fewer than 256^3 pixels, and bit-identical (the table is built from
-    the same evaluation, :meth:`~wsi_norm.colormap.ColorMap.lut`).
+    the tasks ask for the ``GPU`` worker resource when the cluster declares one. On the CPU,
+    all three ways give the same bytes (the table is built from the same evaluation,
+    :meth:`~wsi_norm.colormap.ColorMap.lut`):
+
+    * default: a gather from the map's 256^3 table (built on first use);
+    * ``direct=True``: the map evaluated on each chunk's pixels
+      (:meth:`~wsi_norm.colormap.ColorMap.evaluate_direct`), for an image of fewer than 256^3
+      pixels;
+    * ``memo=True``: each distinct colour evaluated once per process into a table filled on
+      demand (:meth:`~wsi_norm.colormap.ColorMap.evaluate_memo`), for a slide of any size.
     """
     from dask.base import annotate
 
     # dask types Array.map_blocks through functools.wraps of the unannotated da.map_blocks
     if device == "cpu":
-        apply = _evaluate_block if direct else _apply_block
+        apply = _APPLY_BLOCK["memo" if memo else "direct" if direct else "table"]
         return array.map_blocks(apply, cmap, dtype=np.uint8)  # type: ignore[arg-type,no-any-return]
     gpu = annotate(resources={"GPU": 1}) if _cluster_has_gpu() else contextlib.nullcontext()
     with gpu:
@@ -934,11 +950,13 @@ def normalize_slide(
             cmap, qc = compile_checked(slide_fit, template, stain_params, glass=glass, force=force,
                                        what=str(slide.path))
             whites = {"source": slide_fit.white.to_dict(), "target": template.white.to_dict()}
-        # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries; so are
-        # a costly map's on any slide (gmm: each distinct colour once, not all 256^3); the
-        # identity is no work at all (the copy streams the slide's own chunks)
-        direct = small or getattr(cmap, "memo_for_slides", False)
-        if dev == "cpu" and not direct and method != "none":
+        # a small slide's pixels are evaluated directly: fewer than the table's 256^3 entries; a
+        # larger slide's distinct colours once each (a slide holds far fewer than 256^3), unless
+        # the map keeps its whole table; the identity is no work at all (the copy streams the
+        # slide's own chunks)
+        direct = small
+        memo = not small and bool(getattr(cmap, "memo_for_slides", False))
+        if dev == "cpu" and not (direct or memo) and method != "none":
             cmap.lut()  # compile once here; every copy of the map in this process reuses it
         t_fit = time.perf_counter()
 
@@ -948,7 +966,7 @@ def normalize_slide(
             normalized = level0 if method == "none" else _evaluate_in_bands(level0, cmap)
         else:
             level0 = slide.to_dask(0, chunk_px=chunk_px)
-            normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=direct)
+            normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=direct, memo=memo)
         provenance: dict[str, Any] = {
             "tool": "wsi-norm",
             "wsi_norm_version": __version__,

@@ -96,34 +96,38 @@ def test_direct_evaluation_over_several_slabs_is_the_table(maps: dict[str, Color
     assert np.array_equal(cmap.evaluate_numpy(img), lut[img[..., 0], img[..., 1], img[..., 2]])
 
 
+@pytest.mark.parametrize("path", ["evaluate_direct", "evaluate_memo"])
 @pytest.mark.parametrize("method", METHODS + ("keep",))
-def test_direct_path_is_the_table(maps: dict[str, ColorMap], method: str) -> None:
-    # ColorMap.evaluate_direct, the pipeline's path for a slide under 256^3 px (gmm: each distinct
-    # colour evaluated once, into a table two threads fill together): the table's values, exactly
+def test_direct_and_memo_paths_are_the_table(maps: dict[str, ColorMap], method: str, path: str) -> None:
+    # the pipeline's paths without the whole table: evaluate_direct for a slide under 256^3 px,
+    # evaluate_memo for a larger one (each distinct colour evaluated once, into a table two
+    # threads fill together; gmm uses it for both): the table's values, exactly
     from concurrent.futures import ThreadPoolExecutor
 
     from wsi_norm.colormap.memo import clear_memos
 
-    clear_memos()  # gmm's memo is shared by every copy of the map in the process: start empty
+    clear_memos()  # a memo is shared by every copy of the map in the process: start empty
     cmap = pickle.loads(pickle.dumps(maps[method]))  # a fresh copy: no table, no memo yet
     rng = np.random.default_rng(11)
     real = load_he("source")
     tiles = [real[:120, :120], real[60:260, 40:200], rng.integers(0, 256, (90, 90, 3), dtype=np.uint8),
              real[:120, :120], np.ascontiguousarray(real[::-1][:150])]
     with ThreadPoolExecutor(2) as pool:
-        outs = list(pool.map(cmap.evaluate_direct, tiles))
+        outs = list(pool.map(getattr(cmap, path), tiles))
     lut = maps[method].lut()
     for tile, out in zip(tiles, outs, strict=True):
         assert np.array_equal(out, lut[tile[..., 0], tile[..., 1], tile[..., 2]])
 
 
-def test_copies_of_a_map_share_one_memo(maps: dict[str, ColorMap], monkeypatch: pytest.MonkeyPatch) -> None:
-    # a distributed cluster hands every task its own unpickled copy of the map; gmm's table of
+@pytest.mark.parametrize("method", ["gmm", "reinhard"])
+def test_copies_of_a_map_share_one_memo(maps: dict[str, ColorMap], monkeypatch: pytest.MonkeyPatch,
+                                        method: str) -> None:
+    # a distributed cluster hands every task its own unpickled copy of the map; the table of
     # evaluated colours must be one per map and process, not one per copy (each chunk would
-    # evaluate all its colours again: 2.5 GiB and 1.6 x the time on a 268-MP slide)
+    # evaluate all its colours again: gmm took 2.4 GiB and 1.4 x the time on a 268-MP slide)
     from wsi_norm.colormap.memo import clear_memos
 
-    cmap = maps["gmm"]
+    cmap = maps[method]
     assert type(cmap).memo_for_slides
     evaluated: list[int] = []
     plain = type(cmap).evaluate_numpy
@@ -135,16 +139,16 @@ def test_copies_of_a_map_share_one_memo(maps: dict[str, ColorMap], monkeypatch: 
     monkeypatch.setattr(type(cmap), "evaluate_numpy", counted)
     clear_memos()
     tile = np.ascontiguousarray(load_he("source")[:120, :160])
-    first = pickle.loads(pickle.dumps(cmap)).evaluate_direct(tile)
+    first = pickle.loads(pickle.dumps(cmap)).evaluate_memo(tile)
     assert sum(evaluated) > 1000  # the tile's distinct colours, evaluated once
     evaluated.clear()
-    second = pickle.loads(pickle.dumps(cmap)).evaluate_direct(tile)
+    second = pickle.loads(pickle.dumps(cmap)).evaluate_memo(tile)
     assert evaluated == [] and np.array_equal(first, second)
     # another map (another definition: glass kept) has a table of its own
-    src, tgt = (fit_stats("gmm", load_he(name).reshape(-1, 3), FAST) for name in ("source", "target"))
-    other = compile_colormap("gmm", src, tgt, source_white=SRC_WHITE, target_white=TGT_WHITE, glass="keep")
+    src, tgt = (fit_stats(method, load_he(name).reshape(-1, 3), FAST) for name in ("source", "target"))
+    other = compile_colormap(method, src, tgt, source_white=SRC_WHITE, target_white=TGT_WHITE, glass="keep")
     assert other.cache_key() != cmap.cache_key()
-    other.evaluate_direct(tile)
+    other.evaluate_memo(tile)
     assert sum(evaluated) > 1000
 
 

@@ -73,7 +73,6 @@ from numpy.typing import NDArray
 from wsi_norm.color import DEFAULT_WHITE, _white_channels
 from wsi_norm.color import _check_rgb_uint8 as _check_uint8_rgb
 from wsi_norm.colormap.maps import OD_RANGE, ColorMap, GlassBlend, planar_intensity, planar_od
-from wsi_norm.colormap.memo import shared_memo
 from wsi_norm.stain.gmm import ComponentMatch, GmmStats, align_components, match_components
 from wsi_norm.stain.hsd import HSD_MIN_DENSITY, effective_density, hsd_from_od, od_from_hsd
 
@@ -343,20 +342,9 @@ class GmmMap(ColorMap):
         return out.reshape(arr.shape)
 
     def evaluate_direct(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
-        """Each distinct colour evaluated once per map and process (:func:`~wsi_norm.colormap.memo.shared_memo`:
-        64 MiB once used, shared by every copy of this map); bit-identical to
-        :meth:`evaluate_numpy` and to the table."""
-        arr = _check_uint8_rgb(rgb)
-        with self._lock:
-            memo = self.__dict__.get("_memo")
-            if memo is None:
-                memo = self.__dict__["_memo"] = shared_memo(self.cache_key(), self.evaluate_numpy)
-        return memo(np.ascontiguousarray(arr).reshape(-1, 3)).reshape(arr.shape)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_memo", None)  # a cache, as the table is
-        return state
+        """:meth:`evaluate_memo`: the map costs ~0.2 us a colour, so even a small slide's tiles
+        evaluate each distinct colour once (its evaluation is compiled code anyway)."""
+        return self.evaluate_memo(rgb)
 
     def notes(self) -> dict[str, Any]:
         """Provenance: components, temperature and the matching (fallbacks included)."""

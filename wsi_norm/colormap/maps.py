@@ -288,10 +288,11 @@ class ColorMap:
     #: values instead of 65,536 a block, with the same float64 operations on each element
     #: (``tests/unit/test_colormap.py`` compares the whole table with per-pixel evaluation).
     broadcasts: ClassVar[bool] = False
-    #: Evaluating the map costs much more than gathering from a table (the mixture map: ~0.2 us
-    #: a colour, 3.7 CPU-s for all 256^3), so the pipeline maps a slide of any size through
-    #: :meth:`evaluate_direct` (each distinct colour evaluated once) instead of building the
-    #: whole table first.
+    #: The pipeline maps a large slide through :meth:`evaluate_memo` (each of the slide's
+    #: distinct colours evaluated once) instead of building the whole 256^3 table first. A real
+    #: slide holds far fewer colours than the cube (CMU-1-Small-Region 0.95 M in 6.6 MP; a
+    #: table is worth it only past ~13-15 M, the break-even of one colour's evaluation against
+    #: the table's cost per entry), so every CPU map that evaluates colour by colour sets it.
     memo_for_slides: ClassVar[bool] = False
 
     def __init__(self, *, glass: GlassBlend | None = None) -> None:
@@ -342,10 +343,27 @@ class ColorMap:
 
     def evaluate_direct(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """Evaluate a tile without the whole table (an image of fewer than 256^3 pixels):
-        :meth:`evaluate_numpy` here; a map may instead evaluate each distinct colour once
-        (:class:`wsi_norm.colormap.memo.MemoTable`). Bit-identical to :meth:`evaluate_numpy`.
+        :meth:`evaluate_numpy` here, no compiled code; a map whose evaluation is costly may
+        instead use :meth:`evaluate_memo`. Bit-identical to :meth:`evaluate_numpy`.
         """
         return self.evaluate_numpy(rgb)
+
+    def evaluate_memo(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Evaluate a tile through a table filled on demand: each distinct colour is evaluated
+        once per map and process (:func:`wsi_norm.colormap.memo.shared_memo`, 64 MiB once used,
+        shared by every copy of the map), then gathered. Bit-identical to :meth:`evaluate_numpy`
+        and to :meth:`lut`.
+        """
+        arr = _check_uint8_rgb(rgb)
+        memo = self.__dict__.get("_memo")
+        if memo is None:
+            from wsi_norm.colormap.memo import shared_memo
+
+            with self._lock:
+                memo = self.__dict__.get("_memo")
+                if memo is None:
+                    memo = self.__dict__["_memo"] = shared_memo(self.cache_key(), self.evaluate_numpy)
+        return memo(np.ascontiguousarray(arr).reshape(-1, 3)).reshape(arr.shape)
 
     # -- LUT -----------------------------------------------------------------
     def cache_key(self) -> str:
@@ -539,6 +557,7 @@ class ColorMap:
         state["_lut"] = None
         state["_torch_luts"] = {}
         state.pop("_cache_key", None)
+        state.pop("_memo", None)  # a cache, as the table is
         del state["_lock"]
         return state
 
@@ -593,6 +612,7 @@ class StainMatrixMap(ColorMap):
 
     method: ClassVar[str] = "stain_matrix"
     broadcasts: ClassVar[bool] = True
+    memo_for_slides: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -643,6 +663,7 @@ class ReinhardMap(ColorMap):
 
     method: ClassVar[str] = "reinhard"
     broadcasts: ClassVar[bool] = True
+    memo_for_slides: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -678,6 +699,7 @@ class HistogramMap(ColorMap):
 
     method: ClassVar[str] = "histmatch"
     broadcasts: ClassVar[bool] = True
+    memo_for_slides: ClassVar[bool] = True
 
     def __init__(self, tables: NDArray[np.uint8], *, glass: GlassBlend | None = None) -> None:
         super().__init__(glass=glass)
