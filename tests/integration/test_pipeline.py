@@ -90,12 +90,12 @@ def test_small_slide_direct_map_equals_the_table(sample_svs: Path, shared_data: 
     assert direct.shape == (2967, 2220, 3) and np.array_equal(direct, table) and np.array_equal(memo, table)
 
 
-@pytest.mark.parametrize("method", ["macenko", "reinhard", "gmm"])
+@pytest.mark.parametrize("method", ["reinhard", "gmm"])
 def test_a_large_slide_is_mapped_without_the_whole_table(sample_svs: Path, shared_data: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     # a slide holds far fewer colours than the 256^3 cube, so a large slide evaluates only its
-    # own colours (memo) rather than all 256^3 first (gmm: 3.7 CPU-s, Reinhard 1.9); the same
-    # file as through the whole table
+    # own colours (memo) rather than all 256^3 first where the table is costly (gmm: 3.7 CPU-s,
+    # Reinhard 1.4-2.4); the same file as through the whole table
     from wsi_norm import pipeline
     from wsi_norm.colormap import clear_lut_cache
     from wsi_norm.colormap.maps import _LUT_CACHE

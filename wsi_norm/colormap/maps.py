@@ -290,9 +290,11 @@ class ColorMap:
     broadcasts: ClassVar[bool] = False
     #: The pipeline maps a large slide through :meth:`evaluate_memo` (each of the slide's
     #: distinct colours evaluated once) instead of building the whole 256^3 table first. A real
-    #: slide holds far fewer colours than the cube (CMU-1-Small-Region 0.95 M in 6.6 MP; a
-    #: table is worth it only past ~13-15 M, the break-even of one colour's evaluation against
-    #: the table's cost per entry), so every CPU map that evaluates colour by colour sets it.
+    #: slide holds far fewer colours than the cube (CMU-1-Small-Region 0.95 M in 6.6 MP), so it
+    #: pays where the table is costly: the mixture map (0.2 us a colour, 3.7 CPU-s for the
+    #: table) and Reinhard (144 ns a colour, 0.7-1.2 s of wall for the table). Macenko, Vahadane
+    #: and histogram matching build theirs in 0.12-0.25 s, and filling on demand measured no
+    #: faster end to end (BENCHMARKS.md), so they keep the whole table.
     memo_for_slides: ClassVar[bool] = False
 
     def __init__(self, *, glass: GlassBlend | None = None) -> None:
@@ -612,7 +614,6 @@ class StainMatrixMap(ColorMap):
 
     method: ClassVar[str] = "stain_matrix"
     broadcasts: ClassVar[bool] = True
-    memo_for_slides: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -699,7 +700,6 @@ class HistogramMap(ColorMap):
 
     method: ClassVar[str] = "histmatch"
     broadcasts: ClassVar[bool] = True
-    memo_for_slides: ClassVar[bool] = True
 
     def __init__(self, tables: NDArray[np.uint8], *, glass: GlassBlend | None = None) -> None:
         super().__init__(glass=glass)
