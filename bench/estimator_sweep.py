@@ -94,6 +94,11 @@ def variants() -> dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], np.nda
         for debias in (False, True):
             out[f"vahadane l{lam:g}{' debiased' if debias else ''} (blocks)"] = (
                 "blocks", vah(l1_penalty=lam, debias=debias))
+    # the default's sampling noise: other seeds of its 30,000-pixel subsample, and larger subsamples
+    for seed in (1, 2):
+        out[f"vahadane default, subsample seed {seed} (blocks)"] = ("blocks", vah(seed=seed))
+    for size in (100_000, 300_000):
+        out[f"vahadane default, {size // 1000}k subsample (blocks)"] = ("blocks", vah(max_fit_pixels=size))
     return out
 
 
