@@ -144,10 +144,10 @@ class MemoTable:
             self._cond.notify_all()
 
 
-# one table per map definition in this process (64 MiB once used), the most recent few
+# one table per map definition in this process (64 MiB once used), the most recent two
 _MEMOS: OrderedDict[str, MemoTable] = OrderedDict()
 _MEMOS_LOCK = threading.Lock()
-_MEMOS_SIZE = 4
+_MEMOS_SIZE = 2  # two slides at a time in a flow; a memo refills cheaply (only a slide's colours)
 
 
 def shared_memo(key: str, evaluate: Callable[[NDArray[np.uint8]], NDArray[np.uint8]]) -> MemoTable:
@@ -155,7 +155,7 @@ def shared_memo(key: str, evaluate: Callable[[NDArray[np.uint8]], NDArray[np.uin
 
     Every copy of one map (the same ``key``: dask unpickles one per task on a distributed
     cluster) shares it, so each distinct colour is evaluated once per process, not once per
-    chunk. The most recent :data:`_MEMOS_SIZE` maps' tables are kept.
+    chunk. The two most recent maps' tables are kept.
 
     Parameters
     ----------
