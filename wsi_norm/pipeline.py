@@ -258,6 +258,9 @@ def fit_slide(
     start = time.perf_counter()
     correct = method in STAIN_MATRIX_METHODS and resolved.codec_correction
     sample = sample_tissue_pixels(slide, n_pixels=n_pixels, seed=seed, keep_windows=CODEC_WINDOWS if correct else 0)
+    if method != "histmatch" and _all_grey(sample.pixels):
+        raise FitError(f"{slide.path}: every sampled tissue pixel is grey (R = G = B): a grayscale or "
+                       f"single-channel image holds no stain colour for {method} to fit")
     white = sample.white if resolved.white_point is None else WhitePoint.fixed(resolved.white_point)
     sampled = time.perf_counter()
     data = sample.blocks if method in STAIN_MATRIX_METHODS else sample.pixels
@@ -299,6 +302,11 @@ def fit_slide(
         n_pixels_requested=n_pixels,
         codec=codec,
     )
+
+
+def _all_grey(pixels: NDArray[np.uint8]) -> bool:
+    """Every pixel has R = G = B (a grayscale slide, read as RGB)."""
+    return bool(np.array_equal(pixels[:, 0], pixels[:, 1]) and np.array_equal(pixels[:, 1], pixels[:, 2]))
 
 
 def _estimator_settings(p: Any) -> tuple[Any, ...]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from wsi_norm import FitError, OutputExistsError, TemplateError, open_slide
@@ -225,6 +226,19 @@ def test_glass_only_slide_is_a_fit_error(tmp_path: Path, shared_data: Path) -> N
         normalize_slide(glass, tmp_path / "out.ome.zarr", method="macenko",
                         reference=shared_data / "he" / "torchstain-target.png")
     assert not (tmp_path / "out.ome.zarr").exists()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard", "gmm"])
+def test_grayscale_slide_is_a_fit_error_that_says_so(tmp_path: Path, shared_data: Path, method: str) -> None:
+    # a single-channel TIFF is read as R = G = B: no stain colour to fit; the error says why
+    rgb = np.asarray(Image.open(shared_data / "he" / "torchstain-target.png").convert("RGB"))
+    grey = tmp_path / "grey.tiff"
+    tifffile.imwrite(grey, np.tile(rgb[..., 1], (2, 2)), tile=(256, 256))
+    with pytest.raises(FitError, match=r"grey\.tiff: every sampled tissue pixel is grey \(R = G = B\)"):
+        normalize_slide(grey, tmp_path / "out.tiff", method=method,
+                        reference=shared_data / "he" / "torchstain-target.png")
+    assert not (tmp_path / "out.tiff").exists()
     assert not list(tmp_path.glob("*.partial"))
 
 
