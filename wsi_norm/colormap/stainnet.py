@@ -945,7 +945,6 @@ class StainNetMap(ColorMap):
         return out.reshape(t.shape)
 
 
-
 def _torch_forward(flat: torch.Tensor, module: Any, glass: GlassBlend | None) -> torch.Tensor:
     """(P, 3) uint8 tensor -> (P, 3) uint8 tensor on the same device, glass blend included."""
     import torch
