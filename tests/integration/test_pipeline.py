@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -115,6 +117,42 @@ def test_a_large_slide_is_mapped_without_the_whole_table(sample_svs: Path, share
         assert bool(_LUT_CACHE) is not memo  # the whole table is built only without the memo
         outs.append(read_level(out, 0))
     assert outs[0].shape == (2967, 2220, 3) and np.array_equal(outs[0], outs[1])
+
+
+def test_a_cluster_evaluates_each_colour_once_not_once_per_task(shared_data: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # on a distributed cluster each block of the pyramid is a task whose graph is pickled on its
+    # own, so each holds its own copy of the map, even on the embedded in-process cluster; the
+    # colours must still be evaluated into one table per map and process (each copy had filled
+    # its own: 64 tables and 2.4 GiB on a 268-MP slide), and the file must be the threaded run's
+    from wsi_norm import pipeline
+    from wsi_norm.cluster import dask_client
+    from wsi_norm.colormap import clear_lut_cache, memo
+    from wsi_norm.testing.synthetic import generate_slide
+
+    slide = tmp_path / "slide.tiff"
+    generate_slide(slide, width=3072, height=3072, seed=3, tile_px=512)
+    monkeypatch.setattr(pipeline, "_LUT_WORTH_PX", 1 << 20)  # 9.4 MP counts as a large slide
+    tables: list[object] = []
+    plain_init = memo.MemoTable.__init__
+
+    def counted(self: memo.MemoTable, evaluate: Any) -> None:
+        tables.append(self)
+        plain_init(self, evaluate)
+
+    monkeypatch.setattr(memo.MemoTable, "__init__", counted)
+    template = fit_template([shared_data / "he" / "torchstain-target.png"], method="reinhard", n_pixels=50_000)
+    source_fit = pipeline.fit_slide(slide, method="reinhard", n_pixels=50_000)
+    outs = []
+    for name in ("threads", "cluster"):
+        clear_lut_cache()
+        tables.clear()
+        with dask_client(threads=2) if name == "cluster" else contextlib.nullcontext():
+            out = normalize_slide(slide, tmp_path / f"{name}.tiff", method="reinhard", target=template,
+                                  source_fit=source_fit, fit=FitOptions(n_pixels=50_000)).out
+        assert len(tables) == 1, f"{name}: {len(tables)} tables filled"
+        outs.append(read_level(out, 0))
+    assert np.array_equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("method", ["none", "macenko"])
