@@ -122,7 +122,7 @@ def test_direct_and_memo_paths_are_the_table(maps: dict[str, ColorMap], method: 
 @pytest.mark.parametrize("method", ["gmm", "reinhard"])
 def test_copies_of_a_map_share_one_memo(maps: dict[str, ColorMap], monkeypatch: pytest.MonkeyPatch,
                                         method: str) -> None:
-    # a distributed cluster hands every task its own unpickled copy of the map; the table of
+    # a distributed cluster unpickles a copy of the map for every block of the pyramid; the table of
     # evaluated colours must be one per map and process, not one per copy (each chunk would
     # evaluate all its colours again: gmm took 2.4 GiB and 1.4 x the time on a 268-MP slide)
     from wsi_norm.colormap.memo import clear_memos
@@ -153,7 +153,7 @@ def test_copies_of_a_map_share_one_memo(maps: dict[str, ColorMap], monkeypatch: 
 
 
 def test_copies_of_a_map_share_one_device_table(maps: dict[str, ColorMap]) -> None:
-    # a GPU worker of a distributed cluster unpickles a copy of the map for every task; the
+    # a GPU worker of a distributed cluster unpickles a copy of the map for every block; the
     # table must reach the device once per map and process (48 MiB), not once per chunk
     cmap = maps["macenko"]
     tile = torch.from_numpy(np.ascontiguousarray(load_he("source")[:64, :64]))

@@ -531,8 +531,8 @@ class ColorMap:
 
     def device_lut(self, device: Any) -> Any:
         """The table as a ``(256^3, 3) uint8`` tensor on ``device``, copied there once per map
-        and process: every copy of the map (dask unpickles one per task on a distributed
-        cluster) shares it, as they share :meth:`lut`. The most recent few are kept."""
+        and process: every copy of the map (a distributed cluster unpickles one per block of the
+        pyramid) shares it, as they share :meth:`lut`. The most recent few are kept."""
         import torch
 
         dev = torch.device(device)

@@ -15,9 +15,10 @@ written under it. A gather that meets a colour another thread is still evaluatin
 Every entry is one aligned 32-bit word, written whole, so a reader sees either "pending" or the
 final value.
 
-Copies: dask gives every task of a distributed cluster its own unpickled copy of the map (a map
-is small, so it travels inside each task), so a table held by one copy would be refilled from
-nothing for every chunk. :func:`shared_memo` keeps one table per map definition
+Copies: on a ``distributed`` cluster, every task submitted with its own pickled graph (the
+pyramid submits one per block of level 0) unpickles its own copy of the map, even on an
+in-process worker, so a table held by one copy would be refilled from nothing for every block.
+:func:`shared_memo` keeps one table per map definition
 (:meth:`wsi_norm.colormap.maps.ColorMap.cache_key`) in each process, as the whole tables are kept.
 """
 
@@ -153,9 +154,9 @@ _MEMOS_SIZE = 2  # two slides at a time in a flow; a memo refills cheaply (only 
 def shared_memo(key: str, evaluate: Callable[[NDArray[np.uint8]], NDArray[np.uint8]]) -> MemoTable:
     """This process's :class:`MemoTable` for the map whose definition hashes to ``key``.
 
-    Every copy of one map (the same ``key``: dask unpickles one per task on a distributed
-    cluster) shares it, so each distinct colour is evaluated once per process, not once per
-    chunk. The two most recent maps' tables are kept.
+    Every copy of one map (the same ``key``: a distributed cluster unpickles one per block of
+    the pyramid) shares it, so each distinct colour is evaluated once per process, not once per
+    block. The two most recent maps' tables are kept.
 
     Parameters
     ----------
