@@ -163,6 +163,38 @@ def test_copies_of_a_map_share_one_device_table(maps: dict[str, ColorMap]) -> No
     assert maps["reinhard"].device_lut("cpu") is not first.device_lut("cpu")
 
 
+def test_memo_waits_for_a_colour_another_thread_is_evaluating(maps: dict[str, ColorMap]) -> None:
+    # a tile meets a colour another thread has claimed and not written yet: it gathers the rest,
+    # waits, and then gathers only what was missing; every pixel ends with the table's value
+    import threading
+    import time
+
+    from wsi_norm.colormap.memo import _FILLED, MemoTable
+
+    cmap = maps["reinhard"]
+    memo = MemoTable(cmap.evaluate_numpy)
+    rng = np.random.default_rng(5)
+    tile = np.ascontiguousarray(rng.integers(0, 256, (5000, 3), dtype=np.uint8))
+    memo(tile[:10])  # the table exists
+    assert memo._table is not None
+    pending = tile[1234]
+    key = (int(pending[0]) << 16) | (int(pending[1]) << 8) | int(pending[2])
+    memo._table[key] = 1 << 25  # claimed by "another thread", not evaluated yet
+    result: list[NDArray[np.uint8]] = []
+    worker = threading.Thread(target=lambda: result.append(memo(tile)))
+    worker.start()
+    time.sleep(0.05)
+    assert worker.is_alive()  # it waits for the pending colour
+    value = cmap.evaluate_numpy(pending[None])[0].astype(np.uint32)
+    with memo._cond:
+        memo._table[key] = _FILLED | (value[0] << 16) | (value[1] << 8) | value[2]
+        memo._cond.notify_all()
+    worker.join(5)
+    assert not worker.is_alive()
+    lut = cmap.lut()
+    assert np.array_equal(result[0], lut[tile[:, 0], tile[:, 1], tile[:, 2]])
+
+
 @pytest.mark.parametrize("method", METHODS + ("keep",))
 def test_torch_agrees_with_numpy(maps: dict[str, ColorMap], probe: NDArray[np.uint8], method: str) -> None:
     cmap = maps[method]

@@ -111,13 +111,22 @@ class MemoTable:
 
     def _fill_and_gather(self, flat: NDArray[np.uint8], kernels: dict[str, Any]) -> NDArray[np.uint8]:
         """Claim and evaluate the colours of ``flat`` not in the table yet, then gather; waits
-        for colours another thread is still evaluating."""
+        for colours another thread is still evaluating, and goes on with those pixels only (a
+        retry over the whole tile had claimed and gathered ~5 x the slide's pixels)."""
         out = np.empty_like(flat)
-        missed = np.empty(len(flat), dtype=np.intp)
+        todo, at = flat, None  # the pixels not gathered yet, and where they go in out (None: all)
         while True:
-            self._fill(flat, kernels["claim"])
-            if kernels["gather_or_miss"](flat, self._table, out, missed) == 0:
+            self._fill(todo, kernels["claim"])
+            got = out if at is None else np.empty_like(todo)
+            missed = np.empty(len(todo), dtype=np.intp)
+            n = kernels["gather_or_miss"](todo, self._table, got, missed)
+            if at is not None:
+                out[at] = got  # the rows still missed are written again below
+            if n == 0:
                 return out
+            rest = missed[:n]
+            at = rest if at is None else at[rest]
+            todo = np.ascontiguousarray(todo[rest])
             with self._cond:  # a colour another thread is still evaluating
                 self._cond.wait(timeout=0.01)
 
