@@ -593,10 +593,6 @@ def _memo_block(block: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
     return np.asarray(cmap.apply(block) if cmap.has_cached_lut() else cmap.evaluate_memo(block))
 
 
-_APPLY_BLOCK: dict[str, Callable[[NDArray[np.uint8], Any], NDArray[np.uint8]]] = {
-    "table": _apply_block, "direct": _evaluate_block, "memo": _memo_block}
-
-
 def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: bool = False,
                    memo: bool = False) -> da.Array:
     """Map a colour map over every chunk of an ``(H, W, 3) uint8`` dask array (lazy).
@@ -617,7 +613,7 @@ def apply_colormap(array: da.Array, cmap: Any, *, device: str = "cpu", direct: b
 
     # dask types Array.map_blocks through functools.wraps of the unannotated da.map_blocks
     if device == "cpu":
-        apply = _APPLY_BLOCK["memo" if memo else "direct" if direct else "table"]
+        apply = _memo_block if memo else _evaluate_block if direct else _apply_block
         return array.map_blocks(apply, cmap, dtype=np.uint8)  # type: ignore[arg-type,no-any-return]
     gpu = annotate(resources={"GPU": 1}) if _cluster_has_gpu() else contextlib.nullcontext()
     with gpu:
