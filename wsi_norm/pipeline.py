@@ -175,6 +175,9 @@ class SlideFit:
     codec : dict or None
         Macenko and Vahadane: what the codec-aware correction did
         (:class:`wsi_norm.stain.codec.CodecCorrection`); None for the other methods.
+    non_stain_fraction : float
+        Share of the sampled tissue pixels left out as not stain (black fill, black or green ink:
+        :func:`wsi_norm.tissue.sampling.non_stain_absorbers`).
     """
 
     method: str
@@ -191,6 +194,7 @@ class SlideFit:
     blocks: NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
     n_pixels_requested: int | None = None
     codec: dict[str, Any] | None = None
+    non_stain_fraction: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (used in provenance)."""
@@ -201,6 +205,7 @@ class SlideFit:
             "identity": self.identity,
             "n_pixels": self.n_pixels,
             "n_pixels_requested": self.n_pixels_requested,
+            "non_stain_fraction": self.non_stain_fraction,
             "seed": self.seed,
             "tissue_fraction": self.tissue_fraction,
             "params": self.params,
@@ -301,6 +306,7 @@ def fit_slide(
         blocks=sample.blocks,
         n_pixels_requested=n_pixels,
         codec=codec,
+        non_stain_fraction=sample.non_stain_fraction,
     )
 
 
