@@ -364,6 +364,9 @@ def test_iter_blocks_memory_does_not_grow_with_width(tmp_path: Path) -> None:
             tracemalloc.stop()
 
     peak(1024)  # first use: numba and dask set-up allocate once
-    narrow, wide = peak(4096), peak(16384)
+    # the least of two runs each: how many blocks the threads hold at once varies with the
+    # machine's load (one loaded run measured 12.8 MiB narrow against 16.1 wide, another 45.6
+    # against 16.5); what the layout needs is the floor under that noise
+    narrow, wide = min(peak(4096), peak(4096)), min(peak(16384), peak(16384))
     print(f"peak traced: {narrow / 2**20:.1f} MiB at 4096 wide, {wide / 2**20:.1f} MiB at 16384")
     assert wide <= 1.25 * narrow, (narrow, wide)
