@@ -158,6 +158,14 @@ def labelled_pair(before: NDArray[np.uint8], after: NDArray[np.uint8], *, side: 
     return np.asarray(canvas)
 
 
+def _non_stain_note(fraction: float) -> str:
+    """The report's note on sampled pixels the fit left out as not stain (black fill, ink)."""
+    if fraction <= 0:
+        return ""
+    flag = " **check the slide for pen marks or fill**" if fraction > 0.01 else ""
+    return f"; {fraction:.2%} of the sampled tissue left out of the fit as not stain (black fill, black or green ink){flag}"
+
+
 def _fmt(value: Any) -> str:
     """A value for a person: numbers rounded (3 significant digits, at most 2 decimals),
     sequences as ``a, b, c``, mappings as ``k: v; ...``."""
@@ -242,7 +250,8 @@ def publish_slide_qc(
         "",
         (f"- method **{manifest.method}**, template **{manifest.model.target or 'method default'}**; "
          f"QC gate: **{metrics['qc_gate']}**"),
-        f"- tissue: {getattr(fit, 'tissue_fraction', float('nan')):.1%} of the slide (gray <= 200, as `wsi-norm info`)",
+        f"- tissue: {getattr(fit, 'tissue_fraction', float('nan')):.1%} of the slide (gray <= 200, as `wsi-norm info`)"
+        + _non_stain_note(getattr(fit, "non_stain_fraction", 0.0)),
         (f"- time: {seconds:.1f} s (fit + normalize + write; fit {timings.get('fit_s', float('nan')):.1f} s), "
          f"QC {metrics['qc_seconds']:.1f} s"),
         "- outputs: " + ", ".join(f"`{p}`" for p in entry.outputs.values()),

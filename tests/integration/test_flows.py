@@ -288,6 +288,14 @@ def test_png_data_uri_stays_small_and_keys_are_valid() -> None:
     assert artifact_key("QC", "Site_A", "CMU-1 Small.svs") == "qc-site-a-cmu-1-small-svs"
 
 
+def test_qc_report_says_what_the_fit_left_out() -> None:
+    from flows._qc import _non_stain_note
+
+    assert _non_stain_note(0.0) == ""
+    assert "0.15%" in _non_stain_note(0.0015) and "check the slide" not in _non_stain_note(0.0015)
+    assert "24.50%" in _non_stain_note(0.245) and "check the slide for pen marks or fill" in _non_stain_note(0.245)
+
+
 def test_deploy_files_parse() -> None:
     compose = yaml.safe_load((REPO_ROOT / "deploy" / "compose.yaml").read_text(encoding="utf-8"))
     assert {"prefect-server", "prefect-worker", "dask-scheduler", "dask-worker"} <= set(compose["services"])
