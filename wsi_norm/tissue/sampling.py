@@ -135,7 +135,7 @@ class TissueSample:
         Up to ``keep_windows`` of the tissue windows read, spread evenly over them, as read
         (the codec-aware fit simulates the slide's JPEG coding on them).
     non_stain_fraction : float
-        Share of the windows' tissue pixels left out as not stain (black fill, black or green ink;
+        Share of the drawn tissue pixels left out as not stain (black fill, black or green ink;
         :func:`non_stain_absorbers`).
     """
 
@@ -214,12 +214,17 @@ def non_stain_absorbers(rgb: NDArray[Any], white: NDArray[np.float64]) -> NDArra
     mask : (N,) bool
     """
     rgb = np.asarray(rgb)
-    white = np.asarray(white, dtype=np.float64)
+    lit = np.asarray(white, dtype=np.float64) + 1.0
+    # candidates first, without logarithms (a sample holds up to 4 M rows, nearly all stain): dense
+    # in every channel (intensity + 1 <= (white + 1) / e, i.e. OD >= NEUTRAL_MIN_OD), or green
+    # transmitted most ((g + 1) / (wg + 1) above red's and blue's, i.e. OD_G below both); the
+    # exact rules then on those rows only
+    r, g, b = (rgb[:, c].astype(np.float32) + np.float32(1) for c in range(3))
+    floor = (lit * np.exp(-NEUTRAL_MIN_OD) * (1 + 1e-6)).astype(np.float32)
+    candidates = (r <= floor[0]) & (g <= floor[1]) & (b <= floor[2])
+    candidates |= (g * np.float32(lit[0]) > r * np.float32(lit[1])) & (g * np.float32(lit[2]) > b * np.float32(lit[1]))
     out = np.zeros(len(rgb), dtype=bool)
-    # both rules need some density: OD >= GREEN_MIN_OD / sqrt(3) in some channel, i.e. a channel
-    # below (white + 1) * exp(-that) - 1; an integer-cheap test first, optical density only there
-    darkest = (white + 1.0) * np.exp(-min(GREEN_MIN_OD / np.sqrt(3.0), NEUTRAL_MIN_OD)) - 1.0
-    rows = np.flatnonzero(np.any(rgb <= darkest, axis=1))
+    rows = np.flatnonzero(candidates)
     if len(rows):
         od = rgb_to_od(rgb[rows].astype(np.float64), white=white)
         norm = np.linalg.norm(od, axis=1)
@@ -227,7 +232,7 @@ def non_stain_absorbers(rgb: NDArray[Any], white: NDArray[np.float64]) -> NDArra
             od.sum(axis=1) >= np.sqrt(3.0) * np.cos(np.radians(NEUTRAL_MAX_ANGLE_DEG)) * norm)
         green = (norm >= GREEN_MIN_OD) & (np.minimum(od[:, 0], od[:, 2]) - od[:, 1] > GREEN_MARGIN * norm)
         out[rows] = neutral | green
-    out |= np.all(rgb <= BLACK_MAX, axis=1)
+    out |= (r <= BLACK_MAX + 1) & (g <= BLACK_MAX + 1) & (b <= BLACK_MAX + 1)
     return out
 
 
@@ -411,6 +416,10 @@ def sample_tissue_pixels(
     blocks = np.concatenate([p[1] for p in parts])
     glass = np.concatenate([p[2] for p in parts] + list(glass_parts))
     white = estimate_white_point(glass)
+    pixels = _draw(pixels, n_pixels, rng)
+    blocks = _draw(blocks, n_pixels, rng)
+    # after the draws (a quarter of the rows to test); a slide with nothing to leave out keeps
+    # exactly the sample it had before the rule
     non_stain = non_stain_absorbers(pixels, white.array)
     non_stain_fraction = float(non_stain.mean()) if len(pixels) else 0.0
     if non_stain.any():
@@ -419,8 +428,6 @@ def sample_tissue_pixels(
         log.log(logging.WARNING if non_stain_fraction > 0.01 else logging.INFO,
                 "%s: %.2f%% of the sampled tissue pixels are not stain (black fill, black or green ink, "
                 "dust), left out of the fit", slide.path, 100 * non_stain_fraction)
-    pixels = _draw(pixels, n_pixels, rng)
-    blocks = _draw(blocks, n_pixels, rng)
     if len(pixels) < min_pixels:
         non_stain_note = (f", {non_stain_fraction:.0%} of them left out as not stain (black fill, ink)"
                           if non_stain_fraction > 0 else "")
