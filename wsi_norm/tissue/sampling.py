@@ -116,9 +116,9 @@ NEUTRAL_MAX_ANGLE_DEG = 3.0
 #: A pixel with every channel at most this is black: fill, not stain (its direction is noise).
 BLACK_MAX = 4
 #: Neutral absorbers are left out only when they are at least this share of the sample: fill and
-#: ink cover percents of it (a 2 % black fill 6.9 %, three black ink strokes 8.5 %), while the
+#: ink cover percents of it (a 2 % black fill 6.8 %, three black ink strokes 8.5 %), while the
 #: all-channel-saturated cores of dense nuclei stay under it (the benchmark's densest case 0.39 %,
-#: CMU-1-Small-Region 0.15 %) and are dense tissue, which the maximum concentrations must see.
+#: CMU-1-Small-Region 0.05 %) and are dense tissue, which the maximum concentrations must see.
 NEUTRAL_MIN_SHARE = 0.01
 #: A green absorber's OD norm is at least this...
 GREEN_MIN_OD = 0.5
