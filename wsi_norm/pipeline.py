@@ -268,7 +268,7 @@ def fit_slide(
                        f"single-channel image holds no stain colour for {method} to fit")
     white = sample.white if resolved.white_point is None else WhitePoint.fixed(resolved.white_point)
     sampled = time.perf_counter()
-    data = sample.blocks if method in STAIN_MATRIX_METHODS else sample.pixels
+    data = sample.blocks if method in STAIN_MATRIX_METHODS and resolved.fit_on == "blocks" else sample.pixels
     codec: dict[str, Any] | None = None
     try:
         stats = fit_stats(method, data, resolved, white=white.array)
@@ -318,7 +318,7 @@ def _all_grey(pixels: NDArray[np.uint8]) -> bool:
 def _estimator_settings(p: Any) -> tuple[Any, ...]:
     """The StainParams fields that decide a Macenko estimate (given the pixels and white point)."""
     return (p.macenko_variant, p.alpha, p.beta, p.edge_band, p.edge_strong, p.max_od,
-            p.max_conc_percentile, p.min_pixels, p.min_stain_angle_deg, p.codec_correction)
+            p.max_conc_percentile, p.min_pixels, p.min_stain_angle_deg, p.codec_correction, p.fit_on)
 
 
 def fit_template(

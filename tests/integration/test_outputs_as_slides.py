@@ -273,7 +273,7 @@ def test_fields_outside_a_methods_params_do_not_change_its_fit(method: str) -> N
                "edge_band": 30.0, "edge_strong": 60.0, "max_od": 2.0, "l1_penalty": 0.05,
                "debias": False, "max_conc_percentile": 95.0, "min_pixels": 500,
                "min_stain_angle_deg": 4.0, "seed": 7, "max_fit_pixels": 4000, "iterations": 5,
-               "device": "cpu", "codec_correction": True}
+               "device": "cpu", "codec_correction": True, "fit_on": "pixels"}
     assert set(changed) == {f.name for f in dataclasses.fields(StainParams)}
     for name, value in changed.items():
         if name in REGISTRY[method].params or name == "device":

@@ -79,10 +79,12 @@ class MethodSpec:
 # The fields each fit reads (see fit_<method>): Vahadane starts from the strong Macenko variant,
 # so it reads that variant's knobs but not ``macenko_variant``.
 _MACENKO_PARAMS = ("white_point", "macenko_variant", "alpha", "beta", "edge_band", "edge_strong",
-                   "max_od", "max_conc_percentile", "min_pixels", "min_stain_angle_deg", "codec_correction")
+                   "max_od", "max_conc_percentile", "min_pixels", "min_stain_angle_deg", "codec_correction",
+                   "fit_on")
 _VAHADANE_PARAMS = ("white_point", "alpha", "beta", "edge_band", "edge_strong", "max_od",
                     "l1_penalty", "debias", "max_conc_percentile", "min_pixels",
-                    "min_stain_angle_deg", "seed", "max_fit_pixels", "iterations", "codec_correction")
+                    "min_stain_angle_deg", "seed", "max_fit_pixels", "iterations", "codec_correction",
+                    "fit_on")
 _PIXEL_STATS_PARAMS = ("white_point", "min_pixels")
 _GMM_PARAMS = ("white_point", "min_pixels", "seed", "max_fit_pixels")
 
