@@ -149,3 +149,44 @@ def test_sample_is_the_same_on_dask_and_on_the_plain_thread_pool(sample_svs: Pat
     assert on_dask.white == on_pool.white and on_dask.non_stain_fraction == on_pool.non_stain_fraction
     # 50,000 drawn, less those left out as not stain (the real slide's dark debris: ~0.15 %)
     assert len(on_pool.pixels) + round(on_pool.non_stain_fraction * 50_000) == 50_000
+
+
+# ------------------------------------------------------------------ the final draws
+
+
+@pytest.mark.parametrize(("count", "n"), [(5, 2), (7, 4), (12, 3)])
+def test_subset_positions_draws_every_subset_equally_often(count: int, n: int) -> None:
+    """Every n-subset of range(count) is equally likely: 30,000 seeded draws, chi-square over
+    all C(count, n) subsets (rates n / count below and above 1/2, so both the removal and the
+    addition branch run)."""
+    import itertools
+    from math import comb
+
+    from scipy.stats import chisquare
+
+    from wsi_norm.tissue.sampling import subset_positions
+
+    rng = np.random.default_rng(11)
+    index = {s: i for i, s in enumerate(itertools.combinations(range(count), n))}
+    seen = np.zeros(comb(count, n))
+    for _ in range(30_000):
+        positions = subset_positions(count, n, rng)
+        assert len(positions) == n and np.all(np.diff(positions) > 0)  # distinct, in order
+        seen[index[tuple(int(p) for p in positions)]] += 1
+    assert chisquare(seen).pvalue > 1e-3, seen
+
+
+def test_subset_positions_at_scale_and_its_edges() -> None:
+    from wsi_norm.tissue.sampling import subset_positions
+
+    rng = np.random.default_rng(0)
+    positions = subset_positions(4_000_000, 1_000_000, rng)
+    assert len(positions) == 1_000_000 and np.all(np.diff(positions) > 0)
+    assert positions[0] >= 0 and positions[-1] < 4_000_000
+    # spread over the whole range: each tenth holds its share within 0.5 %
+    share = np.bincount(positions // 400_000, minlength=10) / 1_000_000
+    assert np.all(np.abs(share - 0.1) < 0.0005), share
+    assert np.array_equal(subset_positions(9, 9, rng), np.arange(9))
+    assert len(subset_positions(9, 0, rng)) == 0
+    with pytest.raises(ValueError, match="cannot draw 10 of 9 positions"):
+        subset_positions(9, 10, rng)

@@ -258,9 +258,42 @@ def non_stain_classes(rgb: NDArray[Any], white: NDArray[np.float64]) -> tuple[ND
     return neutral, green
 
 
+def subset_positions(count: int, n: int, rng: np.random.Generator) -> NDArray[np.intp]:
+    """``n`` distinct positions of ``range(count)``, in increasing order, every ``n``-subset
+    equally likely (``0 <= n <= count``).
+
+    Each position is kept with probability ``n / count``; a uniformly drawn excess of the kept
+    positions is then removed, or a uniformly drawn shortfall added from the others. Given how
+    many the first step kept, the kept set is uniform among sets of that size, and removing or
+    adding a uniform subset keeps it so. It reads and writes the positions in order: 1 M of 4 M
+    rows in ~0.04 s where ``Generator.choice(..., replace=False)`` and the gather in its random
+    order take 0.23-0.32 s (random access over the 32-MB index array and the rows).
+    """
+    if not 0 <= n <= count:
+        raise ValueError(f"cannot draw {n} of {count} positions")
+    if n == count:
+        return np.arange(count, dtype=np.intp)
+    kept = rng.random(count, dtype=np.float32) < np.float32(n / count)
+    positions = np.flatnonzero(kept)
+    if len(positions) > n:
+        positions = np.delete(positions, rng.choice(len(positions), len(positions) - n, replace=False))
+    elif len(positions) < n:
+        others = np.flatnonzero(~kept)
+        positions = np.sort(np.concatenate([positions, others[rng.choice(len(others), n - len(positions),
+                                                                          replace=False)]]))
+    return positions
+
+
 def _draw(rows: NDArray[_S], n: int, rng: np.random.Generator) -> NDArray[_S]:
     """At most ``n`` rows, drawn without replacement (all of them when there are fewer)."""
     return rows if len(rows) <= n else rows[rng.choice(len(rows), size=n, replace=False)]
+
+
+def _draw_in_order(rows: NDArray[_S], n: int, rng: np.random.Generator) -> NDArray[_S]:
+    """:func:`_draw` for millions of rows: the drawn rows in their own order
+    (:func:`subset_positions`). A window's few thousand rows are cache-resident, and there
+    ``Generator.choice`` is the faster (0.29 against 0.60 ms for 15,628 of 65,536)."""
+    return rows if len(rows) <= n else rows[subset_positions(len(rows), n, rng)]
 
 
 def _drawn_blocks(rgb: NDArray[np.uint8], tissue_px: NDArray[np.bool_], n: int,
@@ -438,8 +471,8 @@ def sample_tissue_pixels(
     blocks = np.concatenate([p[1] for p in parts])
     glass = np.concatenate([p[2] for p in parts] + list(glass_parts))
     white = estimate_white_point(glass)
-    pixels = _draw(pixels, n_pixels, rng)
-    blocks = _draw(blocks, n_pixels, rng)
+    pixels = _draw_in_order(pixels, n_pixels, rng)
+    blocks = _draw_in_order(blocks, n_pixels, rng)
     # after the draws (a quarter of the rows to test); a slide with nothing to leave out keeps
     # exactly the sample it had before the rules
     neutral, green = non_stain_classes(pixels, white.array)
