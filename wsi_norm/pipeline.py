@@ -35,7 +35,14 @@ from numpy.typing import NDArray
 from wsi_norm.errors import FitError, OutputError, OutputExistsError, QCError, TemplateError
 from wsi_norm.slide import Backend, Slide, open_slide
 from wsi_norm.stain import ALL_METHODS, METHODS
-from wsi_norm.stain.qc import ColourReference, QCReport, check_fit, check_mapped, colour_reference
+from wsi_norm.stain.qc import (
+    ColourReference,
+    QCReport,
+    check_fit,
+    check_mapped,
+    colour_reference,
+    tissue_lab_mean,
+)
 from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
 from wsi_norm.tissue.whitepoint import WhitePoint
 from wsi_norm.writers import WriterOptions
@@ -253,6 +260,8 @@ def fit_slide(
     white point (``params.white_point`` overrides the measured one); Reinhard, histogram
     matching and gmm on its tissue pixels (gmm in HSD against the same white point).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from wsi_norm.stain import STAIN_MATRIX_METHODS, StainParams, fit_stats
     from wsi_norm.stain.codec import CODEC_WINDOWS, codec_corrected
 
@@ -270,24 +279,29 @@ def fit_slide(
     sampled = time.perf_counter()
     data = sample.blocks if method in STAIN_MATRIX_METHODS and resolved.fit_on == "blocks" else sample.pixels
     codec: dict[str, Any] | None = None
-    try:
-        stats = fit_stats(method, data, resolved, white=white.array)
-        if method in STAIN_MATRIX_METHODS:
-            if correct:
-                stats, record = codec_corrected(
-                    stats, lambda blocks: fit_stats(method, blocks, resolved, white=white.array), data=data,
-                    windows=sample.kept_windows, white=white.array, coding=slide.jpeg_coding(), params=resolved,
-                    seed=seed)
-                codec = record.to_dict()
-            else:
-                codec = {"applied": False, "reason": "turned off (codec_correction: false)"}
-        # the colour reference's stain vectors are the default Macenko estimate: reuse this fit's
-        # when it is that estimate (same estimator settings, same blocks, same white point)
-        default_fit = method == "macenko" and _estimator_settings(resolved) == _estimator_settings(StainParams())
-        reference = colour_reference(sample.pixels, white=white, blocks=sample.blocks,
-                                     stain_matrix=stats.stain_matrix if default_fit else None)
-    except FitError as exc:
-        raise FitError(f"{slide.path}: {method} fit failed: {exc}") from exc
+    # the QC reference's Lab mean needs no fit: on a second thread while the method fits (numpy
+    # releases the GIL in both)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-norm-lab") as lab_pool:
+        lab_mean = lab_pool.submit(tissue_lab_mean, sample.pixels)
+        try:
+            stats = fit_stats(method, data, resolved, white=white.array)
+            if method in STAIN_MATRIX_METHODS:
+                if correct:
+                    stats, record = codec_corrected(
+                        stats, lambda blocks: fit_stats(method, blocks, resolved, white=white.array), data=data,
+                        windows=sample.kept_windows, white=white.array, coding=slide.jpeg_coding(), params=resolved,
+                        seed=seed)
+                    codec = record.to_dict()
+                else:
+                    codec = {"applied": False, "reason": "turned off (codec_correction: false)"}
+            # the colour reference's stain vectors are the default Macenko estimate: reuse this fit's
+            # when it is that estimate (same estimator settings, same blocks, same white point)
+            default_fit = method == "macenko" and _estimator_settings(resolved) == _estimator_settings(StainParams())
+            reference = colour_reference(sample.pixels, white=white, blocks=sample.blocks,
+                                         stain_matrix=stats.stain_matrix if default_fit else None,
+                                         lab_mean=lab_mean.result())
+        except FitError as exc:
+            raise FitError(f"{slide.path}: {method} fit failed: {exc}") from exc
     done = time.perf_counter()
     log.info("%s: fitted %s on %d pixels (white point %s, %s)", slide.path, method, len(data),
              white.rgb, white.source)

@@ -257,6 +257,7 @@ def colour_reference(
     white: WhitePoint | ArrayLike,
     blocks: NDArray[Any] | None = None,
     stain_matrix: ArrayLike | None = None,
+    lab_mean: tuple[float, float, float] | None = None,
 ) -> ColourReference:
     """Lab mean and default-Macenko stain vectors of tissue.
 
@@ -268,6 +269,8 @@ def colour_reference(
         2 x 2 block means for the stain estimate (default: the pixels).
     stain_matrix : (2, 3) float, optional
         The default Macenko estimate when the caller already has it (not estimated again).
+    lab_mean : (3,) float, optional
+        :func:`tissue_lab_mean` of ``pixels`` when the caller already has it.
 
     Returns
     -------
@@ -280,18 +283,37 @@ def colour_reference(
     """
     from wsi_norm.stain.macenko import fit_macenko
 
+    w = white.array if isinstance(white, WhitePoint) else np.asarray(white, dtype=np.float64)
+    if stain_matrix is None:
+        tissue = _qc_tissue(pixels)
+        matrix = fit_macenko(tissue if blocks is None else blocks, StainParams(), white=w).stain_matrix
+    else:
+        matrix = np.asarray(stain_matrix, dtype=np.float64)
+    lab = tissue_lab_mean(pixels) if lab_mean is None else lab_mean
+    return ColourReference(lab, tuple(map(tuple, matrix)))  # type: ignore[arg-type]
+
+
+def _qc_tissue(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """The tissue pixels, a seeded subsample of ``_QC_PIXELS`` when there are more."""
     tissue = tissue_pixels(pixels)
     if len(tissue) > _QC_PIXELS:
         tissue = tissue[np.random.default_rng(0).choice(len(tissue), _QC_PIXELS, replace=False)]
     if len(tissue) == 0:
         raise FitError("colour reference: no tissue pixels")
-    lab = np.asarray(rgb_to_lab(tissue), dtype=np.float64).mean(axis=0)
-    w = white.array if isinstance(white, WhitePoint) else np.asarray(white, dtype=np.float64)
-    if stain_matrix is None:
-        matrix = fit_macenko(tissue if blocks is None else blocks, StainParams(), white=w).stain_matrix
-    else:
-        matrix = np.asarray(stain_matrix, dtype=np.float64)
-    return ColourReference(tuple(lab), tuple(map(tuple, matrix)))  # type: ignore[arg-type]
+    return tissue
+
+
+def tissue_lab_mean(pixels: NDArray[np.uint8]) -> tuple[float, float, float]:
+    """The CIE Lab mean of tissue pixels (a seeded subsample of 200,000), the colour reference's
+    ``lab_mean``; needs nothing fitted, so the pipeline computes it beside the stain fit.
+
+    Raises
+    ------
+    FitError
+        No tissue pixels.
+    """
+    lab = np.asarray(rgb_to_lab(_qc_tissue(pixels)), dtype=np.float64).mean(axis=0)
+    return (float(lab[0]), float(lab[1]), float(lab[2]))
 
 
 def cone_overshoot_deg(
