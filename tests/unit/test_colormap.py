@@ -315,3 +315,51 @@ def test_self_map_is_identity_on_stain_plane(conc: NDArray[np.float64]) -> None:
     stats = MacenkoStats(stain_matrix=_M, max_conc=np.array([1.5, 1.0]))
     out = compile_colormap("macenko", stats, stats, source_white=white, target_white=white).evaluate_numpy(rgb)
     assert np.abs(out.astype(int) - rgb).max() <= 2
+
+
+def _by_exponential_of_the_sum(cmap: ColorMap, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """The stain map as the exponential of the mapped optical density (its definition before
+    the exponential was taken per input channel), rounded as the table is."""
+    from wsi_norm.colormap.maps import planar_intensity, planar_od
+
+    planes = [rgb[:, c].astype(np.float64) for c in range(3)]
+    od = planar_od(np, (planes[0], planes[1], planes[2]), cmap.source_white)  # type: ignore[attr-defined]
+    m = cmap.matrix  # type: ignore[attr-defined]
+    mapped = [od[0] * float(m[0, j]) + od[1] * float(m[1, j]) + od[2] * float(m[2, j]) for j in range(3)]
+    out = planar_intensity(np, mapped, cmap.target_white)  # type: ignore[attr-defined]
+    return np.stack([np.clip(np.rint(c), 0, 255) for c in out], axis=1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_factorized_exponential_is_the_exponential_of_the_sum(maps: dict[str, ColorMap], method: str) -> None:
+    # the table takes exp per input channel and multiplies; over the whole cube it must write
+    # what exp of the sum writes (a few ulps apart: at most a handful of entries on a .5
+    # boundary may round the other way, by one level)
+    cmap = maps[method]
+    assert cmap.factorized  # type: ignore[attr-defined]
+    every = np.indices((256, 256, 256), dtype=np.uint8).reshape(3, -1).T
+    table = cmap.lut().reshape(-1, 3)
+    diff = np.abs(table.astype(np.int16) - _by_exponential_of_the_sum(cmap, every).astype(np.int16))
+    assert diff.max() <= 1 and int((diff > 0).sum()) <= 16, (diff.max(), int((diff > 0).sum()))
+
+
+def test_an_extreme_map_takes_the_exponential_of_the_sum() -> None:
+    # stains 6 deg apart and a 50x concentration ratio: products of per-channel exponentials
+    # could overflow, so the map keeps exp of the sum, and its table is still its evaluation
+    from wsi_norm.colormap.maps import StainMatrixMap
+
+    h = np.array([0.65, 0.70, 0.29]) / np.linalg.norm([0.65, 0.70, 0.29])
+    axis = np.cross(h, [0.0, 0.0, 1.0])
+    axis /= np.linalg.norm(axis)
+    angle = np.radians(6.0)
+    e = h * np.cos(angle) + np.cross(axis, h) * np.sin(angle)
+    src = np.stack([h, e])
+    from wsi_norm.stain.base import RUIFROK_HE
+
+    target = RUIFROK_HE / np.linalg.norm(RUIFROK_HE, axis=1, keepdims=True)
+    cmap = StainMatrixMap(src, np.array([0.2, 0.2]), target, np.array([10.0, 10.0]))
+    assert not cmap.factorized
+    every = np.indices((256, 256, 256), dtype=np.uint8).reshape(3, -1).T
+    packed = cmap._build_packed().reshape(-1, 4)[:, :3]
+    assert np.array_equal(packed, cmap.evaluate_numpy(every))
+    assert np.array_equal(packed, _by_exponential_of_the_sum(cmap, every))
