@@ -658,18 +658,26 @@ class StainMatrixMap(ColorMap):
         self.factorized = bool(3.0 * _MAX_ABS_OD * float(np.abs(self.matrix).max()) <= _FACTOR_EXP_MAX)
 
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
-        od = planar_od(xp, (r, g, b), self.source_white)
         m = self.matrix
         if not self.factorized:
+            od = planar_od(xp, (r, g, b), self.source_white)
             mapped = [od[0] * float(m[0, j]) + od[1] * float(m[1, j]) + od[2] * float(m[2, j]) for j in range(3)]
             return planar_intensity(xp, mapped, self.target_white)
         # exp(-(od_r m_0j + od_g m_1j + od_b m_2j)) as the product of one exponential per input
-        # channel: building the table, each is taken of 256 values, not of 65,536 sums (0.82 ->
-        # 0.32 s for the whole cube on one thread); the clip of the sum to [_OD_MIN, _OD_MAX]
-        # becomes the same clip of the product
+        # channel, each looked up in a table of the 256 input levels: 9 exponentials of 256 values
+        # per call instead of 3 per colour (the whole 256^3 table in 0.43 s instead of 0.87 on two
+        # threads; a slide's pixels looked up, not exponentiated); the clip of the sum to
+        # [_OD_MIN, _OD_MAX] becomes the same clip of the product
+        if xp is np:
+            levels, index = np.arange(256.0), [np.asarray(c).astype(np.intp) for c in (r, g, b)]
+        else:  # torch: the tables on the planes' device, in their dtype
+            levels = xp.arange(256, dtype=r.dtype, device=r.device)
+            index = [c.long() for c in (r, g, b)]
+        od = planar_od(xp, (levels, levels, levels), self.source_white)
         out = []
         for j, w in enumerate(self.target_white):
-            e = xp.exp(od[0] * -float(m[0, j])) * xp.exp(od[1] * -float(m[1, j])) * xp.exp(od[2] * -float(m[2, j]))
+            e = (xp.exp(od[0] * -float(m[0, j]))[index[0]] * xp.exp(od[1] * -float(m[1, j]))[index[1]]
+                 * xp.exp(od[2] * -float(m[2, j]))[index[2]])
             out.append((w + 1.0) * xp.clip(e, _E_MIN, _E_MAX) - 1.0)
         return out
 
