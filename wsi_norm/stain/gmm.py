@@ -6,8 +6,9 @@ the classes), and normalizes each pixel by ``sum_k gamma_k (mu_k^t + sigma_k^t /
 
 What wsi-norm does instead, and why
 -----------------------------------
-* **Memberships from colour alone**: the mixture is fitted by EM (scikit-learn's
-  ``GaussianMixture``, diagonal covariances, k-means start, seeded by ``params.seed``) on a
+* **Memberships from colour alone**: the mixture is fitted by EM
+  (:func:`wsi_norm.stain.mixture.fit_diagonal_mixture`: diagonal covariances, k-means++ start
+  seeded by ``params.seed``, scikit-learn's ``GaussianMixture`` algorithm) on a
   seeded subsample (``params.max_fit_pixels``) of the slide-wide tissue sample (luma <= 200),
   in HSD against the slide's white point; K is chosen by BIC among 2-8. A pixel's memberships
   are then a function of its colour, so the normalization is one per-pixel map: one 256^3 LUT,
@@ -50,6 +51,7 @@ from wsi_norm.errors import FitError
 from wsi_norm.runtime import usable_cpus
 from wsi_norm.stain.base import StainParams, tissue_pixels, white_of
 from wsi_norm.stain.hsd import od_to_hsd
+from wsi_norm.stain.mixture import DiagonalMixture, fit_diagonal_mixture
 
 __all__ = [
     "ALIGN_SAMPLES",
@@ -200,8 +202,6 @@ def fit_gmm(pixels: NDArray[Any], params: StainParams | None = None, *, white: A
     ValueError, TypeError
         Pixels of the wrong shape or dtype.
     """
-    from sklearn.mixture import GaussianMixture
-
     p = params or StainParams()
     tissue = tissue_pixels(pixels)
     if len(tissue) < p.min_pixels:
@@ -218,22 +218,21 @@ def fit_gmm(pixels: NDArray[Any], params: StainParams | None = None, *, white: A
     if not candidates:
         raise FitError(f"gmm: {len(sample)} pixels are too few for a mixture")
 
-    def fit(k: int) -> Any:
-        return GaussianMixture(k, covariance_type="diag", reg_covar=_REG_COVAR, max_iter=200,
-                               random_state=p.seed).fit(sample)
+    def fit(k: int) -> DiagonalMixture:
+        return fit_diagonal_mixture(sample, k, seed=p.seed, reg_covar=_REG_COVAR, max_iter=200)
 
     # each K is its own seeded fit, so they run side by side (0.88 -> 0.55-0.60 s on 2 cores for
     # CMU-1-Small-Region, the same mixtures); the lowest BIC wins, the smaller K on a tie
     with ThreadPoolExecutor(min(len(candidates), usable_cpus()), thread_name_prefix="wsi-norm-gmm") as pool:
         fitted = list(pool.map(fit, candidates))
-    scores = [(k, float(gm.bic(sample))) for k, gm in zip(candidates, fitted, strict=True)]
+    scores = [(k, gm.bic(sample)) for k, gm in zip(candidates, fitted, strict=True)]
     best = fitted[min(range(len(scores)), key=lambda i: scores[i][1])]
-    order = np.argsort(best.means_[:, 0], kind="stable")
-    weights = np.asarray(best.weights_, dtype=np.float64)[order]
+    order = np.argsort(best.means[:, 0], kind="stable")
+    weights = best.weights[order]
     return GmmStats(
         weights=weights / weights.sum(),
-        means=np.asarray(best.means_, dtype=np.float64)[order],
-        stds=np.sqrt(np.asarray(best.covariances_, dtype=np.float64))[order],
+        means=best.means[order],
+        stds=np.sqrt(best.variances)[order],
         global_mean=hsd.mean(axis=0),
         global_std=global_std,
         bic=tuple(scores),
@@ -417,8 +416,6 @@ def align_components(source: GmmStats, target: GmmStats, *, seed: int = 0,
     ValueError
         ``n_samples`` under 100.
     """
-    from sklearn.mixture import GaussianMixture
-
     if n_samples < 100:
         raise ValueError(f"n_samples must be >= 100, got {n_samples}")
     usable = np.flatnonzero(target.weights >= MIN_TARGET_WEIGHT)
@@ -426,7 +423,7 @@ def align_components(source: GmmStats, target: GmmStats, *, seed: int = 0,
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n_samples, source.weights)
     draws = np.concatenate([rng.normal(source.means[k], source.stds[k], (n, 3)) for k, n in enumerate(counts)])
-    best: tuple[float, Any, NDArray[np.float64], list[int], str] | None = None
+    best: tuple[float, DiagonalMixture, NDArray[np.float64], list[int], str] | None = None
     for start_name in START_NAMES:
         ratio = source.global_std / target.global_std if start_name == "carried" else np.ones(3)
         start = target.means[usable] if start_name == "template" else (
@@ -438,14 +435,13 @@ def align_components(source: GmmStats, target: GmmStats, *, seed: int = 0,
         means = np.concatenate([start, source.means[absent]])
         stds = np.concatenate([target.stds[usable] * ratio, source.stds[absent]])
         weights = np.concatenate([target.weights[usable], source.weights[absent]])
-        gm = GaussianMixture(len(means), covariance_type="diag", reg_covar=_REG_COVAR, max_iter=200,
-                             weights_init=weights / weights.sum(), means_init=means,
-                             precisions_init=1.0 / (stds**2 + _REG_COVAR), random_state=seed).fit(draws)
+        gm = fit_diagonal_mixture(draws, len(means), reg_covar=_REG_COVAR, max_iter=200,
+                                  start=(weights / weights.sum(), means, stds**2 + _REG_COVAR))
         # how far EM had to move the template's components (source standard deviations, weighted
         # by the template's weights, at most MAX_MATCH_DISTANCE each; a component EM starved
         # counts that much), plus MAX_MATCH_DISTANCE for each absent source component's weight
-        moved = np.sqrt((((np.asarray(gm.means_)[: len(usable)] - start) / source.global_std) ** 2).sum(axis=1))
-        starved = np.asarray(gm.weights_)[: len(usable)] < MIN_TARGET_WEIGHT
+        moved = np.sqrt((((gm.means[: len(usable)] - start) / source.global_std) ** 2).sum(axis=1))
+        starved = gm.weights[: len(usable)] < MIN_TARGET_WEIGHT
         moved = np.where(starved, MAX_MATCH_DISTANCE, np.minimum(moved, MAX_MATCH_DISTANCE))
         movement = float((target.weights[usable] * moved).sum() / max(target.weights[usable].sum(), 1e-12)
                          + MAX_MATCH_DISTANCE * source.weights[absent].sum())
@@ -453,15 +449,15 @@ def align_components(source: GmmStats, target: GmmStats, *, seed: int = 0,
             best = (movement, gm, start, absent, start_name)
     assert best is not None
     _, gm, start, absent, start_name = best
-    fitted_w = np.asarray(gm.weights_, dtype=np.float64)
+    fitted_w = gm.weights
     keep = np.flatnonzero(fitted_w >= MIN_TARGET_WEIGHT)
     if len(keep) == 0:  # cannot happen: the weights sum to 1 over at most 16 components
         keep = np.array([int(np.argmax(fitted_w))])
     dropped = tuple(int(usable[k]) for k in range(len(usable)) if k not in set(keep.tolist()))
     aligned = GmmStats(
         weights=fitted_w[keep] / fitted_w[keep].sum(),
-        means=np.asarray(gm.means_, dtype=np.float64)[keep],
-        stds=np.sqrt(np.asarray(gm.covariances_, dtype=np.float64))[keep],
+        means=gm.means[keep],
+        stds=np.sqrt(gm.variances[keep]),
         global_mean=source.global_mean,
         global_std=source.global_std,
     )
