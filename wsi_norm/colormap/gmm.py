@@ -21,9 +21,9 @@ recorded (:meth:`GmmMap.notes`). ``components="independent"`` pairs the two slid
 fits by mean colour (:func:`wsi_norm.stain.gmm.match_components`), as before.
 
 Measured (``python bench/gmm_fidelity.py --cases 6``, median of 6 registered pairs, PSNR on
-tissue / mean CIEDE2000): stain vectors turned 12 degrees: aligned 35.7 dB / 1.43, independent
-27.3 / 3.53 (Reinhard 31.2, histogram matching 34.7, Macenko 51.2: exact on its own model);
-stroma eosin x 1.6: aligned 33.5 dB / 1.54, the best of the four methods (Macenko 32.2).
+tissue / mean CIEDE2000): stain vectors turned 12 degrees: aligned 41.2 dB / 0.74, independent
+28.2 / 3.31 (Reinhard 31.2, histogram matching 34.7, Macenko 51.2: exact on its own model);
+stroma eosin x 1.6: aligned 34.2 dB / 1.32, the best of the four methods (Macenko 32.2).
 
 Continuity
 ----------
