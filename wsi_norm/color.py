@@ -56,6 +56,7 @@ __all__ = [
     "od_to_rgb",
     "rgb_to_lab",
     "rgb_to_od",
+    "srgb_linear_levels",
 ]
 
 #: White point (glass intensity per channel) assumed when a slide shows no measurable glass.
@@ -183,9 +184,30 @@ def rgb_to_lab(rgb: Any) -> Any:
     lab : (..., 3) float; L in [0, 100], a and b roughly in [-128, 127]
     """
     xp = array_namespace(rgb)
+    if xp is np and np.asarray(rgb).dtype == np.uint8:
+        # the sRGB decoding of 8-bit input looked up: the same float64 operations on the same
+        # 256 values (v / 255), so the same Lab as computed per pixel
+        arr = np.asarray(rgb)
+        table = srgb_linear_levels()
+        return np.stack(_lab_from_linear(np, table[arr[..., 0]], table[arr[..., 1]], table[arr[..., 2]]), -1)
     is_int = (np.asarray(rgb).dtype.kind in "ui") if xp is np else not rgb.is_floating_point()
     rgb = _as_float(rgb) / 255.0 if is_int else _as_float(rgb)
     return xp.stack(_lab_from_channels(xp, rgb[..., 0], rgb[..., 1], rgb[..., 2]), -1)
+
+
+_SRGB_LINEAR_LEVELS: NDArray[np.float64] | None = None
+
+
+def srgb_linear_levels() -> NDArray[np.float64]:
+    """Linear-light values of the 256 8-bit sRGB levels, ``(256,)`` float64 (read-only): the
+    decoding step of :func:`rgb_to_lab` applied to ``v / 255``, so indexing it gives exactly
+    what the formula gives per pixel."""
+    global _SRGB_LINEAR_LEVELS
+    if _SRGB_LINEAR_LEVELS is None:
+        table = _srgb_to_linear(np, np.arange(256.0) / 255.0)
+        table.flags.writeable = False
+        _SRGB_LINEAR_LEVELS = table
+    return _SRGB_LINEAR_LEVELS
 
 
 def lab_to_rgb(lab: Any) -> Any:
@@ -204,13 +226,19 @@ def lab_to_rgb(lab: Any) -> Any:
     return xp.stack(_channels_from_lab(xp, lab[..., 0], lab[..., 1], lab[..., 2]), -1)
 
 
+def _srgb_to_linear(xp: ModuleType, c: Any) -> Any:
+    """sRGB [0, 1] -> linear light (IEC 61966-2-1)."""
+    return xp.where(c > 0.04045, ((xp.clip(c, 0.04045, None) + 0.055) / 1.055) ** 2.4, c / 12.92)
+
+
 def _lab_from_channels(xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
     """Planar sRGB [0, 1] -> planar Lab (three same-shape arrays in, three out)."""
-    lin = [
-        xp.where(c > 0.04045, ((xp.clip(c, 0.04045, None) + 0.055) / 1.055) ** 2.4, c / 12.92)
-        for c in (r, g, b)
-    ]
-    xyz = _linear3(lin[0], lin[1], lin[2], _XYZ_FROM_RGB)
+    return _lab_from_linear(xp, _srgb_to_linear(xp, r), _srgb_to_linear(xp, g), _srgb_to_linear(xp, b))
+
+
+def _lab_from_linear(xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
+    """Planar linear-light RGB -> planar Lab."""
+    xyz = _linear3(r, g, b, _XYZ_FROM_RGB)
     f = [
         xp.where(t > 0.008856, xp.clip(t, 0.008856, None) ** (1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
         for t in (xyz[0] / _WHITE_D65[0], xyz[1] / _WHITE_D65[1], xyz[2] / _WHITE_D65[2])

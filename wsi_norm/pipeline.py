@@ -672,9 +672,13 @@ def runs_in_memory(source: Slide, out: PathLike, *, device: str = "cpu",
 
 def _evaluate_in_bands(rgb: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
     """The map evaluated over an in-memory image, in bands of rows on two threads: each pixel's
-    value is the chunked path's (the map is per pixel)."""
+    value is the chunked path's (the map is per pixel). A map that costs more a colour than a
+    lookup (``memo_for_slides``: Reinhard, gmm) evaluates the image's distinct colours once
+    each instead (:meth:`~wsi_norm.colormap.ColorMap.evaluate_distinct`, the same values)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if getattr(cmap, "memo_for_slides", False) and not cmap.has_cached_lut():
+        return np.asarray(cmap.evaluate_distinct(rgb))
     rows = max(1, _BAND_PX // max(1, rgb.shape[1]))
     out = np.empty_like(rgb)
 

@@ -49,6 +49,17 @@ def test_lab_matches_skimage() -> None:
     np.testing.assert_allclose(lab_to_rgb(torch.from_numpy(lab)).numpy(), rgb, atol=1e-6)
 
 
+def test_lab_of_8_bit_input_is_the_formula_exactly() -> None:
+    # uint8 input looks its sRGB decoding up in a table of the 256 levels: every level and a
+    # million random colours give the same float64 Lab as the formula on v / 255, bit for bit
+    rng = np.random.default_rng(1)
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    rgb = np.concatenate([levels, rng.integers(0, 256, (1_000_000, 3), dtype=np.uint8)])
+    assert np.array_equal(rgb_to_lab(rgb), rgb_to_lab(rgb.astype(np.float64) / 255.0))
+    assert np.array_equal(rgb_to_lab(rgb.reshape(-1, 4, 3)), rgb_to_lab(rgb).reshape(-1, 4, 3))
+    np.testing.assert_allclose(rgb_to_lab(rgb[:5000]), rgb2lab(rgb[None, :5000])[0], atol=1e-8)
+
+
 def test_luma_and_background_boundary() -> None:
     assert luma(np.array([100, 200, 50], dtype=np.uint8)) == 0.299 * 100 + 0.587 * 200 + 0.114 * 50
     grey200 = np.array([[200, 200, 200], [201, 201, 201]], dtype=np.uint8)

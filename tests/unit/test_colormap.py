@@ -96,6 +96,20 @@ def test_direct_evaluation_over_several_slabs_is_the_table(maps: dict[str, Color
     assert np.array_equal(cmap.evaluate_numpy(img), lut[img[..., 0], img[..., 1], img[..., 2]])
 
 
+@pytest.mark.parametrize("method", METHODS + ("keep",))
+def test_distinct_colour_path_is_the_table(maps: dict[str, ColorMap], method: str) -> None:
+    # a small slide held in memory maps its distinct colours once each (memo_for_slides maps):
+    # real H&E with repeated colours, random colours, a single pixel: the table's values
+    cmap = pickle.loads(pickle.dumps(maps[method]))
+    rng = np.random.default_rng(11)
+    real = np.tile(load_he("target"), (2, 2, 1))[:300, :257]
+    img = np.concatenate([real, rng.integers(0, 256, (40, 257, 3), dtype=np.uint8)])
+    lut = cmap.lut()
+    assert np.array_equal(cmap.evaluate_distinct(img), lut[img[..., 0], img[..., 1], img[..., 2]])
+    assert np.array_equal(cmap.evaluate_distinct(img[:1, :1], threads=3), lut[img[:1, :1, 0], img[:1, :1, 1],
+                                                                              img[:1, :1, 2]])
+
+
 @pytest.mark.parametrize("path", ["evaluate_direct", "evaluate_memo"])
 @pytest.mark.parametrize("method", METHODS + ("keep",))
 def test_direct_and_memo_paths_are_the_table(maps: dict[str, ColorMap], method: str, path: str) -> None:

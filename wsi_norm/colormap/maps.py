@@ -72,7 +72,9 @@ from wsi_norm.color import (
     DEFAULT_WHITE,
     _channels_from_lab,
     _lab_from_channels,
+    _lab_from_linear,
     _white_channels,
+    srgb_linear_levels,
 )
 from wsi_norm.color import _check_rgb_uint8 as _check_uint8_rgb
 from wsi_norm.errors import FitError
@@ -356,6 +358,42 @@ class ColorMap:
         instead use :meth:`evaluate_memo`. Bit-identical to :meth:`evaluate_numpy`.
         """
         return self.evaluate_numpy(rgb)
+
+    def evaluate_distinct(self, rgb: NDArray[np.uint8], *, threads: int = 2) -> NDArray[np.uint8]:
+        """Evaluate an image held in memory through its distinct colours: each evaluated once by
+        :meth:`evaluate_numpy` (on ``threads`` threads), then looked up for every pixel.
+        Bit-identical to :meth:`evaluate_numpy`; numpy only (no compiled code), for a map that
+        costs more a colour than a lookup (:attr:`memo_for_slides`) on an image whose colours
+        repeat (CMU-1-Small-Region: 0.95 M distinct in 6.6 MP). Holds a 16-MiB presence mask and
+        a 64-MiB table of which only the pages of the image's colours are touched.
+        """
+        arr = _check_uint8_rgb(rgb)
+        flat = np.ascontiguousarray(arr).reshape(-1, 3)
+        keys = (flat[:, 0].astype(np.uint32) << 16) | (flat[:, 1].astype(np.uint32) << 8) | flat[:, 2]
+        present = np.zeros(1 << 24, dtype=bool)
+        present[keys] = True
+        distinct = np.flatnonzero(present).astype(np.uint32)
+        del present
+        colours = np.empty((len(distinct), 3), dtype=np.uint8)
+        for c, shift in enumerate((16, 8, 0)):
+            colours[:, c] = (distinct >> shift) & 255
+        parts = np.array_split(np.arange(len(colours)), max(1, threads))
+        mapped = np.empty_like(colours)
+
+        def evaluate(part: NDArray[np.intp]) -> None:
+            if len(part):
+                mapped[part[0] : part[-1] + 1] = self.evaluate_numpy(colours[part[0] : part[-1] + 1])
+
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="wsi-norm-distinct") as pool:
+            list(pool.map(evaluate, parts))
+        # the mapped colours as little-endian words (R, G, B, 0): a word gathered per pixel, whose
+        # first three bytes are the pixel's output
+        words = np.zeros((len(distinct), 4), dtype=np.uint8)
+        words[:, :3] = mapped
+        table = np.empty(1 << 24, dtype="<u4")  # only the entries of the image's colours are set
+        table[distinct] = words.view("<u4")[:, 0]
+        out = table[keys].view(np.uint8).reshape(-1, 4)[:, :3]
+        return np.ascontiguousarray(out).reshape(arr.shape)
 
     def evaluate_memo(self, rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """Evaluate a tile through a table filled on demand: each distinct colour is evaluated
@@ -713,7 +751,11 @@ class ReinhardMap(ColorMap):
         self.offset = tm - sm * self.scale
 
     def _map_channels(self, xp: ModuleType, r: Any, g: Any, b: Any) -> list[Any]:
-        lab = _lab_from_channels(xp, r / 255.0, g / 255.0, b / 255.0)
+        if xp is np:  # 8-bit levels: their sRGB decoding looked up (the same values, 256 computed)
+            table = srgb_linear_levels()
+            lab = _lab_from_linear(np, *(table[np.asarray(c).astype(np.intp)] for c in (r, g, b)))
+        else:
+            lab = _lab_from_channels(xp, r / 255.0, g / 255.0, b / 255.0)
         lab = [lab[c] * float(self.scale[c]) + float(self.offset[c]) for c in range(3)]
         return [c * 255.0 for c in _channels_from_lab(xp, lab[0], lab[1], lab[2])]
 

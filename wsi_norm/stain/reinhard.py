@@ -101,7 +101,8 @@ def fit_reinhard(pixels: NDArray[np.uint8], params: StainParams | None = None) -
             f"reinhard: only {len(tissue)} tissue pixels (luma <= 200) of {len(pixels)} given; "
             f"need at least {p.min_pixels}"
         )
-    lab = rgb_to_lab(tissue.astype(np.float64) / 255.0)
+    # 8-bit tissue through rgb_to_lab's lookup of the sRGB decoding (the same Lab as v / 255)
+    lab = rgb_to_lab(tissue if tissue.dtype == np.uint8 else tissue.astype(np.float64) / 255.0)
     std = lab.std(axis=0)
     if np.any(std < _MIN_STD):
         raise FitError(f"reinhard: tissue pixels have a constant Lab channel (std {std.tolist()})")
