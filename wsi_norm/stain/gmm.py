@@ -221,10 +221,11 @@ def fit_gmm(pixels: NDArray[Any], params: StainParams | None = None, *, white: A
     def fit(k: int) -> DiagonalMixture:
         return fit_diagonal_mixture(sample, k, seed=p.seed, reg_covar=_REG_COVAR, max_iter=200)
 
-    # each K is its own seeded fit, so they run side by side (0.88 -> 0.55-0.60 s on 2 cores for
-    # CMU-1-Small-Region, the same mixtures); the lowest BIC wins, the smaller K on a tie
+    # each K is its own seeded fit, so they run side by side, the largest (longest) first so that
+    # the threads finish together; the lowest BIC wins, the smaller K on a tie
     with ThreadPoolExecutor(min(len(candidates), usable_cpus()), thread_name_prefix="wsi-norm-gmm") as pool:
-        fitted = list(pool.map(fit, candidates))
+        by_k = dict(zip(candidates[::-1], pool.map(fit, candidates[::-1]), strict=True))
+    fitted = [by_k[k] for k in candidates]
     scores = [(k, gm.bic(sample)) for k, gm in zip(candidates, fitted, strict=True)]
     best = fitted[min(range(len(scores)), key=lambda i: scores[i][1])]
     order = np.argsort(best.means[:, 0], kind="stable")
@@ -423,8 +424,7 @@ def align_components(source: GmmStats, target: GmmStats, *, seed: int = 0,
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n_samples, source.weights)
     draws = np.concatenate([rng.normal(source.means[k], source.stds[k], (n, 3)) for k, n in enumerate(counts)])
-    best: tuple[float, DiagonalMixture, NDArray[np.float64], list[int], str] | None = None
-    for start_name in START_NAMES:
+    def refit(start_name: str) -> tuple[float, DiagonalMixture, NDArray[np.float64], list[int], str]:
         ratio = source.global_std / target.global_std if start_name == "carried" else np.ones(3)
         start = target.means[usable] if start_name == "template" else (
             source.global_mean + ratio * (target.means[usable] - target.global_mean))
@@ -445,10 +445,17 @@ def align_components(source: GmmStats, target: GmmStats, *, seed: int = 0,
         moved = np.where(starved, MAX_MATCH_DISTANCE, np.minimum(moved, MAX_MATCH_DISTANCE))
         movement = float((target.weights[usable] * moved).sum() / max(target.weights[usable].sum(), 1e-12)
                          + MAX_MATCH_DISTANCE * source.weights[absent].sum())
-        if best is None or movement < best[0]:
-            best = (movement, gm, start, absent, start_name)
+        return movement, gm, start, absent, start_name
+
+    # the two starts' EM runs are independent: side by side; the first start moved least is kept
+    with ThreadPoolExecutor(min(len(START_NAMES), usable_cpus()), thread_name_prefix="wsi-norm-gmm") as pool:
+        refits = list(pool.map(refit, START_NAMES))
+    best: tuple[float, DiagonalMixture, NDArray[np.float64], list[int], str] | None = None
+    for candidate in refits:
+        if best is None or candidate[0] < best[0]:
+            best = candidate
     assert best is not None
-    _, gm, start, absent, start_name = best
+    _, gm, start, _, start_name = best
     fitted_w = gm.weights
     keep = np.flatnonzero(fitted_w >= MIN_TARGET_WEIGHT)
     if len(keep) == 0:  # cannot happen: the weights sum to 1 over at most 16 components
