@@ -368,30 +368,27 @@ class ColorMap:
         a 64-MiB table of which only the pages of the image's colours are touched.
         """
         arr = _check_uint8_rgb(rgb)
-        flat = np.ascontiguousarray(arr).reshape(-1, 3)
-        keys = (flat[:, 0].astype(np.uint32) << 16) | (flat[:, 1].astype(np.uint32) << 8) | flat[:, 2]
+        # a colour's key is its bytes as a little-endian word: r | g << 8 | b << 16
+        words = np.zeros((arr.size // 3, 4), dtype=np.uint8)
+        words[:, :3] = arr.reshape(-1, 3)
+        keys = words.view("<u4")[:, 0]
         present = np.zeros(1 << 24, dtype=bool)
         present[keys] = True
-        distinct = np.flatnonzero(present).astype(np.uint32)
+        distinct = np.flatnonzero(present).astype("<u4")
         del present
-        colours = np.empty((len(distinct), 3), dtype=np.uint8)
-        for c, shift in enumerate((16, 8, 0)):
-            colours[:, c] = (distinct >> shift) & 255
-        parts = np.array_split(np.arange(len(colours)), max(1, threads))
-        mapped = np.empty_like(colours)
+        colours = distinct.view(np.uint8).reshape(-1, 4)[:, :3]
+        mapped = np.zeros((len(distinct), 4), dtype=np.uint8)  # (R, G, B, 0) words, as the keys
+        bounds = np.linspace(0, len(distinct), max(1, threads) + 1).astype(int)
 
-        def evaluate(part: NDArray[np.intp]) -> None:
-            if len(part):
-                mapped[part[0] : part[-1] + 1] = self.evaluate_numpy(colours[part[0] : part[-1] + 1])
+        def evaluate(i: int) -> None:
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                mapped[lo:hi, :3] = self.evaluate_numpy(colours[lo:hi])
 
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="wsi-norm-distinct") as pool:
-            list(pool.map(evaluate, parts))
-        # the mapped colours as little-endian words (R, G, B, 0): a word gathered per pixel, whose
-        # first three bytes are the pixel's output
-        words = np.zeros((len(distinct), 4), dtype=np.uint8)
-        words[:, :3] = mapped
+            list(pool.map(evaluate, range(len(bounds) - 1)))
         table = np.empty(1 << 24, dtype="<u4")  # only the entries of the image's colours are set
-        table[distinct] = words.view("<u4")[:, 0]
+        table[distinct] = mapped.view("<u4")[:, 0]
         out = table[keys].view(np.uint8).reshape(-1, 4)[:, :3]
         return np.ascontiguousarray(out).reshape(arr.shape)
 
