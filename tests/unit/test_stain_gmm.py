@@ -383,3 +383,21 @@ def test_template_from_fits_and_manifest_accept_gmm(real_fits: dict[str, SlideFi
     (tmp_path / "m.yaml").write_text("version: 1\noutput_root: out\nmethod: gmm\nsites:\n  a:\n    slides: [s.svs]\n"
                                      "templates:\n  ref: {site: a}\ntarget: ref\n")
     assert load_manifest(tmp_path / "m.yaml").method == "gmm"
+
+
+def test_a_gmm_run_imports_no_scikit_learn(shared_data: Path, tmp_path: Path) -> None:
+    # the mixtures are fitted by wsi-norm's own EM (docs/decisions/0002): scikit-learn's mixture
+    # module cost 1.6 s of imports (scipy.stats with it) on every gmm run; it is a test
+    # dependency only, so a whole gmm normalization must not import it
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from wsi_norm.cli import main; "
+        f"rc = main(['normalize', {str(shared_data / 'he' / 'torchstain-source.png')!r}, '--method', 'gmm', "
+        f"'--reference', {str(shared_data / 'he' / 'torchstain-target.png')!r}, '-o', {str(tmp_path / 'o.tiff')!r}, "
+        "'-q']); print(rc, *(m in sys.modules for m in ('sklearn', 'scipy.stats')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stdout + done.stderr
+    assert (tmp_path / "o.tiff").stat().st_size > 0
