@@ -83,6 +83,26 @@ def stop_process() -> Callable[[subprocess.Popen[bytes]], None]:
     return stop_process_group
 
 
+def _cli_imports(argv: list[str], modules: tuple[str, ...]) -> tuple[int, list[bool]]:
+    """Run ``wsi_norm.cli.main(argv)`` in a fresh interpreter; its exit code and, for each of
+    ``modules``, whether the run had imported it."""
+    import sys
+
+    code = (f"import sys; from wsi_norm.cli import main; rc = main({argv!r}); "
+            f"print(rc, *(m in sys.modules for m in {modules!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    words = done.stdout.split()[-(len(modules) + 1):]
+    assert len(words) == len(modules) + 1, done.stdout + done.stderr
+    return int(words[0]), [w == "True" for w in words[1:]]
+
+
+@pytest.fixture
+def cli_imports() -> Callable[[list[str], tuple[str, ...]], tuple[int, list[bool]]]:
+    """``(argv, modules) -> (exit code, [imported?])``: a CLI run in a fresh interpreter, and which
+    of ``modules`` it imported (start-up cost a run must not pay)."""
+    return _cli_imports
+
+
 @pytest.fixture
 def chromium() -> dict[str, Any]:
     """Keyword arguments of ``playwright``'s ``chromium.launch`` for Debian's Chromium (fails,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,22 +187,17 @@ def test_small_slide_in_memory_equals_the_chunked_path(
     assert len(memory) > 100 and memory == chunked
 
 
-def test_small_slide_run_imports_no_dask_numba_or_ndimage(sample_svs: Path, shared_data: Path,
-                                                       tmp_path: Path) -> None:
+def test_small_slide_run_imports_no_dask_numba_or_ndimage(
+        sample_svs: Path, shared_data: Path, tmp_path: Path,
+        cli_imports: Callable[[list[str], tuple[str, ...]], tuple[int, list[bool]]]) -> None:
     # the start-up a biopsy pays: dask.array (with scipy.fft and scipy.sparse), numba and
     # scipy.ndimage cost ~0.6 s of imports that a slide held in memory does not need, and dask
     # itself (its scheduler set up for nothing) 0.08 s
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; from wsi_norm.cli import main; "
-        f"rc = main(['normalize', {str(sample_svs)!r}, '--method', 'macenko', '--reference', "
-        f"{str(shared_data / 'he' / 'torchstain-target.png')!r}, '-o', {str(tmp_path / 'o.tiff')!r}, '-q']); "
-        "print(rc, *(m in sys.modules for m in ('dask', 'dask.array', 'numba', 'scipy.ndimage')))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert done.stdout.split()[-5:] == ["0", "False", "False", "False", "False"], done.stdout + done.stderr
+    rc, imported = cli_imports(
+        ["normalize", str(sample_svs), "--method", "macenko", "--reference",
+         str(shared_data / "he" / "torchstain-target.png"), "-o", str(tmp_path / "o.tiff"), "-q"],
+        ("dask", "dask.array", "numba", "scipy.ndimage"))
+    assert (rc, imported) == (0, [False, False, False, False])
 
 
 def test_registered_pair_through_the_pipeline(pair: tuple[Path, Path], tmp_path: Path) -> None:

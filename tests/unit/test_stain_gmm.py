@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -385,19 +386,15 @@ def test_template_from_fits_and_manifest_accept_gmm(real_fits: dict[str, SlideFi
     assert load_manifest(tmp_path / "m.yaml").method == "gmm"
 
 
-def test_a_gmm_run_imports_no_scikit_learn(shared_data: Path, tmp_path: Path) -> None:
+def test_a_gmm_run_imports_no_scikit_learn(
+        shared_data: Path, tmp_path: Path,
+        cli_imports: Callable[[list[str], tuple[str, ...]], tuple[int, list[bool]]]) -> None:
     # the mixtures are fitted by wsi-norm's own EM (docs/decisions/0002): scikit-learn's mixture
     # module cost 1.6 s of imports (scipy.stats with it) on every gmm run; it is a test
     # dependency only, so a whole gmm normalization must not import it
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; from wsi_norm.cli import main; "
-        f"rc = main(['normalize', {str(shared_data / 'he' / 'torchstain-source.png')!r}, '--method', 'gmm', "
-        f"'--reference', {str(shared_data / 'he' / 'torchstain-target.png')!r}, '-o', {str(tmp_path / 'o.tiff')!r}, "
-        "'-q']); print(rc, *(m in sys.modules for m in ('sklearn', 'scipy.stats')))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stdout + done.stderr
+    rc, imported = cli_imports(
+        ["normalize", str(shared_data / "he" / "torchstain-source.png"), "--method", "gmm", "--reference",
+         str(shared_data / "he" / "torchstain-target.png"), "-o", str(tmp_path / "o.tiff"), "-q"],
+        ("sklearn", "scipy.stats"))
+    assert (rc, imported) == (0, [False, False])
     assert (tmp_path / "o.tiff").stat().st_size > 0
