@@ -279,10 +279,15 @@ def fit_slide(
     sampled = time.perf_counter()
     data = sample.blocks if method in STAIN_MATRIX_METHODS and resolved.fit_on == "blocks" else sample.pixels
     codec: dict[str, Any] | None = None
-    # the QC reference's Lab mean needs no fit: on a second thread while the method fits (numpy
-    # releases the GIL in both)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-norm-lab") as lab_pool:
-        lab_mean = lab_pool.submit(tissue_lab_mean, sample.pixels)
+    # the colour reference's stain vectors are the default Macenko estimate: reuse this fit's
+    # when it is that estimate (same estimator settings, same blocks, same white point)
+    default_fit = method == "macenko" and _estimator_settings(resolved) == _estimator_settings(StainParams())
+    # the QC reference needs no fit of the method: its Lab mean, and for any other method its own
+    # Macenko estimate, on a second thread while the method fits (numpy releases the GIL in both)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-norm-reference") as reference_pool:
+        lab_mean = reference_pool.submit(tissue_lab_mean, sample.pixels)
+        own_reference = None if default_fit else reference_pool.submit(
+            lambda: colour_reference(sample.pixels, white=white, blocks=sample.blocks, lab_mean=lab_mean.result()))
         try:
             stats = fit_stats(method, data, resolved, white=white.array)
             if method in STAIN_MATRIX_METHODS:
@@ -294,12 +299,9 @@ def fit_slide(
                     codec = record.to_dict()
                 else:
                     codec = {"applied": False, "reason": "turned off (codec_correction: false)"}
-            # the colour reference's stain vectors are the default Macenko estimate: reuse this fit's
-            # when it is that estimate (same estimator settings, same blocks, same white point)
-            default_fit = method == "macenko" and _estimator_settings(resolved) == _estimator_settings(StainParams())
-            reference = colour_reference(sample.pixels, white=white, blocks=sample.blocks,
-                                         stain_matrix=stats.stain_matrix if default_fit else None,
-                                         lab_mean=lab_mean.result())
+            reference = own_reference.result() if own_reference is not None else colour_reference(
+                sample.pixels, white=white, blocks=sample.blocks, stain_matrix=stats.stain_matrix,
+                lab_mean=lab_mean.result())
         except FitError as exc:
             raise FitError(f"{slide.path}: {method} fit failed: {exc}") from exc
     done = time.perf_counter()
