@@ -10,7 +10,8 @@ history across nightly runs is one click; the same files under ``<output_root>/q
   :func:`flows._common.colour_stats` (textbook Macenko, a measurement independent of the
   fitting estimator) on the finest level of at most 4096 px a side: harmonize-sites measures
   the same way, so the numbers agree.
-* the QC gate's verdict (✓ passed, ✗ failed or forced past, with its reasons).
+* the QC gate's verdict (✓ passed, ✗ failed or forced past, with its reasons); for a model's
+  output (StainNet), whether it looks like H&E (measured, not gated: ⚠ with the reasons).
 * PSNR needs a ground truth, which an archive does not have: not reported.
 """
 
@@ -25,6 +26,7 @@ from numpy.typing import NDArray
 from flows._artifacts import artifact_key, markdown_table, png_data_uri
 from flows._common import ColourStats, colour_stats, read_output_thumbnail
 from flows.manifest import Manifest, SlideEntry
+from wsi_norm.stain.qc import MODEL_GATE
 
 __all__ = ["labelled_pair", "publish_slide_qc", "ssim_source", "stain_plot", "summary_numbers"]
 
@@ -228,8 +230,12 @@ def publish_slide_qc(
         metrics["angle_to_template_before_deg"] = [round(a, 1) for a in _angles(src.stain_matrix, target_matrix)]
         metrics["angle_to_template_after_deg"] = [round(a, 1) for a in _angles(out.stain_matrix, target_matrix)]
     gate = results[0].provenance.get("qc", {}) if results else {}
+    not_gated = gate.get("measures", {}).get("gate") == MODEL_GATE  # a model's output: measured only
     if gate.get("problems"):
-        metrics["qc_gate"] = ("✗ forced past: " if gate.get("forced") else "✗ failed: ") + "; ".join(gate["problems"])
+        verdict = "⚠ measured, not gated: " if not_gated else "✗ forced past: " if gate.get("forced") else "✗ failed: "
+        metrics["qc_gate"] = verdict + "; ".join(gate["problems"])
+    elif not_gated:
+        metrics["qc_gate"] = "✓ plausible H&E (measured, not gated)"
     elif gate.get("measures", {}).get("gate") is not None:
         metrics["qc_gate"] = "n/a (no fitted statistics)"
     else:

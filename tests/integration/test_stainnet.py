@@ -432,3 +432,34 @@ def test_cuda_paths_match_cpu(lut_map: StainNetMap, source_patch: np.ndarray) ->
     np.testing.assert_array_equal(
         lut_map.apply_torch(tiles).cpu().numpy()[0], cpu
     )  # auto = LUT on CUDA
+
+
+@pytest.mark.parametrize(("checkpoint", "plausible"), [("StainNet-Public_layer3_ch32.pth", True),
+                                                       ("StainNet-3x0_best_psnr_layer3_ch32.pth", False)])
+def test_a_models_output_is_checked_for_h_and_e_and_written_as_computed(
+    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, checkpoint: str, plausible: bool
+) -> None:
+    """StainNet has no fit for the QC gate to check, so its output is: the published cytopathology
+    model on the real H&E slide writes dark brown (eosin ~37 deg from Ruifrok's, bound 30): a
+    warning that names the slide and the number, and the same finding in provenance; the
+    histopathology model passes (~9 and ~14 deg). Either way the file is written."""
+    from wsi_norm.pipeline import normalize_slide
+    from wsi_norm.stain.qc import MODEL_GATE
+    from wsi_norm.writers import read_provenance
+
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    out = tmp_path / "out.tiff"
+    with caplog.at_level("WARNING", logger="wsi_norm.pipeline"):
+        normalize_slide(slide, out, method="stainnet", weights=shared_data / "stainnet" / checkpoint)
+    qc = read_provenance(out)["qc"]
+    measures = qc["measures"]
+    assert measures["gate"] == MODEL_GATE and not qc["forced"]
+    hematoxylin, eosin = measures["output_stain_angles_to_ruifrok_deg"]
+    warned = [r.getMessage() for r in caplog.records if "does not look like H&E" in r.getMessage()]
+    if plausible:
+        assert qc["passed"] and max(hematoxylin, eosin) < 20 and not warned, (qc, warned)
+    else:
+        assert not qc["passed"] and eosin > 33, qc
+        assert qc["problems"] == [(f"output: eosin vector {eosin:.1f} deg from Ruifrok's eosin (bound 30.0 deg): "
+                                   "not a plausible H&E stain")]
+        assert len(warned) == 1 and str(slide) in warned[0] and f"{eosin:.1f} deg" in warned[0], warned

@@ -62,8 +62,12 @@ __all__ = [
     "QCReport",
     "check_fit",
     "check_mapped",
+    "check_model_output",
     "colour_reference",
 ]
+
+MODEL_GATE = "measured, not gated: a model's output is written as the model computes it"
+"""The ``gate`` measure of :func:`check_model_output`'s report."""
 
 _QC_PIXELS = 200_000
 
@@ -405,3 +409,41 @@ def check_mapped(
             problems.append(f"normalized tissue reaches {angle:.1f} deg past the target's {name} "
                             f"(bound {b.max_overshoot_deg} deg): the source's stains were misjudged")
     return QCReport(problems, measures)
+
+
+def check_model_output(
+    mapped: NDArray[np.uint8], *, white: ArrayLike, bounds: QCBounds | None = None
+) -> QCReport:
+    """Whether a model's output (StainNet: no fitted statistics, no template) looks like H&E.
+
+    The sampled tissue pixels after the model are fitted with the default Macenko estimate, in
+    optical density against the model's output for the slide's glass, and that fit goes through
+    :func:`check_fit`'s bounds (stain cone, separation, white point). The report is measured, not
+    gated (its ``gate`` measure says so): the caller writes the output as the model computes it
+    and warns. A model trained for other stains or tissue (the published cytopathology StainNet
+    on H&E sections: eosin 31-39 deg from Ruifrok's, a dark brown slide) is flagged; the
+    published histopathology checkpoints measured 4-29 deg on the real sample slide and patches.
+
+    Parameters
+    ----------
+    mapped : (N, 3) uint8
+        The source's sampled tissue pixels through the model.
+    white : (3,) float
+        The model's output for the source's white point (its glass colour).
+    bounds : QCBounds, optional
+
+    Returns
+    -------
+    QCReport
+        Problems prefixed ``output:``, measures prefixed ``output_``, and ``gate``.
+    """
+    w = np.asarray(white, dtype=np.float64)
+    try:
+        reference = colour_reference(mapped, white=w)
+    except FitError as exc:
+        return QCReport([f"output: no H&E stain fit on the model's output ({exc})"],
+                        {"gate": MODEL_GATE, "output_white_point": _r(w, 1)})
+    report = check_fit(reference.matrix, white=WhitePoint.fixed(w), bounds=bounds)
+    measures = {f"output_{k}": v for k, v in report.measures.items() if k != "white_point_source"}
+    measures["output_lab_mean"] = _r(reference.lab_mean)
+    return QCReport([f"output: {p}" for p in report.problems], {"gate": MODEL_GATE, **measures})
