@@ -28,7 +28,7 @@ from flows._common import ColourStats, colour_stats, read_output_thumbnail
 from flows.manifest import Manifest, SlideEntry
 from wsi_norm.stain.qc import MODEL_GATE
 
-__all__ = ["labelled_pair", "publish_slide_qc", "ssim_source", "stain_plot", "summary_numbers"]
+__all__ = ["gate_verdict", "labelled_pair", "publish_slide_qc", "ssim_source", "stain_plot", "summary_numbers"]
 
 THUMB_PX = 512
 REPORT_PX = 360
@@ -41,6 +41,22 @@ def _gray(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
     from wsi_norm.color import luma
 
     return np.asarray(luma(rgb), dtype=np.float64)
+
+
+def gate_verdict(gate: dict[str, Any]) -> str:
+    """The QC report's one-line verdict from an output's provenance ``qc``: ✓ passed, ✗ failed or
+    forced past (with the reasons), ⚠ for a model's output that does not look like H&E (measured,
+    not gated), n/a where nothing was fitted."""
+    measured = gate.get("measures", {}).get("gate")
+    if gate.get("problems"):
+        verdict = ("⚠ measured, not gated: " if measured == MODEL_GATE
+                   else "✗ forced past: " if gate.get("forced") else "✗ failed: ")
+        return verdict + "; ".join(gate["problems"])
+    if measured == MODEL_GATE:
+        return "✓ plausible H&E (measured, not gated)"
+    if measured is not None:
+        return "n/a (no fitted statistics)"
+    return "✓ passed"
 
 
 def ssim_source(source: NDArray[np.uint8], normalized: NDArray[np.uint8]) -> float:
@@ -230,16 +246,7 @@ def publish_slide_qc(
         metrics["angle_to_template_before_deg"] = [round(a, 1) for a in _angles(src.stain_matrix, target_matrix)]
         metrics["angle_to_template_after_deg"] = [round(a, 1) for a in _angles(out.stain_matrix, target_matrix)]
     gate = results[0].provenance.get("qc", {}) if results else {}
-    not_gated = gate.get("measures", {}).get("gate") == MODEL_GATE  # a model's output: measured only
-    if gate.get("problems"):
-        verdict = "⚠ measured, not gated: " if not_gated else "✗ forced past: " if gate.get("forced") else "✗ failed: "
-        metrics["qc_gate"] = verdict + "; ".join(gate["problems"])
-    elif not_gated:
-        metrics["qc_gate"] = "✓ plausible H&E (measured, not gated)"
-    elif gate.get("measures", {}).get("gate") is not None:
-        metrics["qc_gate"] = "n/a (no fitted statistics)"
-    else:
-        metrics["qc_gate"] = "✓ passed"
+    metrics["qc_gate"] = gate_verdict(gate)
     for name in ("source_white_point", "mapped_lab_distance", "mapped_overshoot_deg"):
         if name in gate.get("measures", {}):
             metrics[f"gate_{name}"] = gate["measures"][name]

@@ -43,3 +43,18 @@ def test_an_output_without_colour_is_flagged_not_raised() -> None:
     report = check_model_output(grey, white=WHITE)
     assert not report.passed and report.measures["gate"] == MODEL_GATE
     assert report.problems[0].startswith("output:"), report.problems
+
+
+def test_the_flows_report_tells_a_measured_finding_from_a_refusal() -> None:
+    """The per-slide QC report's verdict (flows._qc.gate_verdict) from an output's provenance."""
+    from flows._qc import gate_verdict
+
+    brown = {"passed": False, "forced": False, "problems": ["output: eosin vector 36.8 deg"],
+             "measures": {"gate": MODEL_GATE}}
+    assert gate_verdict(brown) == "⚠ measured, not gated: output: eosin vector 36.8 deg"
+    assert gate_verdict({"problems": [], "measures": {"gate": MODEL_GATE}}) == "✓ plausible H&E (measured, not gated)"
+    assert gate_verdict({"problems": ["source: x"], "forced": True, "measures": {}}) == "✗ forced past: source: x"
+    assert gate_verdict({"problems": ["source: x"], "measures": {}}) == "✗ failed: source: x"
+    assert gate_verdict({"problems": [], "measures": {"gate": "not applicable (no fitted statistics)"}}) \
+        == "n/a (no fitted statistics)"
+    assert gate_verdict({"problems": [], "measures": {"source_white_point": [240, 240, 240]}}) == "✓ passed"
