@@ -26,9 +26,9 @@ from numpy.typing import NDArray
 from flows._artifacts import artifact_key, markdown_table, png_data_uri
 from flows._common import ColourStats, colour_stats, read_output_thumbnail
 from flows.manifest import Manifest, SlideEntry
-from wsi_norm.stain.qc import MODEL_GATE
+from wsi_norm.stain.qc import gate_verdict
 
-__all__ = ["gate_verdict", "labelled_pair", "publish_slide_qc", "ssim_source", "stain_plot", "summary_numbers"]
+__all__ = ["labelled_pair", "publish_slide_qc", "ssim_source", "stain_plot", "summary_numbers"]
 
 THUMB_PX = 512
 REPORT_PX = 360
@@ -41,22 +41,6 @@ def _gray(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
     from wsi_norm.color import luma
 
     return np.asarray(luma(rgb), dtype=np.float64)
-
-
-def gate_verdict(gate: dict[str, Any]) -> str:
-    """The QC report's one-line verdict from an output's provenance ``qc``: ✓ passed, ✗ failed or
-    forced past (with the reasons), ⚠ for a model's output that does not look like H&E (measured,
-    not gated), n/a where nothing was fitted."""
-    measured = gate.get("measures", {}).get("gate")
-    if gate.get("problems"):
-        verdict = ("⚠ measured, not gated: " if measured == MODEL_GATE
-                   else "✗ forced past: " if gate.get("forced") else "✗ failed: ")
-        return verdict + "; ".join(gate["problems"])
-    if measured == MODEL_GATE:
-        return "✓ plausible H&E (measured, not gated)"
-    if measured is not None:
-        return "n/a (no fitted statistics)"
-    return "✓ passed"
 
 
 def ssim_source(source: NDArray[np.uint8], normalized: NDArray[np.uint8]) -> float:

@@ -265,6 +265,10 @@ def _output_lines(scanner: dict[str, Any], record: dict[str, Any] | None) -> lis
                     f"{_power_text(scanner.get('objective_power'))}, {mpp_text})")
     lines.insert(0, f"written by {record.get('tool', 'wsi-norm')} {record.get('wsi_norm_version', '?')}, "
                     f"method {record.get('method')}, {written.get('format')}, {written.get('created')}")
+    if isinstance(record.get("qc"), dict):
+        from wsi_norm.stain.qc import gate_verdict
+
+        lines.insert(1, f"qc         {gate_verdict(record['qc'])}")
     return lines
 
 

@@ -86,6 +86,7 @@ def test_info_mask_fit_normalize_on_an_output(
     text = _ok(_wsi_norm("info", str(out), "--no-tissue", cwd=tmp_path))
     assert "objective  20x" in text
     assert f"source     {sample_svs.name}  (aperio, 20x, 0.499 um/px)" in text
+    assert "qc         n/a (no fitted statistics)" in text  # --method none: nothing fitted
 
     source_mask = _mask_fraction(_ok(_wsi_norm("mask", str(sample_svs), "-o", "src.png", cwd=tmp_path)))
     out_mask = _mask_fraction(_ok(_wsi_norm("mask", str(out), "-o", "out.png", cwd=tmp_path)))

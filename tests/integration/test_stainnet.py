@@ -437,7 +437,8 @@ def test_cuda_paths_match_cpu(lut_map: StainNetMap, source_patch: np.ndarray) ->
 @pytest.mark.parametrize(("checkpoint", "plausible"), [("StainNet-Public_layer3_ch32.pth", True),
                                                        ("StainNet-3x0_best_psnr_layer3_ch32.pth", False)])
 def test_a_models_output_is_checked_for_h_and_e_and_written_as_computed(
-    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, checkpoint: str, plausible: bool
+    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+    checkpoint: str, plausible: bool,
 ) -> None:
     """StainNet has no fit for the QC gate to check, so its output is: the published cytopathology
     model on the real H&E slide writes dark brown (eosin ~37 deg from Ruifrok's, bound 30): a
@@ -463,3 +464,11 @@ def test_a_models_output_is_checked_for_h_and_e_and_written_as_computed(
         assert qc["problems"] == [(f"output: eosin vector {eosin:.1f} deg from Ruifrok's eosin (bound 30.0 deg): "
                                    "not a plausible H&E stain")]
         assert len(warned) == 1 and str(slide) in warned[0] and f"{eosin:.1f} deg" in warned[0], warned
+    # and `wsi-norm info` of the output says so
+    from wsi_norm.cli import main
+
+    capsys.readouterr()
+    assert main(["info", str(out), "--no-tissue"]) == 0
+    qc_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("qc "))
+    assert qc_line.split(None, 1)[1] == ("✓ plausible H&E (measured, not gated)" if plausible else
+                                         f"⚠ measured, not gated: {qc['problems'][0]}"), qc_line

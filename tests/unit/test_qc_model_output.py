@@ -6,7 +6,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.stain.base import RUIFROK_HE
-from wsi_norm.stain.qc import MODEL_GATE, check_model_output
+from wsi_norm.stain.qc import MODEL_GATE, check_model_output, gate_verdict
 
 WHITE = np.array([240.0, 238.0, 236.0])
 DAB = np.array([0.27, 0.57, 0.78]) / np.linalg.norm([0.27, 0.57, 0.78])
@@ -46,9 +46,7 @@ def test_an_output_without_colour_is_flagged_not_raised() -> None:
 
 
 def test_the_flows_report_tells_a_measured_finding_from_a_refusal() -> None:
-    """The per-slide QC report's verdict (flows._qc.gate_verdict) from an output's provenance."""
-    from flows._qc import gate_verdict
-
+    """The QC verdict (``wsi-norm info``, the flows' per-slide report) from an output's provenance."""
     brown = {"passed": False, "forced": False, "problems": ["output: eosin vector 36.8 deg"],
              "measures": {"gate": MODEL_GATE}}
     assert gate_verdict(brown) == "⚠ measured, not gated: output: eosin vector 36.8 deg"

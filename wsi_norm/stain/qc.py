@@ -64,6 +64,7 @@ __all__ = [
     "check_mapped",
     "check_model_output",
     "colour_reference",
+    "gate_verdict",
 ]
 
 MODEL_GATE = "measured, not gated: a model's output is written as the model computes it"
@@ -447,3 +448,20 @@ def check_model_output(
     measures = {f"output_{k}": v for k, v in report.measures.items() if k != "white_point_source"}
     measures["output_lab_mean"] = _r(reference.lab_mean)
     return QCReport([f"output: {p}" for p in report.problems], {"gate": MODEL_GATE, **measures})
+
+
+def gate_verdict(qc: dict[str, Any]) -> str:
+    """One line for an output's provenance ``qc`` (:meth:`QCReport.to_dict`): ✓ passed, ✗ failed
+    or forced past (with the reasons), ⚠ for a model's output that does not look like H&E
+    (measured, not gated), n/a where nothing was fitted. ``wsi-norm info`` and the flows' QC
+    report print it."""
+    measured = qc.get("measures", {}).get("gate")
+    if qc.get("problems"):
+        verdict = ("⚠ measured, not gated: " if measured == MODEL_GATE
+                   else "✗ forced past: " if qc.get("forced") else "✗ failed: ")
+        return verdict + "; ".join(qc["problems"])
+    if measured == MODEL_GATE:
+        return "✓ plausible H&E (measured, not gated)"
+    if measured is not None:
+        return "n/a (no fitted statistics)"
+    return "✓ passed"
