@@ -472,3 +472,21 @@ def test_a_models_output_is_checked_for_h_and_e_and_written_as_computed(
     qc_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("qc "))
     assert qc_line.split(None, 1)[1] == ("✓ plausible H&E (measured, not gated)" if plausible else
                                          f"⚠ measured, not gated: {qc['problems'][0]}"), qc_line
+
+
+def test_a_slide_without_tissue_is_written_and_its_output_check_says_not_measured(shared_data: Path, tmp_path: Path) -> None:
+    """StainNet needs no tissue to map a slide: glass alone is written, and the check records why
+    it measured nothing (kept glass, which needs the slide's white point, still asks for tissue)."""
+    from wsi_norm.errors import FitError
+    from wsi_norm.pipeline import normalize_slide
+    from wsi_norm.writers import read_provenance
+
+    glass = tmp_path / "glass.png"
+    Image.fromarray(np.full((300, 400, 3), (236, 233, 240), np.uint8)).save(glass)
+    weights = shared_data / "stainnet" / "StainNet-Public_layer3_ch32.pth"
+    normalize_slide(glass, tmp_path / "out.tiff", method="stainnet", weights=weights)
+    qc = read_provenance(tmp_path / "out.tiff")["qc"]
+    assert qc["passed"] and qc["measures"] == {"gate": "not measured: no tissue sampled (every pixel has gray > 200)"}
+    with pytest.raises(FitError, match="no tissue"):
+        normalize_slide(glass, tmp_path / "kept.tiff", method="stainnet", weights=weights, glass="keep")
+    assert not (tmp_path / "kept.tiff").exists()
