@@ -423,7 +423,8 @@ def check_model_output(
     gated (its ``gate`` measure says so): the caller writes the output as the model computes it
     and warns. A model trained for other stains or tissue (the published cytopathology StainNet
     on H&E sections: eosin 31-39 deg from Ruifrok's, a dark brown slide) is flagged; the
-    published histopathology checkpoints measured 4-29 deg on the real sample slide and patches.
+    published histopathology checkpoints measured 4-29 deg on the real sample slide and patches
+    (``bench/model_output_check.py``; why it does not refuse: ``docs/decisions/0003``).
 
     Parameters
     ----------
