@@ -44,7 +44,7 @@ from wsi_norm.stain.qc import (
     colour_reference,
     tissue_lab_mean,
 )
-from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, sample_tissue_pixels
+from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, TissueSample, sample_tissue_pixels
 from wsi_norm.tissue.whitepoint import WhitePoint
 from wsi_norm.writers import WriterOptions
 from wsi_norm.writers.atomic import refuse_overwriting_input
@@ -823,7 +823,7 @@ def compile_checked(
     return cmap, report
 
 
-def _model_sample(slide: Slide, *, seed: int, required: bool) -> Any:
+def _model_sample(slide: Slide, *, seed: int, required: bool) -> TissueSample | None:
     """The tissue sample a model's run needs: 10,000 pixels, from 32 tissue and 16 glass windows
     when it is ``required`` (the white point of kept glass), else from 16 and 4 (only for
     :func:`_check_model_output`: ~0.2 s on a 6.6-MP slide, most of it the coarse mask). A slide
@@ -838,7 +838,7 @@ def _model_sample(slide: Slide, *, seed: int, required: bool) -> Any:
         return None
 
 
-def _check_model_output(cmap: Any, sample: Any, *, what: str) -> QCReport:
+def _check_model_output(cmap: Any, sample: TissueSample | None, *, what: str) -> QCReport:
     """:func:`wsi_norm.stain.qc.check_model_output` of the sample through ``cmap``; a problem is
     logged as a warning (the output is written as the model computes it)."""
     if sample is None:
