@@ -389,14 +389,21 @@ def check_template(template: Template) -> QCReport:
 
 
 def _aggregate_white(fits: Sequence[SlideFit]) -> WhitePoint:
-    """One slide's white point, or the per-channel median of the slides' (source "glass" only
-    when every slide's was measured from glass)."""
+    """One slide's white point, or the per-channel median of the slides' white points measured
+    from glass (source "glass"); the median of all of them (source "fallback") only when no slide
+    had glass to measure.
+
+    A fallback is a guess (240 in every channel: 14 grey levels off at the median on the
+    benchmark's glass-free crops, against a 95th percentile of 4.6 for a white point measured from
+    glass), so it does not dilute the measured ones: a cohort of scans and glass-free patches takes
+    the scans' glass.
+    """
     if len(fits) == 1:
         return fits[0].white
-    rgb = np.median(np.stack([f.white.array for f in fits]), axis=0)
-    measured = all(f.white.source == "glass" for f in fits)
-    return WhitePoint(tuple(rgb), "glass" if measured else "fallback",
-                      sum(f.white.n_pixels for f in fits))
+    measured = [f for f in fits if f.white.source == "glass"]
+    used = measured or list(fits)
+    rgb = np.median(np.stack([f.white.array for f in used]), axis=0)
+    return WhitePoint(tuple(rgb), "glass" if measured else "fallback", sum(f.white.n_pixels for f in used))
 
 
 def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: int = 0) -> Template:

@@ -437,3 +437,16 @@ def test_implausible_reference_slide_is_refused_unless_forced(sample_svs: Path, 
         writer=WriterOptions(compression="deflate"),
     )
     assert res.provenance["qc"]["forced"] and res.out.exists()
+
+
+def test_a_cohort_takes_the_white_point_its_slides_measured_from_glass(shared_data: Path, sample_svs: Path) -> None:
+    """A cohort of a scan (glass measured) and a glass-free patch (the fallback guess, 240): the
+    template's white point is the scan's, not a median that the guess pulls by 1.5-3 levels; a
+    cohort with no glass at all keeps the fallback, recorded as such."""
+    patch = shared_data / "he" / "torchstain-target.png"
+    scan = fit_slide(sample_svs, method="reinhard", n_pixels=20_000).white
+    assert scan.source == "glass" and fit_slide(patch, method="reinhard", n_pixels=20_000).white.source == "fallback"
+    cohort = fit_template([sample_svs, patch], method="reinhard", n_pixels=20_000).white
+    assert cohort.source == "glass" and cohort.rgb == scan.rgb and cohort.n_pixels == scan.n_pixels
+    patches = fit_template([patch, shared_data / "he" / "torchstain-source.png"], method="reinhard", n_pixels=20_000)
+    assert patches.white.source == "fallback" and patches.white.rgb == (240.0, 240.0, 240.0)
