@@ -209,7 +209,7 @@ class TemplateSpec(_Strict):
 class FitSpec(_Strict):
     """Slide-wide fitting options."""
 
-    n_pixels: int = Field(default=200_000, gt=0)
+    n_pixels: int = Field(default=200_000, ge=1000)  # wsi_norm.tissue.sampling.MIN_TISSUE_PIXELS
     seed: int = Field(default=0, ge=0)
 
 

@@ -815,8 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slide_options(p)
     p.set_defaults(func=_cmd_mask)
 
-    from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS
+    from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, MIN_TISSUE_PIXELS
 
+    n_pixels_type = _int_in(MIN_TISSUE_PIXELS)  # the fewest tissue pixels a fit takes
     params_epilog = _param_help()
     p = _add_subcommand(sub, "fit", "fit a template (target statistics) from one or more slides",
                         epilog=params_epilog)
@@ -825,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="template JSON to write")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="method parameter (repeatable; the list below)")
-    p.add_argument("--n-pixels", type=_POSITIVE_INT, default=DEFAULT_N_PIXELS,
+    p.add_argument("--n-pixels", type=n_pixels_type, default=DEFAULT_N_PIXELS,
                    help="tissue pixels sampled per slide")
     p.add_argument("--seed", type=_SEED, default=0, help="sampling seed")
     p.add_argument("--force", action="store_true",
@@ -856,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
                    new="--chunk-px")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="where the colour map runs")
-    p.add_argument("--n-pixels", type=_POSITIVE_INT, default=DEFAULT_N_PIXELS,
+    p.add_argument("--n-pixels", type=n_pixels_type, default=DEFAULT_N_PIXELS,
                    help="tissue pixels sampled for each fit")
     p.add_argument("--seed", type=_SEED, default=0, help="sampling seed")
     p.add_argument("--tile-px", type=_TILE_PX, default=256,
@@ -921,7 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_POSITIVE_INT, default=20, help="training epochs")
     p.add_argument("--batch-size", type=_POSITIVE_INT, default=4096,
                    help="distinct colour pairs per step")
-    p.add_argument("--n-pixels", type=_POSITIVE_INT, default=200_000,
+    p.add_argument("--n-pixels", type=n_pixels_type, default=200_000,
                    help="tissue pixels sampled per slide")
     p.add_argument("--seed", type=_SEED, default=0, help="sampling and training seed")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")

@@ -44,7 +44,12 @@ from wsi_norm.stain.qc import (
     colour_reference,
     tissue_lab_mean,
 )
-from wsi_norm.tissue.sampling import DEFAULT_N_PIXELS, TissueSample, sample_tissue_pixels
+from wsi_norm.tissue.sampling import (
+    DEFAULT_N_PIXELS,
+    MIN_TISSUE_PIXELS,
+    TissueSample,
+    sample_tissue_pixels,
+)
 from wsi_norm.tissue.whitepoint import WhitePoint
 from wsi_norm.writers import WriterOptions
 from wsi_norm.writers.atomic import refuse_overwriting_input
@@ -142,8 +147,9 @@ class FitOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.n_pixels, int) and self.n_pixels > 0):
-            raise ValueError(f"n_pixels must be a positive integer, got {self.n_pixels!r}")
+        if not (isinstance(self.n_pixels, int) and self.n_pixels >= MIN_TISSUE_PIXELS):
+            raise ValueError(f"n_pixels must be an integer >= {MIN_TISSUE_PIXELS} (the fewest tissue pixels a fit "
+                             f"takes), got {self.n_pixels!r}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 

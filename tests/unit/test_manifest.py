@@ -94,6 +94,9 @@ def test_good_manifest_resolves_globs_outputs_and_templates(project: Path) -> No
         (lambda t: t.replace("ref: {site: site-a}", "ref: {site: site-a, path: t.json}"), 12, r"templates\.ref: give exactly one of site, slides, path"),
         (lambda t: t.replace("target: ref", "target: other"), 13, r"target: unknown template 'other'"),
         (lambda t: t.replace("concurrency: 3", "concurrency: 0"), 14, r"concurrency: Input should be greater than or equal to 1"),
+        # a sample smaller than the fewest tissue pixels a fit takes
+        (lambda t: t.replace("concurrency: 3", "concurrency: 3\nfit: {n_pixels: 500}"), 15,
+         r"fit\.n_pixels: Input should be greater than or equal to 1000"),
         # duplicate key (yaml.safe_load would silently keep the last one)
         (lambda t: t.replace("method: macenko", "method: macenko\nmethod: reinhard"), 4, r"method: duplicate key"),
         # missing required key

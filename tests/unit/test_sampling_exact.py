@@ -190,3 +190,19 @@ def test_subset_positions_at_scale_and_its_edges() -> None:
     assert len(subset_positions(9, 0, rng)) == 0
     with pytest.raises(ValueError, match="cannot draw 10 of 9 positions"):
         subset_positions(9, 10, rng)
+
+
+def test_a_sample_too_small_to_fit_is_refused_before_any_read(sample_svs: Path) -> None:
+    """Asking for fewer pixels than the fewest a fit takes was a fit error after the whole sample
+    ("only 500 tissue pixels found ... need at least 1000"), which read as if the slide lacked
+    tissue; now it is refused up front, naming both numbers, in the sampler and in FitOptions."""
+    from wsi_norm.pipeline import FitOptions
+    from wsi_norm.slide import open_slide
+    from wsi_norm.tissue.sampling import MIN_TISSUE_PIXELS, sample_tissue_pixels
+
+    with pytest.raises(ValueError, match=r"n_pixels=500 is below min_pixels=1000"):
+        sample_tissue_pixels(open_slide(sample_svs), n_pixels=500)
+    assert 450 < len(sample_tissue_pixels(open_slide(sample_svs), n_pixels=500, min_pixels=100).pixels) <= 500
+    with pytest.raises(ValueError, match=r"n_pixels must be an integer >= 1000 .* got 999"):
+        FitOptions(n_pixels=MIN_TISSUE_PIXELS - 1)
+    assert FitOptions(n_pixels=MIN_TISSUE_PIXELS).n_pixels == MIN_TISSUE_PIXELS

@@ -446,6 +446,9 @@ def sample_tissue_pixels(
     """
     if window_px < 2 or window_px % 2:
         raise ValueError(f"window_px must be even and >= 2, got {window_px}")
+    if n_pixels < min_pixels:
+        raise ValueError(f"n_pixels={n_pixels} is below min_pixels={min_pixels}: such a sample could never "
+                         f"hold the tissue a fit needs")
     coarse = coarse or coarse_mask(slide)
     rng = np.random.default_rng(seed)
     origins = _stratified(_window_origins(coarse, slide.dimensions, window_px, tissue=True), n_windows, rng)
