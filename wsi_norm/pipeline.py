@@ -395,9 +395,9 @@ def check_template(template: Template) -> QCReport:
 
 
 def _aggregate_white(fits: Sequence[SlideFit]) -> WhitePoint:
-    """One slide's white point, or the per-channel median of the slides' white points measured
-    from glass (source "glass"); the median of all of them (source "fallback") only when no slide
-    had glass to measure.
+    """One slide's white point, or the per-channel median of the slides' white points that are not
+    the fallback (measured from glass, or fixed by the ``white_point`` parameter, with that source);
+    the median of all of them (source "fallback") only when every slide fell back.
 
     A fallback is a guess (240 in every channel: 14 grey levels off at the median on the
     benchmark's glass-free crops, against a 95th percentile of 4.6 for a white point measured from
@@ -406,10 +406,11 @@ def _aggregate_white(fits: Sequence[SlideFit]) -> WhitePoint:
     """
     if len(fits) == 1:
         return fits[0].white
-    measured = [f for f in fits if f.white.source == "glass"]
-    used = measured or list(fits)
+    used = [f for f in fits if f.white.source != "fallback"] or list(fits)
     rgb = np.median(np.stack([f.white.array for f in used]), axis=0)
-    return WhitePoint(tuple(rgb), "glass" if measured else "fallback", sum(f.white.n_pixels for f in used))
+    sources = {f.white.source for f in used}
+    source = sources.pop() if len(sources) == 1 else "glass"
+    return WhitePoint(tuple(rgb), source, sum(f.white.n_pixels for f in used))
 
 
 def template_from_fits(fits: Sequence[SlideFit], *, params: Any = None, seed: int = 0) -> Template:

@@ -450,3 +450,5 @@ def test_a_cohort_takes_the_white_point_its_slides_measured_from_glass(shared_da
     assert cohort.source == "glass" and cohort.rgb == scan.rgb and cohort.n_pixels == scan.n_pixels
     patches = fit_template([patch, shared_data / "he" / "torchstain-source.png"], method="reinhard", n_pixels=20_000)
     assert patches.white.source == "fallback" and patches.white.rgb == (240.0, 240.0, 240.0)
+    fixed = fit_template([sample_svs, patch], method="reinhard", n_pixels=20_000, params={"white_point": 250.0})
+    assert fixed.white.source == "fixed" and fixed.white.rgb == (250.0, 250.0, 250.0)  # was labelled "fallback"
