@@ -37,6 +37,25 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class _ThreadTimeoutNotice(logging.Filter):
+    """Drops Prefect's warning, repeated once a slide, that a task's timeout cannot interrupt
+    blocking work in a worker thread. The flows run each slide's task on Prefect's thread pool
+    with the manifest's ``slide_timeout_s`` on purpose and say what it does (a slide over its
+    time ends "timed out" as soon as its thread runs Python again; a single blocking read or
+    encode finishes first). Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Timeout of ") and "running in a worker thread" in message)
+
+
+def quiet_thread_timeout_notice() -> None:
+    """Install :class:`_ThreadTimeoutNotice` on Prefect's task-run logger (once a process)."""
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _ThreadTimeoutNotice) for f in logger.filters):
+        logger.addFilter(_ThreadTimeoutNotice())
+
+
 @dataclass
 class SlideOutcome:
     """What happened to one slide in a flow run (one row of the run's summary table)."""

@@ -41,6 +41,7 @@ from flows._common import (
     colour_stats,
     fetch_samples,
     generate_missing,
+    quiet_thread_timeout_notice,
     read_output_for_measure,
     read_source_for_measure,
     resolve_template,
@@ -214,6 +215,7 @@ def harmonize_sites(
     from wsi_norm.cluster import SMALL_SLIDE_PX, dashboard_url
 
     logger = get_run_logger()
+    quiet_thread_timeout_notice()  # the per-slide timeout is ours and documented
     m = fetch_samples(load_manifest(manifest))
     fitted = m.method not in ("none", "stainnet")  # those fit nothing: a fixed (identity or learned) map
     timeout_s = m.model.slide_timeout_s

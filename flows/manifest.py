@@ -74,7 +74,9 @@ Schema, version 1
     Slides processed in parallel, and retries of I/O steps.
 ``slide_timeout_s``
     Longest a slide may take in a flow (fit, normalize, write, QC; default 4 hours): a slide
-    that takes longer ends failed ("timed out") while the others finish.
+    that takes longer ends failed ("timed out") while the others finish. It runs on a worker
+    thread, so it stops as soon as that thread runs Python again: a single blocking call (one
+    read or encode) finishes first.
 
 Notes
 -----

@@ -57,6 +57,7 @@ from flows._common import (
     SlideOutcome,
     fetch_samples,
     generate_missing,
+    quiet_thread_timeout_notice,
     resolve_template,
     scheduler_address,
     state_rows,
@@ -377,6 +378,7 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         takes longer than the manifest's ``slide_timeout_s`` fails as "timed out").
     """
     return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
+    quiet_thread_timeout_notice()  # the per-slide timeout is ours and documented
     from wsi_norm.cluster import dashboard_url
 
     logger = get_run_logger()
