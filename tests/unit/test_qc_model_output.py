@@ -56,4 +56,3 @@ def test_the_flows_report_tells_a_measured_finding_from_a_refusal() -> None:
     assert gate_verdict({"problems": [], "measures": {"gate": "not applicable (no fitted statistics)"}}) \
         == "n/a (no fitted statistics)"
     assert gate_verdict({"problems": [], "measures": {"source_white_point": [240, 240, 240]}}) == "✓ passed"
-
