@@ -62,6 +62,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.errors import LevelError, SlideOpenError, SlideReadError, UnsupportedFormatError
+from wsi_norm.tiffj2k import APERIO_J2K_YCBCR, first_tile_subsampled, ycbcr_to_rgb
 from wsi_norm.tiffjpeg import JpegCoding, JpegTiles, largest_tiled_series
 
 if TYPE_CHECKING:
@@ -313,6 +314,12 @@ class _TiffSlideReader:
         self.record = _record_from_description(self.properties.get("tiff.ImageDescription"))
         self._check_pixels(path)
         self._fd = os.open(path, os.O_RDONLY)  # os.pread on it is thread-safe, no lock needed
+        try:
+            self._ycbcr_levels = self._aperio_ycbcr_levels(path)
+        except BaseException:
+            os.close(self._fd)
+            self._slide.close()
+            raise
         self._verified: set[tuple[int, int]] = set()
         self._warned_unchecked = False
         self._tiles = JpegTiles.open(path, self.level_dimensions, self._read_region)
@@ -342,10 +349,37 @@ class _TiffSlideReader:
                 f"{path}: {page.samplesperpixel} sample(s) per pixel; wsi-norm reads RGB"
             )
 
+    def _aperio_ycbcr_levels(self, path: Path) -> frozenset[int]:
+        """Levels of Aperio JPEG 2000 YCbCr tiles (33003) that the decoder leaves as YCbCr
+        (chroma at full resolution); :mod:`wsi_norm.tiffj2k` converts them."""
+        levels = set()
+        for index, lvl in enumerate(self._slide.ts_tifffile.series[0].levels):
+            page = lvl.keyframe
+            if page.compression != APERIO_J2K_YCBCR:
+                continue
+            holder = lvl.pages[0] if lvl.pages and lvl.pages[0] is not None else page
+            subsampled = first_tile_subsampled(self._fd, holder.dataoffsets, holder.databytecounts)
+            if subsampled is None:
+                raise SlideOpenError(
+                    f"{path}: level {index}: JPEG 2000 YCbCr tiles (TIFF compression 33003) "
+                    "whose first tile has no readable SIZ marker; cannot tell how to convert them"
+                )
+            if not subsampled:
+                levels.add(index)
+        return frozenset(levels)
+
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         if self._tiles is not None and self._tiles.covers(level):
             return self._tiles.read(level, x, y, width, height)  # checked strictly as decoded
-        return self._read_region(level, x, y, width, height)
+        lw, lh = self.level_dimensions[level]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, lw), min(y + height, lh)
+        if (x0, y0, x1, y1) == (x, y, x + width, y + height):
+            return self._read_region(level, x, y, width, height)
+        # tiffslide fills what lies outside the level with black; a slide's outside is white
+        out = np.full((height, width, 3), 255, np.uint8)
+        if x0 < x1 and y0 < y1:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_region(level, x0, y0, x1 - x0, y1 - y0)
+        return out
 
     def _read_region(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         ds = self.level_downsamples[level]
@@ -362,6 +396,8 @@ class _TiffSlideReader:
         region = np.asarray(region)
         if region.ndim != 3 or region.shape[2] < 3:
             raise UnsupportedFormatError(f"{self._path}: region of shape {region.shape} is not RGB")
+        if level in self._ycbcr_levels:
+            return ycbcr_to_rgb(region[..., :3].astype(np.uint8, copy=False))
         return np.ascontiguousarray(region[..., :3])
 
     def _verify_jpeg_tiles(self, level: int, x: int, y: int, width: int, height: int) -> None:
