@@ -30,9 +30,12 @@ wsi-norm's outputs are slides like any other: their pyramidal TIFFs open with Op
 returns the record an output carries, and :meth:`Slide.scanner_metadata` the acquisition
 metadata (vendor, objective power, MPP, scanner properties) of the slide it was made from.
 
-Both slide backends return the same pixels for the same region of the same file: OpenSlide's
-premultiplied RGBA is composited over white (transparent areas outside the scanned region
-become white glass), tiffslide's RGB is used as is. For the common layout of Aperio SVS and
+Both slide backends return the same pixels for the same region of the same file: transparency
+is composited over white (transparent areas outside the scanned region become white glass;
+openslide-python's RGBA is straight, a TIFF's alpha as its ExtraSamples say; within a level of
+each other, as OpenSlide rounds in between), and so is what lies outside a level; Aperio's
+JPEG 2000 YCbCr tiles (33003), which tifffile returns as YCbCr, are converted as OpenSlide
+converts them (:mod:`wsi_norm.tiffj2k`). For the common layout of Aperio SVS and
 generic tiled TIFF (baseline 8-bit JPEG tiles, RGB or YCbCr) both decode the tiles themselves,
 through :class:`wsi_norm.tiffjpeg.JpegTiles`: the same pixels, several times faster, corrupt
 tiles refused.
@@ -218,7 +221,8 @@ def _scanner_properties(props: Mapping[str, str]) -> tuple[dict[str, str], int]:
 
 
 def _rgba_over_white(rgba: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Composite OpenSlide's premultiplied RGBA over white: ``rgb + (255 - alpha)``."""
+    """Composite premultiplied (associated, TIFF ``ExtraSamples = 1``) RGBA over white:
+    ``rgb + (255 - alpha)``."""
     rgb = rgba[..., :3]
     alpha = rgba[..., 3]
     if alpha.min() == 255:
@@ -283,7 +287,8 @@ class _OpenSlideReader:
                 f"{self._path}: cannot read level {level} region x={x} y={y} "
                 f"{width}x{height}: {exc}"
             ) from exc
-        return _rgba_over_white(np.asarray(region))
+        # openslide-python returns straight (not premultiplied) RGBA, unlike OpenSlide's C API
+        return _straight_alpha_over_white(np.asarray(region))
 
     def close(self) -> None:
         if self._tiles is not None:
@@ -314,6 +319,11 @@ class _TiffSlideReader:
         self.record = _record_from_description(self.properties.get("tiff.ImageDescription"))
         self._check_pixels(path)
         self._fd = os.open(path, os.O_RDONLY)  # os.pread on it is thread-safe, no lock needed
+        # ExtraSamples of each level: 1 associated (premultiplied) alpha, 2 straight alpha
+        self._alpha = tuple(
+            next((int(v) for v in lvl.keyframe.extrasamples if int(v) in (1, 2)), 0)
+            for lvl in self._slide.ts_tifffile.series[0].levels
+        )
         try:
             self._ycbcr_levels = self._aperio_ycbcr_levels(path)
         except BaseException:
@@ -398,6 +408,11 @@ class _TiffSlideReader:
             raise UnsupportedFormatError(f"{self._path}: region of shape {region.shape} is not RGB")
         if level in self._ycbcr_levels:
             return ycbcr_to_rgb(region[..., :3].astype(np.uint8, copy=False))
+        if region.shape[2] == 4 and self._alpha[level]:
+            # tiffslide returns the alpha channel as stored; transparent areas are glass, as
+            # OpenSlide composites them over white
+            rgba = region.astype(np.uint8, copy=False)
+            return _rgba_over_white(rgba) if self._alpha[level] == 1 else _straight_alpha_over_white(rgba)
         return np.ascontiguousarray(region[..., :3])
 
     def _verify_jpeg_tiles(self, level: int, x: int, y: int, width: int, height: int) -> None:
