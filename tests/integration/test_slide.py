@@ -19,6 +19,7 @@ from wsi_norm import (
     WsiNormError,
     open_slide,
 )
+from wsi_norm.slide import Backend
 
 CMU_SIZE = (2220, 2967)
 
@@ -292,7 +293,7 @@ def test_transparency_is_composited_over_white_and_planar_tiff_is_read(tmp_path:
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
 @pytest.mark.parametrize("associated", [False, True])
 def test_tiled_tiff_alpha_is_composited_over_white_on_both_backends(
-    backend: str, associated: bool, tmp_path: Path
+    backend: Backend, associated: bool, tmp_path: Path
 ) -> None:
     """A tiled TIFF with an alpha channel, partly transparent: both readers composite it over
     white. openslide-python hands back straight (not premultiplied) RGBA, and tiffslide the
