@@ -126,7 +126,7 @@ def _add_slide_options(p: argparse.ArgumentParser) -> None:
         choices=("openslide", "tiffslide", "image", "ome-zarr"),
         default=None,
         help="slide reader (default: OpenSlide for files it knows, tiffslide for other tiled "
-        "TIFFs and for tiles OpenSlide cannot decode, the image reader for PNG/JPEG/untiled TIFF, "
+        "TIFFs, OME-TIFF pyramids (SubIFDs) and tiles OpenSlide cannot decode, the image reader for PNG/JPEG/untiled TIFF, "
         "ome-zarr for an OME-Zarr folder); a --reference this reader cannot read gets the default",
     )
     p.add_argument("--mpp", type=_MPP, default=None,

@@ -147,6 +147,41 @@ def _parse_mpp(props: Mapping[str, str], prefix: str) -> tuple[float, float] | N
     return (mpp_x, mpp_y)
 
 
+#: micrometres per unit of OME's ``PhysicalSizeXUnit`` (the schema's default is the micrometre)
+_OME_UNITS_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0,
+                 "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(description: str | None, size: tuple[int, int]) -> tuple[float, float] | None:
+    """Pixel size in µm from an OME-TIFF's OME-XML: the first ``Pixels`` element of the
+    slide's size (``SizeX``, ``SizeY``) with a ``PhysicalSizeX`` and ``PhysicalSizeY`` in a
+    length unit. None when there is no such element (or the XML declares entities, which an
+    OME document never needs)."""
+    if not description or "<OME" not in description[:4096] or len(description) > _MAX_RECORD_CHARS \
+            or "<!ENTITY" in description or "<!DOCTYPE" in description:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(description)
+    except ET.ParseError:
+        return None
+    for pixels in root.iter():
+        if not pixels.tag.endswith("}Pixels") and pixels.tag != "Pixels":
+            continue
+        a = pixels.attrib
+        try:
+            if (int(a["SizeX"]), int(a["SizeY"])) != size:
+                continue
+            x = float(a["PhysicalSizeX"]) * _OME_UNITS_UM[a.get("PhysicalSizeXUnit", "µm")]
+            y = float(a["PhysicalSizeY"]) * _OME_UNITS_UM[a.get("PhysicalSizeYUnit", "µm")]
+        except (KeyError, ValueError):
+            continue
+        if math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0:
+            return (x, y)
+    return None
+
+
 def _tile_sizes(props: Mapping[str, str], prefix: str, n: int) -> tuple[tuple[int, int] | None, ...]:
     sizes: list[tuple[int, int] | None] = []
     for level in range(n):
@@ -262,7 +297,8 @@ class _OpenSlideReader:
         self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.vendor = props.get("openslide.vendor", "unknown")
-        self.mpp = _parse_mpp(props, "openslide")
+        self.mpp = _parse_mpp(props, "openslide") or _ome_mpp(
+            props.get("tiff.ImageDescription"), self.level_dimensions[0])
         self.tile_sizes = _tile_sizes(props, "openslide", len(self.level_dimensions))
         self.record = _record_from_description(props.get("tiff.ImageDescription"))
         # Aperio and generic TIFF are TIFF pyramids OpenSlide reads tile by tile as stored
@@ -314,7 +350,8 @@ class _TiffSlideReader:
         self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.vendor = str(props.get("tiffslide.vendor") or "generic-tiff")
-        self.mpp = _parse_mpp(self.properties, "tiffslide")
+        self.mpp = _parse_mpp(self.properties, "tiffslide") or _ome_mpp(
+            self._slide.ts_tifffile.pages.first.description, self.level_dimensions[0])
         self.tile_sizes = _tile_sizes(self.properties, "tiffslide", len(self.level_dimensions))
         self.record = _record_from_description(self.properties.get("tiff.ImageDescription"))
         self._check_pixels(path)
@@ -959,11 +996,32 @@ def _is_tiled_tiff(path: Path) -> bool:
         return False
 
 
+def _pyramid_in_subifds(path: Path) -> bool:
+    """Whether the file's slide (its largest tiled image) has reduced levels in SubIFDs."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            index = largest_tiled_series(tif)
+            if index is None:
+                return False
+            series = tif.series[index]
+            return len(series.levels) > 1 and bool(series.levels[0].keyframe.subifds)
+    except Exception:  # noqa: BLE001 - OpenSlide opened it; leave any doubt to OpenSlide
+        return False
+
+
 def _choose_backend(path: Path) -> Backend:
     suffix = path.suffix.lower()
     if suffix in _IMAGE_SUFFIXES:
         return "image"
-    if _openslide_format(path) is not None:
+    fmt = _openslide_format(path)
+    if fmt == "generic-tiff" and _pyramid_in_subifds(path):
+        # OME-TIFF keeps its pyramid in SubIFDs, which OpenSlide does not read: it would see
+        # level 0 alone, and every thumbnail, mask and overview would decode all of it
+        log.debug("%s: its pyramid lies in SubIFDs (OME-TIFF); reading it with tiffslide", path)
+        return "tiffslide"
+    if fmt is not None:
         return "openslide"
     if _is_tiled_tiff(path):
         return "tiffslide"
@@ -1430,7 +1488,8 @@ def open_slide(
         The file, or an OME-Zarr (NGFF image) folder.
     backend : {"openslide", "tiffslide", "image", "ome-zarr"}, optional
         Reader to use. Default: OpenSlide for every file it recognises, tiffslide for other
-        tiled TIFFs and for tiled TIFFs whose tile compression OpenSlide cannot decode (JPEG
+        tiled TIFFs, for OME-TIFF pyramids (reduced levels in SubIFDs, which OpenSlide does not
+        read) and for tiled TIFFs whose tile compression OpenSlide cannot decode (JPEG
         2000, WebP, JPEG XL), the in-memory image reader for PNG/JPEG and untiled TIFFs,
         ``ome-zarr`` for a folder.
     mpp : float or (float, float), optional

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from numpy.typing import NDArray
 from PIL import Image
 
 from wsi_norm import (
@@ -334,3 +335,50 @@ def test_tiled_tiff_with_tiles_openslide_cannot_decode_opens_with_tiffslide(
     assert slide.backend == "tiffslide"
     np.testing.assert_array_equal(slide.read_region(0, x=0, y=0, width=512, height=384),
                                   tifffile.imread(path))
+
+
+def _ome_tiff(path: Path, rgb: NDArray[np.uint8], levels: int, **size: object) -> None:
+    """An OME-TIFF as bfconvert and QuPath write it: OME-XML, reduced levels in SubIFDs."""
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        tw.write(rgb, subifds=levels - 1, tile=(256, 256), compression="jpeg", photometric="rgb",
+                 metadata={"axes": "YXS", **size})
+        for k in range(1, levels):
+            tw.write(rgb[:: 2**k, :: 2**k], subfiletype=1, tile=(256, 256), compression="jpeg", photometric="rgb")
+
+
+def test_ome_tiff_pyramid_in_subifds_is_read_whole(sample_svs: Path, tmp_path: Path) -> None:
+    """OpenSlide takes an OME-TIFF for generic TIFF and sees level 0 alone (it does not read
+    SubIFDs), so a gigapixel OME-TIFF's mask and thumbnails decoded all of level 0. The default
+    is tiffslide there: every level, the file's own pixels, the pixel size from the OME-XML."""
+    rgb = open_slide(sample_svs).read_region(0, x=0, y=0, width=1536, height=1280)
+    path = tmp_path / "slide.ome.tif"
+    _ome_tiff(path, rgb, 3, PhysicalSizeX=250, PhysicalSizeY=251, PhysicalSizeXUnit="nm", PhysicalSizeYUnit="nm")
+    assert open_slide(path, backend="openslide").level_count == 1
+    slide = open_slide(path)
+    assert slide.backend == "tiffslide"
+    assert slide.level_dimensions == ((1536, 1280), (768, 640), (384, 320))
+    assert slide.mpp == pytest.approx((0.250, 0.251))
+    assert open_slide(path, backend="openslide").mpp == pytest.approx((0.250, 0.251))
+    with tifffile.TiffFile(path) as tif:
+        for level in range(3):
+            want = tif.series[0].levels[level].asarray()
+            got = slide.read_region(level, x=0, y=0, width=want.shape[1], height=want.shape[0])
+            np.testing.assert_array_equal(got, want)
+    assert slide.best_level_for(600) == 1
+
+
+def test_ome_xml_pixel_size_needs_a_length_and_the_slides_size(tmp_path: Path) -> None:
+    from wsi_norm.slide import _ome_mpp
+
+    rgb = np.full((512, 512, 3), 200, np.uint8)
+    path = tmp_path / "um.ome.tif"
+    _ome_tiff(path, rgb, 2, PhysicalSizeX=0.5, PhysicalSizeY=0.5)  # the schema's default unit: µm
+    assert open_slide(path).mpp == pytest.approx((0.5, 0.5))
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.pages.first.description
+    assert _ome_mpp(xml, (512, 512)) == pytest.approx((0.5, 0.5))
+    assert _ome_mpp(xml, (256, 256)) is None  # no Pixels of that size
+    assert _ome_mpp(xml.replace('PhysicalSizeX="0.5"', 'PhysicalSizeX="0.5" PhysicalSizeXUnit="s"'), (512, 512)) is None
+    assert _ome_mpp('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><OME/>', (512, 512)) is None
+    assert _ome_mpp("<OME><Pixels", (512, 512)) is None  # not well formed
+    assert _ome_mpp("Aperio Image Library", (512, 512)) is None
