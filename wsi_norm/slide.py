@@ -35,7 +35,8 @@ is composited over white (transparent areas outside the scanned region become wh
 openslide-python's RGBA is straight, a TIFF's alpha as its ExtraSamples say; within a level of
 each other, as OpenSlide rounds in between), and so is what lies outside a level; Aperio's
 JPEG 2000 YCbCr tiles (33003), which tifffile returns as YCbCr, are converted as OpenSlide
-converts them (:mod:`wsi_norm.tiffj2k`). For the common layout of Aperio SVS and
+converts them, and so are a YCbCr TIFF's losslessly coded samples, as libtiff converts them
+(:mod:`wsi_norm.tiffycbcr`). For the common layout of Aperio SVS and
 generic tiled TIFF (baseline 8-bit JPEG tiles, RGB or YCbCr) both decode the tiles themselves,
 through :class:`wsi_norm.tiffjpeg.JpegTiles`: the same pixels, several times faster, corrupt
 tiles refused.
@@ -55,7 +56,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
@@ -65,8 +66,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_norm.errors import LevelError, SlideOpenError, SlideReadError, UnsupportedFormatError
-from wsi_norm.tiffj2k import APERIO_J2K_YCBCR, first_tile_subsampled, ycbcr_to_rgb
 from wsi_norm.tiffjpeg import JpegCoding, JpegTiles, largest_tiled_series
+from wsi_norm.tiffycbcr import (
+    APERIO_J2K_YCBCR,
+    RAW_SAMPLE_CODECS,
+    LibtiffYCbCr,
+    first_tile_subsampled,
+    ycbcr_to_rgb,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -180,6 +187,19 @@ def _ome_mpp(description: str | None, size: tuple[int, int]) -> tuple[float, flo
         if math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0:
             return (x, y)
     return None
+
+
+def _rationals(value: Any, n: int) -> tuple[float, ...] | None:
+    """A TIFF RATIONAL[n] tag's values as floats (tifffile gives n numerator, denominator
+    pairs, flattened); None when the tag is absent."""
+    if value is None:
+        return None
+    flat = [float(v) for v in np.ravel(value)]
+    if len(flat) == 2 * n:
+        return tuple(flat[2 * i] / flat[2 * i + 1] for i in range(n))
+    if len(flat) == n:
+        return tuple(flat)
+    raise ValueError(f"{len(flat)} values where {n} rationals were expected")
 
 
 def _tile_sizes(props: Mapping[str, str], prefix: str, n: int) -> tuple[tuple[int, int] | None, ...]:
@@ -362,7 +382,7 @@ class _TiffSlideReader:
             for lvl in self._slide.ts_tifffile.series[0].levels
         )
         try:
-            self._ycbcr_levels = self._aperio_ycbcr_levels(path)
+            self._to_rgb = self._ycbcr_converters(path)
         except BaseException:
             os.close(self._fd)
             self._slide.close()
@@ -396,24 +416,32 @@ class _TiffSlideReader:
                 f"{path}: {page.samplesperpixel} sample(s) per pixel; wsi-norm reads RGB"
             )
 
-    def _aperio_ycbcr_levels(self, path: Path) -> frozenset[int]:
-        """Levels of Aperio JPEG 2000 YCbCr tiles (33003) that the decoder leaves as YCbCr
-        (chroma at full resolution); :mod:`wsi_norm.tiffj2k` converts them."""
-        levels = set()
+    def _ycbcr_converters(self, path: Path) -> tuple[Callable[[NDArray[np.uint8]], NDArray[np.uint8]] | None, ...]:
+        """Per level, the conversion of samples the decoder returns as YCbCr (or None): Aperio's
+        JPEG 2000 YCbCr tiles (33003) with chroma at full resolution, and YCbCr stored with a
+        lossless codec (:mod:`wsi_norm.tiffycbcr`)."""
+        converters: list[Callable[[NDArray[np.uint8]], NDArray[np.uint8]] | None] = []
         for index, lvl in enumerate(self._slide.ts_tifffile.series[0].levels):
             page = lvl.keyframe
-            if page.compression != APERIO_J2K_YCBCR:
-                continue
-            holder = lvl.pages[0] if lvl.pages and lvl.pages[0] is not None else page
-            subsampled = first_tile_subsampled(self._fd, holder.dataoffsets, holder.databytecounts)
-            if subsampled is None:
-                raise SlideOpenError(
-                    f"{path}: level {index}: JPEG 2000 YCbCr tiles (TIFF compression 33003) "
-                    "whose first tile has no readable SIZ marker; cannot tell how to convert them"
-                )
-            if not subsampled:
-                levels.add(index)
-        return frozenset(levels)
+            if page.compression == APERIO_J2K_YCBCR:
+                holder = lvl.pages[0] if lvl.pages and lvl.pages[0] is not None else page
+                subsampled = first_tile_subsampled(self._fd, holder.dataoffsets, holder.databytecounts)
+                if subsampled is None:
+                    raise SlideOpenError(
+                        f"{path}: level {index}: JPEG 2000 YCbCr tiles (TIFF compression 33003) "
+                        "whose first tile has no readable SIZ marker; cannot tell how to convert them"
+                    )
+                converters.append(None if subsampled else ycbcr_to_rgb)
+            elif page.photometric == 6 and page.compression in RAW_SAMPLE_CODECS:
+                try:
+                    luma = _rationals(page.tags.valueof(529), 3) or (0.299, 0.587, 0.114)
+                    reference = _rationals(page.tags.valueof(532), 6) or (0.0, 255.0, 128.0, 255.0, 128.0, 255.0)
+                    converters.append(LibtiffYCbCr(luma, reference))
+                except (TypeError, ValueError, ZeroDivisionError) as exc:
+                    raise SlideOpenError(f"{path}: level {index}: YCbCr tags unusable: {exc}") from exc
+            else:
+                converters.append(None)
+        return tuple(converters)
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         if self._tiles is not None and self._tiles.covers(level):
@@ -443,8 +471,9 @@ class _TiffSlideReader:
         region = np.asarray(region)
         if region.ndim != 3 or region.shape[2] < 3:
             raise UnsupportedFormatError(f"{self._path}: region of shape {region.shape} is not RGB")
-        if level in self._ycbcr_levels:
-            return ycbcr_to_rgb(region[..., :3].astype(np.uint8, copy=False))
+        to_rgb = self._to_rgb[level]
+        if to_rgb is not None:
+            return to_rgb(region[..., :3].astype(np.uint8, copy=False))
         if region.shape[2] == 4 and self._alpha[level]:
             # tiffslide returns the alpha channel as stored; transparent areas are glass, as
             # OpenSlide composites them over white

@@ -1,9 +1,11 @@
-"""Aperio SVS with JPEG 2000 tiles: tiffslide reads them in OpenSlide's colours.
+"""TIFF tiles whose decoder returns YCbCr: tiffslide reads them in OpenSlide's colours.
 
 Aperio's compression 33003 stores Y, Cb, Cr planes in the JPEG 2000 codestream without its
 colour transform (33005 stores RGB with it). OpenSlide converts 33003 itself; tifffile, under
-tiffslide, returned the planes as RGB. The files here are written as Aperio's encoder lays them
-out: one raw codestream a tile, the Aperio ImageDescription, TIFF photometric RGB.
+tiffslide, returned the planes as RGB. The Aperio files here are written as Aperio's encoder lays
+them out: one raw codestream a tile, the Aperio ImageDescription, TIFF photometric RGB. A TIFF
+whose PhotometricInterpretation is YCbCr, stored with a lossless codec, is the other case: OpenSlide
+reads it through libtiff, which converts it with the file's YCbCr tags.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tifffile
 from numpy.typing import NDArray
 
 from wsi_norm import SlideOpenError, open_slide
-from wsi_norm.tiffj2k import j2k_subsampled, ycbcr_to_rgb
+from wsi_norm.tiffycbcr import LibtiffYCbCr, j2k_subsampled, ycbcr_to_rgb
 
 TILE = 256
 
@@ -70,13 +72,18 @@ def crop(sample_svs: Path) -> NDArray[np.uint8]:
     return open_slide(sample_svs).read_region(0, x=512, y=768, width=4 * TILE, height=3 * TILE)
 
 
-def test_ycbcr_conversion_is_openslides_for_every_triple(tmp_path: Path) -> None:
-    """Every (Cb, Cr) pair with luma at the edges and in between, losslessly coded, read by
-    OpenSlide's Aperio driver: the conversion gives the same RGB for each."""
+def _triples() -> NDArray[np.uint8]:
+    """Every (Cb, Cr) pair with luma at the edges and in between: a (768, 1024, 3) image."""
     lumas = np.array([0, 1, 2, 16, 64, 100, 128, 180, 235, 253, 254, 255], np.uint8)
     cb, cr = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
     planes = [np.stack([np.full_like(cb, y), cb, cr], -1).reshape(TILE, TILE, 3) for y in lumas]
-    ycc = np.concatenate([np.concatenate(planes[i : i + 4], 1) for i in range(0, len(planes), 4)], 0)
+    return np.concatenate([np.concatenate(planes[i : i + 4], 1) for i in range(0, len(planes), 4)], 0)
+
+
+def test_ycbcr_conversion_is_openslides_for_every_triple(tmp_path: Path) -> None:
+    """The triples losslessly coded as Aperio 33003, read by OpenSlide's Aperio driver: the
+    conversion gives the same RGB for each."""
+    ycc = _triples()
     path = tmp_path / "triples.svs"
     _write_svs(path, _tiles(ycc, _lossless_444), ycc.shape[:2])
     h, w = ycc.shape[:2]
@@ -154,3 +161,36 @@ def test_siz_marker_parsing() -> None:
     assert j2k_subsampled(siz + bytes([7, 1, 1] * 2)) is None  # a component missing
     with pytest.raises(ValueError, match="uint8 YCbCr"):
         ycbcr_to_rgb(np.zeros((2, 2, 3), np.int16))
+
+
+def _rationals(values: tuple[float, ...]) -> list[int]:
+    return [v for x in values for v in (round(x * 10_000), 10_000)]
+
+
+@pytest.mark.parametrize(("luma", "reference"), [
+    ((0.299, 0.587, 0.114), (0, 255, 128, 255, 128, 255)),    # the TIFF defaults
+    ((0.2126, 0.7152, 0.0722), (16, 235, 128, 240, 128, 240)),  # BT.709 weights, studio range
+])
+@pytest.mark.parametrize("compression", ["zstd", "lzw", None])
+def test_lossless_ycbcr_tiff_reads_as_libtiff_converts_it(
+    luma: tuple[float, ...], reference: tuple[float, ...], compression: str | None, tmp_path: Path
+) -> None:
+    """PhotometricInterpretation YCbCr with a lossless codec: tifffile returns the samples as
+    stored (tiffslide read them as RGB); OpenSlide reads through libtiff's RGBA interface, which
+    converts them with YCbCrCoefficients and ReferenceBlackWhite. Both now give the same RGB
+    for every triple."""
+    ycc = _triples()
+    path = tmp_path / "ycbcr.tiff"
+    tifffile.imwrite(path, ycc, tile=(TILE, TILE), photometric="ycbcr", subsampling=(1, 1), compression=compression,
+                     extratags=[(529, 5, 3, _rationals(luma), True), (532, 5, 6, _rationals(reference), True)])
+    h, w = ycc.shape[:2]
+    by_openslide = open_slide(path, backend="openslide").read_region(0, x=0, y=0, width=w, height=h)
+    by_tiffslide = open_slide(path, backend="tiffslide").read_region(0, x=0, y=0, width=w, height=h)
+    np.testing.assert_array_equal(by_tiffslide, by_openslide)
+    np.testing.assert_array_equal(LibtiffYCbCr(luma, reference)(ycc), by_openslide)
+    # mid-grey is grey whatever the weights; black and white are the reference's code values
+    grey = LibtiffYCbCr(luma, reference)(np.array([[128, 128, 128]], np.uint8))
+    assert np.ptp(grey) == 0
+    if reference[0] == 16:
+        assert LibtiffYCbCr(luma, reference)(np.array([[16, 128, 128], [235, 128, 128]], np.uint8)).tolist() \
+            == [[0, 0, 0], [255, 255, 255]]
