@@ -1025,6 +1025,62 @@ def _is_tiled_tiff(path: Path) -> bool:
         return False
 
 
+#: The most files of a folder looked at for a DICOM slide (a slide is a few instances: its
+#: levels, label and overview; an archive folder is not a slide).
+MAX_DICOM_FOLDER_FILES = 256
+
+
+def _dicom_slide_file(folder: Path) -> Path | None:
+    """A file of the one DICOM whole-slide image in ``folder`` (OpenSlide opens the whole series
+    from any of its files), or None when the folder holds no DICOM slide.
+
+    Raises
+    ------
+    SlideOpenError
+        The folder holds more files than :data:`MAX_DICOM_FOLDER_FILES`, or DICOM slides of
+        more than one series (naming them): which one is meant cannot be told.
+    """
+    import openslide
+
+    try:
+        entries = sorted(e for e in folder.iterdir() if not e.name.startswith("."))
+    except OSError as exc:
+        raise SlideOpenError(f"{folder}: cannot list the folder: {exc}") from exc
+    files = [e for e in entries if _is_regular(e)]
+    if len(files) > MAX_DICOM_FOLDER_FILES:
+        if any(f.suffix.lower() == ".dcm" for f in files):
+            raise SlideOpenError(
+                f"{folder}: {len(files)} files, more than a DICOM slide holds "
+                f"({MAX_DICOM_FOLDER_FILES} at most are looked at); pass one file of the slide"
+            )
+        return None
+    series: dict[str, Path] = {}
+    refused: list[str] = []
+    for f in files:
+        if openslide.OpenSlide.detect_format(str(f)) != "dicom":
+            continue
+        try:
+            with openslide.OpenSlide(str(f)) as slide:
+                uid = slide.properties.get("dicom.SeriesInstanceUID", str(f))
+        except openslide.OpenSlideError as exc:
+            refused.append(f"{f.name}: {exc}")
+            continue
+        series.setdefault(uid, f)
+    if not series and refused:
+        raise SlideOpenError(f"{folder}: holds DICOM files OpenSlide cannot open: {refused[0]}")
+    if len(series) > 1:
+        named = ", ".join(f"{f.name} (series {uid})" for uid, f in series.items())
+        raise SlideOpenError(f"{folder}: holds {len(series)} DICOM slides: {named}; pass a file of the one meant")
+    return next(iter(series.values()), None)
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _pyramid_in_subifds(path: Path) -> bool:
     """Whether the file's slide (its largest tiled image) has reduced levels in SubIFDs."""
     import tifffile
@@ -1520,7 +1576,7 @@ def open_slide(
         tiled TIFFs, for OME-TIFF pyramids (reduced levels in SubIFDs, which OpenSlide does not
         read) and for tiled TIFFs whose tile compression OpenSlide cannot decode (JPEG
         2000, WebP, JPEG XL), the in-memory image reader for PNG/JPEG and untiled TIFFs,
-        ``ome-zarr`` for a folder.
+        OpenSlide for a folder holding one DICOM slide, ``ome-zarr`` for other folders.
     mpp : float or (float, float), optional
         Microns per pixel ``(x, y)`` to use instead of what the file says (or for an image
         that records none).
@@ -1546,9 +1602,15 @@ def open_slide(
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if _is_folder(p):
+        if backend in (None, "openslide") and _zarr_group_attributes(p) is None:
+            dicom = _dicom_slide_file(p)
+            if dicom is not None:
+                log.debug("%s: a DICOM slide; opening %s with openslide", p, dicom.name)
+                return Slide(dicom, "openslide", mpp=mpp)
         if backend not in (None, "ome-zarr"):
             raise SlideOpenError(
-                f"{p}: is a directory; backend {backend!r} reads files (only 'ome-zarr' reads a folder)"
+                f"{p}: is a directory; backend {backend!r} reads files (only 'ome-zarr' reads a "
+                "folder, and OpenSlide a folder of one DICOM slide)"
             )
         log.debug("opening %s with ome-zarr", p)
         return Slide(p, "ome-zarr", mpp=mpp)
