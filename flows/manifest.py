@@ -147,7 +147,7 @@ FORMAT_SUFFIXES: dict[str, str] = {"ome-zarr": ".ome.zarr", "tiff": ".tiff"}
 OutputFormatName = Literal["ome-zarr", "tiff"]
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-_SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".svs", ".tiff", ".tif", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
+_SLIDE_SUFFIXES = (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".svs", ".tiff", ".tif", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
 
 
 # --------------------------------------------------------------------------- schema
@@ -580,6 +580,13 @@ def _pydantic_message(error: Mapping[str, Any], raw: Any) -> str:
 # --------------------------------------------------------------------------- resolution
 
 
+def _is_slide_folder(path: Path) -> bool:
+    """A folder the reader opens as one slide: an OME-Zarr image (its zarr metadata at the
+    top) or a DICOM slide's instances (``*.dcm`` files)."""
+    return any((path / name).is_file() for name in ("zarr.json", ".zattrs", ".zgroup")) \
+        or any(path.glob("*.dcm"))
+
+
 def _stem(path: Path) -> str:
     name = path.name
     lower = name.lower()
@@ -711,10 +718,14 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
                 if _glob_match(gpath, Path(full)):
                     found.add(gpath)
             matches = []
+            folders = sorted(Path(os.path.normpath(m)).resolve() for m in found
+                             if os.path.isdir(m) and _is_slide_folder(Path(m)))
             for match in sorted(found):
                 resolved = Path(os.path.normpath(match)).resolve()
                 r.check(loc, os.path.relpath(match, r.base_dir), resolved, output=False)
-                if resolved.is_dir():
+                if any(folder in resolved.parents for folder in folders):
+                    continue  # a file or level inside a slide folder the pattern also matched
+                if resolved.is_dir() and resolved not in folders:
                     continue
                 matches.append((resolved, resolved in generated_paths))
             if not matches:
@@ -725,8 +736,9 @@ def _resolve(model: ManifestModel, *, path: Path, lines: dict[tuple[str | int, .
             return [(resolved, True)]
         if not resolved.exists():
             raise r.error(loc, f"no file matches {pattern!r}")
-        if resolved.is_dir() and not resolved.name.lower().endswith(".mrxs"):
-            raise r.error(loc, f"{pattern!r} is a directory, not a slide")
+        if resolved.is_dir() and not resolved.name.lower().endswith(".mrxs") and not _is_slide_folder(resolved):
+            raise r.error(loc, f"{pattern!r} is a directory, not a slide (an OME-Zarr image or a folder "
+                          "of a DICOM slide's .dcm files)")
         return [(resolved, False)]
 
     slides: list[SlideEntry] = []

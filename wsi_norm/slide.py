@@ -1031,8 +1031,8 @@ MAX_DICOM_FOLDER_FILES = 256
 
 
 def _dicom_slide_file(folder: Path) -> Path | None:
-    """A file of the one DICOM whole-slide image in ``folder`` (OpenSlide opens the whole series
-    from any of its files), or None when the folder holds no DICOM slide.
+    """The largest file of the one DICOM whole-slide image in ``folder`` (OpenSlide opens the
+    whole series from any of its files), or None when the folder holds no DICOM slide.
 
     Raises
     ------
@@ -1065,7 +1065,8 @@ def _dicom_slide_file(folder: Path) -> Path | None:
         except openslide.OpenSlideError as exc:
             refused.append(f"{f.name}: {exc}")
             continue
-        series.setdefault(uid, f)
+        if uid not in series or f.stat().st_size > series[uid].stat().st_size:
+            series[uid] = f  # the largest instance (level 0): what the slide's identity hashes
     if not series and refused:
         raise SlideOpenError(f"{folder}: holds DICOM files OpenSlide cannot open: {refused[0]}")
     if len(series) > 1:

@@ -106,6 +106,7 @@ def test_dicom_slide_reads_as_a_file_and_as_its_folder(crop: NDArray[np.uint8], 
     folder = _slide_folder(tmp_path / "slide", crop)
     by_folder = open_slide(folder)
     by_file = open_slide(max(folder.glob("*.dcm")))
+    assert by_folder.path == max(folder.glob("*.dcm"), key=lambda f: f.stat().st_size)  # level 0's instance
     for slide in (by_folder, by_file):
         assert (slide.backend, slide.vendor) == ("openslide", "dicom")
         assert slide.level_dimensions == ((1200, 1000), (600, 500))

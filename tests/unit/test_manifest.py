@@ -225,3 +225,25 @@ def test_site_needs_slides_or_sample(project: Path) -> None:
     bad = _write(project, "version: 1\noutput_root: out\nmethod: none\nsites:\n  cmu:\n    sample: CMU-2\n")
     with pytest.raises(ManifestError, match=r":6: sites\.cmu\.sample: "):
         load_manifest(bad)
+
+
+def test_slide_folders_are_slides_explicit_or_globbed(project: Path) -> None:
+    """An OME-Zarr image and a DICOM slide's folder are slides, as the reader opens them; what
+    lies inside them is not one more slide, and a plain folder is still refused."""
+    zarr = project / "slides" / "c" / "z1.ome.zarr"
+    (zarr / "0").mkdir(parents=True)
+    (zarr / "zarr.json").write_text("{}")
+    (zarr / "0" / "zarr.json").write_text("{}")
+    dicom = project / "slides" / "c" / "d1"
+    dicom.mkdir()
+    (dicom / "level0.dcm").write_bytes(b"x")
+    (project / "slides" / "c" / "plain").mkdir()
+    text = GOOD.replace("    slides: [slides/b/s1.tiff]", "    slides: ['slides/c/**']")
+    m = load_manifest(_write(project, text))
+    assert [s.source.name for s in m.slides if s.site == "site-b"] == ["d1", "z1.ome.zarr"]
+    z1 = next(s for s in m.slides if s.source.name == "z1.ome.zarr")
+    assert z1.outputs["tiff"].name == "z1.tiff"
+    explicit = load_manifest(_write(project, GOOD.replace("slides/b/s1.tiff", "slides/c/d1")))
+    assert [s.source.name for s in explicit.slides if s.site == "site-b"] == ["d1"]
+    with pytest.raises(ManifestError, match=r"'slides/c/plain' is a directory, not a slide \(an OME-Zarr"):
+        load_manifest(_write(project, GOOD.replace("slides/b/s1.tiff", "slides/c/plain")))
