@@ -254,6 +254,10 @@ def _output_lines(scanner: dict[str, Any], record: dict[str, Any] | None) -> lis
     model = next((props[k] for k in ("aperio.ScanScope ID", "tiff.Model", "tiff.Make") if k in props), None)
     lines = [f"scanner    {scanner.get('vendor')}" + (f", {model}" if model else "")
              + (f" ({len(props)} properties kept)" if props else "")]
+    icc = scanner.get("icc_profile")
+    if isinstance(icc, dict):
+        lines.append(f"icc        {icc.get('description')} ({icc.get('bytes')} bytes): not applied, "
+                     "stain fits and maps use the RGB values as stored")
     if record is None:
         return lines
     source = record.get("source") or {}

@@ -321,6 +321,8 @@ class _OpenSlideReader:
             props.get("tiff.ImageDescription"), self.level_dimensions[0])
         self.tile_sizes = _tile_sizes(props, "openslide", len(self.level_dimensions))
         self.record = _record_from_description(props.get("tiff.ImageDescription"))
+        profile = getattr(self._slide, "color_profile", None)
+        self.icc: bytes | None = profile.tobytes() if profile is not None else None
         # Aperio and generic TIFF are TIFF pyramids OpenSlide reads tile by tile as stored
         self._tiles = (JpegTiles.open(path, self.level_dimensions, self._read_region)
                        if self.vendor in ("aperio", "generic-tiff") else None)
@@ -375,6 +377,8 @@ class _TiffSlideReader:
         self.tile_sizes = _tile_sizes(self.properties, "tiffslide", len(self.level_dimensions))
         self.record = _record_from_description(self.properties.get("tiff.ImageDescription"))
         self._check_pixels(path)
+        icc = self._slide.ts_tifffile.series[0].levels[0].keyframe.tags.valueof(34675)  # InterColorProfile
+        self.icc: bytes | None = bytes(icc) if icc is not None and len(icc) else None
         self._fd = os.open(path, os.O_RDONLY)  # os.pread on it is thread-safe, no lock needed
         # ExtraSamples of each level: 1 associated (premultiplied) alpha, 2 straight alpha
         self._alpha = tuple(
@@ -559,6 +563,34 @@ def _jpeg_frame_kind(stream: bytes) -> int | None:
     return None
 
 
+def _image_icc(path: Path) -> bytes | None:
+    """The ICC profile a PNG, JPEG or TIFF image embeds (its header only is read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            icc = im.info.get("icc_profile")
+    except Exception:  # noqa: BLE001 - the pixels were read; a header PIL cannot parse has no profile for us
+        return None
+    return bytes(icc) if icc else None
+
+
+def icc_summary(icc: bytes | None) -> dict[str, Any] | None:
+    """What provenance and ``info`` say of an ICC profile: its description (as the profile
+    names itself), size and SHA-256; None without a profile."""
+    if not icc:
+        return None
+    import io
+
+    from PIL import ImageCms
+
+    try:
+        description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).strip()
+    except (OSError, ImageCms.PyCMSError):
+        description = "unreadable profile"
+    return {"description": description[:200], "bytes": len(icc), "sha256": hashlib.sha256(icc).hexdigest()}
+
+
 class _ImageReader:
     """A plain image held in memory as a one-level slide."""
 
@@ -574,6 +606,7 @@ class _ImageReader:
         self.mpp: tuple[float, float] | None = None
         self.tile_sizes: tuple[tuple[int, int] | None, ...] = (None,)
         self.record: Mapping[str, Any] | None = None
+        self.icc: bytes | None = _image_icc(path)
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         h, w = self._rgb.shape[:2]
@@ -1336,13 +1369,13 @@ class Slide:
         Returns
         -------
         dict
-            ``{"vendor", "objective_power", "mpp", "properties", "properties_left_out"}``:
-            the format vendor, the objective power (float or None), the file's level-0 MPP
+            ``{"vendor", "objective_power", "mpp", "properties", "properties_left_out",
+            "icc_profile"}``: the format vendor, the objective power (float or None), the file's level-0 MPP
             ``[x, y]`` (or None; not an ``mpp`` override), and at most
             :data:`MAX_SCANNER_PROPERTIES` properties: ``openslide.``/``tiffslide.`` vendor,
             objective power and MPP, ``tiff.Make``/``Model``/``Software``/``DateTime``, then
             the vendor's own (``aperio.*``, ``hamamatsu.*``, ...) by name; values longer than
-            512 characters are cut. For a wsi-norm output, the metadata recorded of the slide
+            512 characters are cut; the embedded ICC profile's :func:`icc_summary`. For a wsi-norm output, the metadata recorded of the slide
             it was made from (so it survives a chain of runs); ``{"from_record": True}`` says so.
         """
         recorded = self._recorded_scanner()
@@ -1356,7 +1389,15 @@ class Slide:
             "mpp": None if mpp is None else [mpp[0], mpp[1]],
             "properties": props,
             "properties_left_out": left_out,
+            "icc_profile": icc_summary(self.icc_profile),
         }
+
+    @property
+    def icc_profile(self) -> bytes | None:
+        """The ICC colour profile the file embeds (the scanner's colour characterization), or
+        None. Reported, not applied: fits and colour maps work on the RGB values as stored,
+        as every stain method here is defined on them."""
+        return getattr(self._reader, "icc", None)
 
     def tile_size(self, level: int = 0) -> tuple[int, int] | None:
         """The file's own tile size ``(width, height)`` at ``level``, or None if untiled."""

@@ -382,3 +382,41 @@ def test_ome_xml_pixel_size_needs_a_length_and_the_slides_size(tmp_path: Path) -
     assert _ome_mpp('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><OME/>', (512, 512)) is None
     assert _ome_mpp("<OME><Pixels", (512, 512)) is None  # not well formed
     assert _ome_mpp("Aperio Image Library", (512, 512)) is None
+
+
+def test_embedded_icc_profile_is_reported_on_every_reader_and_recorded(tmp_path: Path) -> None:
+    """A scanner's ICC profile (TIFF InterColorProfile, PNG iCCP) is read by both slide backends
+    and the image reader, summarized in the scanner metadata (so in an output's provenance) and
+    shown by `wsi-norm info`; the stored RGB is what the methods work on."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from PIL import ImageCms
+
+    from wsi_norm.pipeline import normalize_slide
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(60, 250, (512, 512, 3), dtype=np.uint8)
+    path = tmp_path / "icc.tiff"
+    tifffile.imwrite(path, rgb, tile=(256, 256), compression="deflate", photometric="rgb", iccprofile=icc)
+    png = tmp_path / "icc.png"
+    Image.fromarray(rgb).save(png, icc_profile=icc)
+    summary = {"description": "sRGB built-in", "bytes": len(icc), "sha256": hashlib.sha256(icc).hexdigest()}
+    for slide in (open_slide(path, backend="openslide"), open_slide(path, backend="tiffslide"), open_slide(png)):
+        assert slide.icc_profile == icc
+        assert slide.scanner_metadata()["icc_profile"] == summary
+        np.testing.assert_array_equal(slide.read_region(0, x=0, y=0, width=512, height=512), rgb)  # not applied
+    plain = tmp_path / "plain.tiff"
+    tifffile.imwrite(plain, rgb, tile=(256, 256), compression="deflate", photometric="rgb")
+    assert open_slide(plain).icc_profile is None and open_slide(plain).scanner_metadata()["icc_profile"] is None
+
+    out = tmp_path / "out.tiff"
+    normalize_slide(path, out, method="none")
+    written = open_slide(out)
+    assert written.provenance is not None
+    assert written.provenance["source"]["scanner"]["icc_profile"] == summary
+    info = subprocess.run([sys.executable, "-m", "wsi_norm.cli", "info", str(out), "--no-tissue"],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"icc        sRGB built-in ({len(icc)} bytes): not applied" in info

@@ -17,7 +17,8 @@ Source metadata: :func:`wsi_norm.pipeline.normalize_slide` records the source's
 acquisition metadata in ``record["source"]``: ``mpp``, ``objective_power``, ``vendor``
 and ``scanner`` (:meth:`wsi_norm.slide.Slide.scanner_metadata`: vendor, objective power,
 MPP and at most 64 whitelisted scanner properties such as ``aperio.AppMag`` or
-``aperio.ScanScope ID``, each cut to 512 characters).  Besides the record, the MPP
+``aperio.ScanScope ID``, each cut to 512 characters, and the embedded ICC profile's
+description, size and SHA-256, or None).  Besides the record, the MPP
 also sits where each format keeps it: the TIFF's XResolution/YResolution (pixels per
 centimetre) and the NGFF axes' ``micrometer`` unit with one ``scale`` per level.
 """
