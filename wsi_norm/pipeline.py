@@ -1086,6 +1086,9 @@ def normalize_slide(
             overwrite=overwrite,
             progress=progress,
             chunk_shape=slide.chunk_shape(0, chunk_px=chunk_px) if held is not None else None,
+            # a copy keeps the source's colours, so it keeps what they mean; a map's output is
+            # the target's RGB, which no profile of the source describes
+            icc_profile=slide.icc_profile if method == "none" else None,
             **writer.kwargs(),
         )
         t_end = time.perf_counter()

@@ -384,7 +384,7 @@ def test_ome_xml_pixel_size_needs_a_length_and_the_slides_size(tmp_path: Path) -
     assert _ome_mpp("Aperio Image Library", (512, 512)) is None
 
 
-def test_embedded_icc_profile_is_reported_on_every_reader_and_recorded(tmp_path: Path) -> None:
+def test_embedded_icc_profile_is_reported_on_every_reader_and_recorded(sample_svs: Path, tmp_path: Path) -> None:
     """A scanner's ICC profile (TIFF InterColorProfile, PNG iCCP) is read by both slide backends
     and the image reader, summarized in the scanner metadata (so in an output's provenance) and
     shown by `wsi-norm info`; the stored RGB is what the methods work on."""
@@ -394,11 +394,10 @@ def test_embedded_icc_profile_is_reported_on_every_reader_and_recorded(tmp_path:
 
     from PIL import ImageCms
 
-    from wsi_norm.pipeline import normalize_slide
+    from wsi_norm.pipeline import fit_template, normalize_slide
 
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    rng = np.random.default_rng(2)
-    rgb = rng.integers(60, 250, (512, 512, 3), dtype=np.uint8)
+    rgb = open_slide(sample_svs).read_region(0, x=800, y=1200, width=512, height=512)
     path = tmp_path / "icc.tiff"
     tifffile.imwrite(path, rgb, tile=(256, 256), compression="deflate", photometric="rgb", iccprofile=icc)
     png = tmp_path / "icc.png"
@@ -417,6 +416,10 @@ def test_embedded_icc_profile_is_reported_on_every_reader_and_recorded(tmp_path:
     written = open_slide(out)
     assert written.provenance is not None
     assert written.provenance["source"]["scanner"]["icc_profile"] == summary
+    assert written.icc_profile == icc  # a copy keeps the source's colours and what they mean
+    mapped = tmp_path / "mapped.tiff"
+    normalize_slide(path, mapped, method="reinhard", target=fit_template([png], method="reinhard"))
+    assert open_slide(mapped).icc_profile is None  # the target's RGB: no profile of the source describes it
     info = subprocess.run([sys.executable, "-m", "wsi_norm.cli", "info", str(out), "--no-tissue"],
                           capture_output=True, text=True, check=True).stdout
     assert f"icc        sRGB built-in ({len(icc)} bytes): not applied" in info

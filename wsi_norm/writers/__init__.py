@@ -184,6 +184,7 @@ def write_pyramid(
     zarr_codec: str | ZarrCodec = DEFAULT_ZARR_CODEC,
     progress: Callable[[int, int], None] | None = None,
     chunk_shape: tuple[int, int] | None = None,
+    icc_profile: bytes | None = None,
 ) -> Path:
     """Write an RGB image and its 2x2-mean pyramid to OME-Zarr or pyramidal TIFF.
 
@@ -232,6 +233,9 @@ def write_pyramid(
     chunk_shape : (rows, cols), optional
         A numpy ``array``'s processing chunks for a TIFF (blocks group them, progress counts
         them; the file is the same); default ``chunk_px`` (1024) square.
+    icc_profile : bytes, optional
+        ICC profile of the pixels, embedded in a TIFF's level 0 (InterColorProfile); NGFF has
+        no place for one, so an OME-Zarr carries none.
 
     Returns
     -------
@@ -304,6 +308,7 @@ def write_pyramid(
             compression=compression,
             progress=progress,
             chunk_shape=chunk_shape or ((chunk_px, chunk_px) if chunk_px else None),
+            icc_profile=icc_profile,
         )
     raise ValueError(f"{out}: unknown output format {fmt!r}; use 'ome-zarr' or 'tiff'")
 

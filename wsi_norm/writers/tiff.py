@@ -268,6 +268,7 @@ def write_tiff(
     progress: Callable[[int, int], None] | None = None,
     maxworkers: int | None = None,
     chunk_shape: tuple[int, int] | None = None,
+    icc_profile: bytes | None = None,
 ) -> Path:
     """Write ``array`` and its pyramid to a tiled pyramidal BigTIFF, atomically.
 
@@ -297,6 +298,8 @@ def write_tiff(
     chunk_shape : (rows, cols), optional
         A numpy level 0's processing chunks (they group into blocks; progress counts them);
         default 1024 x 1024. Does not change the file.
+    icc_profile : bytes, optional
+        ICC profile of the pixels, stored as level 0's InterColorProfile (OpenSlide reports it).
 
     Returns
     -------
@@ -381,6 +384,7 @@ def write_tiff(
                             subfiletype=1 if k else 0,
                             description=description if k == 0 else None,
                             software=software if k == 0 else None,
+                            iccprofile=icc_profile if k == 0 else None,
                             metadata=None,
                             **resolution,
                             **codec,
