@@ -299,9 +299,36 @@ def _straight_alpha_over_white(rgba: NDArray[np.uint8]) -> NDArray[np.uint8]:
     return out.astype(np.uint8)
 
 
+_OPENSLIDE_ERROR: list[str] = []  # why OpenSlide could not be loaded, once known
+
+
+def _openslide() -> Any:
+    """openslide-python with its library loaded, or None where it cannot load (no wheel of
+    openslide-bin for the platform, no system libopenslide): tiffslide, the pure-Python
+    backend, then reads the TIFF-family slides (said once, as a warning)."""
+    try:
+        import openslide
+    except (ImportError, OSError) as exc:
+        if not _OPENSLIDE_ERROR:
+            _OPENSLIDE_ERROR.append(f"{type(exc).__name__}: {exc}")
+            log.warning("OpenSlide cannot be loaded (%s); TIFF-family slides (Aperio SVS, generic "
+                        "and OME-TIFF) are read with tiffslide, other formats need OpenSlide "
+                        "(pip install openslide-bin)", _OPENSLIDE_ERROR[0])
+        return None
+    return openslide
+
+
+def _require_openslide(path: Path) -> Any:
+    openslide = _openslide()
+    if openslide is None:
+        raise SlideOpenError(f"{path}: reading it needs OpenSlide, which cannot be loaded "
+                             f"({_OPENSLIDE_ERROR[0]}); pip install openslide-bin")
+    return openslide
+
+
 class _OpenSlideReader:
     def __init__(self, path: Path) -> None:
-        import openslide
+        openslide = _require_openslide(path)
 
         self._path = path
         try:
@@ -1040,12 +1067,14 @@ def _tiff_truncation(path: Path) -> str | None:
 
 
 def _openslide_format(path: Path) -> str | None:
-    import openslide
-
+    openslide = _openslide()
+    if openslide is None:
+        return None
     try:
-        return openslide.OpenSlide.detect_format(str(path))
+        fmt = openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError:
         return None
+    return None if fmt is None else str(fmt)
 
 
 def _is_tiled_tiff(path: Path) -> bool:
@@ -1071,15 +1100,19 @@ def _dicom_slide_file(folder: Path) -> Path | None:
     ------
     SlideOpenError
         The folder holds more files than :data:`MAX_DICOM_FOLDER_FILES`, or DICOM slides of
-        more than one series (naming them): which one is meant cannot be told.
+        more than one series (naming them): which one is meant cannot be told; or it holds
+        ``.dcm`` files and OpenSlide cannot be loaded.
     """
-    import openslide
-
     try:
         entries = sorted(e for e in folder.iterdir() if not e.name.startswith("."))
     except OSError as exc:
         raise SlideOpenError(f"{folder}: cannot list the folder: {exc}") from exc
     files = [e for e in entries if _is_regular(e)]
+    openslide = _openslide()
+    if openslide is None:
+        if any(f.suffix.lower() == ".dcm" for f in files):
+            _require_openslide(folder)  # raises: DICOM is OpenSlide's
+        return None
     if len(files) > MAX_DICOM_FOLDER_FILES:
         if any(f.suffix.lower() == ".dcm" for f in files):
             raise SlideOpenError(
@@ -1146,6 +1179,11 @@ def _choose_backend(path: Path) -> Backend:
         return "tiffslide"
     if suffix in {".tif", ".tiff"}:
         return "image"
+    if _openslide() is None:
+        raise UnsupportedFormatError(
+            f"{path}: not a TIFF or image tiffslide and the image reader open, and OpenSlide, which "
+            f"reads the other slide formats, cannot be loaded ({_OPENSLIDE_ERROR[0]}); pip install openslide-bin"
+        )
     raise UnsupportedFormatError(
         f"{path}: not a slide or image any backend can open "
         "(OpenSlide does not recognise it and it is not a tiled TIFF)"

@@ -423,3 +423,35 @@ def test_embedded_icc_profile_is_reported_on_every_reader_and_recorded(sample_sv
     info = subprocess.run([sys.executable, "-m", "wsi_norm.cli", "info", str(out), "--no-tissue"],
                           capture_output=True, text=True, check=True).stdout
     assert f"icc        sRGB built-in ({len(icc)} bytes): not applied" in info
+
+
+def test_without_openslide_tiff_slides_read_with_tiffslide(
+    sample_svs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where OpenSlide cannot be loaded (no openslide-bin wheel for the platform, no system
+    library), tiffslide, the pure-Python backend, reads the TIFF family, with one warning;
+    what only OpenSlide reads fails with an error that says so, naming the file."""
+    import sys
+
+    import wsi_norm.slide as slide_module
+
+    monkeypatch.setitem(sys.modules, "openslide", None)  # `import openslide` raises ImportError
+    monkeypatch.setattr(slide_module, "_OPENSLIDE_ERROR", [])
+    with caplog.at_level("WARNING", logger="wsi_norm.slide"):
+        svs = open_slide(sample_svs)
+        assert (svs.backend, svs.vendor, svs.dimensions) == ("tiffslide", "aperio", CMU_SIZE)
+        svs.read_region(0, x=0, y=0, width=64, height=64)
+        generic = tmp_path / "g.tiff"
+        tifffile.imwrite(generic, np.full((300, 300, 3), 90, np.uint8), tile=(256, 256), photometric="rgb")
+        assert open_slide(generic).backend == "tiffslide"
+    assert sum("OpenSlide cannot be loaded" in r.message for r in caplog.records) == 1
+    with pytest.raises(SlideOpenError, match=r"g\.tiff: reading it needs OpenSlide, which cannot be loaded \(ModuleNotFoundError"):
+        open_slide(generic, backend="openslide")
+    other = tmp_path / "slide.ndpi"
+    other.write_bytes(b"not a TIFF at all")
+    with pytest.raises(UnsupportedFormatError, match=r"slide\.ndpi: .*OpenSlide, which reads the other slide formats, cannot be loaded"):
+        open_slide(other)
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / "level0.dcm").write_bytes(b"DICM")
+    with pytest.raises(SlideOpenError, match="dicom: reading it needs OpenSlide"):
+        open_slide(tmp_path / "dicom")
