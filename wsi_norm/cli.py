@@ -201,6 +201,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "chunk_shape": list(slide.chunk_shape(0)),
         "scanner": slide.scanner_metadata(),
     }
+    coding = slide.jpeg_coding()
+    if coding is not None:
+        facts["jpeg_coding"] = {**coding.to_dict(), "quality": coding.quality}
     record = slide.provenance
     if record is not None:
         facts["provenance"] = record
@@ -231,6 +234,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         tile = slide.tile_size(level)
         tile_s = f"tiles {tile[0]}x{tile[1]}" if tile else "untiled"
         lines.append(f"  [{level}] {lw} x {lh}  downsample {ds:.4g}  {tile_s}")
+    if coding is not None:
+        quality = f"quality {coding.quality} (libjpeg's tables)" if coding.quality else "its own tables"
+        lines.append(f"coding     JPEG tiles: {'RGB' if coding.rgb else 'YCbCr'} {coding.subsampling}, {quality}")
     if "tissue_fraction" in facts:
         lines.append(f"tissue     {facts['tissue_fraction']:.1%} of the slide (gray <= 200 on the coarse view)")
     if "tissue_fraction_level0" in facts:

@@ -80,6 +80,31 @@ class JpegCoding:
         return {"subsampling": self.subsampling, "components": "RGB" if self.rgb else "YCbCr",
                 "dc_quantizers": [int(t[0]) for t in self.qtables]}
 
+    @property
+    def quality(self) -> int | None:
+        """The IJG quality (1-100) whose scaled standard luminance table is the first table,
+        to one level in every entry; None for tables no quality setting of libjpeg makes."""
+        table = self.qtables[0] if self.qtables else ()
+        if len(table) != 64:
+            return None
+        best = min(range(1, 101), key=lambda q: sum(abs(a - b) for a, b in zip(_ijg_luma(q), table, strict=True)))
+        return best if max(abs(a - b) for a, b in zip(_ijg_luma(best), table, strict=True)) <= 1 else None
+
+
+#: The IJG (libjpeg) standard luminance quantization table, natural order (ITU-T T.81 Annex K).
+_IJG_LUMA = (
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+)
+
+
+def _ijg_luma(quality: int) -> tuple[int, ...]:
+    """libjpeg's luminance table at ``quality`` (``jpeg_quality_scaling``, baseline-clamped)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return tuple(min(max((v * scale + 50) // 100, 1), 255) for v in _IJG_LUMA)
+
 
 #: Pillow's ``JpegImagePlugin.get_sampling`` codes
 _SAMPLING_NAMES = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}

@@ -88,3 +88,34 @@ def test_correction_moves_jpeg_fits_towards_the_truth(tmp_path: Path, method: st
     before, after = np.array(off), np.array(on)
     assert np.median(after[:, 0]) <= np.median(before[:, 0]) * 2 / 3, (before, after)
     assert np.all(after.max(axis=1) <= before.max(axis=1) + 1.0), (before, after)
+
+
+@pytest.mark.parametrize("quality", [20, 50, 75, 90, 97])
+def test_the_quality_setting_is_read_back_from_the_tables(tmp_path: Path, quality: int) -> None:
+    """libjpeg's quality setting is read back from the luminance table it scaled; a table no
+    setting makes (libjpeg's own at quality 50, entries reversed) has none."""
+    from wsi_norm.tiffjpeg import JpegCoding, _ijg_luma
+
+    rgb = render(draw_case(1).conc, draw_case(1).source)[:512, :512]
+    path = tmp_path / "q.tiff"
+    write_jpeg_tiff(rgb, path, quality=quality, subsampling="420")
+    coding = open_slide(path).jpeg_coding()
+    assert coding is not None and coding.quality == quality
+    assert JpegCoding(qtables=(_ijg_luma(quality),), subsampling="4:4:4", rgb=False).quality == quality
+    assert JpegCoding(qtables=(_ijg_luma(50)[::-1],), subsampling="4:4:4", rgb=False).quality is None
+
+
+def test_the_aperio_samples_quality_is_the_one_its_description_records(sample_svs: Path) -> None:
+    """The real sample's ImageDescription says "JPEG/RGB Q=30"; its table says the same, and
+    `wsi-norm info` shows it."""
+    import re
+    import subprocess
+    import sys
+
+    slide = open_slide(sample_svs)
+    recorded = re.search(r"Q=(\d+)", slide.properties["tiff.ImageDescription"])
+    coding = slide.jpeg_coding()
+    assert recorded is not None and coding is not None and coding.quality == int(recorded.group(1)) == 30
+    info = subprocess.run([sys.executable, "-m", "wsi_norm.cli", "info", str(sample_svs), "--no-tissue"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "coding     JPEG tiles: RGB 4:4:4, quality 30 (libjpeg's tables)" in info
