@@ -39,7 +39,7 @@ converts them, and so are a YCbCr TIFF's losslessly coded samples, as libtiff co
 (:mod:`wsi_norm.tiffycbcr`). For the common layout of Aperio SVS and
 generic tiled TIFF (baseline 8-bit JPEG tiles, RGB or YCbCr) both decode the tiles themselves,
 through :class:`wsi_norm.tiffjpeg.JpegTiles`: the same pixels, several times faster, corrupt
-tiles refused.
+tiles refused. So are a DICOM slide's baseline JPEG frames (:mod:`wsi_norm.dicomjpeg`).
 
 Thread safety: region reads may run concurrently from dask's threads (OpenSlide handles are
 thread-safe; tiffslide decodes through tifffile's locked file handle; zarr arrays are read-only
@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_norm.dicomjpeg import dicom_jpeg_tiles
 from wsi_norm.errors import LevelError, SlideOpenError, SlideReadError, UnsupportedFormatError
 from wsi_norm.tiffjpeg import JpegCoding, JpegTiles, largest_tiled_series
 from wsi_norm.tiffycbcr import (
@@ -350,9 +351,13 @@ class _OpenSlideReader:
         self.record = _record_from_description(props.get("tiff.ImageDescription"))
         profile = getattr(self._slide, "color_profile", None)
         self.icc: bytes | None = profile.tobytes() if profile is not None else None
-        # Aperio and generic TIFF are TIFF pyramids OpenSlide reads tile by tile as stored
-        self._tiles = (JpegTiles.open(path, self.level_dimensions, self._read_region)
-                       if self.vendor in ("aperio", "generic-tiff") else None)
+        # Aperio and generic TIFF are TIFF pyramids OpenSlide reads tile by tile as stored; a
+        # DICOM slide's levels are instances of frames alike
+        self._tiles: JpegTiles | None = None
+        if self.vendor in ("aperio", "generic-tiff"):
+            self._tiles = JpegTiles.open(path, self.level_dimensions, self._read_region)
+        elif self.vendor == "dicom":
+            self._tiles = dicom_jpeg_tiles(path, self.level_dimensions, self._read_region)
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         if self._tiles is not None and self._tiles.covers(level):

@@ -139,6 +139,7 @@ class _BadTile(Exception):
 
 @dataclass(frozen=True)
 class _Level:
+    file: Path  # the file holding this level's tiles
     width: int
     height: int
     tile_w: int
@@ -157,8 +158,8 @@ class _Level:
         return -(-self.height // self.tile_h)
 
 
-def _level_layout(page: Any) -> _Level | None:
-    """The tile layout of one TIFF page when its pixels can be decoded here, else None."""
+def _level_layout(page: Any, path: Path) -> _Level | None:
+    """The tile layout of one TIFF page of ``path`` when its pixels can be decoded here, else None."""
     if not (page.is_tiled and page.compression == _JPEG and page.planarconfig == 1
             and page.bitspersample == 8 and page.samplesperpixel == 3 and not page.extrasamples
             and page.photometric in (_RGB, _YCBCR) and int(page.imagedepth) == 1):
@@ -175,7 +176,7 @@ def _level_layout(page: Any) -> _Level | None:
         prefix = _SOI + header
     offsets = tuple(int(o) for o in page.dataoffsets)
     counts = tuple(int(c) for c in page.databytecounts)
-    level = _Level(int(page.imagewidth), int(page.imagelength), int(page.tilewidth),
+    level = _Level(path, int(page.imagewidth), int(page.imagelength), int(page.tilewidth),
                    int(page.tilelength), offsets, counts, prefix, page.photometric == _RGB)
     if len(offsets) != level.rows * level.cols or len(counts) != len(offsets):
         return None
@@ -205,36 +206,43 @@ def largest_tiled_series(tif: Any) -> int | None:
 
 
 class JpegTiles:
-    """Direct JPEG-tile reads of those levels of a tiled TIFF that decode exactly.
+    """Direct JPEG-tile reads of those levels of a slide that decode exactly.
 
     Parameters
     ----------
     path : Path
-        The TIFF (or SVS) file.
-    pages : sequence of tifffile.TiffPage or None
-        The page holding each level of the slide, in the backend's level order; None where a
-        level has no page of its own (it stays on the backend).
+        The slide as opened (a TIFF or SVS file, or one instance of a DICOM slide).
+    layouts : sequence of _Level or None
+        The tile layout of each level of the slide, in the backend's level order; None where a
+        level is not read here (it stays on the backend).
+    base_size : (int, int)
+        Level 0's ``(width, height)``.
     reference : callable
         The backend's own region reader, for the one-tile check of each level and for sparse
         tiles.
     """
 
-    def __init__(self, path: Path, pages: list[Any | None], reference: RegionReader) -> None:
+    def __init__(self, path: Path, layouts: list[_Level | None], base_size: tuple[int, int],
+                 reference: RegionReader) -> None:
         self._path = path
         self._reference = reference
-        base = pages[0] if pages else None
         # levels whose layout qualifies, each checked against the backend on its first use (not
         # here: a backend read while the slide is being opened could wait on another thread)
         self._unchecked: dict[int, tuple[_Level, bool]] = {}
-        for index, page in enumerate(pages):
-            layout = None if page is None else _level_layout(page)
+        for index, layout in enumerate(layouts):
             if layout is not None:
-                whole = base is not None and int(base.imagewidth) % layout.width == 0 \
-                    and int(base.imagelength) % layout.height == 0
+                whole = base_size[0] % layout.width == 0 and base_size[1] % layout.height == 0
                 self._unchecked[index] = (layout, whole)
         self._levels: dict[int, _Level] = {}
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fds: dict[Path, int] = {}
+        try:
+            for layout, _ in self._unchecked.values():
+                if layout.file not in self._fds:
+                    self._fds[layout.file] = os.open(layout.file, os.O_RDONLY)
+        except OSError:
+            self.close()
+            raise
 
     @classmethod
     def open(cls, path: Path, level_dimensions: tuple[tuple[int, int], ...],
@@ -252,12 +260,12 @@ class JpegTiles:
                 if index is None:
                     return None
                 levels = tif.series[index].levels
-                pages: list[Any | None] = []
+                layouts: list[_Level | None] = []
                 for i, (w, h) in enumerate(level_dimensions):
                     page = levels[i].keyframe if i < len(levels) else None
                     same = page is not None and (int(page.imagewidth), int(page.imagelength)) == (w, h)
-                    pages.append(page if same else None)
-                tiles = cls(path, pages, reference)
+                    layouts.append(_level_layout(page, path) if same else None)
+                tiles = cls(path, layouts, level_dimensions[0], reference)
         except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
             log.debug("%s: no direct JPEG reads (%s)", path, exc)
             return None
@@ -321,8 +329,8 @@ class JpegTiles:
         offset, count = layout.offsets[index], layout.counts[index]
         if count == 0:
             raise _Sparse
-        data = os.pread(self._fd, count, offset)
-        where = f"tile column {col}, row {row} (bytes {offset}..{offset + count})"
+        data = os.pread(self._fds[layout.file], count, offset)
+        where = f"tile column {col}, row {row} (bytes {offset}..{offset + count}{self._of(layout)})"
         if len(data) != count:
             raise _BadTile(f"the file ends inside {where}")
         stream = layout.prefix + data[2:] if data[:2] == _SOI else layout.prefix + data
@@ -374,10 +382,16 @@ class JpegTiles:
         layout = self._levels[level]
         for offset, count in zip(layout.offsets, layout.counts, strict=True):
             if count:
-                data = os.pread(self._fd, count, offset)
+                data = os.pread(self._fds[layout.file], count, offset)
                 return _coding_of(layout.prefix + (data[2:] if data[:2] == _SOI else data), layout.rgb)
         return None
 
+    def _of(self, layout: _Level) -> str:
+        """``" of FILE"`` for a level held in a file other than the slide's own."""
+        return "" if layout.file == self._path else f" of {layout.file}"
+
     def close(self) -> None:
-        """Close the file."""
-        os.close(self._fd)
+        """Close the files."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)

@@ -1,14 +1,16 @@
 """DICOM whole-slide images (VL Whole Slide Microscopy Image, TILED_FULL, JPEG baseline frames):
-read through OpenSlide, as a file or as the folder of the slide's instances.
+opened through OpenSlide, as a file or as the folder of the slide's instances, their frames
+decoded directly (:mod:`wsi_norm.dicomjpeg`) with OpenSlide's pixels.
 
-The files are written here with pydicom, as a converter (wsidicomizer, a scanner's DICOM export)
-lays out a slide converted from a TIFF: the source's own JPEG tiles become the frames, so the
-DICOM slide decodes to the source's pixels exactly.
+The files are written with pydicom (:mod:`wsi_norm.testing.dicom`), as a converter (wsidicomizer,
+a scanner's DICOM export) lays out a slide converted from a TIFF: the source's own JPEG tiles
+become the frames, so the DICOM slide decodes to the source's pixels exactly.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -16,75 +18,38 @@ from numpy.typing import NDArray
 
 from wsi_norm import SlideOpenError, open_slide
 from wsi_norm.pipeline import normalize_slide
-
-pydicom = pytest.importorskip("pydicom")  # a test dependency (pyproject's [test] extra)
+from wsi_norm.testing.dicom import jpeg_frames, tiff_to_dicom, write_dicom_instance
 
 TILE = 256
-WSI_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.6"
-
-
-def _code(value: str, scheme: str, meaning: str) -> object:
-    from pydicom.dataset import Dataset
-
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
 
 
 def write_dicom_level(folder: Path, rgb: NDArray[np.uint8], *, series: str, mpp: float,
                       image_type: str = "VOLUME", name: str | None = None,
-                      photometric: str = "YBR_FULL_422") -> Path:
-    """One instance of a DICOM slide: ``rgb`` as TILED_FULL JPEG baseline frames, row by row.
-    OpenSlide takes JPEG baseline frames as ``YBR_FULL_422`` (the usual label, whatever the
-    stream's own sampling) or ``RGB``."""
-    import simplejpeg
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import UID, JPEGBaseline8Bit, generate_uid
+                      photometric: str = "YBR_FULL_422", frames: list[bytes] | None = None,
+                      offsets: Literal["basic", "extended"] = "basic", fragments_per_frame: int = 1) -> Path:
+    """One instance of a DICOM slide: ``rgb`` as TILED_FULL JPEG baseline frames (by default
+    YCbCr, q95, 4:4:4), row by row."""
+    from pydicom.uid import generate_uid
 
     h, w = rgb.shape[:2]
-    frames = []
-    for y in range(0, h, TILE):
-        for x in range(0, w, TILE):
-            tile = np.full((TILE, TILE, 3), 255, np.uint8)
-            part = rgb[y : y + TILE, x : x + TILE]
-            tile[: part.shape[0], : part.shape[1]] = part
-            frames.append(simplejpeg.encode_jpeg(tile, quality=95, colorspace="RGB", colorsubsampling="444"))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(WSI_STORAGE)
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = WSI_STORAGE, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), series
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality, ds.Manufacturer = "SM", "wsi-norm tests"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", image_type, "NONE"]
-    ds.DimensionOrganizationType = "TILED_FULL"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.Rows = ds.Columns = TILE
-    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
-    ds.NumberOfFrames = len(frames)
-    ds.TotalPixelMatrixFocalPlanes = ds.NumberOfOpticalPaths = 1
-    ds.ImagedVolumeWidth, ds.ImagedVolumeHeight, ds.ImagedVolumeDepth = w * mpp / 1000, h * mpp / 1000, 0.001
-    path_item = Dataset()
-    path_item.OpticalPathIdentifier = "0"
-    path_item.IlluminationTypeCodeSequence = [_code("111744", "DCM", "Brightfield illumination")]
-    path_item.IlluminationColorCodeSequence = [_code("414298005", "SCT", "Full Spectrum")]
-    ds.OpticalPathSequence = [path_item]
-    measures = Dataset()
-    measures.PixelSpacing = [mpp / 1000, mpp / 1000]  # mm
-    measures.SliceThickness = 0.001
-    groups = Dataset()
-    groups.PixelMeasuresSequence = [measures]
-    ds.SharedFunctionalGroupsSequence = [groups]
-    ds.PixelData = encapsulate(frames)
-    ds["PixelData"].VR = "OB"
-    out = folder / (name or f"{meta.MediaStorageSOPInstanceUID}.dcm")
-    ds.save_as(out, enforce_file_format=True)
-    return out
+    return write_dicom_instance(folder / (name or f"{generate_uid()}.dcm"),
+                                jpeg_frames(rgb, tile=TILE) if frames is None else frames,
+                                size=(w, h), tile=(TILE, TILE), series=series, mpp=mpp, image_type=image_type,
+                                photometric=photometric, offsets=offsets, fragments_per_frame=fragments_per_frame)
+
+
+def test_the_real_svs_as_dicom_reads_its_own_pixels_directly(sample_svs: Path, tmp_path: Path) -> None:
+    """CMU-1-Small-Region's JPEG tiles (Aperio's RGB components, q30) as frames: every pixel of
+    the DICOM slide is the SVS's, and its coding is read from the frames (the direct reader)."""
+    tiff_to_dicom(sample_svs, tmp_path / "cmu")
+    svs, dicom = open_slide(sample_svs), open_slide(tmp_path / "cmu")
+    assert (dicom.vendor, dicom.dimensions) == ("dicom", svs.dimensions)
+    assert dicom.mpp == pytest.approx(svs.mpp)
+    w, h = svs.dimensions
+    np.testing.assert_array_equal(dicom.read_region(0, x=0, y=0, width=w, height=h),
+                                  svs.read_region(0, x=0, y=0, width=w, height=h))
+    coding = dicom.jpeg_coding()
+    assert coding is not None and coding.rgb and coding.quality == 30
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +115,92 @@ def test_a_folder_of_dicom_files_openslide_refuses_says_why(crop: NDArray[np.uin
     write_dicom_level(folder, crop, series=generate_uid(), mpp=0.5, name="level0.dcm", photometric="YBR_FULL")
     with pytest.raises(SlideOpenError, match=r"ybr: holds DICOM files OpenSlide cannot open: level0\.dcm: .*YBR_FULL"):
         open_slide(folder)
+
+
+def _openslide_reader(path: Path):  # type: ignore[no-untyped-def]
+    """OpenSlide's own region reader for ``path`` (level coordinates), composited over white."""
+    import openslide
+
+    slide = openslide.OpenSlide(str(path))
+
+    def read(level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
+        ds = slide.level_downsamples[level]
+        rgba = np.asarray(slide.read_region((round(x * ds), round(y * ds)), level, (w, h)))
+        alpha = rgba[..., 3:]
+        assert np.isin(alpha, (0, 255)).all()  # off the level: transparent, which is white glass
+        return np.where(alpha == 0, np.uint8(255), rgba[..., :3])
+
+    return slide, read
+
+
+@pytest.mark.parametrize(("offsets", "components", "photometric"), [
+    ("basic", "YCbCr", "YBR_FULL_422"),
+    ("extended", "YCbCr", "YBR_FULL_422"),
+    ("basic", "RGB", "RGB"),  # R, G, B components with their own Adobe marker
+])
+def test_dicom_frames_are_decoded_directly_with_openslides_pixels(
+        crop: NDArray[np.uint8], tmp_path: Path, offsets: Literal["basic", "extended"],
+        components: Literal["YCbCr", "RGB"], photometric: str) -> None:
+    from pydicom.uid import generate_uid
+
+    from wsi_norm.dicomjpeg import dicom_jpeg_tiles
+
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    uid = generate_uid()
+    level0 = write_dicom_level(folder, crop, series=uid, mpp=0.5, name="a.dcm", offsets=offsets,
+                               photometric=photometric, frames=jpeg_frames(crop, components=components))
+    write_dicom_level(folder, crop[::2, ::2], series=uid, mpp=1.0, name="b.dcm", offsets=offsets,
+                      photometric=photometric, frames=jpeg_frames(crop[::2, ::2], components=components))
+    (folder / "notes.txt").write_text("not DICOM")  # files beside the slide are passed over
+    reference, read = _openslide_reader(level0)
+    tiles = dicom_jpeg_tiles(level0, tuple(reference.level_dimensions), read)
+    assert tiles is not None and tiles.levels == (0, 1)  # each level checked against OpenSlide
+    for level, (w, h) in enumerate(reference.level_dimensions):
+        np.testing.assert_array_equal(tiles.read(level, 0, 0, w, h), read(level, 0, 0, w, h))
+        # a region across frame edges, running off the level (white there, as OpenSlide's)
+        np.testing.assert_array_equal(tiles.read(level, 100, 130, w, 300), read(level, 100, 130, w, 300))
+    coding = tiles.coding(0)
+    assert coding is not None and coding.rgb == (components == "RGB") and coding.quality == 95
+    tiles.close()
+    # the reader a slide gets: the same pixels through open_slide, folder or file
+    slide = open_slide(folder)
+    np.testing.assert_array_equal(slide.read_region(0, x=0, y=0, width=1200, height=1000), read(0, 0, 0, 1200, 1000))
+    assert slide.jpeg_coding() is not None
+
+
+def test_dicom_layouts_not_read_directly_stay_on_openslide(crop: NDArray[np.uint8], tmp_path: Path) -> None:
+    """Frames in two fragments each: the level is read through OpenSlide, the same pixels."""
+    from pydicom.uid import generate_uid
+
+    from wsi_norm.dicomjpeg import dicom_jpeg_tiles
+
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    level0 = write_dicom_level(folder, crop, series=generate_uid(), mpp=0.5, name="a.dcm", fragments_per_frame=2)
+    reference, read = _openslide_reader(level0)
+    assert dicom_jpeg_tiles(level0, tuple(reference.level_dimensions), read) is None
+    np.testing.assert_array_equal(open_slide(level0).read_region(0, x=0, y=0, width=1200, height=1000),
+                                  read(0, 0, 0, 1200, 1000))
+
+
+def test_a_damaged_dicom_frame_is_an_error_naming_the_file_and_frame(crop: NDArray[np.uint8], tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
+    from wsi_norm import SlideReadError
+
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    frames = jpeg_frames(crop)
+    level0 = write_dicom_level(folder, crop, series=generate_uid(), mpp=0.5, name="a.dcm", frames=frames)
+    # frame (row 1, column 1) of 4 x 5: not one of those each level is checked on first
+    data = bytearray(level0.read_bytes())
+    at = data.find(frames[6])
+    assert at > 0
+    middle = at + len(frames[6]) // 2
+    data[middle : middle + 64] = bytes(range(64))
+    level0.write_bytes(bytes(data))
+    slide = open_slide(folder)
+    assert slide.read_region(0, x=0, y=0, width=256, height=256).shape == (256, 256, 3)
+    with pytest.raises(SlideReadError, match=r"a\.dcm: cannot read level 0 .*corrupt JPEG tile column 1, row 1 \(bytes"):
+        slide.read_region(0, x=256, y=256, width=256, height=256)
