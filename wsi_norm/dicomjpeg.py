@@ -107,7 +107,11 @@ def _layout(path: Path, ds: Any, position: int) -> _Level | None:
         return None
     if n_frames != -(-width // tile_w) * -(-height // tile_h):
         return None
-    frames = _frames(path, ds, position, n_frames)
+    try:
+        frames = _frames(path, ds, position, n_frames)
+    except (OSError, ValueError, EOFError) as exc:  # damaged items: OpenSlide reads it and says what
+        log.debug("%s: frames not located (%s)", path, exc)
+        frames = None
     if frames is None:
         return None
     offsets, counts = frames
