@@ -72,6 +72,7 @@ __all__ = [
     "output_is_current",
     "request_fingerprint",
     "runs_in_memory",
+    "runs_on_threads",
     "template_from_fits",
 ]
 
@@ -687,6 +688,41 @@ def runs_in_memory(source: Slide, out: PathLike, *, device: str = "cpu",
     return width * height < _LUT_WORTH_PX and device == "cpu" and fmt == "tiff" and _no_cluster()
 
 
+#: Blocks of a :class:`~wsi_norm.pyramid.LazyLevel` level 0 computed at once, at most: each
+#: holds ~24 MiB while it is read and mapped (a 1024 x 4096 block and its mapped copy).
+_MAX_BLOCK_THREADS = 8
+
+
+def runs_on_threads(out: PathLike, *, device: str = "cpu", writer: WriterOptions | None = None) -> bool:
+    """True when :func:`normalize_slide` computes a slide too large to hold in memory on this
+    process's threads without dask (:class:`~wsi_norm.pyramid.LazyLevel`): written as TIFF, on
+    the CPU, with no ``distributed`` client active. Each block of level 0 is read in one piece
+    and mapped; the run imports no ``dask.array``, and the file is the same bytes."""
+    fmt = (writer or WriterOptions()).format_of(out)
+    return device == "cpu" and fmt == "tiff" and _no_cluster()
+
+
+def _lazy_level0(slide: Slide, cmap: Any, *, chunk_px: int, identity: bool, direct: bool,
+                 memo: bool) -> Any:
+    """Level 0 of ``slide`` mapped by ``cmap``, computed block by block on threads (see
+    :func:`runs_on_threads`): the chunks of :meth:`Slide.to_dask`, the maps of
+    :func:`apply_colormap` on the CPU."""
+    from wsi_norm.pyramid import LazyLevel
+    from wsi_norm.runtime import usable_cpus
+
+    width, height = slide.dimensions
+    rows, cols = slide.chunk_shape(0, chunk_px=chunk_px)
+    apply = _memo_block if memo else _evaluate_block if direct else _apply_block
+
+    def compute(r0: int, r1: int, c0: int, c1: int) -> NDArray[np.uint8]:
+        pixels = slide.read_region(0, x=c0, y=r0, width=c1 - c0, height=r1 - r0)
+        return pixels if identity else apply(pixels, cmap)
+
+    grid = (tuple(min(rows, height - y) for y in range(0, height, rows)),
+            tuple(min(cols, width - x) for x in range(0, width, cols)))
+    return LazyLevel((height, width, 3), grid, compute, threads=max(2, min(_MAX_BLOCK_THREADS, usable_cpus())))
+
+
 def _evaluate_in_bands(rgb: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:
     """The map evaluated over an in-memory image, in bands of rows on two threads: each pixel's
     value is the chunked path's (the map is per pixel). A map that costs more a colour than a
@@ -1043,6 +1079,9 @@ def normalize_slide(
         if held is not None:
             level0: Any = held
             normalized = level0 if method == "none" else _evaluate_in_bands(level0, cmap)
+        elif runs_on_threads(out, device=dev, writer=writer):
+            level0 = normalized = _lazy_level0(slide, cmap, chunk_px=chunk_px, identity=method == "none",
+                                               direct=direct, memo=memo)
         else:
             level0 = slide.to_dask(0, chunk_px=chunk_px)
             normalized = level0 if method == "none" else apply_colormap(level0, cmap, device=dev, direct=direct, memo=memo)

@@ -1,7 +1,8 @@
 """Streamed 2x pyramid of a lazy RGB image, built in one pass over level 0.
 
 Level ``k + 1`` is the 2x2 mean of level ``k``.  :func:`iter_blocks` computes
-the level-0 dask array one *block* (a few chunks of one band) at a time, so
+level 0 (a dask array, a numpy array or a :class:`LazyLevel` computed on plain
+threads) one *block* (a few chunks of one band) at a time, so
 every level-0 chunk is computed exactly once, downsamples each block into the
 lower levels and spills those to raw files (:class:`LevelStore`) before the
 block is dropped.  The writers in :mod:`wsi_norm.writers` encode the level-0
@@ -36,7 +37,7 @@ from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Block",
+    "LazyLevel",
     "LevelStore",
     "PreparedBlock",
     "block_depth",
@@ -262,6 +264,57 @@ def reference_pyramid(image: NDArray[np.uint8], *, max_px: int = MAX_PX) -> list
     for _ in pyramid_shapes(*image.shape[:2], max_px=max_px)[1:]:
         levels.append(downsample_2x(levels[-1]))
     return levels
+
+
+@dataclass(frozen=True)
+class LazyLevel:
+    """A level 0 that a plain function computes block by block: no dask graph, no scheduler.
+
+    What a run on this process's threads needs of a lazy array: :func:`iter_blocks` calls
+    ``compute(r0, r1, c0, c1)`` for each block (a band of whole chunks), ``threads`` blocks at a
+    time on a thread pool, and gets the block's ``(r1 - r0, c1 - c0, 3) uint8`` pixels. A block is
+    then read and mapped in one piece, straight into one array, where dask would compute its
+    chunks as tasks and concatenate them (and the run would import ``dask.array``). ``chunks``
+    is the grid the blocks are cut on (row and column chunk sizes, as a dask array's), so the
+    blocks, and the file, are the same as for the dask array of the same chunks.
+
+    Parameters
+    ----------
+    shape : (H, W, 3)
+    chunks : (row chunk sizes, column chunk sizes)
+    compute : callable ``(r0, r1, c0, c1) -> (r1 - r0, c1 - c0, 3) uint8``; thread-safe
+    threads : int
+        Blocks computed at once (>= 1).
+    """
+
+    shape: tuple[int, int, int]
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    compute: Callable[[int, int, int, int], NDArray[np.uint8]]
+    threads: int = 2
+    dtype: ClassVar[np.dtype[np.uint8]] = np.dtype(np.uint8)
+    ndim: ClassVar[int] = 3
+
+    def __post_init__(self) -> None:
+        h, w, c = self.shape
+        if c != 3 or sum(self.chunks[0]) != h or sum(self.chunks[1]) != w:
+            raise ValueError(f"chunks {self.chunks} do not tile the shape {self.shape}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    def __getitem__(self, key: tuple[slice, ...]) -> NDArray[np.uint8]:
+        """``level[r0:r1, c0:c1]`` (steps of 1), computed: what :meth:`to_dask` reads."""
+        h, w, _ = self.shape
+        (r0, r1, _), (c0, c1, _) = key[0].indices(h), key[1].indices(w)
+        pixels = self.compute(r0, r1, c0, c1)
+        return pixels[(slice(None), slice(None), *key[2:])] if len(key) > 2 else pixels
+
+    def to_dask(self) -> da.Array:
+        """The same level as a dask array of the same chunks (for a writer that takes only those)."""
+        import dask.array as da
+
+        array: da.Array = da.from_array(self, chunks=(*self.chunks, (3,)), name=False,  # type: ignore[no-untyped-call]
+                                        asarray=False)
+        return array
 
 
 @dataclass(frozen=True)
@@ -600,11 +653,14 @@ NUMPY_CHUNK_PX = 1024
 
 
 def level_chunks(
-    array: da.Array | NDArray[np.uint8], chunk_shape: tuple[int, int] | None = None
+    array: da.Array | NDArray[np.uint8] | LazyLevel, chunk_shape: tuple[int, int] | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Row and column chunk sizes of a level 0: a dask array's own, or for a numpy array (held
-    in memory, read by slicing) regular chunks of ``chunk_shape`` ``(rows, cols)``, default
-    :data:`NUMPY_CHUNK_PX` square: they group into blocks and progress counts them."""
+    """Row and column chunk sizes of a level 0: a dask array's or a :class:`LazyLevel`'s own, or
+    for a numpy array (held in memory, read by slicing) regular chunks of ``chunk_shape``
+    ``(rows, cols)``, default :data:`NUMPY_CHUNK_PX` square: they group into blocks and progress
+    counts them."""
+    if isinstance(array, LazyLevel):
+        return array.chunks
     if isinstance(array, np.ndarray):
         h, w = array.shape[:2]
         rows, cols = chunk_shape or (NUMPY_CHUNK_PX, NUMPY_CHUNK_PX)
@@ -619,7 +675,7 @@ def _regular(n: int, side: int) -> list[int]:
 
 
 def iter_blocks(
-    array: da.Array | NDArray[np.uint8],
+    array: da.Array | NDArray[np.uint8] | LazyLevel,
     store: LevelStore,
     *,
     start_row: int = 0,
@@ -642,8 +698,9 @@ def iter_blocks(
 
     Parameters
     ----------
-    array : dask.array.Array or numpy.ndarray, (H, W, 3) uint8
-        Level 0 (a numpy array is sliced, in :func:`level_chunks` chunks).
+    array : dask.array.Array, numpy.ndarray or LazyLevel, (H, W, 3) uint8
+        Level 0 (a numpy array is sliced, in :func:`level_chunks` chunks; a
+        :class:`LazyLevel` computes its blocks on threads of this process).
     store : LevelStore
         Receives levels ``1 ..``; complete when the generator is exhausted.
         Its block grid (``store.row_edges``, ``store.col_edges``, see
@@ -689,7 +746,7 @@ def iter_blocks(
     height, width = int(array.shape[0]), int(array.shape[1])
     if store.shapes[0] != (height, width):
         raise ValueError(f"store is for {store.shapes[0]}, array is {(height, width)}")
-    if not isinstance(array, np.ndarray) and array.chunks[2] != (3,):
+    if not isinstance(array, np.ndarray | LazyLevel) and array.chunks[2] != (3,):
         array = array.rechunk({2: 3})  # type: ignore[no-untyped-call]
     row_chunks, col_chunks = level_chunks(array, chunk_shape)
     row_edges, col_edges = store.row_edges, store.col_edges
@@ -771,7 +828,7 @@ def iter_blocks(
 
 
 def _prefetched(
-    array: da.Array | NDArray[np.uint8], todo: list[tuple[int, int, int, int]], prefetch: int,
+    array: da.Array | NDArray[np.uint8] | LazyLevel, todo: list[tuple[int, int, int, int]], prefetch: int,
     prepare: Callable[[NDArray[np.uint8]], PreparedBlock] | None = None,
 ) -> Generator[tuple[tuple[int, int, int, int], Any], None, None]:
     """Compute ``array[r0:r1, c0:c1]`` for each block in turn, ``prefetch`` ahead (a numpy
@@ -781,6 +838,9 @@ def _prefetched(
     if isinstance(array, np.ndarray):
         for r0, r1, c0, c1 in todo:
             yield (r0, r1, c0, c1), array[r0:r1, c0:c1]
+        return
+    if isinstance(array, LazyLevel):
+        yield from _computed(array, todo, max(prefetch, array.threads))
         return
     client = _default_client()
     if client is not None:
@@ -818,6 +878,28 @@ def _prefetched(
             if client is None or client.status == "running":  # a closed client's futures are gone
                 for _, future in queue:
                     future.cancel()
+
+
+def _computed(level: LazyLevel, todo: list[tuple[int, int, int, int]], ahead: int
+              ) -> Generator[tuple[tuple[int, int, int, int], NDArray[np.uint8]], None, None]:
+    """``level.compute`` of each block in turn, on ``ahead`` threads, ``ahead`` blocks ahead."""
+    with ThreadPoolExecutor(ahead, thread_name_prefix="wsi-norm-block") as pool:
+        queue: deque[tuple[tuple[int, int, int, int], Future[NDArray[np.uint8]]]] = deque()
+        pending = iter(todo)
+        for block in itertools.islice(pending, ahead):
+            queue.append((block, pool.submit(level.compute, *block)))
+        try:
+            while queue:
+                block, future = queue.popleft()
+                result = future.result()
+                del future
+                for nxt in itertools.islice(pending, 1):
+                    queue.append((nxt, pool.submit(level.compute, *nxt)))
+                yield block, result
+                del result
+        finally:
+            for _, future in queue:
+                future.cancel()
 
 
 @dataclass(frozen=True)

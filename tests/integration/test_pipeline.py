@@ -162,8 +162,6 @@ def test_small_slide_in_memory_equals_the_chunked_path(
 ) -> None:
     # a small slide written as TIFF without a cluster is held in memory (no dask.array, no
     # numba); with a cluster it streams in chunks: the same tiles, byte for byte
-    import tifffile
-
     from wsi_norm import pipeline
 
     reference = shared_data / "he" / "torchstain-target.png"
@@ -174,17 +172,58 @@ def test_small_slide_in_memory_equals_the_chunked_path(
         paths[name] = normalize_slide(sample_svs, tmp_path / f"{name}.tiff", method=method,
                                       fit=FitOptions(n_pixels=50_000), **kwargs).out
 
-    def tiles(path: Path) -> list[bytes]:
-        with tifffile.TiffFile(path) as tif:
-            out = []
-            for page in tif.pages:
-                for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
-                    tif.filehandle.seek(offset)
-                    out.append(tif.filehandle.read(count))
-            return out
-
-    memory, chunked = tiles(paths["memory"]), tiles(paths["chunked"])
+    memory, chunked = _tile_bytes(paths["memory"]), _tile_bytes(paths["chunked"])
     assert len(memory) > 100 and memory == chunked
+
+
+def _tile_bytes(path: Path) -> list[bytes]:
+    """Every encoded tile of a TIFF, as stored, level after level."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        out = []
+        for page in tif.pages:
+            for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+                tif.filehandle.seek(offset)
+                out.append(tif.filehandle.read(count))
+        return out
+
+
+@pytest.mark.parametrize("method", ["none", "macenko", "reinhard"])
+def test_a_large_slide_on_threads_equals_the_dask_path(
+    sample_svs: Path, shared_data: Path, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a slide too large to hold in memory, written as TIFF without a cluster, is computed block
+    # by block on plain threads (LazyLevel: no dask graph, no dask.array); through dask's
+    # threaded scheduler it is the same tiles, byte for byte (Reinhard: through its memo)
+    from wsi_norm import pipeline
+
+    monkeypatch.setattr(pipeline, "_LUT_WORTH_PX", 1 << 20)  # CMU (6.6 MP) counts as a large slide
+    kwargs = {} if method == "none" else {"reference": shared_data / "he" / "torchstain-target.png"}
+    paths = {}
+    for name, on_threads in (("threads", True), ("dask", False)):
+        monkeypatch.setattr(pipeline, "runs_on_threads", lambda *a, flag=on_threads, **k: flag)
+        paths[name] = normalize_slide(sample_svs, tmp_path / f"{name}.tiff", method=method, chunk_px=512,
+                                      fit=FitOptions(n_pixels=50_000), **kwargs).out
+    threads, dask = _tile_bytes(paths["threads"]), _tile_bytes(paths["dask"])
+    assert len(threads) > 100 and threads == dask
+
+
+def test_a_large_slide_run_imports_no_dask_array(
+        shared_data: Path, tmp_path: Path,
+        cli_imports: Callable[[list[str], tuple[str, ...]], tuple[int, list[bool]]]) -> None:
+    # dask.array costs 0.4-0.7 s of imports (scipy.sparse, scipy.fft) and a graph per block; a
+    # TIFF written without a cluster needs neither; an OME-Zarr is still written through dask
+    from wsi_norm.testing.synthetic import generate_slide
+
+    slide = tmp_path / "large.tiff"
+    generate_slide(slide, width=4352, height=4096, seed=5, tile_px=512)  # 17.8 MP: not held in memory
+    for out, wanted in (("o.tiff", False), ("o.ome.zarr", True)):
+        rc, imported = cli_imports(
+            ["normalize", str(slide), "--method", "macenko", "--reference",
+             str(shared_data / "he" / "torchstain-target.png"), "-o", str(tmp_path / out), "-q"],
+            ("dask.array",))
+        assert (rc, imported) == (0, [wanted]), out
 
 
 def test_small_slide_run_imports_no_dask_numba_or_ndimage(

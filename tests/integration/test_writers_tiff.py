@@ -284,3 +284,48 @@ def test_a_blocks_task_asks_for_the_resources_of_its_chunks(tmp_path: Path, slid
         with distributed.get_task_stream(client) as stream:
             write_pyramid(mapped, tmp_path / "gpu.tif", mpp=MPP, provenance=PROVENANCE)
     assert len(gpu) == 1 and stream.data and {task["worker"] for task in stream.data} == gpu
+
+
+def test_a_lazy_level_writes_the_dask_arrays_file(tmp_path: Path, slide_pixels: np.ndarray) -> None:
+    """A :class:`LazyLevel` (blocks computed by a plain function on threads, no dask) writes the
+    same tiles as the dask array of the same chunks, on and off the tile grid; each block is
+    computed once, in one piece; an error inside a block is the writer's error and leaves no
+    file; an OME-Zarr gets the same pixels through the level's dask array."""
+    from wsi_norm.errors import OutputError
+    from wsi_norm.pyramid import LazyLevel
+
+    image = np.ascontiguousarray(np.tile(slide_pixels[1000:2100, :2200], (1, 3, 1)))  # 1100 x 6600
+    for chunks in ((512, 512), (700, 720)):
+        grid = tuple(tuple(min(c, n - s) for s in range(0, n, c)) for n, c in zip(image.shape[:2], chunks, strict=True))
+        asked: list[tuple[int, int, int, int]] = []
+        lock = threading.Lock()
+
+        def compute(r0: int, r1: int, c0: int, c1: int, asked: list[Any] = asked,
+                    lock: threading.Lock = lock) -> NDArray[np.uint8]:
+            with lock:
+                asked.append((r0, r1, c0, c1))
+            return image[r0:r1, c0:c1].copy()
+
+        lazy = LazyLevel(image.shape, grid, compute, threads=3)  # type: ignore[arg-type]
+        dask_array = da.from_array(image, chunks=(*chunks, 3))  # type: ignore[no-untyped-call]  # dask is unannotated
+        by_dask = write_pyramid(dask_array, tmp_path / f"dask-{chunks[0]}.tif", mpp=MPP, provenance=PROVENANCE)
+        by_lazy = write_pyramid(lazy, tmp_path / f"lazy-{chunks[0]}.tif", mpp=MPP, provenance=PROVENANCE)
+        assert _tile_bytes(by_lazy) == _tile_bytes(by_dask)
+        covered = np.zeros(image.shape[:2], np.int32)
+        for r0, r1, c0, c1 in asked:
+            covered[r0:r1, c0:c1] += 1
+        assert (covered == 1).all() and len(asked) < len(grid[0]) * len(grid[1])  # blocks, not chunks
+    zarr = write_pyramid(lazy, tmp_path / "lazy.ome.zarr", mpp=MPP, provenance=PROVENANCE)
+    np.testing.assert_array_equal(read_level(zarr, 0), image)
+
+    def broken(r0: int, r1: int, c0: int, c1: int) -> NDArray[np.uint8]:
+        if c0 > 0:
+            raise OSError("the slide went away")
+        return image[r0:r1, c0:c1].copy()
+
+    with pytest.raises(OutputError, match="the slide went away"):
+        write_pyramid(LazyLevel(image.shape, grid, broken), tmp_path / "broken.tif",  # type: ignore[arg-type]
+                      mpp=MPP, provenance=PROVENANCE)
+    assert not (tmp_path / "broken.tif").exists()
+    with pytest.raises(ValueError, match="do not tile"):
+        LazyLevel((10, 10, 3), ((5,), (10,)), broken)

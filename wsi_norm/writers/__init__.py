@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import LevelError, OutputError
-from ..pyramid import pyramid_shapes
+from ..pyramid import LazyLevel, pyramid_shapes
 from .provenance import read_provenance, software_versions
 from .tiff import write_tiff
 from .zarr_codec import DEFAULT_ZARR_CODEC, ZarrCodec, parse_zarr_codec
@@ -169,7 +169,7 @@ def infer_format(out: str | Path) -> OutputFormat:
 
 
 def write_pyramid(
-    array: da.Array | NDArray[np.uint8],
+    array: da.Array | NDArray[np.uint8] | LazyLevel,
     out: str | Path,
     *,
     mpp: tuple[float, float] | None,
@@ -191,15 +191,17 @@ def write_pyramid(
     Every level-0 chunk of ``array`` is computed exactly once, block by block
     (a few chunks of one band at a time, two blocks computing ahead), using the
     active ``distributed`` client if there is one and dask's threaded scheduler
-    otherwise.  Lower levels are spilled to raw files beside ``out`` while level
+    otherwise (a :class:`~wsi_norm.pyramid.LazyLevel`: this process's threads).  Lower levels are spilled to raw files beside ``out`` while level
     0 streams, so memory stays flat as the slide grows (disk: a third of level
     0's uncompressed size, freed when done).
 
     Parameters
     ----------
-    array : dask.array.Array or numpy.ndarray, (H, W, 3) uint8
+    array : dask.array.Array, numpy.ndarray or LazyLevel, (H, W, 3) uint8
         Level 0 (for example a normalised slide).  It is computed a few of its
-        chunks at a time; a numpy array is wrapped in ``chunk_px`` (1024) chunks.
+        chunks at a time; a numpy array is wrapped in ``chunk_px`` (1024) chunks; a
+        :class:`~wsi_norm.pyramid.LazyLevel` computes its blocks on this process's threads
+        (for OME-Zarr through a dask array of its chunks).
     out : str or Path
         Output path.  Written as ``OUT.partial`` and renamed when complete.
     mpp : (mpp_x, mpp_y) or None
@@ -260,11 +262,11 @@ def write_pyramid(
     """
     out = Path(out)
     fmt = infer_format(out) if fmt is None else fmt
-    if not isinstance(array, np.ndarray):
-        import dask.array as da  # a numpy level 0 written as TIFF never imports it
+    if not isinstance(array, np.ndarray | LazyLevel):
+        import dask.array as da  # a numpy or lazy level 0 written as TIFF never imports it
 
         if not isinstance(array, da.Array):
-            raise TypeError(f"array must be a dask or numpy array, got {type(array).__name__}")
+            raise TypeError(f"array must be a dask or numpy array or a LazyLevel, got {type(array).__name__}")
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"array must have shape (H, W, 3), got {array.shape}")
     if array.dtype != np.uint8:
@@ -283,8 +285,11 @@ def write_pyramid(
         from .ome_zarr import write_ome_zarr  # zarr only when an OME-Zarr is written
 
         side = chunk_px or 1024
-        lazy: da.Array = (da.from_array(array, chunks=(side, side, 3))  # type: ignore[no-untyped-call]
-                          if isinstance(array, np.ndarray) else array)
+        lazy: da.Array
+        if isinstance(array, np.ndarray):
+            lazy = da.from_array(array, chunks=(side, side, 3))  # type: ignore[no-untyped-call]
+        else:
+            lazy = array.to_dask() if isinstance(array, LazyLevel) else array
         return write_ome_zarr(
             lazy,
             out,

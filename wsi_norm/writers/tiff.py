@@ -47,6 +47,7 @@ from numpy.typing import NDArray
 
 from ..pyramid import (
     Block,
+    LazyLevel,
     LevelStore,
     PreparedBlock,
     _cpu_count,
@@ -256,7 +257,7 @@ def _lower_bytes(
 
 
 def write_tiff(
-    array: da.Array | NDArray[np.uint8],
+    array: da.Array | NDArray[np.uint8] | LazyLevel,
     out: Path,
     *,
     mpp: tuple[float, float] | None,
@@ -274,9 +275,9 @@ def write_tiff(
 
     Parameters
     ----------
-    array : dask.array.Array or numpy.ndarray, (H, W, 3) uint8
+    array : dask.array.Array, numpy.ndarray or LazyLevel, (H, W, 3) uint8
         Level 0, computed once (block by block); a numpy array (a small slide held in
-        memory) is written without dask.
+        memory) or a :class:`~wsi_norm.pyramid.LazyLevel` is written without dask.
     out : Path
         Output file, ``*.tif`` or ``*.tiff``.
     mpp : (mpp_x, mpp_y) or None
