@@ -840,7 +840,9 @@ def _prefetched(
             yield (r0, r1, c0, c1), array[r0:r1, c0:c1]
         return
     if isinstance(array, LazyLevel):
-        yield from _computed(array, todo, max(prefetch, array.threads))
+        ahead = max(prefetch, array.threads)
+        with ThreadPoolExecutor(ahead, thread_name_prefix="wsi-norm-block") as pool:
+            yield from _in_order(todo, ahead, lambda block: pool.submit(array.compute, *block))
         return
     client = _default_client()
     if client is not None:
@@ -849,55 +851,40 @@ def _prefetched(
         threads = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info().get("workers", {}).values())
         prefetch = max(prefetch, 2 * threads)
     with ThreadPoolExecutor(prefetch, thread_name_prefix="wsi-norm-block") as pool:
-        queue: deque[tuple[tuple[int, int, int, int], Any]] = deque()
 
-        def submit(block: tuple[int, int, int, int]) -> None:
+        def submit(block: tuple[int, int, int, int]) -> Any:
             r0, r1, c0, c1 = block
             part = array[r0:r1, c0:c1]
-            future: Any
             if client is None:
-                future = pool.submit(part.compute)
-            else:  # one task a block: its chunks are computed on the worker that runs it
-                future = client.submit(_block_on_worker, _BlockGraph(part), prepare, pure=False,
-                                       resources=_resources(part))
-            queue.append((block, future))
+                return pool.submit(part.compute)
+            # one task a block: its chunks are computed on the worker that runs it
+            return client.submit(_block_on_worker, _BlockGraph(part), prepare, pure=False,
+                                 resources=_resources(part))
 
-        pending = iter(todo)
-        for block in itertools.islice(pending, prefetch):
-            submit(block)
-        try:
-            while queue:
-                block, future = queue.popleft()
-                result = future.result()
-                del future
-                for nxt in itertools.islice(pending, 1):
-                    submit(nxt)
-                yield block, result
-                del result
-        finally:
-            if client is None or client.status == "running":  # a closed client's futures are gone
-                for _, future in queue:
-                    future.cancel()
+        # a closed client's futures are gone: nothing to cancel
+        yield from _in_order(todo, prefetch, submit, lambda: client is None or client.status == "running")
 
 
-def _computed(level: LazyLevel, todo: list[tuple[int, int, int, int]], ahead: int
-              ) -> Generator[tuple[tuple[int, int, int, int], NDArray[np.uint8]], None, None]:
-    """``level.compute`` of each block in turn, on ``ahead`` threads, ``ahead`` blocks ahead."""
-    with ThreadPoolExecutor(ahead, thread_name_prefix="wsi-norm-block") as pool:
-        queue: deque[tuple[tuple[int, int, int, int], Future[NDArray[np.uint8]]]] = deque()
-        pending = iter(todo)
-        for block in itertools.islice(pending, ahead):
-            queue.append((block, pool.submit(level.compute, *block)))
-        try:
-            while queue:
-                block, future = queue.popleft()
-                result = future.result()
-                del future
-                for nxt in itertools.islice(pending, 1):
-                    queue.append((nxt, pool.submit(level.compute, *nxt)))
-                yield block, result
-                del result
-        finally:
+def _in_order(todo: list[tuple[int, int, int, int]], ahead: int, submit: Callable[[tuple[int, int, int, int]], Any],
+              cancellable: Callable[[], bool] = lambda: True
+              ) -> Generator[tuple[tuple[int, int, int, int], Any], None, None]:
+    """Each block's result in ``todo``'s order, ``ahead`` blocks submitted ahead (``submit``
+    returns a future); on the way out, the futures not taken are cancelled when ``cancellable()``."""
+    queue: deque[tuple[tuple[int, int, int, int], Any]] = deque()
+    pending = iter(todo)
+    for block in itertools.islice(pending, ahead):
+        queue.append((block, submit(block)))
+    try:
+        while queue:
+            block, future = queue.popleft()
+            result = future.result()
+            del future
+            for nxt in itertools.islice(pending, 1):
+                queue.append((nxt, submit(nxt)))
+            yield block, result
+            del result
+    finally:
+        if cancellable():
             for _, future in queue:
                 future.cancel()
 
