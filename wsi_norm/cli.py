@@ -170,18 +170,17 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
 
 
 def _needs_scheduler(args: argparse.Namespace, slide: Any, out: Path, writer: Any) -> bool:
-    """False for a TIFF written on the CPU (a slide the pipeline holds in memory, or one it
-    computes block by block on plain threads) when no option or ``$WSI_NORM_SCHEDULER`` asks for
-    a cluster: such a run computes nothing with dask, so it does not import it (0.08-0.11 s), and
-    the sample's windows run on a plain thread pool (the same sample). Otherwise :func:`_cluster`
-    is set up."""
+    """False for a run on the CPU (a slide the pipeline holds in memory, or one it computes block
+    by block on plain threads) when no option or ``$WSI_NORM_SCHEDULER`` asks for a cluster: such
+    a run computes nothing with dask, so it does not import it (0.08-0.11 s), and the sample's
+    windows run on a plain thread pool (the same sample). Otherwise :func:`_cluster` is set up."""
     from wsi_norm.cluster import SCHEDULER_ENV
     from wsi_norm.pipeline import runs_in_memory, runs_on_threads
 
     if args.scheduler or args.dashboard or os.environ.get(SCHEDULER_ENV):
         return True
     return not (runs_in_memory(slide, out, device=args.device, writer=writer)
-                or runs_on_threads(out, device=args.device, writer=writer))
+                or runs_on_threads(device=args.device))
 
 
 # ---------------------------------------------------------------- info / mask

@@ -693,13 +693,12 @@ def runs_in_memory(source: Slide, out: PathLike, *, device: str = "cpu",
 _MAX_BLOCK_THREADS = 8
 
 
-def runs_on_threads(out: PathLike, *, device: str = "cpu", writer: WriterOptions | None = None) -> bool:
+def runs_on_threads(*, device: str = "cpu") -> bool:
     """True when :func:`normalize_slide` computes a slide too large to hold in memory on this
-    process's threads without dask (:class:`~wsi_norm.pyramid.LazyLevel`): written as TIFF, on
-    the CPU, with no ``distributed`` client active. Each block of level 0 is read in one piece
-    and mapped; the run imports no ``dask.array``, and the file is the same bytes."""
-    fmt = (writer or WriterOptions()).format_of(out)
-    return device == "cpu" and fmt == "tiff" and _no_cluster()
+    process's threads without dask (:class:`~wsi_norm.pyramid.LazyLevel`): on the CPU, with no
+    ``distributed`` client active. Each block of level 0 is read in one piece and mapped; the
+    run imports no ``dask.array``, and the output is the same bytes (TIFF and OME-Zarr alike)."""
+    return device == "cpu" and _no_cluster()
 
 
 def _lazy_level0(slide: Slide, cmap: Any, *, chunk_px: int, identity: bool, direct: bool,
@@ -1079,7 +1078,7 @@ def normalize_slide(
         if held is not None:
             level0: Any = held
             normalized = level0 if method == "none" else _evaluate_in_bands(level0, cmap)
-        elif runs_on_threads(out, device=dev, writer=writer):
+        elif runs_on_threads(device=dev):
             level0 = normalized = _lazy_level0(slide, cmap, chunk_px=chunk_px, identity=method == "none",
                                                direct=direct, memo=memo)
         else:

@@ -301,21 +301,6 @@ class LazyLevel:
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
-    def __getitem__(self, key: tuple[slice, ...]) -> NDArray[np.uint8]:
-        """``level[r0:r1, c0:c1]`` (steps of 1), computed: what :meth:`to_dask` reads."""
-        h, w, _ = self.shape
-        (r0, r1, _), (c0, c1, _) = key[0].indices(h), key[1].indices(w)
-        pixels = self.compute(r0, r1, c0, c1)
-        return pixels[(slice(None), slice(None), *key[2:])] if len(key) > 2 else pixels
-
-    def to_dask(self) -> da.Array:
-        """The same level as a dask array of the same chunks (for a writer that takes only those)."""
-        import dask.array as da
-
-        array: da.Array = da.from_array(self, chunks=(*self.chunks, (3,)), name=False,  # type: ignore[no-untyped-call]
-                                        asarray=False)
-        return array
-
 
 @dataclass(frozen=True)
 class Block:

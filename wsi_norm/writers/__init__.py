@@ -200,8 +200,7 @@ def write_pyramid(
     array : dask.array.Array, numpy.ndarray or LazyLevel, (H, W, 3) uint8
         Level 0 (for example a normalised slide).  It is computed a few of its
         chunks at a time; a numpy array is wrapped in ``chunk_px`` (1024) chunks; a
-        :class:`~wsi_norm.pyramid.LazyLevel` computes its blocks on this process's threads
-        (for OME-Zarr through a dask array of its chunks).
+        :class:`~wsi_norm.pyramid.LazyLevel` computes its blocks on this process's threads.
     out : str or Path
         Output path.  Written as ``OUT.partial`` and renamed when complete.
     mpp : (mpp_x, mpp_y) or None
@@ -280,16 +279,16 @@ def write_pyramid(
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"zarr_codec: {exc}") from None
     if fmt == "ome-zarr":
-        import dask.array as da
-
         from .ome_zarr import write_ome_zarr  # zarr only when an OME-Zarr is written
 
-        side = chunk_px or 1024
-        lazy: da.Array
+        lazy: da.Array | LazyLevel
         if isinstance(array, np.ndarray):
+            import dask.array as da
+
+            side = chunk_px or 1024
             lazy = da.from_array(array, chunks=(side, side, 3))  # type: ignore[no-untyped-call]
         else:
-            lazy = array.to_dask() if isinstance(array, LazyLevel) else array
+            lazy = array
         return write_ome_zarr(
             lazy,
             out,

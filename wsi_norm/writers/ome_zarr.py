@@ -54,16 +54,18 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import dask.array as da
 import numpy as np
 import zarr
 from numpy.typing import NDArray
 
-from ..pyramid import LevelStore, block_edges, iter_blocks, pyramid_shapes
+from ..pyramid import LazyLevel, LevelStore, block_edges, iter_blocks, pyramid_shapes
 from .atomic import atomic_output, claim_output, partial_path, remove_path
 from .provenance import PROVENANCE_KEY, build_record
+
+if TYPE_CHECKING:
+    import dask.array as da
 from .zarr_codec import DEFAULT_ZARR_CODEC, ZARR_CODEC_NAMES, ZarrCodec, parse_zarr_codec
 
 __all__ = [
@@ -154,7 +156,7 @@ def ngff_metadata(
     return {"multiscales": [multiscale], "omero": omero}
 
 
-def _fingerprint(array: da.Array, provenance: Mapping[str, Any], options: Mapping[str, Any]) -> str:
+def _fingerprint(array: da.Array | LazyLevel, provenance: Mapping[str, Any], options: Mapping[str, Any]) -> str:
     doc = {
         "shape": list(array.shape),
         "chunks": [list(c) for c in array.chunks[:2]],
@@ -248,7 +250,7 @@ class _Writes:
         self.pool.shutdown(wait=True)
 
 
-def auto_chunk_px(array: da.Array) -> int:
+def auto_chunk_px(array: da.Array | LazyLevel) -> int:
     """Chunk side that lines up with ``array``'s dask chunks, or 1024.
 
     When the dask chunks form a regular square grid whose side is a multiple
@@ -266,7 +268,7 @@ def auto_chunk_px(array: da.Array) -> int:
 
 
 def write_ome_zarr(
-    array: da.Array,
+    array: da.Array | LazyLevel,
     out: Path,
     *,
     mpp: tuple[float, float] | None,
@@ -281,7 +283,7 @@ def write_ome_zarr(
 
     Parameters
     ----------
-    array : dask.array.Array, (H, W, 3) uint8
+    array : dask.array.Array or LazyLevel, (H, W, 3) uint8
         Level 0, computed once (block by block).
     out : Path
         Output folder, conventionally ``*.ome.zarr``.
@@ -368,7 +370,7 @@ def write_ome_zarr(
 
 
 def _write_levels(
-    array: da.Array,
+    array: da.Array | LazyLevel,
     partial: Path,
     shapes: list[tuple[int, int]],
     *,
