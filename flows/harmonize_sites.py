@@ -198,9 +198,10 @@ def harmonize_sites(
         A site name (its cohort template) or a template name of the manifest; default the
         manifest's ``target``, else its first site.
     scheduler : str, optional
-        Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else a local cluster.
+        Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else this process's threads
+        (:class:`flows.normalize_archive.ArrayWork`).
     dashboard : bool
-        Serve the local cluster's dask dashboard on 127.0.0.1 (default: none).
+        Start a local cluster and serve its dask dashboard on 127.0.0.1 (default: none).
 
     Returns
     -------
@@ -211,8 +212,8 @@ def harmonize_sites(
     return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
     from prefect.states import Completed, Failed
 
-    from flows.normalize_archive import ArrayWork, _level0_pixels
-    from wsi_norm.cluster import SMALL_SLIDE_PX, dashboard_url
+    from flows.normalize_archive import ArrayWork
+    from wsi_norm.cluster import dashboard_url
 
     logger = get_run_logger()
     quiet_thread_timeout_notice()  # the per-slide timeout is ours and documented
@@ -225,17 +226,13 @@ def harmonize_sites(
         raise ValueError(f"{m.path}: target {name!r} is neither a site ({', '.join(m.sites)}) nor a template")
     problems: list[str] = []
     with ExitStack() as stack:
-        # dask's threaded scheduler unless a scheduler or a dashboard is asked for, or a slide
-        # is large enough to be worth the local cluster (as normalize-archive decides)
+        # this process's threads unless a scheduler or a dashboard is asked for (as
+        # normalize-archive decides)
         threads = max(1, (os.cpu_count() or 1) // m.model.concurrency)
         work = ArrayWork(stack, scheduler_address(scheduler), dashboard=dashboard, threads=threads)
         if dashboard:
             logger.info("dask dashboard: %s", dashboard_url(work.client))
         entries = {site: list(m.site_slides(site)) for site in m.sites}
-        if work.client is None and work.need(max(
-            (_level0_pixels(e) or 0 for es in entries.values() for e in es), default=0
-        )):
-            logger.info("slides of %d px or more: local dask cluster started", SMALL_SLIDE_PX)
         fit_futures = {
             site: fit_site.with_options(timeout_seconds=timeout_s * len(entries[site]),
                                         task_run_name=f"fit site {site}", tags=[f"site:{site}"]).submit(entries[site], m)

@@ -18,10 +18,11 @@ the flow run ends Failed.  A summary table artifact lists every slide.
 
 Array work runs on one shared dask ``distributed`` client when one is asked for
 (``--scheduler`` / ``WSI_NORM_SCHEDULER``, or ``--dashboard``: a local in-process cluster);
-otherwise on dask's threaded scheduler, as the CLI runs a slide under
-:data:`wsi_norm.cluster.SMALL_SLIDE_PX`, until the first slide that large is submitted: the local
-cluster starts then and serves the rest of the run (:class:`ArrayWork`). BLAS is limited to the
-run's share of the cores (``cores // concurrency`` threads). Prefect threads only track slides.
+otherwise in this process, as the CLI runs a slide: a slide too large to hold in memory is
+computed block by block on plain threads (:class:`wsi_norm.pyramid.LazyLevel`), the rest on
+dask's threaded scheduler (:class:`ArrayWork`); no ``distributed`` cluster is started. BLAS is
+limited to the run's share of the cores (``cores // concurrency`` threads). Prefect threads only
+track slides.
 
 Run::
 
@@ -297,17 +298,16 @@ def _duration(seconds: float) -> str:
 
 
 class ArrayWork:
-    """Where a run's array work goes: a ``distributed`` client, or dask's threaded scheduler.
+    """Where a run's array work goes: a ``distributed`` client, or this process's threads.
 
     With ``address`` (a scheduler to join) or ``dashboard`` (a local cluster to watch), the
-    client starts at once, as before. Otherwise the run starts on dask's threaded scheduler
+    client starts at once. Otherwise nothing is started: dask's threaded scheduler
     (:func:`wsi_norm.cluster.dask_scheduler` with ``embedded_cluster=False``: no ``distributed``
-    import, no sockets; a client already active in the process is used instead), each
-    computation on at most ``threads`` threads, and the local cluster is started by
-    :meth:`need`, from the flow's own thread, when the first slide of at least
-    :data:`wsi_norm.cluster.SMALL_SLIDE_PX` is submitted; it serves every computation from
-    then on (``dask.config`` and the default client are process-wide, so slides already
-    running move to it too: the results are the same whatever the scheduler).
+    import, no sockets; a client already active in the process is used instead) serves the
+    computations that use dask, each on at most ``threads`` threads, and a slide too large to
+    hold in memory is computed on plain threads (:func:`wsi_norm.pipeline.runs_on_threads`), as
+    the ``wsi-norm`` command computes it: the same bytes as on a cluster, without its start-up
+    and its scheduler round trips.
 
     Everything started is closed with ``stack``.
     """
@@ -315,22 +315,11 @@ class ArrayWork:
     def __init__(self, stack: ExitStack, address: str | None, *, dashboard: bool, threads: int) -> None:
         from wsi_norm.cluster import dask_client, dask_scheduler
 
-        self._stack = stack
         self.client: Any = None
         if address or dashboard:
             self.client = stack.enter_context(dask_client(address, dashboard=dashboard))
         else:
             self.client = stack.enter_context(dask_scheduler(None, threads=threads, embedded_cluster=False))
-
-    def need(self, pixels: int | None) -> bool:
-        """Start the local cluster if a slide of ``pixels`` level-0 pixels (None: unknown, as
-        for a slide that cannot be opened) is worth one and none runs; True if it started here."""
-        from wsi_norm.cluster import SMALL_SLIDE_PX, dask_client
-
-        if self.client is not None or pixels is None or pixels < SMALL_SLIDE_PX:
-            return False
-        self.client = self._stack.enter_context(dask_client(None))
-        return True
 
 
 def _blas_threads(threads: int) -> AbstractContextManager[object]:
@@ -344,18 +333,6 @@ def _blas_threads(threads: int) -> AbstractContextManager[object]:
     return limits
 
 
-def _level0_pixels(entry: SlideEntry) -> int | None:
-    """Level-0 pixels of ``entry``'s slide, or None when it cannot be opened (its task says why)."""
-    from wsi_norm.slide import open_slide
-
-    try:
-        with open_slide(entry.source) as slide:
-            width, height = slide.dimensions
-    except (WsiNormError, OSError, ValueError):
-        return None
-    return int(width) * int(height)
-
-
 @flow(name=FLOW_NAME, log_prints=False)
 def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | None = None, dashboard: bool = False) -> Any:
     """Normalize every slide of ``manifest`` that is not current.
@@ -365,9 +342,8 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     manifest : str
         Path of the data manifest (see :mod:`flows.manifest`).
     scheduler : str, optional
-        Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else dask's threaded scheduler
-        for slides under :data:`wsi_norm.cluster.SMALL_SLIDE_PX` and a local cluster, started
-        with the first larger slide, for the rest of the run (:class:`ArrayWork`).
+        Dask scheduler address; default ``WSI_NORM_SCHEDULER``, else this process's threads
+        (:class:`ArrayWork`).
     dashboard : bool
         Start the local cluster at once and serve its dask dashboard on 127.0.0.1 (default: none).
 
@@ -393,7 +369,7 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         generate_slides_task.with_options(retries=m.model.retries, retry_delay_seconds=m.model.retry_delay_s)(m)
     outcomes: list[SlideOutcome] = []
     with ExitStack() as stack:
-        # small slides on threads: each computation on its share of the cores (concurrency slides at once)
+        # this process's threads: each computation on its share of the cores (concurrency slides at once)
         threads = max(1, (os.cpu_count() or 1) // m.model.concurrency)
         stack.enter_context(_blas_threads(threads))
         work = ArrayWork(stack, scheduler_address(scheduler), dashboard=dashboard, threads=threads)
@@ -409,8 +385,6 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         while pending or running:
             while pending and len(running) < m.model.concurrency:
                 entry = pending.pop(0)
-                if work.client is None and work.need(_level0_pixels(entry)):
-                    logger.info("%s: a large slide: local dask cluster started for the rest of the run", entry.source)
                 with tags(f"site:{entry.site}", f"method:{m.method}"):  # this slide's task runs only
                     # quote(): Prefect would otherwise walk every parameter for futures on each
                     # task run, and the manifest holds every slide (0.1 s a slide at 40 slides,

@@ -13,7 +13,7 @@ Without either, :func:`dask_scheduler` lets the ``wsi-norm`` command run on dask
 scheduler: the same threads in this process, no sockets, no ``distributed`` import (~0.5 s), and
 no scheduler round trips. A plain copy of a 268-MP slide took ~1.2 x the CPU time on the embedded
 cluster (BENCHMARKS.md, "Normalization against libvips"). The results are the same whatever the
-scheduler. The flows keep the embedded cluster from :data:`SMALL_SLIDE_PX` on.
+scheduler. The flows do the same (``flows.normalize_archive.ArrayWork``).
 
 Local services listen on loopback only. The local cluster talks ``inproc://`` (no socket), but
 ``distributed`` always starts an HTTP server for the scheduler and one per worker, by default on
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = [
     "LOCAL",
     "SCHEDULER_ENV",
-    "SMALL_SLIDE_PX",
     "active_client",
     "dashboard_url",
     "dask_client",
@@ -51,9 +50,6 @@ SCHEDULER_ENV = "WSI_NORM_SCHEDULER"
 #: The ``scheduler`` value that asks for an embedded local ``distributed`` cluster
 LOCAL = "local"
 LOOPBACK = "127.0.0.1"
-#: Level-0 pixels (256^3, about 16.7 MP) from which a slide is worth an embedded cluster; below,
-#: :func:`dask_scheduler` may run it on dask's threaded scheduler.
-SMALL_SLIDE_PX = 256**3
 
 
 def active_client() -> Client | None:

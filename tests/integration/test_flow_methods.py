@@ -63,13 +63,11 @@ retry_delay_s: 0
 def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_path: Path, shared_data: Path,
                                                          method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``none`` (identity) and ``stainnet`` (the published weights) fit nothing: the flow writes
-    both formats and QC for every slide, and a second run skips them as current. With ``none``
-    the 1024 x 768 slide counts as large (the threshold is lowered): the local dask cluster
-    starts with it, and everything the flow's process listens on meanwhile is on 127.0.0.1;
-    with ``stainnet`` both slides are small: no cluster, nothing listens."""
+    both formats and QC for every slide, and a second run skips them as current. The OME-Zarr
+    outputs are computed block by block on plain threads (as the CLI computes a slide too large
+    to hold in memory): no dask cluster starts, and the flow's process listens on nothing."""
     import threading
 
-    import wsi_norm.cluster
     from flows.normalize_archive import normalize_archive
     from wsi_norm.slide import open_slide
     from wsi_norm.writers import read_level, read_provenance
@@ -81,8 +79,6 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
     manifest.write_text(textwrap.dedent(text), encoding="utf-8")
 
     monkeypatch.delenv("WSI_NORM_SCHEDULER", raising=False)
-    if method == "none":
-        monkeypatch.setattr(wsi_norm.cluster, "SMALL_SLIDE_PX", 1024 * 768)
     me, seen, running = psutil.Process(), set(), threading.Event()
     running.set()
 
@@ -100,10 +96,7 @@ def test_fixed_map_methods_run_through_normalize_archive(prefect_api: Path, tmp_
         sampler.join()
     rows = {r["slide"]: r for r in state_rows(state)}
     assert state.is_completed(), (state.message, rows)
-    if method == "none":
-        assert seen and {ip for ip, _ in seen} == {"127.0.0.1"}, seen
-    else:
-        assert seen == set(), seen
+    assert seen == set(), seen
     assert {s: r["outcome"] for s, r in rows.items()} == {"a-1.tiff": "normalized", "b-1.tiff": "normalized"}
     for site, stem, shape in (("site-a", "a-1", (768, 1024, 3)), ("site-b", "b-1", (512, 512, 3))):
         for suffix in (".ome.zarr", ".tiff"):
@@ -238,9 +231,11 @@ def test_dask_scheduler_runs_small_work_on_threads_and_a_dashboard_on_a_cluster(
     assert active_client() is None
 
 
-def test_archive_work_starts_the_local_cluster_with_the_first_large_slide(monkeypatch: pytest.MonkeyPatch) -> None:
-    """normalize-archive without a scheduler: dask's threaded scheduler (on the run's share of
-    threads) until a slide of SMALL_SLIDE_PX or more is submitted, then one local cluster."""
+def test_archive_work_starts_no_cluster_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """normalize-archive without a scheduler: dask's threaded scheduler on the run's share of
+    threads, no ``distributed`` client, whatever the slides' sizes (a large slide is computed on
+    plain threads, :func:`wsi_norm.pipeline.runs_on_threads`); with ``dashboard``, one local
+    cluster at once. Both are undone on exit."""
     import contextlib
 
     import dask
@@ -249,27 +244,22 @@ def test_archive_work_starts_the_local_cluster_with_the_first_large_slide(monkey
     from dask.delayed import delayed
 
     from flows.normalize_archive import ArrayWork
-    from wsi_norm.cluster import SMALL_SLIDE_PX, active_client
+    from wsi_norm.cluster import active_client
+    from wsi_norm.pipeline import runs_on_threads
 
     monkeypatch.delenv("WSI_NORM_SCHEDULER", raising=False)
     before = dask.config.get("scheduler", None)
     with contextlib.ExitStack() as stack:
         work = ArrayWork(stack, None, dashboard=False, threads=1)
-
-        def client() -> Any:  # read afresh each time (need() sets it)
-            return work.client
-
-        assert client() is None and active_client() is None
+        assert work.client is None and active_client() is None and runs_on_threads(device="cpu")
         assert dask.config.get("scheduler") is dask.threaded.get and dask.config.get("num_workers") == 1
         assert compute(delayed(sum)([1, 2])) == (3,)  # type: ignore[no-untyped-call]
-        # an unreadable slide (None) or a small one starts nothing
-        assert not work.need(None) and not work.need(SMALL_SLIDE_PX - 1) and client() is None
-        assert work.need(SMALL_SLIDE_PX)
-        started = client()
-        assert started is not None and active_client() is started
+    assert dask.config.get("scheduler", None) == before
+    with contextlib.ExitStack() as stack:
+        work = ArrayWork(stack, None, dashboard=True, threads=1)
+        assert work.client is not None and active_client() is work.client and not runs_on_threads(device="cpu")
         assert dask.config.get("scheduler") == "dask.distributed"
         assert compute(delayed(sum)([1, 2])) == (3,)  # type: ignore[no-untyped-call]
-        assert not work.need(SMALL_SLIDE_PX) and client() is started  # one cluster a run
     assert active_client() is None and dask.config.get("scheduler", None) == before
 
 
