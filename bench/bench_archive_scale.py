@@ -84,8 +84,9 @@ def prefect_server(home: Path, *, timeout_s: float = 180.0) -> Iterator[dict[str
 # ----------------------------------------------------------------------------- slides and manifests
 
 
-def generate_slides(folder: Path, n: int, *, slide_px: int) -> list[Path]:
-    """``n`` small procedural slides ``s-0000.tiff`` ... in ``folder`` (existing ones are kept)."""
+def generate_slides(folder: Path, n: int, *, slide_px: int, tile_px: int | None = None) -> list[Path]:
+    """``n`` small procedural slides ``s-0000.tiff`` ... in ``folder`` (existing ones are kept),
+    each stored as one tile (``tile_px`` None) or in tiles of ``tile_px``, with a pyramid then."""
     from wsi_norm.testing.synthetic import SITE_STAINS, generate_slide
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,9 +95,9 @@ def generate_slides(folder: Path, n: int, *, slide_px: int) -> list[Path]:
     for i in range(n):
         path = folder / f"s-{i:04d}.tiff"
         if not path.exists():
-            generate_slide(path, width=slide_px, height=slide_px, seed=i, tile_px=slide_px,
+            generate_slide(path, width=slide_px, height=slide_px, seed=i, tile_px=tile_px or slide_px,
                            stain_matrix=SITE_STAINS[stains[i % len(stains)]], texture="procedural",
-                           min_level_px=slide_px)
+                           min_level_px=slide_px if tile_px is None else 1024)
         paths.append(path)
     return paths
 

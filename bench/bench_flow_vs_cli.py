@@ -47,6 +47,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slides", type=int, default=20)
     ap.add_argument("--slide-px", type=int, default=2048)
+    ap.add_argument("--tile-px", type=int, default=None,
+                    help="store the slides in tiles of this size, with a pyramid (default: one tile, one level)")
     ap.add_argument("--method", default="macenko")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("bench-out/flow-vs-cli"))
@@ -56,7 +58,7 @@ def main() -> int:
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    slides = generate_slides(work / "slides", args.slides, slide_px=args.slide_px)
+    slides = generate_slides(work / "slides", args.slides, slide_px=args.slide_px, tile_px=args.tile_px)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     if args.api_url:

@@ -56,7 +56,9 @@ import logging
 import math
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
@@ -1195,6 +1197,86 @@ def _choose_backend(path: Path) -> Backend:
     )
 
 
+#: While :meth:`Slide.tile_cache` is active, a read smaller than half a file tile, of a level
+#: whose tiles hold at least this many pixels, is cut from the whole decoded tile (kept).
+_CACHED_TILE_PX = 1 << 20
+#: Decoded tiles :meth:`Slide.tile_cache` keeps at most, in bytes (least recently used out first).
+TILE_CACHE_BYTES = 256 << 20
+
+
+class _TileCache:
+    """Whole decoded tiles of levels with large file tiles, each decoded once while it is kept,
+    however many threads ask for it at once (the first decodes, the others wait for it).
+
+    A file may hold a level as a few very large JPEG tiles (a generic TIFF whose writer made one
+    tile of 8192 x 8192 px, say). Every reader decodes a whole tile to serve any part of it, so
+    the fit's 256 windows of 256 x 256 px would each decode the whole tile: 256 decodes of 64 MP
+    where one suffices (OpenSlide's own tile cache, 32 MiB, cannot hold such a tile either).
+    """
+
+    def __init__(self, read: Callable[[int, int, int, int, int], NDArray[np.uint8]], max_bytes: int) -> None:
+        self._read = read
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._tiles: OrderedDict[tuple[int, int, int], tuple[Future[NDArray[np.uint8]], int]] = OrderedDict()
+        self._bytes = 0
+        self.decoded = 0  # tiles read from the file (for tests and logs)
+
+    def serves(self, tile: tuple[int, int] | None, width: int, height: int) -> bool:
+        """True for a read of ``width`` x ``height`` px worth serving from whole tiles of size ``tile``."""
+        if tile is None:
+            return False
+        area = tile[0] * tile[1]
+        return area >= _CACHED_TILE_PX and 3 * area <= self._max_bytes and 2 * width * height <= area
+
+    def _tile(self, level: int, x0: int, y0: int, tw: int, th: int) -> NDArray[np.uint8]:
+        key = (level, x0, y0)
+        with self._lock:
+            entry = self._tiles.get(key)
+            owner = entry is None
+            if entry is None:
+                entry = (Future(), 3 * tw * th)
+                self._tiles[key] = entry
+                self._bytes += entry[1]
+                while self._bytes > self._max_bytes and len(self._tiles) > 1:
+                    _, (_, nbytes) = self._tiles.popitem(last=False)
+                    self._bytes -= nbytes
+            else:
+                self._tiles.move_to_end(key)
+        future = entry[0]
+        if owner:
+            try:
+                pixels = self._read(level, x0, y0, tw, th)
+            except BaseException as exc:
+                with self._lock:
+                    if self._tiles.get(key) is entry:
+                        del self._tiles[key]
+                        self._bytes -= entry[1]
+                future.set_exception(exc)
+                raise
+            pixels.flags.writeable = False
+            self.decoded += 1
+            future.set_result(pixels)
+        return future.result()
+
+    def read(self, level: int, tile: tuple[int, int], size: tuple[int, int],
+             x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
+        """The region, cut from the whole tiles of ``level`` (``size``: its width and height) it
+        touches; outside the level it is white, as every reader's."""
+        tw, th = tile
+        lw, lh = size
+        out = np.empty((height, width, 3), np.uint8)
+        if x < 0 or y < 0 or x + width > lw or y + height > lh:
+            out.fill(255)
+        for ty0 in range(max(0, y) // th * th, min(y + height, lh), th):
+            for tx0 in range(max(0, x) // tw * tw, min(x + width, lw), tw):
+                sy0, sy1 = max(y, ty0), min(y + height, ty0 + th, lh)
+                sx0, sx1 = max(x, tx0), min(x + width, tx0 + tw, lw)
+                pixels = self._tile(level, tx0, ty0, tw, th)
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = pixels[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
+        return out
+
+
 # One open handle per (backend, file, process), shared by every Slide of that file and counted:
 # reopening per chunk would dominate small reads, and closing a handle another thread is
 # reading from crashes OpenSlide. The key includes size and mtime, so a replaced file reopens.
@@ -1306,6 +1388,7 @@ class Slide:
         self._reader = _acquire_reader(self._key, path, backend)
         self._closed = False
         self._held: NDArray[np.uint8] | None = None  # level 0 in memory (hold_level0)
+        self._tiles: _TileCache | None = None  # whole large tiles kept (tile_cache)
 
     # -- pickling: path and options only; the handle is reopened in the receiving process
     def __getstate__(self) -> dict[str, Any]:
@@ -1535,7 +1618,34 @@ class Slide:
         if level == 0 and held is not None and x >= 0 and y >= 0 and x + width <= held.shape[1] \
                 and y + height <= held.shape[0]:
             return held[y : y + height, x : x + width].copy()
+        tiles = self._tiles
+        if tiles is not None and tiles.serves(self._reader.tile_sizes[level], width, height):
+            tile = self._reader.tile_sizes[level]
+            assert tile is not None  # serves() says so
+            return tiles.read(level, tile, self.level_dimensions[level], int(x), int(y), int(width), int(height))
         return self._reader.read(level, int(x), int(y), int(width), int(height))
+
+    @contextlib.contextmanager
+    def tile_cache(self, max_bytes: int = TILE_CACHE_BYTES) -> Iterator[None]:
+        """Keep whole decoded file tiles of at least 1 MP for the reads inside, up to
+        ``max_bytes`` (least recently used out first); nested, the outer cache serves.
+
+        For many small reads of a slide whose levels are stored in very large tiles (the fit's
+        windows): each tile is then decoded once, not once per read that touches it. Only reads
+        smaller than half a tile are served so; the pixels are the same as without the cache
+        (each region is cut from the tile the reader decodes for it anyway). A tile larger
+        than ``max_bytes`` is not kept.
+        """
+        if self._tiles is not None:
+            yield
+            return
+        self._tiles = _TileCache(self._reader.read, max_bytes)
+        try:
+            yield
+        finally:
+            decoded, self._tiles = self._tiles.decoded, None
+            if decoded:
+                log.debug("%s: %d large tiles decoded once each for the reads of a tile cache", self.path, decoded)
 
     @contextlib.contextmanager
     def hold_level0(self) -> Iterator[NDArray[np.uint8]]:

@@ -51,6 +51,8 @@ _RGB, _YCBCR = 2, 6  # TIFF photometric interpretations
 #: APP14 "Adobe" marker, version 100, flags 0/0, transform 0: the three components are R, G, B
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 _SOI = b"\xff\xd8"
+#: The side of the square, at most, of a tile that :meth:`JpegTiles.covers` compares with the backend
+_CHECKED_PX = 1024
 
 #: Reads a region from the backend's own reader: (level, x, y, width, height) -> (h, w, 3) uint8
 RegionReader = Callable[[int, int, int, int, int], NDArray[np.uint8]]
@@ -290,7 +292,10 @@ class JpegTiles:
             candidates += [(layout.rows // 2, layout.cols // 2), (layout.rows - 1, layout.cols - 1)]
         for row, col in candidates:
             x, y = col * layout.tile_w, row * layout.tile_h
-            w, h = min(layout.tile_w, layout.width - x), min(layout.tile_h, layout.height - y)
+            # at most the tile's first _CHECKED_PX square: a whole 8192-px tile through OpenSlide
+            # and its alpha took seconds, and a decoding mistake shows on any part of a tile
+            w = min(layout.tile_w, layout.width - x, _CHECKED_PX)
+            h = min(layout.tile_h, layout.height - y, _CHECKED_PX)
             try:
                 mine = self._tile(level, layout, row, col)[:h, :w]
             except (_Sparse, _BadTile):

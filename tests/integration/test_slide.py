@@ -257,6 +257,93 @@ def test_held_level0_serves_the_same_regions(sample_svs: Path, backend: str) -> 
     assert slide._held is None  # released
 
 
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_a_tile_cache_decodes_each_large_tile_once_with_the_same_pixels(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a one-level slide stored in 2048-px JPEG tiles (2 x 2, the last ones partial): small reads
+    # inside a tile cache, from four threads at once, are the reads without it, and each tile is
+    # decoded once; reads of half a tile or more go to the reader as before
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_norm.testing.synthetic import generate_slide
+
+    path = tmp_path / "big-tiles.tiff"
+    generate_slide(path, width=3000, height=2100, seed=5, tile_px=2048, texture="procedural", min_level_px=4096)
+    slide = open_slide(path, backend=backend)  # type: ignore[arg-type]
+    assert slide.level_count == 1 and slide.tile_size(0) == (2048, 2048)
+    rng = np.random.default_rng(1)
+    regions = [(int(x), int(y), 256, 256) for x, y in zip(rng.integers(0, 2744, 40), rng.integers(0, 1844, 40),
+                                                          strict=True)]
+    regions += [(1900, 1900, 300, 200), (2900, 2000, 256, 256), (-20, -10, 64, 64), (0, 0, 1, 1)]
+    expected = [slide.read_region(0, x=x, y=y, width=w, height=h) for x, y, w, h in regions]
+    calls: list[tuple[int, int, int, int, int]] = []
+    read = slide._reader.read
+
+    def counted(level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
+        calls.append((level, x, y, w, h))
+        return read(level, x, y, w, h)
+
+    monkeypatch.setattr(slide._reader, "read", counted)
+    with slide.tile_cache(), ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda r: slide.read_region(0, x=r[0], y=r[1], width=r[2], height=r[3]), regions * 2))
+        assert sorted(calls) == [(0, x, y, 2048, 2048) for x in (0, 2048) for y in (0, 2048)]  # once each
+        whole = slide.read_region(0, x=0, y=0, width=2048, height=1500)  # half a tile or more: not cached
+        assert calls[-1] == (0, 0, 0, 2048, 1500)
+    for a, b in zip(got, expected * 2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert whole.flags.writeable and got[0].flags.writeable  # copies, as reads are
+    assert slide._tiles is None  # released
+
+    # a cache of one tile's bytes: tiles are dropped and decoded again, the pixels are the same
+    calls.clear()
+    with slide.tile_cache(max_bytes=2048 * 2048 * 3):
+        got = [slide.read_region(0, x=x, y=y, width=w, height=h) for x, y, w, h in regions]
+    assert len(calls) > 4
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # a tile that fails to decode is not kept: every read that needs it says so
+    def broken(level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
+        raise SlideReadError(f"{path}: corrupt JPEG tile")
+
+    monkeypatch.setattr(slide._reader, "read", broken)
+    with slide.tile_cache():
+        for _ in range(2):
+            with pytest.raises(SlideReadError, match="corrupt JPEG tile"):
+                slide.read_region(0, x=10, y=10, width=64, height=64)
+
+
+def test_the_fit_sample_decodes_each_large_tile_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fit's windows on a slide stored in large tiles: each tile decoded once (not once per
+    # window), and the same sample as reading every window from the file
+    import wsi_norm.slide as slide_module
+    from wsi_norm.testing.synthetic import generate_slide
+    from wsi_norm.tissue.mask import coarse_mask
+    from wsi_norm.tissue.sampling import sample_tissue_pixels
+
+    path = tmp_path / "big-tiles.tiff"
+    generate_slide(path, width=3000, height=2100, seed=6, tile_px=2048, texture="procedural", min_level_px=4096)
+    slide = open_slide(path)
+    coarse = coarse_mask(slide)
+    calls: list[tuple[int, ...]] = []
+    read = slide._reader.read
+
+    def counted(level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
+        calls.append((level, x, y, w, h))
+        return read(level, x, y, w, h)
+
+    monkeypatch.setattr(slide._reader, "read", counted)
+    cached = sample_tissue_pixels(slide, n_pixels=50_000, coarse=coarse)
+    decoded = len(calls)
+    monkeypatch.setattr(slide_module, "_CACHED_TILE_PX", 1 << 40)  # no tile is large enough to keep
+    direct = sample_tissue_pixels(slide, n_pixels=50_000, coarse=coarse)
+    assert decoded <= 4 and len(calls) - decoded > 20, (decoded, len(calls) - decoded)
+    np.testing.assert_array_equal(cached.pixels, direct.pixels)
+    np.testing.assert_array_equal(cached.blocks, direct.blocks)
+    assert cached.white == direct.white and len(cached.pixels) == 50_000
+
+
 def test_transparency_is_composited_over_white_and_planar_tiff_is_read(tmp_path: Path) -> None:
     """A transparent background is glass, as OpenSlide's transparent areas are: PNG's straight
     alpha and a TIFF's unassociated alpha by ``(rgb a + 255 (255 - a)) / 255``, a TIFF's

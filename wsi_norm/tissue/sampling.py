@@ -462,14 +462,15 @@ def sample_tissue_pixels(
     seeds = rng.integers(0, 2**31, size=len(origins) + len(glass_origins))
     kept = set(np.linspace(0, len(origins) - 1, min(keep_windows, len(origins))).round().astype(int).tolist()) \
         if keep_windows > 0 else set()
-    parts = _run_windows(_sample_window, [
-        (slide, int(x), int(y), window_px, per_window, int(s), i in kept)
-        for i, ((x, y), s) in enumerate(zip(origins, seeds[: len(origins)], strict=True))
-    ])
-    glass_parts = _run_windows(_glass_of_window, [
-        (slide, int(x), int(y), window_px, int(s))
-        for (x, y), s in zip(glass_origins, seeds[len(origins):], strict=True)
-    ])
+    with slide.tile_cache():  # a slide stored in very large tiles decodes each once, not per window
+        parts = _run_windows(_sample_window, [
+            (slide, int(x), int(y), window_px, per_window, int(s), i in kept)
+            for i, ((x, y), s) in enumerate(zip(origins, seeds[: len(origins)], strict=True))
+        ])
+        glass_parts = _run_windows(_glass_of_window, [
+            (slide, int(x), int(y), window_px, int(s))
+            for (x, y), s in zip(glass_origins, seeds[len(origins):], strict=True)
+        ])
     pixels = np.concatenate([p[0] for p in parts])
     blocks = np.concatenate([p[1] for p in parts])
     glass = np.concatenate([p[2] for p in parts] + list(glass_parts))
