@@ -230,19 +230,26 @@ def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> Col
     Beyond :data:`MEASURE_PIXELS` tissue pixels, the stain vectors and the Lab mean come from a
     seeded sample of that many (``n_pixels`` still counts them all).
     """
-    from wsi_norm.color import rgb_to_lab
+    from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, luma_x1000, rgb_to_lab, rgb_where
     from wsi_norm.errors import FitError
-    from wsi_norm.stain.base import StainParams, tissue_pixels
+    from wsi_norm.stain.base import StainParams
     from wsi_norm.stain.macenko import fit_macenko
-    from wsi_norm.tissue.whitepoint import estimate_white_point, glass_candidates
+    from wsi_norm.tissue.whitepoint import estimate_white_point, glass_of_luma
 
-    batch = [images] if isinstance(images, np.ndarray) else list(images)
-    glass = np.concatenate([glass_candidates(np.ascontiguousarray(im)) for im in batch])
-    white = estimate_white_point(glass)
-    tissue = tissue_pixels(np.concatenate([np.ascontiguousarray(im).reshape(-1, 3) for im in batch]))
-    sample = tissue
-    if len(tissue) > MEASURE_PIXELS:  # a seeded sample: the same numbers to ~0.1 deg, 4-16x less work
-        sample = tissue[np.random.default_rng(0).integers(0, len(tissue), MEASURE_PIXELS)]
+    glass, tissue = [], []
+    for im in [images] if isinstance(images, np.ndarray) else images:
+        rgb = np.ascontiguousarray(im)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+            raise ValueError(f"images must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+        weighted = luma_x1000(rgb)  # once for the glass and the tissue (gray <= 200)
+        glass.append(glass_of_luma(rgb, weighted))
+        tissue.append(rgb_where(rgb, weighted < BACKGROUND_WEIGHTED_MIN))
+    white = estimate_white_point(np.concatenate(glass))
+    pixels = np.concatenate(tissue)
+    sample = pixels
+    if len(pixels) > MEASURE_PIXELS:  # a seeded sample: the same numbers to ~0.1 deg, 4-16x less work
+        rows = np.random.default_rng(0).integers(0, len(pixels), MEASURE_PIXELS)
+        sample = pixels.view(np.dtype((np.void, 3))).reshape(-1)[rows].view(np.uint8).reshape(-1, 3)
     lab = np.asarray(rgb_to_lab(sample), dtype=np.float64)
     try:
         stats = fit_macenko(sample, StainParams(macenko_variant="textbook"), white=white.array)
@@ -253,7 +260,7 @@ def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> Col
         stain_matrix=None if stats is None else np.asarray(stats.stain_matrix, dtype=np.float64).tolist(),
         lab_mean=lab.mean(axis=0).tolist() if len(lab) else [float("nan")] * 3,
         conc_p99=None if stats is None else np.asarray(stats.max_conc, dtype=np.float64).tolist(),
-        n_pixels=int(tissue.shape[0]),
+        n_pixels=int(pixels.shape[0]),
         white_point=list(white.rgb),
     )
 

@@ -70,3 +70,43 @@ def test_luma_and_background_boundary() -> None:
     # MATLAB rgb2gray rounds the luma of uint8 input: glass is round(luma) > 200
     assert np.array_equal(is_background(rgb), np.floor(luma(rgb) + 0.5 + 1e-9) > 200)
     assert np.array_equal(is_background(torch.from_numpy(rgb)).numpy(), is_background(rgb))
+
+
+def test_luma_x1000_is_the_integer_formula_for_every_colour() -> None:
+    from wsi_norm.color import luma_x1000
+
+    cube = np.stack(np.meshgrid(np.arange(256), np.arange(256), np.arange(256), indexing="ij"), axis=-1)
+    rgb = cube.astype(np.uint8)
+    expected = cube[..., 0] * 299 + cube[..., 1] * 587 + cube[..., 2] * 114
+    got = luma_x1000(rgb)
+    assert got.dtype == np.int32 and got.shape == rgb.shape[:-1]
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(is_background(rgb), expected >= 200_500)
+    np.testing.assert_array_equal(luma_x1000(rgb[::3, 1::2]), expected[::3, 1::2])  # strided views
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (1, 3), (1000, 3), (37, 53, 3), (4, 5, 6, 3)])
+def test_rgb_where_is_boolean_indexing(shape: tuple[int, ...]) -> None:
+    from wsi_norm.color import rgb_where
+
+    rng = np.random.default_rng(len(shape))
+    rgb = rng.integers(0, 256, shape, dtype=np.uint8)
+    for p in (0.0, 0.3, 1.0):
+        mask = rng.random(shape[:-1]) < p
+        got = rgb_where(rgb, mask)
+        assert got.dtype == np.uint8 and got.shape == (int(mask.sum()), 3)
+        np.testing.assert_array_equal(got, rgb[mask])
+    if len(shape) == 3:  # a strided view is copied first, with the same result
+        view, mask = rgb[::2, 1::3], rng.random(rgb[::2, 1::3].shape[:-1]) < 0.5
+        np.testing.assert_array_equal(rgb_where(view, mask), view[mask])
+
+
+def test_rgb_where_refuses_what_is_not_8_bit_rgb_or_a_mask_of_another_shape() -> None:
+    from wsi_norm.color import rgb_where
+
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\) uint8"):
+        rgb_where(np.zeros((4, 4), np.uint8), np.ones(4, bool))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\) uint8"):
+        rgb_where(np.zeros((4, 3), np.float32), np.ones(4, bool))
+    with pytest.raises(ValueError, match="mask shape"):
+        rgb_where(np.zeros((4, 4, 3), np.uint8), np.ones(16, bool))

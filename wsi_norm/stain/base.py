@@ -15,7 +15,13 @@ from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, DEFAULT_WHITE, _check_rgb_uint8, is_background
+from wsi_norm.color import (
+    BACKGROUND_WEIGHTED_MIN,
+    DEFAULT_WHITE,
+    _check_rgb_uint8,
+    luma_x1000,
+    rgb_where,
+)
 from wsi_norm.errors import FitError
 
 __all__ = [
@@ -229,8 +235,7 @@ def tissue_pixels(pixels: NDArray[Any], *, name: str = "pixels") -> NDArray[Any]
     arr = _check_rgb_uint8(arr, name)
     if arr.ndim != 2:
         raise ValueError(f"{name} must have shape (N, 3), got {arr.shape}")
-    background: NDArray[np.bool_] = is_background(arr)
-    return arr[~background]
+    return rgb_where(arr, luma_x1000(arr) < BACKGROUND_WEIGHTED_MIN)
 
 
 def white_of(white: Any, params: StainParams) -> NDArray[np.float64]:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, DEFAULT_WHITE
+from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, DEFAULT_WHITE, luma_x1000, rgb_where
 
 __all__ = [
     "FLAT_RANGE",
@@ -110,13 +110,6 @@ class WhitePoint:
     def from_dict(cls, d: dict[str, Any]) -> WhitePoint:
         """Inverse of :meth:`to_dict`; missing keys raise ``KeyError``, bad values ``ValueError``."""
         return cls(tuple(d["rgb"]), d["source"], int(d.get("n_pixels", 0)))
-
-
-def luma_x1000(rgb: NDArray[np.uint8]) -> NDArray[np.int32]:
-    """``299 R + 587 G + 114 B`` of 8-bit pixels, exactly, as int32: the gray > 200 rule is
-    ``luma_x1000(rgb) >= BACKGROUND_WEIGHTED_MIN`` (:func:`wsi_norm.color.is_background`)."""
-    x = rgb.astype(np.int32)
-    return x[..., 0] * 299 + x[..., 1] * 587 + x[..., 2] * 114
 
 
 def _range_filter(values: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
@@ -214,7 +207,7 @@ def glass_of_luma(rgb: NDArray[np.uint8], weighted: NDArray[np.int32]) -> NDArra
         return np.empty((0, 3), dtype=np.uint8)
     gray = ((weighted + 500) // 1000).astype(np.uint8)  # rounded luma, 0..255
     flat = _range_filter(gray, 7) <= FLAT_RANGE
-    return np.ascontiguousarray(arr[flat & away])
+    return rgb_where(arr, flat & away)
 
 
 def estimate_white_point(glass: ArrayLike, *, min_pixels: int = MIN_GLASS_PIXELS) -> WhitePoint:
