@@ -11,13 +11,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import numpy as np
 from numpy.typing import NDArray
 
 from flows.manifest import Manifest, load_manifest
+
+if TYPE_CHECKING:
+    from wsi_norm.slide import Slide
 
 __all__ = [
     "ColourStats",
@@ -273,14 +276,26 @@ def measurement_level(level_dimensions: Sequence[tuple[int, int]], max_side: int
     return len(level_dimensions) - 1
 
 
+def _measured_level(slide: Slide, max_side: int) -> tuple[NDArray[np.uint8], int, bool]:
+    """The pixels :func:`read_source_for_measure` returns, their level, and whether they were
+    shrunk (the level is larger than ``max_side``)."""
+    level = measurement_level(slide.level_dimensions, max_side)
+    w, h = slide.level_dimensions[level]
+    if max(w, h) > max_side:
+        return np.asarray(slide.thumbnail(max_side)), level, True
+    return slide.read_region(level, x=0, y=0, width=w, height=h), level, False
+
+
 def read_source_for_measure(path: str | os.PathLike[str], *, max_side: int = 4096) -> NDArray[np.uint8]:
-    """A slide's finest level no larger than ``max_side`` a side, whole (for colour measurement)."""
+    """A slide's finest level no larger than ``max_side`` a side, whole (for colour measurement).
+
+    A slide with no level that small (one stored without a pyramid) is measured on its
+    ``Slide.thumbnail(max_side)``: the same scale as a written output's level, in bounded
+    memory (its level 0 whole would be 3 bytes a pixel, 4.8 GB for a 1.6-GP slide)."""
     from wsi_norm.slide import open_slide
 
     with open_slide(path) as slide:
-        level = measurement_level(slide.level_dimensions, max_side)
-        w, h = slide.level_dimensions[level]
-        return slide.read_region(level, x=0, y=0, width=w, height=h)
+        return _measured_level(slide, max_side)[0]
 
 
 def read_source_for_qc(
@@ -288,7 +303,8 @@ def read_source_for_qc(
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     """:func:`read_source_for_measure` and the slide's ``thumbnail(thumb_px)``, from one read
     when the thumbnail comes from the level measured (a single-level slide of at most
-    ``max_side`` a side: the level is decoded once, and shrunk as ``Slide.thumbnail`` does).
+    ``max_side`` a side: the level is decoded once, and shrunk as ``Slide.thumbnail`` does; a
+    larger one without a pyramid: the thumbnail is shrunk from the measured pixels).
 
     Returns
     -------
@@ -298,10 +314,8 @@ def read_source_for_qc(
     from wsi_norm.slide import open_slide, shrink_to
 
     with open_slide(path) as slide:
-        level = measurement_level(slide.level_dimensions, max_side)
-        w, h = slide.level_dimensions[level]
-        measure = slide.read_region(level, x=0, y=0, width=w, height=h)
-        if slide.best_level_for(thumb_px) == level:
+        measure, level, shrunk = _measured_level(slide, max_side)
+        if shrunk or slide.best_level_for(thumb_px) == level:
             return measure, shrink_to(measure, thumb_px)
         return measure, np.asarray(slide.thumbnail(thumb_px))
 

@@ -337,9 +337,10 @@ def _he_like() -> np.ndarray:
 def test_qc_source_read_is_the_measured_level_and_the_slides_thumbnail(sample_svs: Path, tmp_path: Path) -> None:
     """The QC reads the source once when the thumbnail comes from the measured level (a
     single-level slide) and shrinks it as ``Slide.thumbnail`` does: the same bytes as the two
-    reads; a pyramid reads its thumbnail from its own level."""
+    reads; a pyramid reads its thumbnail from its own level; a level larger than the measured
+    size is shrunk to it."""
     from flows._common import read_source_for_measure, read_source_for_qc
-    from wsi_norm.slide import open_slide
+    from wsi_norm.slide import open_slide, shrink_to
     from wsi_norm.testing.synthetic import generate_slide
 
     pyramid = tmp_path / "pyramid.tiff"
@@ -351,3 +352,11 @@ def test_qc_source_read_is_the_measured_level_and_the_slides_thumbnail(sample_sv
             expected = slide.thumbnail(512)
         assert np.array_equal(measured, read_source_for_measure(path))
         assert thumb.shape == expected.shape and thumb.tobytes() == expected.tobytes()
+    # no level as small as max_side (a slide without a pyramid): its thumbnail of that size is
+    # measured, as a written output's level of that scale would be, and the thumbnail shrunk from it
+    measured, thumb = read_source_for_qc(sample_svs, max_side=1024, thumb_px=256)
+    with open_slide(sample_svs) as slide:
+        assert slide.level_count == 1 and max(slide.dimensions) > 1024
+        np.testing.assert_array_equal(measured, slide.thumbnail(1024))
+    assert max(measured.shape[:2]) == 1024 and np.array_equal(measured, read_source_for_measure(sample_svs, max_side=1024))
+    np.testing.assert_array_equal(thumb, shrink_to(measured, 256))
