@@ -706,7 +706,7 @@ def _lazy_level0(slide: Slide, cmap: Any, *, chunk_px: int, identity: bool, dire
     """Level 0 of ``slide`` mapped by ``cmap``, computed block by block on threads (see
     :func:`runs_on_threads`): the chunks of :meth:`Slide.to_dask`, the maps of
     :func:`apply_colormap` on the CPU."""
-    from wsi_norm.pyramid import LazyLevel
+    from wsi_norm.pyramid import LazyLevel, regular_chunks
     from wsi_norm.runtime import usable_cpus
 
     width, height = slide.dimensions
@@ -717,9 +717,8 @@ def _lazy_level0(slide: Slide, cmap: Any, *, chunk_px: int, identity: bool, dire
         pixels = slide.read_region(0, x=c0, y=r0, width=c1 - c0, height=r1 - r0)
         return pixels if identity else apply(pixels, cmap)
 
-    grid = (tuple(min(rows, height - y) for y in range(0, height, rows)),
-            tuple(min(cols, width - x) for x in range(0, width, cols)))
-    return LazyLevel((height, width, 3), grid, compute, threads=max(2, min(_MAX_BLOCK_THREADS, usable_cpus())))
+    return LazyLevel((height, width, 3), regular_chunks(height, width, rows, cols), compute,
+                     threads=max(2, min(_MAX_BLOCK_THREADS, usable_cpus())))
 
 
 def _evaluate_in_bands(rgb: NDArray[np.uint8], cmap: Any) -> NDArray[np.uint8]:

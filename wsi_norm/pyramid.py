@@ -58,6 +58,7 @@ __all__ = [
     "prepared_levels",
     "pyramid_shapes",
     "reference_pyramid",
+    "regular_chunks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -651,12 +652,15 @@ def level_chunks(
         rows, cols = chunk_shape or (NUMPY_CHUNK_PX, NUMPY_CHUNK_PX)
         if rows < 1 or cols < 1:
             raise ValueError(f"chunk_shape must be positive, got {chunk_shape}")
-        return tuple(_regular(h, rows)), tuple(_regular(w, cols))
+        return regular_chunks(h, w, rows, cols)
     return tuple(array.chunks[0]), tuple(array.chunks[1])
 
 
-def _regular(n: int, side: int) -> list[int]:
-    return [min(side, n - start) for start in range(0, n, side)]
+def regular_chunks(height: int, width: int, rows: int, cols: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row and column chunk sizes of a ``height`` x ``width`` image cut into ``rows`` x ``cols``
+    chunks from its top-left corner (the last ones shorter), as dask's regular chunks."""
+    return (tuple(min(rows, height - y) for y in range(0, height, rows)),
+            tuple(min(cols, width - x) for x in range(0, width, cols)))
 
 
 def iter_blocks(
