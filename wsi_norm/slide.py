@@ -1227,7 +1227,7 @@ class _TileCache:
         if tile is None:
             return False
         area = tile[0] * tile[1]
-        return area >= _CACHED_TILE_PX and 3 * area <= self._max_bytes and 2 * width * height <= area
+        return area >= _CACHED_TILE_PX and 2 * width * height <= area
 
     def _tile(self, level: int, x0: int, y0: int, tw: int, th: int) -> NDArray[np.uint8]:
         key = (level, x0, y0)
@@ -1633,8 +1633,9 @@ class Slide:
         For many small reads of a slide whose levels are stored in very large tiles (the fit's
         windows): each tile is then decoded once, not once per read that touches it. Only reads
         smaller than half a tile are served so; the pixels are the same as without the cache
-        (each region is cut from the tile the reader decodes for it anyway). A tile larger
-        than ``max_bytes`` is not kept.
+        (each region is cut from the tile the reader decodes for it anyway). The most recently
+        used tile is kept even when it alone is larger than ``max_bytes``: reading its parts
+        one by one would decode it once a read, and the write holds such a tile whole anyway.
         """
         if self._tiles is not None:
             yield

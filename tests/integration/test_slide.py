@@ -285,6 +285,10 @@ def test_a_tile_cache_decodes_each_large_tile_once_with_the_same_pixels(
         return read(level, x, y, w, h)
 
     monkeypatch.setattr(slide._reader, "read", counted)
+
+    def expected_at(x: int, y: int) -> NDArray[np.uint8]:
+        return np.asarray(read(0, x, y, 64, 64))
+
     with slide.tile_cache(), ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda r: slide.read_region(0, x=r[0], y=r[1], width=r[2], height=r[3]), regions * 2))
         assert sorted(calls) == [(0, x, y, 2048, 2048) for x in (0, 2048) for y in (0, 2048)]  # once each
@@ -302,6 +306,15 @@ def test_a_tile_cache_decodes_each_large_tile_once_with_the_same_pixels(
     assert len(calls) > 4
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
+
+    # a budget smaller than one tile: the tile last used is kept alone (each read of one tile's
+    # parts would decode it again otherwise)
+    calls.clear()
+    with slide.tile_cache(max_bytes=1):
+        got = [slide.read_region(0, x=x, y=y, width=64, height=64) for x, y in ((10, 10), (20, 30), (500, 700))]
+    assert calls == [(0, 0, 0, 2048, 2048)]
+    for a, (x, y) in zip(got, ((10, 10), (20, 30), (500, 700)), strict=True):
+        np.testing.assert_array_equal(a, expected_at(x, y))
 
     # a tile that fails to decode is not kept: every read that needs it says so
     def broken(level: int, x: int, y: int, w: int, h: int) -> NDArray[np.uint8]:
