@@ -1255,7 +1255,8 @@ class _TileCache:
                 future.set_exception(exc)
                 raise
             pixels.flags.writeable = False
-            self.decoded += 1
+            with self._lock:
+                self.decoded += 1
             future.set_result(pixels)
         return future.result()
 
