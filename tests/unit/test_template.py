@@ -97,5 +97,20 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         load_template(tmp_path / "missing.json")
 
 
+def test_an_image_given_as_a_template_is_named_as_one(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgb = np.full((8, 8, 3), 200, np.uint8)
+    for fmt, kind in (("PNG", "PNG"), ("JPEG", "JPEG"), ("TIFF", "TIFF"), ("BMP", "BMP"), ("WEBP", "WebP")):
+        p = tmp_path / f"target.{fmt.lower()}"
+        Image.fromarray(rgb).save(p, format=fmt)
+        with pytest.raises(TemplateError, match=f"a {kind} image, not a template.*--reference") as info:
+            load_template(p)
+        assert str(p) in str(info.value)
+    text = _write(tmp_path, "BMW is not JSON")  # a text starting like no image: the JSON error
+    with pytest.raises(TemplateError, match="not valid JSON"):
+        load_template(text)
+
+
 def test_all_methods_known() -> None:
     assert METHODS == ("macenko", "vahadane", "reinhard", "histmatch", "gmm")

@@ -204,6 +204,22 @@ def _parse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number a template may hold")
 
 
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+                (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"), (b"GIF8", "GIF"))
+
+
+def _image_kind(raw: bytes) -> str | None:
+    """The image format ``raw`` starts like (a slide or picture given where a template belongs),
+    or None."""
+    if raw[128:132] == b"DICM":
+        return "DICOM"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WebP"
+    if raw[:2] == b"BM" and raw[6:10] == bytes(4):  # the two reserved fields of a BMP header
+        return "BMP"
+    return next((kind for magic, kind in _IMAGE_MAGIC if raw.startswith(magic)), None)
+
+
 def _read_json(p: Path) -> Any:
     """The JSON document in ``p``, read with bounded size, number length and nesting."""
     try:
@@ -216,6 +232,10 @@ def _read_json(p: Path) -> Any:
         raise TemplateError(f"{p}: cannot read template: {exc}") from exc
     if len(raw) > MAX_TEMPLATE_BYTES:
         raise TemplateError(f"{p}: larger than {MAX_TEMPLATE_BYTES:,} bytes, the most a template may be")
+    image = _image_kind(raw)
+    if image is not None:
+        raise TemplateError(f"{p}: a {image} image, not a template (a JSON file from `wsi-norm fit`); to fit "
+                            "the target from an image, pass it as the reference (--reference, reference=)")
     try:
         return json.loads(raw.decode("utf-8"), parse_int=_parse_int, parse_constant=_parse_constant)
     except json.JSONDecodeError as exc:
