@@ -18,8 +18,10 @@ cannot be within that angle on a case with (nearly) no such pixel, whatever its 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -63,6 +65,57 @@ def _legacy_robust(data: np.ndarray, white: np.ndarray) -> np.ndarray:
     return order_stains(np.stack([basis @ [np.cos(a), np.sin(a)] for a in (lo, hi)]))
 
 
+def _strong_variant(data: np.ndarray, white: np.ndarray, *, plane: str = "cov", reweight: int = 0,
+                    extrapolate: float = 0.0, shrink: float = 0.0) -> np.ndarray:
+    """The default ``strong`` Macenko with one change (tried 2026-12-01, none kept):
+
+    * ``plane``: the stain plane from the centred OD covariance (the default), the second moment
+      through the origin (``"origin"``: the stain plane passes through OD 0), or the second
+      moment of unit OD directions (``"unit"``: dark pixels, which JPEG's mixing in intensity
+      moves off the plane most, weigh as much as pale ones);
+    * ``reweight``: that many reweighting steps with Huber weights on each pixel's off-plane angle
+      (a robust plane);
+    * ``extrapolate``: each side's edge pushed outwards by ``k`` times the spread between its 2nd
+      and 10th percentiles (the quantile function extrapolated towards 0, against the inward pull
+      of mixed pixels);
+    * ``shrink``: every angle moved inwards by its own noise, ``shrink / OD norm`` rad, before a
+      1st percentile of all angles (no strongest-pixel selection: pale pure stain counts, its noise
+      does not push the edge out).
+    """
+    from wsi_norm.color import rgb_to_od
+    from wsi_norm.stain.base import StainParams, order_stains, tissue_pixels
+
+    p = StainParams()
+    od = rgb_to_od(tissue_pixels(data).astype(np.float64), white=white)
+    norm = np.linalg.norm(od, axis=1)
+    keep = (norm >= p.beta_) & np.all(od <= p.max_od, axis=1)
+    od, norm = od[keep], norm[keep]
+    rows = {"cov": od - od.mean(axis=0), "origin": od, "unit": od / norm[:, None]}[plane]
+    weights = np.ones(len(od))
+    for step in range(reweight + 1):
+        _, vecs = np.linalg.eigh((rows * weights[:, None]).T @ rows)
+        if step < reweight:
+            off = np.abs(od @ vecs[:, 0]) / norm
+            weights = np.minimum(1.0, 2.0 * 1.4826 * np.median(off) / np.maximum(off, 1e-12))
+    basis = vecs[:, [2, 1]].copy()
+    if basis[:, 0].sum() < 0:
+        basis[:, 0] *= -1
+    proj = od @ basis
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    edges = []
+    for low in (True, False):
+        sign = 1.0 if low else -1.0
+        if shrink:
+            edges.append(float(np.percentile(phi + sign * shrink / norm, 1.0 if low else 99.0)))
+            continue
+        cut = np.percentile(phi, p.edge_band if low else 100.0 - p.edge_band)
+        band = phi <= cut if low else phi >= cut
+        side = phi[band][norm[band] >= np.percentile(norm[band], p.edge_strong)]
+        q2, q10 = np.percentile(side, [p.alpha_, 10.0] if low else [100.0 - p.alpha_, 90.0])
+        edges.append(float(q2 - extrapolate * (q10 - q2)))
+    return order_stains(np.stack([basis @ [np.cos(a), np.sin(a)] for a in edges]))
+
+
 def variants() -> dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]]:
     """name -> (input: "pixels" | "blocks", fit(data, white) -> (2, 3) stain matrix)."""
     from wsi_norm.stain.base import StainParams
@@ -90,6 +143,12 @@ def variants() -> dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], np.nda
                 out[f"strong b{band:g} s{strong:g} a{alpha:g} (blocks)"] = (
                     "blocks", mac(edge_band=band, edge_strong=strong, alpha=alpha))
     out["strong default (pixels)"] = ("pixels", mac())
+    tried: dict[str, dict[str, Any]] = {"plane through the origin": {"plane": "origin"}, "plane of unit OD directions": {"plane": "unit"},
+             "plane reweighted (Huber, 3 steps)": {"reweight": 3},
+             "edges extrapolated k 0.25": {"extrapolate": 0.25}, "edges extrapolated k 0.5": {"extrapolate": 0.5},
+             "noise-shrunk 1st percentile, 0.01 OD": {"shrink": 0.01}}
+    for name, kw in tried.items():
+        out[f"strong, {name} (blocks)"] = ("blocks", functools.partial(_strong_variant, **kw))
     for lam in (0.1, 0.01):
         for debias in (False, True):
             out[f"vahadane l{lam:g}{' debiased' if debias else ''} (blocks)"] = (
@@ -102,7 +161,7 @@ def variants() -> dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], np.nda
     return out
 
 
-def run_case(index: int, *, size: int, n_pixels: int) -> dict[str, Any]:
+def run_case(index: int, *, size: int, n_pixels: int, only: str | None = None) -> dict[str, Any]:
     from PIL import Image
 
     from wsi_norm.metrics import stain_matrix_angles_deg
@@ -122,6 +181,8 @@ def run_case(index: int, *, size: int, n_pixels: int) -> dict[str, Any]:
                               "support": {kind: stain_support(getattr(sample, kind), white, case.source.stain_matrix)
                                           for kind in ("pixels", "blocks")}}
     for name, (kind, fit) in variants().items():
+        if only is not None and not re.search(only, name):
+            continue
         data = sample.blocks if kind == "blocks" else sample.pixels
         try:
             angles = stain_matrix_angles_deg(fit(data, white), case.source.stain_matrix)
@@ -181,6 +242,8 @@ def summarize_support(records: list[dict[str, Any]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=240)
+    parser.add_argument("--first", type=int, default=0, help="index of the first case (1000: the held-out cases)")
+    parser.add_argument("--only", default=None, help="run only the variants whose name matches this regex")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--n-pixels", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -188,18 +251,20 @@ def main() -> int:
     args = parser.parse_args()
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
-        records = list(pool.map(_run, [(i, args.size, args.n_pixels) for i in range(args.cases)]))
+        records = list(pool.map(_run, [(i, args.size, args.n_pixels, args.only)
+                                       for i in range(args.first, args.first + args.cases)]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records), encoding="utf-8")
-    print(f"# bench/estimator_sweep.py --cases {args.cases} --size {args.size} ({time.perf_counter() - start:.0f} s)\n")
+    print(f"# bench/estimator_sweep.py --cases {args.cases} --first {args.first} --size {args.size}"
+          f"{'' if args.only is None else f' --only {args.only!r}'} ({time.perf_counter() - start:.0f} s)\n")
     print(summarize(records))
     return 0
 
 
-def _run(job: tuple[int, int, int]) -> dict[str, Any]:
-    index, size, n_pixels = job
-    return run_case(index, size=size, n_pixels=n_pixels)
+def _run(job: tuple[int, int, int, str | None]) -> dict[str, Any]:
+    index, size, n_pixels, only = job
+    return run_case(index, size=size, n_pixels=n_pixels, only=only)
 
 
 if __name__ == "__main__":
