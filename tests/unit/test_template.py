@@ -110,6 +110,13 @@ def test_an_image_given_as_a_template_is_named_as_one(tmp_path: Path) -> None:
     text = _write(tmp_path, "BMW is not JSON")  # a text starting like no image: the JSON error
     with pytest.raises(TemplateError, match="not valid JSON"):
         load_template(text)
+    # JSON whose bytes 128-131 read "DICM" (a DICOM file's marker) is still read as JSON
+    doc = _macenko_template().to_dict()
+    head = '{"slides": [{"path": "'
+    path_text = "x" * (128 - len(head)) + "DICM.svs"
+    document = json.dumps({"slides": [{"path": path_text}], **{k: v for k, v in doc.items() if k != "slides"}})
+    assert document.encode()[128:132] == b"DICM"
+    assert load_template(_write(tmp_path, document)).slides == [{"path": path_text}]
 
 
 def test_all_methods_known() -> None:

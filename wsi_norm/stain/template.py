@@ -210,7 +210,9 @@ _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*
 
 def _image_kind(raw: bytes) -> str | None:
     """The image format ``raw`` starts like (a slide or picture given where a template belongs),
-    or None."""
+    or None. A text that starts like JSON is never taken for an image."""
+    if raw.lstrip()[:1] in (b"{", b"["):
+        return None
     if raw[128:132] == b"DICM":
         return "DICOM"
     if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
