@@ -237,7 +237,8 @@ def _read_json(p: Path) -> Any:
     image = _image_kind(raw)
     if image is not None:
         raise TemplateError(f"{p}: a {image} image, not a template (a JSON file from `wsi-norm fit`); to fit "
-                            "the target from an image, pass it as the reference (--reference, reference=)")
+                            "the target from an image, pass it as the reference (--reference; reference= in Python; "
+                            "a manifest template's slides: [...])")
     try:
         return json.loads(raw.decode("utf-8"), parse_int=_parse_int, parse_constant=_parse_constant)
     except json.JSONDecodeError as exc:
