@@ -15,7 +15,13 @@ from wsi_norm.errors import TemplateError
 from wsi_norm.stain import METHODS, StainParams, fit_stats, stats_from_dict
 from wsi_norm.stain.base import order_stains
 from wsi_norm.stain.macenko import MacenkoStats
-from wsi_norm.stain.template import SCHEMA_VERSION, Template, load_template, save_template
+from wsi_norm.stain.template import (
+    MAX_TEMPLATE_BYTES,
+    SCHEMA_VERSION,
+    Template,
+    load_template,
+    save_template,
+)
 from wsi_norm.tissue.whitepoint import WhitePoint
 
 
@@ -107,6 +113,10 @@ def test_an_image_given_as_a_template_is_named_as_one(tmp_path: Path) -> None:
         with pytest.raises(TemplateError, match=f"a {kind} image, not a template.*--reference") as info:
             load_template(p)
         assert str(p) in str(info.value)
+    big = tmp_path / "slide.tiff"  # a slide is larger than any template: named as an image all the same
+    big.write_bytes(b"II*\x00" + bytes(MAX_TEMPLATE_BYTES + 16))
+    with pytest.raises(TemplateError, match="a TIFF image, not a template"):
+        load_template(big)
     text = _write(tmp_path, "BMW is not JSON")  # a text starting like no image: the JSON error
     with pytest.raises(TemplateError, match="not valid JSON"):
         load_template(text)

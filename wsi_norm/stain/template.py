@@ -232,13 +232,13 @@ def _read_json(p: Path) -> Any:
             raw = fh.read(MAX_TEMPLATE_BYTES + 1)
     except OSError as exc:
         raise TemplateError(f"{p}: cannot read template: {exc}") from exc
-    if len(raw) > MAX_TEMPLATE_BYTES:
-        raise TemplateError(f"{p}: larger than {MAX_TEMPLATE_BYTES:,} bytes, the most a template may be")
-    image = _image_kind(raw)
+    image = _image_kind(raw)  # before the size: a slide given here is larger than any template
     if image is not None:
         raise TemplateError(f"{p}: a {image} image, not a template (a JSON file from `wsi-norm fit`); to fit "
                             "the target from an image, pass it as the reference (--reference; reference= in Python; "
                             "a manifest template's slides: [...])")
+    if len(raw) > MAX_TEMPLATE_BYTES:
+        raise TemplateError(f"{p}: larger than {MAX_TEMPLATE_BYTES:,} bytes, the most a template may be")
     try:
         return json.loads(raw.decode("utf-8"), parse_int=_parse_int, parse_constant=_parse_constant)
     except json.JSONDecodeError as exc:
