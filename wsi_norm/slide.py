@@ -1193,8 +1193,21 @@ def _choose_backend(path: Path) -> Backend:
         )
     raise UnsupportedFormatError(
         f"{path}: not a slide or image any backend can open "
-        "(OpenSlide does not recognise it and it is not a tiled TIFF)"
+        "(OpenSlide does not recognise it and it is not a tiled TIFF)" + _json_hint(path)
     )
+
+
+def _json_hint(path: Path) -> str:
+    """A note for a JSON file given as a slide (most likely a template meant as the target)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64).lstrip()
+    except OSError:
+        return ""
+    if not head.startswith(b"{"):
+        return ""
+    return ("; it is JSON: a template (from `wsi-norm fit`) is given as the target (--target; target= "
+            "in Python; a manifest template's path:), not as a slide")
 
 
 #: While :meth:`Slide.tile_cache` is active, a read smaller than half a file tile, of a level

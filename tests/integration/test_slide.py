@@ -167,6 +167,17 @@ def test_garbage_with_slide_suffix(tmp_path: Path) -> None:
         open_slide(path, backend="openslide")
 
 
+def test_a_template_given_as_a_slide_is_pointed_to_the_target(tmp_path: Path) -> None:
+    template = tmp_path / "target.json"
+    template.write_text('\n  {"schema_version": 2, "method": "macenko"}')
+    with pytest.raises(UnsupportedFormatError, match=r"target\.json: not a slide .*it is JSON: a template .*--target"):
+        open_slide(template)
+    other = tmp_path / "notes.txt"  # not JSON: no such note
+    other.write_text("[not a slide]")
+    with pytest.raises(UnsupportedFormatError, match=r"not a tiled TIFF\)$"):
+        open_slide(other)
+
+
 @pytest.mark.parametrize("keep", [900_000, 1_700_000])
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide", None])
 def test_truncated_svs(sample_svs: Path, tmp_path: Path, keep: int, backend: str | None) -> None:
