@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from flows import configure_process
+from flows._api import start as start_prefect_api
 from flows.manifest import SAMPLE_CACHE
 from wsi_norm.cli import main as cli_main
 from wsi_norm.testing.sample_data import find_sample_slide
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo-out", help="folder for the sample's tissue mask")
     args = parser.parse_args(argv)
     configure_process()
+    start_prefect_api()  # Prefect's temporary API starts while the sample is read and masked
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not COMMITTED_MANIFEST.is_file():
         print(f"run the demo from the repository root ({COMMITTED_MANIFEST} not found)", file=sys.stderr)

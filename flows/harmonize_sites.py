@@ -21,6 +21,11 @@ Run::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a program: Prefect's temporary API starts while the rest imports
+    from flows._api import start as start_prefect_api
+
+    start_prefect_api()
+
 import argparse
 import logging
 import os
@@ -34,6 +39,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from prefect.cache_policies import NO_CACHE
 
 from flows import configure_process
+from flows._api import prefect_api
 from flows._artifacts import figure_data_uri, markdown_table
 from flows._common import (
     ColourStats,
@@ -338,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Prefect's overloads type a flow returning Any, called with return_state=True, as an
     # Awaitable; this flow is sync and returns its final State
-    state = cast("State[Any]", harmonize_sites(manifest=args.manifest, target=args.target, scheduler=args.scheduler,
-                                               dashboard=args.dashboard, return_state=True))
+    with prefect_api():
+        state = cast("State[Any]", harmonize_sites(manifest=args.manifest, target=args.target,
+                                                   scheduler=args.scheduler, dashboard=args.dashboard,
+                                                   return_state=True))
     print(markdown_table(state_rows(state)))
     print(f"state: {state.name}")
     return 0 if state.is_completed() else 1

@@ -32,6 +32,11 @@ Run::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a program: Prefect's temporary API starts while the rest imports
+    from flows._api import start as start_prefect_api
+
+    start_prefect_api()
+
 import argparse
 import functools
 import logging
@@ -52,6 +57,7 @@ from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 
 from flows import configure_process
+from flows._api import prefect_api
 from flows._artifacts import ProgressArtifact, artifact_key, markdown_table
 from flows._common import (
     RunFailed,
@@ -442,16 +448,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.serve:
-        normalize_archive.serve(name=args.serve, parameters={"manifest": args.manifest, "scheduler": args.scheduler,
-                                                             "dashboard": args.dashboard})
+    if args.serve:  # with the API Prefect would use (a deployment is served to a configured one)
+        with prefect_api():
+            normalize_archive.serve(name=args.serve, parameters={
+                "manifest": args.manifest, "scheduler": args.scheduler, "dashboard": args.dashboard})
         return 0
     try:
         m = load_manifest(args.manifest)
     except WsiNormError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with tags(f"method:{m.method}"):  # sites are tagged per slide task, not on the whole run
+    # sites are tagged per slide task, not on the whole run
+    with prefect_api(), tags(f"method:{m.method}"):
         # Prefect's overloads type a flow returning Any, called with return_state=True, as an
         # Awaitable; this flow is sync and returns its final State
         state = cast("State[Any]", normalize_archive(manifest=args.manifest, scheduler=args.scheduler,
