@@ -11,7 +11,15 @@ from hypothesis.extra.numpy import arrays
 from numpy.typing import NDArray
 from skimage.color import lab2rgb, rgb2lab
 
-from wsi_norm.color import is_background, lab_to_rgb, luma, od_to_rgb, rgb_to_lab, rgb_to_od
+from wsi_norm.color import (
+    is_background,
+    lab_to_rgb,
+    luma,
+    od_to_rgb,
+    rgb_to_lab,
+    rgb_to_od,
+    rgb_to_od64,
+)
 
 
 @given(arrays(np.uint8, st.tuples(st.integers(1, 50), st.just(3))),
@@ -58,6 +66,23 @@ def test_lab_of_8_bit_input_is_the_formula_exactly() -> None:
     assert np.array_equal(rgb_to_lab(rgb), rgb_to_lab(rgb.astype(np.float64) / 255.0))
     assert np.array_equal(rgb_to_lab(rgb.reshape(-1, 4, 3)), rgb_to_lab(rgb).reshape(-1, 4, 3))
     np.testing.assert_allclose(rgb_to_lab(rgb[:5000]), rgb2lab(rgb[None, :5000])[0], atol=1e-8)
+
+
+@pytest.mark.parametrize("white", [240.0, (231.5, 236.0, 250.25), 255.0])
+def test_od_of_8_bit_input_is_the_formula_exactly(white: float | tuple[float, float, float]) -> None:
+    # uint8 input looks each channel's 256 levels up: the same float64 optical density as the
+    # formula on the same values as floats, bit for bit, whatever the shape and the white point
+    rng = np.random.default_rng(2)
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    rgb = np.concatenate([levels, rng.integers(0, 256, (1_000_000, 3), dtype=np.uint8)])
+    exact = rgb_to_od(rgb.astype(np.float64), white=white)
+    assert rgb_to_od(rgb, white=white).dtype == np.float64
+    assert np.array_equal(rgb_to_od(rgb, white=white).view(np.uint64), exact.view(np.uint64))
+    assert np.array_equal(rgb_to_od(rgb.reshape(-1, 4, 3), white=white), exact.reshape(-1, 4, 3))
+    assert np.array_equal(rgb_to_od64(rgb, white=white), exact)
+    as_float32 = rgb_to_od(rgb.astype(np.float32), white=white)  # float32 stays float32 in rgb_to_od
+    assert as_float32.dtype == np.float32
+    assert np.array_equal(rgb_to_od64(rgb.astype(np.float32), white=white), exact)  # and float64 in rgb_to_od64
 
 
 def test_luma_and_background_boundary() -> None:

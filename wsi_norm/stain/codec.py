@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.color import rgb_to_od
+from wsi_norm.color import rgb_to_od, rgb_to_od64
 from wsi_norm.errors import FitError
 from wsi_norm.metrics import stain_matrix_angles_deg
 from wsi_norm.stain.base import (
@@ -237,7 +237,7 @@ def codec_corrected(
                                       f"a shift of {max(shift):.1f} deg is beyond {MAX_SHIFT_DEG:g}: fit kept", len(windows))
     try:
         check_stain_matrix(corrected, min_angle_deg=params.min_stain_angle_deg, what=f"{stats.method} (codec-corrected)")
-        od = rgb_to_od(tissue_pixels(data).astype(np.float64, copy=False), white=white)
+        od = rgb_to_od64(tissue_pixels(data), white=white)
         max_conc = max_concentrations(od, corrected, percentile=params.max_conc_percentile, what=stats.method)
     except FitError as exc:
         return stats, CodecCorrection(info, False, (0.0, 0.0), f"the corrected vectors are degenerate ({exc})", len(windows))

@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.color import rgb_to_od
+from wsi_norm.color import rgb_to_od64
 from wsi_norm.errors import FitError
 from wsi_norm.runtime import usable_cpus
 from wsi_norm.stain.base import StainParams, tissue_pixels, white_of
@@ -208,7 +208,7 @@ def fit_gmm(pixels: NDArray[Any], params: StainParams | None = None, *, white: A
         raise FitError(f"gmm: only {len(tissue)} tissue pixels (luma <= 200) of {len(pixels)} given; "
                        f"need at least {p.min_pixels}")
     w = white_of(white, p)
-    hsd = od_to_hsd(rgb_to_od(tissue.astype(np.float64), white=w))
+    hsd = od_to_hsd(rgb_to_od64(tissue, white=w))
     global_std = hsd.std(axis=0)
     if np.any(global_std < _MIN_STD):
         raise FitError(f"gmm: tissue pixels have a constant HSD channel (std {global_std.tolist()})")

@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_norm.color import rgb_to_od
+from wsi_norm.color import rgb_to_od64
 from wsi_norm.errors import FitError
 from wsi_norm.stain.base import (
     StainMatrixStats,
@@ -129,7 +129,7 @@ def fit_macenko(
     """
     p = params or StainParams()
     tissue = tissue_pixels(pixels)
-    od_all = rgb_to_od(tissue.astype(np.float64, copy=False), white=white_of(white, p))
+    od_all = rgb_to_od64(tissue, white=white_of(white, p))
     if p.macenko_variant == "textbook":
         keep = ~np.any(od_all < p.beta_, axis=1)
         rule = f"all OD components >= beta={p.beta_}"

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_norm.color import rgb_to_lab, rgb_to_od
+from wsi_norm.color import rgb_to_lab, rgb_to_od64
 from wsi_norm.errors import FitError
 from wsi_norm.metrics import stain_matrix_angles_deg
 from wsi_norm.stain.base import RUIFROK_HE, StainParams, tissue_pixels
@@ -341,7 +341,7 @@ def cone_overshoot_deg(
     """
     m = np.asarray(stain_matrix, dtype=np.float64)
     w = white.array if isinstance(white, WhitePoint) else np.asarray(white, dtype=np.float64)
-    od = np.asarray(rgb_to_od(tissue_pixels(mapped).astype(np.float64), white=w), dtype=np.float64)
+    od = np.asarray(rgb_to_od64(tissue_pixels(mapped), white=w), dtype=np.float64)
     od = od[(np.linalg.norm(od, axis=1) >= 0.3) & np.all(od <= 2.5, axis=1)]
     if len(od) < 100:
         return 0.0, 0.0

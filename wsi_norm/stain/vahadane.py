@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from wsi_norm.color import array_namespace, rgb_to_od
+from wsi_norm.color import array_namespace, rgb_to_od64
 from wsi_norm.errors import FitError
 from wsi_norm.stain.base import (
     StainMatrixStats,
@@ -207,7 +207,7 @@ def fit_vahadane(
     p = params or StainParams()
     tissue = tissue_pixels(pixels)
     w = white_of(white, p)
-    od_all = rgb_to_od(tissue.astype(np.float64, copy=False), white=w)
+    od_all = rgb_to_od64(tissue, white=w)
     strong = dataclasses.replace(p, macenko_variant="strong")
     beta = strong.beta_
     od = od_all[(np.linalg.norm(od_all, axis=1) >= beta) & np.all(od_all <= p.max_od, axis=1)]

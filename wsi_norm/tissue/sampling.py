@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, rgb_to_od
+from wsi_norm.color import BACKGROUND_WEIGHTED_MIN, rgb_to_od64
 from wsi_norm.errors import FitError
 from wsi_norm.runtime import usable_cpus
 from wsi_norm.tissue.mask import CoarseMask, coarse_mask, tissue_mask
@@ -250,7 +250,7 @@ def non_stain_classes(rgb: NDArray[Any], white: NDArray[np.float64]) -> tuple[ND
     green = np.zeros(len(rgb), dtype=bool)
     rows = np.flatnonzero(candidates)
     if len(rows):
-        od = rgb_to_od(rgb[rows].astype(np.float64), white=white)
+        od = rgb_to_od64(rgb[rows], white=white)
         norm = np.linalg.norm(od, axis=1)
         neutral[rows] |= (od.min(axis=1) >= NEUTRAL_MIN_OD) & (
             od.sum(axis=1) >= np.sqrt(3.0) * np.cos(np.radians(NEUTRAL_MAX_ANGLE_DEG)) * norm)
