@@ -18,8 +18,8 @@ turned off, or a server that does not answer in time. Like Prefect's, the server
 the process's exit, after Prefect's own exit handlers have sent their last logs and events.
 
 Only program entry points call :func:`start` (``python -m flows.normalize_archive``,
-``python -m flows.harmonize_sites``, ``python -m flows.demo``); importing a flow module starts
-nothing.
+``flows.harmonize_sites``, ``flows.train_stainnet``, ``flows.demo``); importing a flow module
+starts nothing.
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ def start() -> TemporaryAPI | None:
     global _STARTED
     if _STARTED is not None:
         return _STARTED
+    if {"-h", "--help"} & set(sys.argv[1:]):  # the program only prints its usage
+        return None
     if os.environ.get("PREFECT_API_URL") or (
             os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "").strip().lower() in _FALSE):
         return None

@@ -17,6 +17,11 @@ Run::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a program: Prefect's temporary API starts while the rest imports
+    from flows._api import start as start_prefect_api
+
+    start_prefect_api()
+
 import argparse
 import logging
 import math
@@ -29,6 +34,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import configure_process
+from flows._api import prefect_api
 from flows._artifacts import markdown_table
 from flows._common import fetch_samples, generate_missing, resolve_template, scheduler_address
 from flows.manifest import Manifest, load_manifest
@@ -309,15 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    state = train_stainnet_flow(
-        manifest=args.manifest, slides=args.slides, target=args.target, teacher=args.teacher,
-        epochs=args.epochs, out=args.out, sites=args.sites, n_pixels=args.n_pixels, seed=args.seed,
-        device=args.device, overwrite=args.overwrite, scheduler=args.scheduler, return_state=True,
-    )
-    if not state.is_completed():
-        print(f"state: {state.name}: {state.message}", file=sys.stderr)
-        return 1
-    summary = state.result()
+    with prefect_api():
+        state = train_stainnet_flow(
+            manifest=args.manifest, slides=args.slides, target=args.target, teacher=args.teacher,
+            epochs=args.epochs, out=args.out, sites=args.sites, n_pixels=args.n_pixels, seed=args.seed,
+            device=args.device, overwrite=args.overwrite, scheduler=args.scheduler, return_state=True,
+        )
+        if not state.is_completed():
+            print(f"state: {state.name}: {state.message}", file=sys.stderr)
+            return 1
+        summary = state.result()
     print(f"{summary['out']}: StainNet from {summary['teacher']}, {len(summary['slides'])} slide(s) trained, "
           f"held out {', '.join(summary['held_out']) or 'a pixel fraction'}, "
           f"{len(summary['failed'])} failed; artifacts {SUMMARY_KEY!r}, {LOSSES_KEY!r}")

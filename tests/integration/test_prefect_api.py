@@ -131,3 +131,12 @@ def test_a_server_that_does_not_answer_is_left_to_prefect() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "url None None" in done.stdout
     assert "did not answer; Prefect starts its own" in done.stderr
+
+
+def test_no_server_is_started_for_a_program_that_only_prints_its_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows._api as api
+
+    monkeypatch.setattr(api, "_STARTED", None)
+    monkeypatch.setattr(sys, "argv", ["flows.normalize_archive", "--help"])
+    assert api.start() is None
+    assert api._STARTED is None
