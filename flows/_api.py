@@ -67,9 +67,10 @@ class TemporaryAPI:
     def wait_ready(self, timeout_s: float) -> bool:
         """Whether the server answers ``/health`` within ``timeout_s`` (False at once if it exited)."""
         deadline = time.monotonic() + timeout_s
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never a proxy
         while self.process is not None and self.process.poll() is None:
             try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                with direct.open(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
                         return True
             except (urllib.error.URLError, OSError):
