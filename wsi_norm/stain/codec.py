@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_norm.color import rgb_to_od, rgb_to_od64
+from wsi_norm.color import rgb_to_od64
 from wsi_norm.errors import FitError
 from wsi_norm.metrics import stain_matrix_angles_deg
 from wsi_norm.stain.base import (
@@ -133,10 +133,7 @@ def _unit_rows(m: NDArray[np.float64]) -> NDArray[np.float64]:
 def _render_with(rgb: NDArray[np.uint8], matrix: NDArray[np.float64], white: NDArray[np.float64]) -> NDArray[np.uint8]:
     """``rgb`` unmixed with ``matrix`` (least squares, negative concentrations clipped) and
     rendered back with it: the window as a slide whose stains are exactly ``matrix`` shows it."""
-    # rgb_to_od of the 256 levels once per channel, then gathered: the same float64 values
-    table = rgb_to_od(np.repeat(np.arange(256, dtype=np.float64)[:, None], 3, axis=1), white=white)
-    flat = rgb.reshape(-1, 3)
-    od = np.stack([table[flat[:, c], c] for c in range(3)], axis=1)
+    od = rgb_to_od64(rgb.reshape(-1, 3), white=white)  # 8-bit: looked up per level
     conc = np.clip(od @ np.linalg.pinv(matrix), 0.0, None)
     # od_to_rgb in float32 (numpy's SIMD exp: 4x faster than float64 here; on real windows the
     # same 8-bit pixels, at worst a level at a rounding boundary)
