@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +103,21 @@ class RunFailed(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (RunFailed, (str(self), self.rows))
+
+
+def untagged() -> AbstractContextManager[object]:
+    """No tags for the task runs started inside (Prefect's ``tags`` only adds to the enclosing ones).
+
+    Every tagged task run asks the API for its tags' concurrency slots as it starts, whether or
+    not a limit exists, and on Prefect's SQLite database that update collides with the run's
+    other writes: the API answers 503 and the client waits ~2 s before trying again (2-4 such
+    waits in a 20-slide run when every task run was tagged). So a flow tags the one run that
+    stands for a slide (its site and method, the filters in the UI) and starts the rest inside
+    this.
+    """
+    from prefect.context import TagsContext
+
+    return TagsContext(current_tags=set())
 
 
 def state_rows(state: Any) -> list[dict[str, Any]]:

@@ -68,6 +68,7 @@ from flows._common import (
     resolve_template,
     scheduler_address,
     state_rows,
+    untagged,
 )
 from flows._completion import completion_path, is_complete, write_completion
 from flows._qc import publish_slide_qc, summary_numbers
@@ -255,7 +256,7 @@ def process_slide(entry: SlideEntry, manifest: Manifest, target: Any) -> SlideOu
     outputs = [str(p) for p in entry.outputs.values()]
     label = f"{entry.site}/{entry.source.name}"
     try:
-        with _claim_outputs(entry):
+        with _claim_outputs(entry), untagged():  # this run carries the slide's tags, its nested runs none
             if _is_current(entry, manifest, target):
                 logger.info("%s: outputs and QC are current, skipped", entry.source.name)
                 return SlideOutcome(entry.site, entry.source.name, "skipped (current)", outputs=outputs)
@@ -361,9 +362,14 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
     """
     return_freed_memory()  # slides stream through this process (see wsi_norm.runtime)
     quiet_thread_timeout_notice()  # the per-slide timeout is ours and documented
+    logger = get_run_logger()
+    with untagged():  # the run's own task runs; each slide's one run is tagged below
+        return _normalize_archive(manifest, scheduler, dashboard, logger)
+
+
+def _normalize_archive(manifest: str, scheduler: str | None, dashboard: bool, logger: Any) -> Any:
     from wsi_norm.cluster import dashboard_url
 
-    logger = get_run_logger()
     m = load_manifest_task(manifest)
     if any(s.sample for s in m.slides):
         m = fetch_sample_task(m)
@@ -391,7 +397,7 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
         while pending or running:
             while pending and len(running) < m.model.concurrency:
                 entry = pending.pop(0)
-                with tags(f"site:{entry.site}", f"method:{m.method}"):  # this slide's task runs only
+                with tags(f"site:{entry.site}", f"method:{m.method}"):  # this slide's run only
                     # quote(): Prefect would otherwise walk every parameter for futures on each
                     # task run, and the manifest holds every slide (0.1 s a slide at 40 slides,
                     # growing with the archive); the nested task runs quote theirs too

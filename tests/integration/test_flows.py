@@ -145,15 +145,14 @@ def test_archive_flow_fails_one_slide_completes_others_and_is_idempotent(
         "normalize site-a/a-1.tiff", "normalize site-b/b-1.tiff", "normalize site-b/bad.svs"]
     assert sorted(n for n in names if n.startswith("write ")) == [
         "write site-a/a-1.tiff (ome-zarr)", "write site-b/b-1.tiff (ome-zarr)"]
-    # each slide's task runs carry its own site's tag (and the method's), never another site's
-    tagged = 0
-    for t in _task_runs(run_id):
-        if t.name.endswith("site-a/a-1.tiff") or "site-a/a-1.tiff " in t.name:
-            assert {"site:site-a", "method:macenko"} <= set(t.tags) and "site:site-b" not in t.tags, (t.name, t.tags)
-            tagged += 1
-        if t.name.endswith("site-b/b-1.tiff") or "site-b/b-1.tiff " in t.name:
-            assert "site:site-b" in t.tags and "site:site-a" not in t.tags, (t.name, t.tags)
-    assert tagged == 4  # normalize, fit, write, qc of a-1
+    # the one run that stands for a slide carries its site's tag and the method's; every other
+    # task run none (each tagged run costs an update of the tags' concurrency limits)
+    tags_of = {t.name: set(t.tags) for t in _task_runs(run_id)}
+    assert tags_of["normalize site-a/a-1.tiff"] == {"site:site-a", "method:macenko"}
+    assert tags_of["normalize site-b/b-1.tiff"] == {"site:site-b", "method:macenko"}
+    assert {n for n, t in tags_of.items() if t} == {
+        "normalize site-a/a-1.tiff", "normalize site-b/b-1.tiff", "normalize site-b/bad.svs"}
+    assert {"fit site-a/a-1.tiff", "write site-a/a-1.tiff (ome-zarr)", "qc site-a/a-1.tiff"} <= set(tags_of)
     mtimes = [o.stat().st_mtime_ns for o in outs]
 
     # Second run: the two finished slides are current, the broken one fails again.
