@@ -232,8 +232,13 @@ class ColourStats:
     white_point: list[float] | None = None
 
 
-MEASURE_PIXELS = 1_000_000
-"""Tissue pixels :func:`colour_stats` measures at most (a seeded sample of them beyond that)."""
+MEASURE_PIXELS = 250_000
+"""Tissue pixels :func:`colour_stats` measures at most (a seeded sample of them beyond that).
+
+Against every tissue pixel of ten 1.5-2 MP-tissue images (generated sources and their Macenko
+outputs, CMU-1-Small-Region): stain vectors within 0.18 deg, Lab mean within 0.05, the 99th
+percentile concentrations within 0.7 % (1,000,000: 0.11 deg, 0.02, 0.24 %), at 0.37 x the time
+of a 1,000,000-pixel sample; the estimators it measures are 2-8 deg off at their 95th percentile."""
 
 
 def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> ColourStats:
@@ -266,7 +271,7 @@ def colour_stats(images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> Col
     white = estimate_white_point(np.concatenate(glass))
     pixels = np.concatenate(tissue)
     sample = pixels
-    if len(pixels) > MEASURE_PIXELS:  # a seeded sample: the same numbers to ~0.1 deg, 4-16x less work
+    if len(pixels) > MEASURE_PIXELS:  # a seeded sample: within ~0.2 deg and 0.05 Lab units of all pixels
         rows = np.random.default_rng(0).integers(0, len(pixels), MEASURE_PIXELS)
         sample = pixels.view(np.dtype((np.void, 3))).reshape(-1)[rows].view(np.uint8).reshape(-1, 3)
     lab = np.asarray(rgb_to_lab(sample), dtype=np.float64)
