@@ -149,7 +149,7 @@ def _series_files(path: Path) -> list[Path]:
 
 
 def dicom_jpeg_tiles(path: Path, level_dimensions: tuple[tuple[int, int], ...],
-                     reference: RegionReader) -> JpegTiles | None:
+                     reference: RegionReader, *, backend: str | None = None) -> JpegTiles | None:
     """The direct reader of a DICOM slide opened from ``path``, or None when no level qualifies.
 
     Level ``i`` is the one instance of ``path``'s series (in ``path``'s folder, not a label or
@@ -184,7 +184,7 @@ def dicom_jpeg_tiles(path: Path, level_dimensions: tuple[tuple[int, int], ...],
     if not any(layouts):
         return None
     try:
-        return JpegTiles(path, layouts, level_dimensions[0], reference)
+        return JpegTiles(path, layouts, level_dimensions[0], reference, backend=backend)
     except OSError as exc:
         log.debug("%s: no direct DICOM reads (%s)", path, exc)
         return None

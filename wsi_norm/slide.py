@@ -357,9 +357,9 @@ class _OpenSlideReader:
         # DICOM slide's levels are instances of frames alike
         self._tiles: JpegTiles | None = None
         if self.vendor in ("aperio", "generic-tiff"):
-            self._tiles = JpegTiles.open(path, self.level_dimensions, self._read_region)
+            self._tiles = JpegTiles.open(path, self.level_dimensions, self._read_region, backend="openslide")
         elif self.vendor == "dicom":
-            self._tiles = dicom_jpeg_tiles(path, self.level_dimensions, self._read_region)
+            self._tiles = dicom_jpeg_tiles(path, self.level_dimensions, self._read_region, backend="openslide")
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
         if self._tiles is not None and self._tiles.covers(level):
@@ -427,7 +427,7 @@ class _TiffSlideReader:
             raise
         self._verified: set[tuple[int, int]] = set()
         self._warned_unchecked = False
-        self._tiles = JpegTiles.open(path, self.level_dimensions, self._read_region)
+        self._tiles = JpegTiles.open(path, self.level_dimensions, self._read_region, backend="tiffslide")
 
     def _put_slide_first(self, path: Path) -> None:
         """Make the largest tiled image series 0, the one tiffslide reads as the slide.

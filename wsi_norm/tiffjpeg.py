@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,11 @@ _CHECKED_PX = 1024
 
 #: Reads a region from the backend's own reader: (level, x, y, width, height) -> (h, w, 3) uint8
 RegionReader = Callable[[int, int, int, int, int], NDArray[np.uint8]]
+
+#: How many verdicts of :meth:`JpegTiles.covers` a process remembers (oldest out first)
+_REMEMBERED_VERDICTS = 4096
+_verdicts: OrderedDict[tuple[object, ...], bool] = OrderedDict()
+_verdicts_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -222,12 +228,21 @@ class JpegTiles:
     reference : callable
         The backend's own region reader, for the one-tile check of each level and for sparse
         tiles.
+    backend : str, optional
+        The name of the backend ``reference`` reads with (keyword-only). With it, each level's
+        verdict is remembered for the process, keyed by this name and the identity of the
+        level's file as opened (device, inode, size, modification time): the next opening of
+        the same unchanged file trusts it instead of decoding a tile again (a flow opens a
+        slide to fit it, to write it and for its QC; one check of a slide stored in 2048-px
+        tiles is ~70 ms, in 8192-px tiles a whole 64-MP decode). Without it (a reader of
+        unknown make) every opening checks.
     """
 
     def __init__(self, path: Path, layouts: list[_Level | None], base_size: tuple[int, int],
-                 reference: RegionReader) -> None:
+                 reference: RegionReader, *, backend: str | None = None) -> None:
         self._path = path
         self._reference = reference
+        self._backend = backend
         # levels whose layout qualifies, each checked against the backend on its first use (not
         # here: a backend read while the slide is being opened could wait on another thread)
         self._unchecked: dict[int, tuple[_Level, bool]] = {}
@@ -248,7 +263,7 @@ class JpegTiles:
 
     @classmethod
     def open(cls, path: Path, level_dimensions: tuple[tuple[int, int], ...],
-             reference: RegionReader) -> JpegTiles | None:
+             reference: RegionReader, *, backend: str | None = None) -> JpegTiles | None:
         """The direct reader for ``path``, or None when no level of it qualifies.
 
         Level ``i`` is the page of the file's largest tiled image series whose level ``i`` has
@@ -267,7 +282,7 @@ class JpegTiles:
                     page = levels[i].keyframe if i < len(levels) else None
                     same = page is not None and (int(page.imagewidth), int(page.imagelength)) == (w, h)
                     layouts.append(_level_layout(page, path) if same else None)
-                tiles = cls(path, layouts, level_dimensions[0], reference)
+                tiles = cls(path, layouts, level_dimensions[0], reference, backend=backend)
         except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
             log.debug("%s: no direct JPEG reads (%s)", path, exc)
             return None
@@ -315,10 +330,31 @@ class JpegTiles:
         with self._lock:
             if level in self._unchecked:
                 layout, whole = self._unchecked[level]
-                if self._agrees(level, layout, whole):
+                key = self._verdict_key(level, layout, whole)
+                with _verdicts_lock:
+                    agrees = None if key is None else _verdicts.get(key)
+                if agrees is None:
+                    agrees = self._agrees(level, layout, whole)
+                    if key is not None:
+                        with _verdicts_lock:
+                            _verdicts[key] = agrees
+                            while len(_verdicts) > _REMEMBERED_VERDICTS:
+                                _verdicts.popitem(last=False)
+                if agrees:
                     self._levels[level] = layout
                 del self._unchecked[level]
         return level in self._levels
+
+    def _verdict_key(self, level: int, layout: _Level, whole: bool) -> tuple[object, ...] | None:
+        """What a remembered verdict on ``level`` is filed under (None: not remembered)."""
+        if self._backend is None:
+            return None
+        try:
+            st = os.fstat(self._fds[layout.file])
+        except (KeyError, OSError):
+            return None
+        return (self._backend, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, level,
+                layout.width, layout.height, layout.tile_w, layout.tile_h, whole)
 
     @property
     def levels(self) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openslide
@@ -12,7 +13,7 @@ import tifffile
 from numpy.typing import NDArray
 
 from wsi_norm.errors import SlideReadError
-from wsi_norm.slide import open_slide
+from wsi_norm.slide import Backend, open_slide
 from wsi_norm.testing.synthetic import generate_slide
 from wsi_norm.tiffjpeg import JpegTiles
 
@@ -166,3 +167,51 @@ def test_a_corrupt_first_tile_does_not_keep_a_level_off_the_direct_path(pyramid:
         assert np.array_equal(tiles.read(0, 256, 256, 300, 300), _openslide_region(damaged, 0, 256, 256, 300, 300))
     finally:
         tiles.close()
+
+
+def test_a_slide_opened_again_is_not_checked_again_until_its_file_changes(
+    pyramid: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import collections
+    import os
+    import shutil
+
+    from wsi_norm import tiffjpeg
+
+    monkeypatch.setattr(tiffjpeg, "_verdicts", collections.OrderedDict())
+    checks: list[tuple[str, int]] = []
+    agrees = JpegTiles._agrees
+
+    def counted(self: JpegTiles, level: int, layout: Any, whole: bool) -> bool:
+        checks.append((Path(self._path).name, level))
+        return agrees(self, level, layout, whole)
+
+    monkeypatch.setattr(JpegTiles, "_agrees", counted)
+    copy = tmp_path / "copy.tiff"
+    shutil.copyfile(pyramid, copy)
+
+    def read_twice(path: Path, backend: Backend) -> NDArray[np.uint8]:
+        with open_slide(path, backend=backend) as slide:
+            first = slide.read_region(1, x=10, y=20, width=300, height=200)
+        with open_slide(path, backend=backend) as slide:
+            second = slide.read_region(1, x=10, y=20, width=300, height=200)
+        assert np.array_equal(first, second)
+        return first
+
+    region = read_twice(copy, "openslide")
+    assert checks == [("copy.tiff", 1)]  # the second opening trusts the first one's verdict
+    assert np.array_equal(region, _openslide_region(copy, 1, 10, 20, 300, 200))
+    read_twice(copy, "tiffslide")
+    assert checks == [("copy.tiff", 1)] * 2  # another backend: its own check
+    # the same bytes written again (a new modification time): checked again
+    os.utime(copy, ns=(os.stat(copy).st_atime_ns, os.stat(copy).st_mtime_ns + 1_000_000_000))
+    read_twice(copy, "openslide")
+    assert checks == [("copy.tiff", 1)] * 3
+    # a reader of unknown make (no backend named) checks at every opening
+    for _ in range(2):
+        tiles = _open_tiles(copy)
+        try:
+            assert tiles.covers(1)
+        finally:
+            tiles.close()
+    assert checks == [("copy.tiff", 1)] * 5
