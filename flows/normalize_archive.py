@@ -368,6 +368,7 @@ def normalize_archive(manifest: str = "data_manifest.yaml", scheduler: str | Non
 
 
 def _normalize_archive(manifest: str, scheduler: str | None, dashboard: bool, logger: Any) -> Any:
+    """The body of :func:`normalize_archive` (inside :func:`~flows._common.untagged`)."""
     from wsi_norm.cluster import dashboard_url
 
     m = load_manifest_task(manifest)
